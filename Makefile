@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    start the example app on http://127.0.0.1:8000 (creates .venv on first use)
+#   make test   run the test suite (creates .venv on first use)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fast bench typecheck clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[fastapi,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m example_app
+
+test: $(STAMP)
+	bash scripts/ensure-browser.sh $(BIN)/python
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The default suite minus the slow and browser tests, for quick local runs.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m 'not slow and not browser' $(PYTEST_ARGS)
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks standard
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache bench-results

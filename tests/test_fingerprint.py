@@ -1,0 +1,461 @@
+"""Tests for tokengate.fingerprint: never raises, always hashable, stable keys."""
+
+from __future__ import annotations
+
+import array
+import collections
+import copy
+import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
+import hashlib
+import pathlib
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokengate.errors import ConfigurationError
+from tokengate.fingerprint import (
+    DigestPolicy,
+    HashPolicy,
+    args_fingerprint,
+    digest,
+    fast_make_hashable,
+    freeze,
+    make_hashable,
+    routing_key,
+)
+
+FINGERPRINTS = [make_hashable, fast_make_hashable, freeze]
+
+# --------------------------------------------------------------------------
+# Strategies and weird objects
+
+hashables = st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary()
+
+
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return (
+        st.lists(children, max_size=5)
+        | st.dictionaries(hashables, children, max_size=5)
+        | st.tuples(children, children)
+        | st.sets(hashables, max_size=5)
+        | st.frozensets(hashables, max_size=5)
+    )
+
+
+values = st.recursive(hashables, _containers, max_leaves=30)
+# NaN-free values for equality checks: tuples of NaN float objects compare by identity.
+comparable = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    _containers,
+    max_leaves=30,
+)
+
+
+class HashRaises:
+    def __hash__(self) -> int:
+        raise RuntimeError("no hash")
+
+
+class EqRaises:
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no eq")
+
+    __hash__ = object.__hash__
+
+
+class ReprRaises:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+class LenRaises:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        raise RuntimeError("no len")
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
+class GetattrRaises:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(name)
+
+
+class BadMeta(type):
+    def __hash__(cls) -> int:
+        raise RuntimeError("metaclass hash")
+
+
+class BadMetaInstance(metaclass=BadMeta):
+    pass
+
+
+class BrokenTz(datetime.tzinfo):
+    def utcoffset(self, dt: datetime.datetime | None) -> datetime.timedelta:
+        raise RuntimeError("tz")
+
+
+class Colour(enum.Enum):
+    RED = 1
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    tags: list[str]
+
+
+class Plain:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plain) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+def _self_list() -> list[Any]:
+    lst: list[Any] = [1]
+    lst.append(lst)
+    return lst
+
+
+def _self_dict() -> dict[str, Any]:
+    dct: dict[str, Any] = {"a": 1}
+    dct["self"] = dct
+    return dct
+
+
+def _deep_list(depth: int) -> list[Any]:
+    root: list[Any] = []
+    node = root
+    for _ in range(depth):
+        child: list[Any] = []
+        node.append(child)
+        node = child
+    return root
+
+
+def _shared_dag(levels: int) -> list[Any]:
+    node: list[Any] = [0]
+    for _ in range(levels):
+        node = [node, node]  # 2**levels paths: must stay linear
+    return node
+
+
+def _released_view() -> memoryview:
+    view = memoryview(b"abc")
+    view.release()
+    return view
+
+
+WEIRD: list[Any] = [
+    HashRaises(),
+    EqRaises(),
+    ReprRaises(),
+    LenRaises(),
+    GetattrRaises(),
+    BadMetaInstance(),
+    _self_list(),
+    _self_dict(),
+    _deep_list(1000),
+    _shared_dag(60),
+    {ReprRaises(): 1, ReprRaises(): 2, "x": [HashRaises()]},
+    [HashRaises(), EqRaises(), {1: LenRaises()}],
+    decimal.Decimal("sNaN"),
+    datetime.datetime(2024, 1, 1, tzinfo=BrokenTz()),
+    _released_view(),
+    float("nan"),
+    Point(1, ["a"]),
+    collections.deque([1, [2]], maxlen=5),
+    collections.ChainMap({"a": [1]}, {"b": 2}),
+    collections.OrderedDict(a=[1]),
+    collections.defaultdict(list, a=[1]),
+    collections.Counter("hello"),
+    array.array("d", [1.0, 2.0]),
+    array.array("b", bytes(10_000)),
+    memoryview(b"x" * 10_000),
+    bytearray(b"xyz"),
+    slice(1, [2], None),
+    object(),
+    type,
+    lambda: None,
+    iter([1, 2]),
+]
+
+
+# --------------------------------------------------------------------------
+# Never raises, always hashable
+
+
+@pytest.mark.parametrize("fingerprint", FINGERPRINTS)
+@given(value=values)
+@settings(max_examples=200, deadline=None)
+def test_structured_values_never_raise_and_are_hashable(fingerprint: Any, value: Any) -> None:
+    hash(fingerprint(value))
+
+
+@pytest.mark.parametrize("fingerprint", FINGERPRINTS)
+@pytest.mark.parametrize("value", WEIRD, ids=lambda v: type(v).__name__)
+def test_weird_objects_never_raise_and_are_hashable(fingerprint: Any, value: Any) -> None:
+    hash(fingerprint(value))
+
+
+@pytest.mark.parametrize("policy", list(HashPolicy))
+@pytest.mark.parametrize("value", WEIRD, ids=lambda v: type(v).__name__)
+def test_routing_key_with_weird_arguments_is_hashable(policy: HashPolicy, value: Any) -> None:
+    hash(routing_key("anchor", (value, value), {"k": value}, policy))
+
+
+def test_recursion_markers() -> None:
+    assert ("<cycle>", "list") in make_hashable(_self_list())[1]  # type: ignore[index]
+    key = make_hashable(_deep_list(1000))
+    for _ in range(40):
+        if key == ("<deep>", "list"):
+            break
+        key = key[1][0]  # type: ignore[index]
+    assert key == ("<deep>", "list")
+
+
+def test_failing_nodes_fall_back_to_identity() -> None:
+    bad = LenRaises()
+    assert make_hashable(bad) == ("LenRaises", id(bad))
+    view = _released_view()
+    assert make_hashable(view) == ("memoryview", id(view))
+
+
+# --------------------------------------------------------------------------
+# Stability
+
+
+@given(value=comparable)
+@settings(max_examples=200, deadline=None)
+def test_equal_structures_give_equal_keys(value: Any) -> None:
+    assert make_hashable(value) == make_hashable(copy.deepcopy(value))
+    assert fast_make_hashable(value) == fast_make_hashable(copy.deepcopy(value))
+
+
+def test_dict_insertion_order_does_not_matter() -> None:
+    first = {"b": [1, 2], "a": {"y": 1, "x": 2}, 3: "mixed key types"}
+    second = {3: "mixed key types", "a": {"x": 2, "y": 1}, "b": [1, 2]}
+    assert make_hashable(first) == make_hashable(second)
+    assert fast_make_hashable(first) == fast_make_hashable(second)
+
+
+def test_kwargs_order_does_not_matter() -> None:
+    for policy in HashPolicy:
+        assert args_fingerprint((1,), {"a": [1], "b": {2}}, policy) == args_fingerprint(
+            (1,), {"b": {2}, "a": [1]}, policy
+        )
+
+
+def test_nan_routes_together() -> None:
+    assert make_hashable([float("nan")]) == make_hashable([float("nan")])
+
+
+def test_shared_structure_equals_copied_structure() -> None:
+    inner = [1, 2]
+    assert make_hashable([inner, inner]) == make_hashable([[1, 2], [1, 2]])
+
+
+# --------------------------------------------------------------------------
+# Distinctness (documented choices)
+
+
+@pytest.mark.parametrize("fingerprint", FINGERPRINTS)
+def test_distinct_values_give_distinct_keys(fingerprint: Any) -> None:
+    assert fingerprint([1, 2]) != fingerprint([2, 1])
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+    assert fingerprint([1, 2]) != fingerprint((1, 2))  # lists are tagged, tuples are not
+    assert fingerprint({1, 2}) != fingerprint([1, 2])
+    assert fingerprint(bytearray(b"a")) != fingerprint(b"a")
+    assert fingerprint(collections.OrderedDict(a=1, b=2)) != fingerprint(
+        collections.OrderedDict(b=2, a=1)
+    )
+
+
+def test_stdlib_values_are_their_own_keys() -> None:
+    values: list[Any] = [
+        decimal.Decimal("1.5"),
+        fractions.Fraction(1, 3),
+        datetime.datetime(2024, 1, 2, 3, 4),
+        datetime.date(2024, 1, 2),
+        datetime.time(1, 2),
+        datetime.timedelta(seconds=3),
+        uuid.UUID(int=7),
+        pathlib.Path("/tmp/x"),
+        pathlib.PurePosixPath("a/b"),
+        range(3),
+        Colour.RED,
+        "s",
+        b"b",
+        3,
+        1.5,
+        None,
+        2j,
+    ]
+    for value in values:
+        assert make_hashable(value) == value
+        assert fast_make_hashable(value) == value or isinstance(value, enum.Enum)
+
+
+def test_structural_fallbacks() -> None:
+    assert make_hashable(Point(1, ["a"])) == (
+        "dataclass",
+        "Point",
+        (("x", 1), ("tags", ("list", ("a",)))),
+    )
+    assert make_hashable(Plain(3)) == Plain(3)  # hashable objects are used as is
+    assert make_hashable(array.array("b", b"ab")) == ("array", "b", 2, b"ab")
+    assert make_hashable(memoryview(b"x" * 5000)) == ("memoryview", "B", (5000,), 5000)
+
+
+def test_shape_and_dtype_duck_type() -> None:
+    class Arrayish:
+        __hash__ = None  # type: ignore[assignment]
+        shape = (2, 3)
+        dtype = "f4"
+
+    assert make_hashable(Arrayish()) == ("Arrayish", (2, 3), "f4")
+
+
+def test_unknown_type_handler_is_cached() -> None:
+    from tokengate import fingerprint as fp
+
+    class Fresh:
+        pass
+
+    assert Fresh not in fp._STANDARD_TABLE
+    make_hashable(Fresh())
+    assert Fresh in fp._STANDARD_TABLE
+
+
+# --------------------------------------------------------------------------
+# Third-party types: numpy only when already imported
+
+
+def test_numpy_arrays_key_on_shape_and_dtype_not_contents() -> None:
+    np = pytest.importorskip("numpy")
+    same_a = make_hashable(np.zeros((2, 3)))
+    same_b = make_hashable(np.ones((2, 3)))
+    assert same_a == same_b == ("ndarray", (2, 3), "float64")
+    assert make_hashable(np.zeros((3, 2))) != same_a
+    assert make_hashable(np.zeros((2, 3), dtype=np.int32)) != same_a
+    assert make_hashable(np.float64(1.5)) == 1.5
+    assert make_hashable([np.int64(2)]) == make_hashable([2])
+
+
+def test_fingerprinting_does_not_import_numpy() -> None:
+    code = (
+        "import sys\n"
+        "from tokengate.fingerprint import make_hashable, routing_key, HashPolicy\n"
+        "class X: pass\n"
+        "make_hashable([1, {'a': (2, 3)}, X(), {4}])\n"
+        "routing_key('a', ([1],), {'k': X()}, HashPolicy.STANDARD)\n"
+        "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------
+# Policies and digests
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("none", HashPolicy.NONE), ("FAST", HashPolicy.FAST), (" Standard ", HashPolicy.STANDARD),
+     ("full", HashPolicy.FULL), (HashPolicy.FAST, HashPolicy.FAST)],
+)  # fmt: skip
+def test_hash_policy_parse(raw: Any, expected: HashPolicy) -> None:
+    assert HashPolicy.parse(raw) is expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("full", DigestPolicy.FULL), ("Short", DigestPolicy.SHORT), ("FAST", DigestPolicy.FAST),
+     ("minimal", DigestPolicy.MINIMAL), (DigestPolicy.SHORT, DigestPolicy.SHORT)],
+)  # fmt: skip
+def test_digest_policy_parse(raw: Any, expected: DigestPolicy) -> None:
+    assert DigestPolicy.parse(raw) is expected
+
+
+@pytest.mark.parametrize("enum_cls", [HashPolicy, DigestPolicy])
+@pytest.mark.parametrize("bad", ["bogus", "", 3, None])
+def test_parse_rejects_bad_values(enum_cls: Any, bad: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        enum_cls.parse(bad)
+    message = str(info.value)
+    assert repr(bad) in message
+    for member in enum_cls:
+        assert member.value in message
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("policy", "length"),
+    [(DigestPolicy.FULL, 64), (DigestPolicy.SHORT, 16), (DigestPolicy.FAST, 16),
+     (DigestPolicy.MINIMAL, 8)],
+)  # fmt: skip
+def test_digest_lengths_and_determinism(policy: DigestPolicy, length: int) -> None:
+    out = digest("anchor:(1, 2)", policy)
+    assert len(out) == length
+    assert int(out, 16) >= 0
+    assert digest("anchor:(1, 2)", policy) == out
+    assert digest("anchor:(1, 3)", policy) != out
+
+
+def test_digest_algorithms() -> None:
+    data = "some material \u00e9"
+    sha = hashlib.sha256(data.encode()).hexdigest()
+    assert digest(data) == sha
+    assert digest(data, DigestPolicy.SHORT) == sha[:16]
+    assert digest(data, DigestPolicy.MINIMAL) == sha[:8]
+    assert digest(data, DigestPolicy.FAST) == hashlib.blake2s(data.encode(), digest_size=8).hexdigest()
+    digest("lone surrogate \ud800")  # must not raise
+
+
+# --------------------------------------------------------------------------
+# routing_key and args_fingerprint
+
+
+def test_none_policy_ignores_arguments() -> None:
+    assert args_fingerprint((1, [2]), {"a": 3}, HashPolicy.NONE) == ()
+    assert routing_key("a", (1,), {}, HashPolicy.NONE) == routing_key(
+        "a", (HashRaises(), [2]), {"x": 1}, HashPolicy.NONE
+    ) == ("a", ())
+
+
+def test_fast_policy_keys_custom_objects_by_identity() -> None:
+    one, other = Plain(1), Plain(1)
+    assert one == other
+    fast = HashPolicy.FAST
+    assert routing_key("a", (one,), {}, fast) != routing_key("a", (other,), {}, fast)
+    assert routing_key("a", (one,), {}, fast) == routing_key("a", (one,), {}, fast)
+    # STANDARD uses the objects' own equality instead.
+    std = HashPolicy.STANDARD
+    assert routing_key("a", (one,), {}, std) == routing_key("a", (other,), {}, std)
+
+
+@pytest.mark.parametrize("policy", [HashPolicy.FAST, HashPolicy.STANDARD, HashPolicy.FULL])
+def test_routing_key_shape(policy: HashPolicy) -> None:
+    key = routing_key("anchor", (1, [2]), {"b": {3}, "a": "x"}, policy)
+    assert key == ("anchor", ((1, ("list", (2,))), (("a", "x"), ("b", ("set", frozenset({3}))))))
+    assert routing_key("other", (1, [2]), {"b": {3}, "a": "x"}, policy) != key
+    assert routing_key("anchor", (1, [3]), {"b": {3}, "a": "x"}, policy) != key
+    assert routing_key("anchor", (1, [2]), {"b": {3}, "a": "x"}, policy.value) == key  # type: ignore[arg-type]

@@ -1,0 +1,442 @@
+"""Tests for tokengate.quarantine_store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import stat
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tokengate.errors import ConfigurationError
+from tokengate.quarantine_store import (
+    QuarantineRecord,
+    QuarantineStateError,
+    QuarantineStatus,
+    QuarantineStore,
+    QuarantineStoreError,
+    summarize_args,
+)
+
+posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+
+
+@pytest.fixture
+def store() -> Iterator[QuarantineStore]:
+    s = QuarantineStore(":memory:")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def file_store(tmp_path: Path) -> Iterator[QuarantineStore]:
+    s = QuarantineStore(tmp_path / "q.sqlite3")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _add(
+    s: QuarantineStore,
+    op: str = "op.a",
+    *,
+    args: tuple[Any, ...] = (1, 2),
+    kwargs: dict[str, Any] | None = None,
+    trigger: str = "held_operation",
+) -> QuarantineRecord:
+    return s.add(op, "mod", "func", trigger, "held for review", args, kwargs or {"k": "v"})
+
+
+def _mode(path: Path | str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class Unreprable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for you")
+
+
+class Plain:
+    pass
+
+
+# -- add / get ---------------------------------------------------------------
+
+
+def test_add_and_get(store: QuarantineStore) -> None:
+    rec = store.add(
+        "reports.build", "app.reports", "Builder.run", "argument_size", "args too big",
+        ([1, 2, 3], "abc"), {"name": 5},
+    )
+    assert len(rec.id) == 32 and int(rec.id, 16) >= 0
+    assert rec.status is QuarantineStatus.PENDING
+    assert rec.payload is not None and rec.payload_error is None
+    assert rec.created_at == rec.updated_at
+    assert rec.outcome_ok is None and rec.outcome_summary is None
+    assert rec.args_summary == "0: list[len=3] [1, 2, 3], 1: str 'abc'"
+    assert rec.kwargs_summary == "name: int 5"
+    fetched = store.get(rec.id)
+    assert fetched == rec
+    assert store.get("does-not-exist") is None
+    assert store.load_payload(rec.id) == (([1, 2, 3], "abc"), {"name": 5})
+
+
+def test_list_filters_and_paginates_newest_first(store: QuarantineStore) -> None:
+    ids = [_add(store, "op.a" if i % 2 == 0 else "op.b").id for i in range(10)]
+    newest_first = list(reversed(ids))
+
+    assert [r.id for r in store.list()] == newest_first
+    assert [r.id for r in store.list(limit=3)] == newest_first[:3]
+    assert [r.id for r in store.list(limit=3, offset=3)] == newest_first[3:6]
+    assert store.list(offset=100) == []
+    assert [r.id for r in store.list(operation_type="op.a")] == [
+        i for n, i in enumerate(newest_first) if ids.index(i) % 2 == 0
+    ]
+    store.mark_discarded(ids[0])
+    store.mark_released(ids[1], True, "ok")
+    assert [r.id for r in store.list(status=QuarantineStatus.DISCARDED)] == [ids[0]]
+    assert [r.id for r in store.list(status="released")] == [ids[1]]
+    assert [r.id for r in store.list(status="PENDING", operation_type="op.b")] == [
+        i for i in newest_first if ids.index(i) % 2 == 1 and i != ids[1]
+    ]
+
+    assert store.count() == 10
+    assert store.count(status="pending") == 8
+    assert store.count(operation_type="op.a") == 5
+    assert store.count(status=QuarantineStatus.DISCARDED, operation_type="op.a") == 1
+    assert store.count(operation_type="missing") == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"limit": 0},
+        {"limit": 1001},
+        {"limit": -5},
+        {"limit": True},
+        {"limit": "10"},
+        {"offset": -1},
+        {"offset": 1.5},
+        {"status": "bogus"},
+        {"status": 3},
+        {"operation_type": 7},
+    ],
+)
+def test_bad_list_args_raise_configuration_error(store: QuarantineStore, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        store.list(**kwargs)
+
+
+def test_unknown_status_error_names_valid_values(store: QuarantineStore) -> None:
+    with pytest.raises(ConfigurationError, match="pending, released, discarded"):
+        store.count(status="nope")
+    assert isinstance(ConfigurationError("x"), ValueError)
+
+
+def test_limit_bounds_are_inclusive(store: QuarantineStore) -> None:
+    _add(store)
+    assert len(store.list(limit=1)) == 1
+    assert len(store.list(limit=1000)) == 1
+
+
+# -- payloads -------------------------------------------------------------------
+
+
+def test_unpicklable_args_still_create_record(store: QuarantineStore) -> None:
+    rec = store.add("op", "mod", "f", "poison_call", "bad", (lambda x: x,), {"lock": threading.Lock()})
+    assert rec.payload is None
+    assert rec.payload_error
+    assert rec.args_summary.startswith("0: function")
+    assert rec.kwargs_summary.startswith("lock: ")
+    assert store.get(rec.id) == rec
+    with pytest.raises(ValueError, match="no stored payload"):
+        store.load_payload(rec.id)
+
+    lock_only = store.add("op", "mod", "f", "poison_call", "bad", (threading.Lock(),), {})
+    assert lock_only.payload is None
+    assert "lock" in (lock_only.payload_error or "").lower()
+    assert store.count() == 2
+
+
+def test_load_payload_unknown_id(store: QuarantineStore) -> None:
+    with pytest.raises(KeyError):
+        store.load_payload("missing")
+
+
+def test_payload_size_limit(tmp_path: Path) -> None:
+    with QuarantineStore(tmp_path / "small.sqlite3", max_payload_bytes=100) as s:
+        rec = s.add("op", "m", "f", "argument_size", "big", (b"x" * 1000,), {})
+        assert rec.payload is None
+        assert "max_payload_bytes" in (rec.payload_error or "")
+        small = s.add("op", "m", "f", "argument_size", "small", (1,), {})
+        assert small.payload is not None
+
+
+def test_bad_constructor_args() -> None:
+    with pytest.raises(ConfigurationError):
+        QuarantineStore(":memory:", max_payload_bytes=0)
+    with pytest.raises(ConfigurationError):
+        QuarantineStore(":memory:", timeout=-1)
+
+
+def test_to_dict_is_json_ready(store: QuarantineStore) -> None:
+    rec = _add(store, args=(b"\x00\xff",))
+    data = rec.to_dict()
+    assert "payload" not in data and "payload_b64" not in data
+    assert data["has_payload"] is True
+    assert data["status"] == "pending"
+    json.dumps(data)
+    with_payload = rec.to_dict(include_payload=True)
+    assert isinstance(with_payload["payload_b64"], str)
+    json.dumps(with_payload)
+    bad = store.add("op", "m", "f", "poison_call", "r", (threading.Lock(),), {})
+    assert bad.to_dict()["has_payload"] is False
+    assert bad.to_dict(include_payload=True)["payload_b64"] is None
+
+
+# -- transitions -------------------------------------------------------------------
+
+
+def test_mark_released_and_discarded(store: QuarantineStore) -> None:
+    a = _add(store)
+    b = _add(store)
+    released = store.mark_released(a.id, True, "returned 3")
+    assert released.status is QuarantineStatus.RELEASED
+    assert released.outcome_ok is True
+    assert released.outcome_summary == "returned 3"
+    assert released.updated_at >= a.updated_at
+    assert store.get(a.id) == released
+
+    failed = store.mark_released(_add(store).id, False, "ValueError: boom")
+    assert failed.outcome_ok is False
+
+    discarded = store.mark_discarded(b.id)
+    assert discarded.status is QuarantineStatus.DISCARDED
+    assert discarded.outcome_ok is None
+    # payload is kept for audit
+    assert store.load_payload(b.id) == ((1, 2), {"k": "v"})
+
+    with pytest.raises(QuarantineStateError, match="not pending"):
+        store.mark_discarded(a.id)
+    with pytest.raises(QuarantineStateError, match="not pending"):
+        store.mark_released(b.id, True, "x")
+    assert issubclass(QuarantineStateError, ValueError)
+    with pytest.raises(KeyError):
+        store.mark_released("missing", True, "x")
+    with pytest.raises(KeyError):
+        store.mark_discarded("missing")
+    # failed transitions changed nothing
+    assert store.get(a.id) == released
+
+
+def test_outcome_summary_is_capped(store: QuarantineStore) -> None:
+    rec = store.mark_released(_add(store).id, True, "x" * 5000)
+    assert rec.outcome_summary is not None
+    assert len(rec.outcome_summary) == 2000
+    assert rec.outcome_summary.endswith("…")
+
+
+def test_stats(store: QuarantineStore) -> None:
+    a = _add(store)
+    _add(store)
+    store.mark_discarded(a.id)
+    stats = store.stats()
+    assert stats == {
+        "path": ":memory:",
+        "total": 2,
+        "by_status": {"pending": 1, "released": 0, "discarded": 1},
+    }
+    json.dumps(stats)
+
+
+# -- persistence and files -------------------------------------------------------
+
+
+def test_persistence_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "persist.sqlite3"
+    with QuarantineStore(path) as s:
+        rec = s.add("op", "m", "f", "argument_size", "r", ({"a": [1, 2]}, 3.5), {"flag": True})
+        gone = _add(s)
+        s.mark_discarded(gone.id)
+    with QuarantineStore(str(path)) as s:
+        assert s.get(rec.id) == rec
+        assert s.load_payload(rec.id) == (({"a": [1, 2]}, 3.5), {"flag": True})
+        assert s.count() == 2
+        assert s.count(status="discarded") == 1
+        assert s.stats()["path"] == str(path)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        indexes = [r[1] for r in conn.execute("PRAGMA index_list(quarantine)")]
+        assert "quarantine_status_op_created" in indexes
+    finally:
+        conn.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.sqlite3"
+    QuarantineStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(QuarantineStoreError, match="schema version 99"):
+        QuarantineStore(path)
+
+
+@posix_only
+def test_new_file_is_owner_only(file_store: QuarantineStore, tmp_path: Path) -> None:
+    _add(file_store)
+    path = tmp_path / "q.sqlite3"
+    assert _mode(path) == 0o600
+    # WAL side files inherit the database's mode
+    for suffix in ("-wal", "-shm"):
+        side = Path(str(path) + suffix)
+        if side.exists():
+            assert _mode(side) == 0o600
+
+
+@posix_only
+def test_existing_loose_file_is_tightened(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "loose.sqlite3"
+    path.touch()
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.WARNING, logger="tokengate.quarantine_store"):
+        with QuarantineStore(path) as s:
+            _add(s)
+    assert _mode(path) == 0o600
+    assert any("tightening" in r.getMessage() for r in caplog.records)
+
+
+@posix_only
+def test_owner_only_file_is_not_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "tight.sqlite3"
+    QuarantineStore(path).close()
+    with caplog.at_level(logging.WARNING, logger="tokengate.quarantine_store"):
+        QuarantineStore(path).close()
+    assert not [r for r in caplog.records if "tightening" in r.getMessage()]
+
+
+def test_unopenable_path_raises_store_error(tmp_path: Path) -> None:
+    with pytest.raises(QuarantineStoreError):
+        QuarantineStore(tmp_path / "no" / "such" / "dir" / "q.sqlite3")
+
+
+# -- errors, lifecycle ---------------------------------------------------------------
+
+
+def test_close_is_idempotent_and_blocks_use(tmp_path: Path) -> None:
+    s = QuarantineStore(tmp_path / "c.sqlite3")
+    assert not s.closed
+    s.close()
+    s.close()
+    assert s.closed
+    with pytest.raises(QuarantineStoreError, match="closed"):
+        s.count()
+    with pytest.raises(QuarantineStoreError):
+        _add(s)
+
+
+def test_sqlite_error_in_add_is_logged_and_wrapped(
+    store: QuarantineStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Break the schema underneath the store to provoke a sqlite3.Error.
+    with store._lock:
+        assert store._conn is not None
+        store._conn.execute("DROP TABLE quarantine")
+    with caplog.at_level(logging.ERROR, logger="tokengate.quarantine_store"):
+        with pytest.raises(QuarantineStoreError) as info:
+            _add(store)
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+    assert isinstance(info.value, RuntimeError)
+    assert any(r.exc_info for r in caplog.records)
+    # The store is still usable for reads that fail cleanly too.
+    with pytest.raises(QuarantineStoreError):
+        store.count()
+
+
+def test_memory_store(store: QuarantineStore) -> None:
+    rec = _add(store)
+    assert store.path == ":memory:"
+    assert store.get(rec.id) == rec
+    assert "memory" in repr(store)
+
+
+def test_concurrent_adds(file_store: QuarantineStore) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker(n: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(50):
+                _add(file_store, f"op.{n}", args=(n, i))
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert file_store.count() == 400
+    assert file_store.count(operation_type="op.3") == 50
+    assert len({r.id for r in file_store.list(limit=1000)}) == 400
+
+
+# -- summarize_args -------------------------------------------------------------
+
+
+def test_summarize_args_formats() -> None:
+    args_s, kwargs_s = summarize_args(([1, 2, 3], "abc", Plain()), {"name": 5})
+    assert args_s == "0: list[len=3] [1, 2, 3], 1: str 'abc', 2: Plain"
+    assert kwargs_s == "name: int 5"
+    assert summarize_args((), {}) == ("", "")
+
+
+def test_summarize_args_truncates_values() -> None:
+    args_s, _ = summarize_args(("x" * 500, list(range(100))), {}, limit=1000)
+    first, second = args_s.split(", 1: ")
+    assert first.startswith("0: str[len=500] 'xxx")
+    assert first.endswith("…'")
+    assert len(first) < 80
+    assert second.startswith("list[len=100] [0, 1, 2, 3, 4")
+    assert len(second) < 60
+
+
+def test_summarize_args_caps_total_length() -> None:
+    args_s, kwargs_s = summarize_args(tuple(range(200)), {f"k{i}": i for i in range(200)}, limit=50)
+    assert len(args_s) == 50 and args_s.endswith("…")
+    assert len(kwargs_s) == 50 and kwargs_s.endswith("…")
+    default_s, _ = summarize_args(tuple(range(500)), {})
+    assert len(default_s) == 200
+
+
+def test_summarize_args_never_raises() -> None:
+    args_s, kwargs_s = summarize_args((Unreprable(),), {"bad": Unreprable()})
+    assert args_s == "0: <unrepresentable Unreprable>"
+    assert kwargs_s == "bad: <unrepresentable Unreprable>"
+
+    class BadLen(list[int]):
+        def __len__(self) -> int:
+            raise RuntimeError("no len")
+
+    summarize_args((BadLen([1]),), {})  # must not raise
+    assert summarize_args((1,), {}, limit=0)[0] == "…"
+
+
+@pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="3.11+ int limit")
+def test_summarize_huge_int() -> None:
+    args_s, _ = summarize_args((10**5000,), {})
+    assert args_s.startswith("0: int ")

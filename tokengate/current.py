@@ -1,0 +1,56 @@
+"""The documented "current coordinator" that decorated calls submit to.
+
+This is tokengate's one piece of process-wide runtime state. Lookup order for
+a decorated call:
+
+1. on a coordinator's worker thread, that coordinator (so calls made inside a
+   running token go to the same coordinator as their parent);
+2. otherwise the most recently started coordinator that is still running.
+
+Starting a coordinator pushes it; stopping it removes it, so the previous one
+(if still running) becomes current again.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .coordinator import OperationsCoordinator
+
+__all__ = ["current_coordinator", "for_this_thread"]
+
+_stack: list[OperationsCoordinator] = []
+_stack_lock = threading.Lock()  # guards _stack (push/remove from any thread)
+_worker_local = threading.local()  # .coordinator is set on worker threads
+
+
+def current_coordinator() -> OperationsCoordinator | None:
+    """Return the coordinator decorated calls on this thread would submit to, or None."""
+    return for_this_thread()
+
+
+def for_this_thread() -> OperationsCoordinator | None:
+    coordinator: OperationsCoordinator | None = getattr(_worker_local, "coordinator", None)
+    if coordinator is not None:
+        return coordinator
+    stack = _stack
+    return stack[-1] if stack else None
+
+
+def push(coordinator: OperationsCoordinator) -> None:
+    with _stack_lock:
+        if coordinator in _stack:
+            _stack.remove(coordinator)
+        _stack.append(coordinator)
+
+
+def remove(coordinator: OperationsCoordinator) -> None:
+    with _stack_lock:
+        if coordinator in _stack:
+            _stack.remove(coordinator)
+
+
+def bind_worker_thread(coordinator: OperationsCoordinator | None) -> None:
+    _worker_local.coordinator = coordinator

@@ -1,0 +1,175 @@
+"""``@task_token_guard``: turn a plain sync function into one whose calls return tokens.
+
+Decorated functions are recorded in a small process-wide table keyed by
+``module:qualname`` (weakly, so functions defined in tests go away) and can be
+found again after a restart by importing their module: the quarantine uses this
+to re-run a held call.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import types
+import weakref
+from typing import Any, Callable, Generic, Mapping, TypeVar, overload
+
+from .complexity import ComplexityReport, analyze, default_weight
+from .errors import ConfigurationError, CoordinatorNotRunning
+from .tags import validate_tags
+
+try:  # Python 3.10+: typing.ParamSpec
+    from typing import ParamSpec
+except ImportError:  # pragma: no cover - Python < 3.10 is not supported
+    from typing_extensions import ParamSpec
+
+from . import current as _current
+from .token import TaskToken
+
+__all__ = ["task_token_guard", "GuardedFunction", "resolve_guarded"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_REGISTRY: "weakref.WeakValueDictionary[str, GuardedFunction[Any, Any]]" = weakref.WeakValueDictionary()
+
+
+class GuardedFunction(Generic[P, R]):
+    """A decorated function. Calling it submits the call and returns a ``TaskToken[R]`` at once.
+
+    The original stays available as ``__wrapped__`` (run inline, e.g. in unit
+    tests). ``operation_type``, ``tags``, ``weight`` and ``complexity`` describe
+    how calls are routed.
+
+    Raises (on call):
+        CoordinatorNotRunning: no coordinator is running; start one first.
+        Rejected: a subclass, when the coordinator refuses the call (see errors).
+    """
+
+    def __init__(self, func: Callable[P, R], operation_type: str, tags: dict[str, Any]) -> None:
+        functools.update_wrapper(self, func)
+        self.__wrapped__ = func
+        self.func: Callable[P, R] = func
+        self.operation_type = operation_type
+        self.tags: Mapping[str, Any] = types.MappingProxyType(tags)
+        self.complexity: ComplexityReport = analyze(func)
+        self.weight: str = tags.get("weight") or default_weight(self.complexity)
+        self.timeout: float | None = tags.get("timeout")
+        self.module: str = getattr(func, "__module__", None) or "__main__"
+        self.qualname: str = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        # Policies cache per-function decisions here (e.g. parsed retry settings).
+        self.policy_cache: dict[str, Any] = {}
+
+    @property
+    def key(self) -> str:
+        """``module:qualname``: how the function is found again after a restart."""
+        return f"{self.module}:{self.qualname}"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
+        coordinator = _current.for_this_thread()
+        if coordinator is None:
+            raise CoordinatorNotRunning(
+                f"{self.qualname}() was called but no OperationsCoordinator is running; "
+                "start one first: `async with OperationsCoordinator():` in async code, "
+                "or `coordinator.start()` from sync code"
+            )
+        return coordinator.submit(self, args, kwargs)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        # Support decorating methods: bind like a function would.
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
+
+    def __repr__(self) -> str:
+        return f"<guarded {self.key} operation_type={self.operation_type!r} weight={self.weight}>"
+
+
+@overload
+def task_token_guard(func: Callable[P, R], /) -> GuardedFunction[P, R]: ...
+
+
+@overload
+def task_token_guard(
+    *, operation_type: str | None = None, tags: Mapping[str, Any] | None = None
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]: ...
+
+
+def task_token_guard(
+    func: Callable[P, R] | None = None,
+    /,
+    *,
+    operation_type: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> GuardedFunction[P, R] | Callable[[Callable[P, R]], GuardedFunction[P, R]]:
+    """Decorate a sync function so each call returns a :class:`TaskToken` at once.
+
+    ``token = resize(data, 200)`` submits the call to the current coordinator
+    immediately; ``await token`` (or ``token.get()``) only waits for it. A
+    token that is never awaited still runs.
+
+    Args:
+        operation_type: A label for statistics, pause/kill and reputation.
+            Several functions may share one. Defaults to ``module.qualname``.
+        tags: Routing and policy options, validated now. Core tags: ``weight``
+            (``heavy`` | ``medium`` | ``light``; default inferred from the
+            function's static complexity) and ``timeout`` (seconds). Policies
+            declare more (see ``tokengate.declared_tags()``).
+
+    Raises:
+        ConfigurationError: for an ``async def`` function, an async generator,
+            a non-callable, an unknown tag key or a bad tag value.
+    """
+
+    def decorate(f: Callable[P, R]) -> GuardedFunction[P, R]:
+        if isinstance(f, GuardedFunction):
+            raise ConfigurationError(f"{f!r} is already decorated with task_token_guard")
+        if not callable(f):
+            raise ConfigurationError(f"task_token_guard expected a sync function, got {type(f).__name__} {f!r}")
+        target = inspect.unwrap(f) if hasattr(f, "__wrapped__") else f
+        if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(f):
+            raise ConfigurationError(
+                f"task_token_guard expected a sync function, but {f!r} is a coroutine function; "
+                "await it directly instead, or make it a plain `def`"
+            )
+        if inspect.isasyncgenfunction(target) or inspect.isasyncgenfunction(f):
+            raise ConfigurationError(f"task_token_guard expected a sync function, but {f!r} is an async generator")
+        name = getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
+        module = getattr(f, "__module__", None) or "__main__"
+        if operation_type is not None and (not isinstance(operation_type, str) or not operation_type.strip()):
+            raise ConfigurationError(f"operation_type must be a non-empty string, got {operation_type!r}")
+        op = operation_type if operation_type is not None else f"{module}.{name}"
+        normalized = validate_tags(tags, where=f"task_token_guard({op!r})")
+        guarded = GuardedFunction(f, op, normalized)
+        _REGISTRY[guarded.key] = guarded
+        return guarded
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+def resolve_guarded(module: str, qualname: str) -> GuardedFunction[Any, Any]:
+    """Find a decorated function by module and qualified name, importing the module if needed.
+
+    Raises:
+        LookupError: if the module or the name cannot be found, or is not decorated.
+    """
+    found = _REGISTRY.get(f"{module}:{qualname}")
+    if found is not None:
+        return found
+    if "<locals>" in qualname:
+        raise LookupError(f"{module}:{qualname} is a local function and cannot be found again after a restart")
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as exc:
+        raise LookupError(f"cannot import module {module!r} to find {qualname!r}: {exc}") from exc
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise LookupError(f"{module!r} has no attribute path {qualname!r}") from None
+    if not isinstance(obj, GuardedFunction):
+        raise LookupError(f"{module}:{qualname} is not decorated with task_token_guard")
+    return obj

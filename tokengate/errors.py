@@ -1,0 +1,168 @@
+"""The whole exception vocabulary of tokengate, in one place.
+
+The errors are HTTP-free: ``tokengate_fastapi`` maps them to status codes. Their
+attributes are structured so no caller has to parse a message.
+
+Vocabulary (after trio and anyio):
+
+* *you did it*: :class:`ConfigurationError` (bad argument), :class:`CoordinatorNotRunning`.
+* *a policy refused the call before it ran*: :class:`Rejected` and its subclasses
+  (:class:`Overloaded`, :class:`GateClosed`, :class:`OperationBlocked`,
+  :class:`TokenQuarantined`).
+* *the call was stopped*: :class:`TokenKilled`, :class:`CoordinatorStopped`,
+  :class:`TokenTimeout`.
+* *an internal invariant broke*: :class:`InvalidTransition` (should never reach users).
+
+The decorated function's own exception always propagates unchanged.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TokengateError",
+    "ConfigurationError",
+    "CoordinatorNotRunning",
+    "Rejected",
+    "Overloaded",
+    "GateClosed",
+    "OperationBlocked",
+    "TokenQuarantined",
+    "TokenKilled",
+    "CoordinatorStopped",
+    "TokenTimeout",
+    "InvalidTransition",
+    "WouldDeadlock",
+]
+
+
+class TokengateError(Exception):
+    """Base class of every error tokengate raises itself."""
+
+
+class ConfigurationError(TokengateError, ValueError):
+    """Raised when an option, tag or argument is invalid.
+
+    Raised at the moment the value is given (constructor, decoration time),
+    never later when it is first used.
+    """
+
+
+class CoordinatorNotRunning(TokengateError, RuntimeError):
+    """Raised when a decorated function is called and no coordinator is running.
+
+    Start one first: ``async with OperationsCoordinator():`` in async code, or
+    ``coordinator.start()`` from sync code.
+    """
+
+
+class Rejected(TokengateError):
+    """Raised when the coordinator refuses a call before it runs.
+
+    The call never ran. ``operation_type`` names the refused operation and
+    ``reason`` says why in words.
+    """
+
+    def __init__(self, message: str, *, operation_type: str | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.operation_type = operation_type
+        self.reason = reason or message
+
+
+class Overloaded(Rejected):
+    """Raised when a weight class's pending queue is at ``max_pending``.
+
+    Back off and retry later; ``retry_after`` is a hint in seconds.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation_type: str | None = None,
+        weight: str = "",
+        pending: int = 0,
+        limit: int = 0,
+        retry_after: float = 1.0,
+    ) -> None:
+        super().__init__(message, operation_type=operation_type, reason="overloaded")
+        self.weight = weight
+        self.pending = pending
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class GateClosed(Rejected):
+    """Raised when the coordinator is draining (or stopping) and admits no new calls.
+
+    ``coordinator.resume()`` reopens the gate after a drain.
+    """
+
+    def __init__(self, message: str, *, operation_type: str | None = None, retry_after: float = 5.0) -> None:
+        super().__init__(message, operation_type=operation_type, reason="draining")
+        self.retry_after = retry_after
+
+
+class OperationBlocked(Rejected):
+    """Raised when the operation was auto-blocked by its reputation.
+
+    ``coordinator.unblock(operation_type)`` lifts the block.
+    """
+
+    def __init__(self, message: str, *, operation_type: str | None = None, retry_after: float = 30.0) -> None:
+        super().__init__(message, operation_type=operation_type, reason="blocked")
+        self.retry_after = retry_after
+
+
+class TokenQuarantined(Rejected):
+    """Raised when the call was held for review instead of run.
+
+    ``quarantine_id`` identifies the persisted record; an operator can release
+    (re-run) or discard it.
+    """
+
+    def __init__(
+        self, message: str, *, operation_type: str | None = None, quarantine_id: str = "", trigger: str = ""
+    ) -> None:
+        super().__init__(message, operation_type=operation_type, reason="quarantined")
+        self.quarantine_id = quarantine_id
+        self.trigger = trigger
+
+
+class TokenKilled(TokengateError):
+    """Raised to awaiters of a token that was killed before it ran."""
+
+    def __init__(self, message: str, *, token_id: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.token_id = token_id
+        self.reason = reason
+
+
+class CoordinatorStopped(TokenKilled):
+    """Raised to awaiters of a token that was still unsettled when its coordinator stopped."""
+
+
+class TokenTimeout(TokengateError, TimeoutError):
+    """Raised to awaiters of a token that did not finish within its ``timeout`` tag.
+
+    A token that timed out before it started never runs. One that was already
+    running keeps its thread until the function returns (threads cannot be
+    interrupted); its late result is discarded.
+    """
+
+    def __init__(self, message: str, *, token_id: str = "", timeout: float = 0.0, started: bool = False) -> None:
+        super().__init__(message)
+        self.token_id = token_id
+        self.timeout = timeout
+        self.started = started
+
+
+class InvalidTransition(TokengateError, RuntimeError):
+    """Raised when a token is asked to make a state change its table forbids."""
+
+
+class WouldDeadlock(TokengateError, RuntimeError):
+    """Raised by ``TaskToken.get()`` when blocking would deadlock.
+
+    For example, calling ``get()`` on the event-loop thread that must settle the
+    token. Use ``await token`` there instead.
+    """

@@ -1,0 +1,84 @@
+"""The hook interface through which safety and locality policies join the token lifecycle.
+
+Modeled on dramatiq's middleware: a policy subclasses :class:`Policy` and
+overrides only the hooks it needs; the coordinator calls just the overridden
+ones, so an unused hook costs nothing on the hot path.
+
+Order: ``before_submit``, ``admit``, ``pick_core`` and ``on_routed`` run in
+the order the policies were given; ``after_run`` and ``on_settle`` in reverse
+(an onion, like dramatiq's ``after_*`` hooks).
+
+Threads and locks:
+
+* ``before_submit`` runs on the thread that made the call (an event loop, a
+  worker thread for nested calls, or plain sync code). It may refuse the call
+  by raising a :class:`~tokengate.errors.Rejected` subclass.
+* ``admit`` runs on the submitting thread (or the loop, for retries and
+  releases). Returning False means "I hold this token": the policy must later
+  hand it back with ``coordinator.release_held(token)``.
+* ``pick_core`` and ``on_routed`` run under the coordinator's routing lock:
+  keep them O(1), never block, never call back into the coordinator.
+* ``after_run`` and ``on_settle`` run on the coordinator's event-loop thread,
+  except ``on_settle`` for a call refused at submission, which runs on the
+  submitting thread.
+
+Because hooks run on several threads, a policy guards its own state with its
+own lock, and never calls user code while holding it. Any exception other than
+a refusal is logged with the policy's name and contained: a bug in a policy
+never fails a call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .coordinator import OperationsCoordinator
+    from .decorator import GuardedFunction
+    from .token import TaskToken
+
+__all__ = ["Policy", "HOOKS"]
+
+HOOKS = ("before_submit", "admit", "pick_core", "on_routed", "after_run", "on_settle")
+
+
+class Policy:
+    """Base class of every policy: all hooks are no-ops."""
+
+    #: Short name used in statistics, logs and ``coordinator.policy(name)``.
+    name: ClassVar[str] = "policy"
+
+    def on_start(self, coordinator: OperationsCoordinator) -> None:
+        """Called once on the loop thread when the coordinator starts."""
+
+    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+        """Called once on the loop thread after every token has settled at stop."""
+
+    def interested(self, guarded: GuardedFunction[..., Any]) -> bool:
+        """Return False to skip every hook for calls of *guarded* (computed once per function)."""
+        return True
+
+    def before_submit(self, token: TaskToken[Any]) -> None:
+        """Inspect a call before it is accepted; raise a Rejected subclass to refuse it."""
+
+    def admit(self, token: TaskToken[Any]) -> bool:
+        """Return False to hold the token (then release it with ``coordinator.release_held``)."""
+        return True
+
+    def pick_core(self, token: TaskToken[Any]) -> int | None:
+        """Return a domain (1-based) the token must run on, or None to let the router choose."""
+        return None
+
+    def on_routed(self, token: TaskToken[Any], core: int) -> None:
+        """Called when the token was placed in a mailbox of *core*."""
+
+    def after_run(self, token: TaskToken[Any]) -> float | None:
+        """Called after an attempt ran; return a delay in seconds to retry it, else None."""
+        return None
+
+    def on_settle(self, token: TaskToken[Any]) -> None:
+        """Called once when the token reached its terminal state."""
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-ready snapshot of this policy's state for ``coordinator.stats()``."""
+        return {}

@@ -1,0 +1,778 @@
+"""Persistent storage for quarantined calls.
+
+A quarantined call is one a policy held for operator review instead of
+running it (for example because its arguments were too large, because the
+operation is marked as a poison call, or because the operation is on hold).
+Each call becomes a :class:`QuarantineRecord` in a SQLite database (stdlib
+:mod:`sqlite3`). An operator can later *release* it (re-run it and record the
+outcome) or *discard* it; both transitions are only allowed from PENDING.
+
+Trust boundary -- read this before pointing the store at a file:
+    The payload column holds a **pickle** of the call's ``(args, kwargs)``.
+    Unpickling (:meth:`QuarantineStore.load_payload`) executes code chosen by
+    whoever can write the database file. That is why the store creates the
+    file with owner-only permissions (``0o600``) and tightens broader
+    permissions on an existing file (logging a warning), and why a quarantine
+    database must never be loaded from an untrusted source, copied from
+    another machine you do not control, or placed in a world-writable
+    directory. The human-readable summaries (``args_summary`` and
+    ``kwargs_summary``) are safe to display; only the payload is dangerous.
+
+Error containment:
+    A :class:`sqlite3.Error` inside the store is re-raised as
+    :class:`QuarantineStoreError` (a ``RuntimeError``); :meth:`QuarantineStore.add`
+    also logs it with ``logger.exception``. The coordinator catches
+    ``QuarantineStoreError`` around ``add`` and never crashes because the
+    quarantine database is unavailable -- it decides how to treat the call
+    (the store itself never decides policy).
+
+Concurrency:
+    One connection (``check_same_thread=False``) is shared by all threads and
+    guarded by a :class:`threading.Lock`; writes use ``BEGIN IMMEDIATE`` so a
+    second process using the same file (an operator CLI) cannot interleave a
+    read-then-write transition. File databases use WAL journal mode.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import contextlib
+import enum
+import logging
+import os
+import pickle
+import reprlib
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sized
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from tokengate.errors import ConfigurationError, TokengateError
+
+__all__ = [
+    "QuarantineRecord",
+    "QuarantineStateError",
+    "QuarantineStatus",
+    "QuarantineStore",
+    "QuarantineStoreError",
+    "summarize_args",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_PATH = "tokengate-quarantine.sqlite3"
+MAX_LIST_LIMIT = 1000
+DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+_OUTCOME_SUMMARY_LIMIT = 2000
+_ELLIPSIS = "…"
+
+
+class QuarantineStoreError(TokengateError, RuntimeError):
+    """Raised when the quarantine database fails (wraps :class:`sqlite3.Error`).
+
+    Also raised when the store is used after :meth:`QuarantineStore.close`,
+    when the database file cannot be prepared, or when the database was
+    written by a newer, incompatible schema version.
+    """
+
+
+class QuarantineStateError(TokengateError, ValueError):
+    """Raised when a release or discard targets a record that is not PENDING."""
+
+
+class QuarantineStatus(str, enum.Enum):
+    """Lifecycle of a quarantined call: PENDING until released or discarded."""
+
+    PENDING = "pending"
+    RELEASED = "released"
+    DISCARDED = "discarded"
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """One quarantined call as stored in the database.
+
+    ``payload`` is the pickled ``(args, kwargs)`` or ``None`` when the
+    arguments could not be pickled (``payload_error`` then says why) or were
+    larger than the store's ``max_payload_bytes``. ``outcome_ok`` and
+    ``outcome_summary`` are set when the call is released.
+    """
+
+    id: str
+    operation_type: str
+    func_module: str
+    func_qualname: str
+    trigger: str
+    reason: str
+    args_summary: str
+    kwargs_summary: str
+    payload: bytes | None
+    payload_error: str | None
+    created_at: float
+    updated_at: float
+    status: QuarantineStatus
+    outcome_summary: str | None
+    outcome_ok: bool | None
+
+    @property
+    def has_payload(self) -> bool:
+        """True when the call's arguments were stored and can be replayed."""
+        return self.payload is not None
+
+    def to_dict(self, include_payload: bool = False) -> dict[str, Any]:
+        """Return a JSON-serialisable dict; never contains raw payload bytes.
+
+        With ``include_payload=True`` the payload is added as base64 text under
+        ``payload_b64`` (still a pickle -- see the module's trust boundary).
+        """
+        data: dict[str, Any] = {
+            "id": self.id,
+            "operation_type": self.operation_type,
+            "func_module": self.func_module,
+            "func_qualname": self.func_qualname,
+            "trigger": self.trigger,
+            "reason": self.reason,
+            "args_summary": self.args_summary,
+            "kwargs_summary": self.kwargs_summary,
+            "has_payload": self.has_payload,
+            "payload_size": len(self.payload) if self.payload is not None else 0,
+            "payload_error": self.payload_error,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "status": self.status.value,
+            "outcome_summary": self.outcome_summary,
+            "outcome_ok": self.outcome_ok,
+        }
+        if include_payload:
+            data["payload_b64"] = (
+                base64.b64encode(self.payload).decode("ascii") if self.payload is not None else None
+            )
+        return data
+
+
+# --------------------------------------------------------------------------
+# Argument summaries
+# --------------------------------------------------------------------------
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + _ELLIPSIS
+
+
+class _SummaryRepr(reprlib.Repr):
+    """reprlib with small limits that marks truncation with an ellipsis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 2
+        self.maxtuple = 5
+        self.maxlist = 5
+        self.maxarray = 5
+        self.maxdict = 4
+        self.maxset = 5
+        self.maxfrozenset = 5
+        self.maxdeque = 5
+        self.maxstring = 40
+        self.maxlong = 40
+        self.maxother = 60
+        # Used for elided container items on 3.11+; 3.10 hardcodes "...".
+        self.fillvalue = _ELLIPSIS
+
+    def _quoted_prefix(self, x: str | bytes) -> str:
+        if len(x) <= self.maxstring:
+            return builtins.repr(x)
+        # Keep the opening of the value (the useful part for an operator) and
+        # put the ellipsis inside the quotes: 'abc…'.
+        text = builtins.repr(x[: self.maxstring])
+        return text[:-1] + _ELLIPSIS + text[-1]
+
+    def repr_str(self, x: str, level: int) -> str:
+        return self._quoted_prefix(x)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return self._quoted_prefix(x)
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            # 3.11+ refuses str() of ints past sys.get_int_max_str_digits().
+            return f"<int with {x.bit_length()} bits>"
+
+    def repr_instance(self, x: object, level: int) -> str:
+        try:
+            text = builtins.repr(x)
+        except Exception:
+            return f"<unrepresentable {type(x).__name__}>"
+        return _clip(text, self.maxother)
+
+
+_REPR = _SummaryRepr()
+
+
+def _summarize_value(value: object) -> str:
+    cls = type(value)
+    name = cls.__name__
+    try:
+        if cls.__repr__ is object.__repr__:
+            # Default reprs only add a memory address; the type says it all.
+            return name
+        text = _REPR.repr(value)
+        if text == f"<unrepresentable {name}>":
+            return text  # the type name is already in the marker
+        if isinstance(value, (str, bytes, bytearray)):
+            if len(value) > _REPR.maxstring:
+                return f"{name}[len={len(value)}] {text}"
+            return f"{name} {text}"
+        length: int | None = None
+        if isinstance(value, Sized):
+            try:
+                length = len(value)
+            except Exception:  # a broken __len__ only costs the length
+                length = None
+        if length is not None:
+            return f"{name}[len={length}] {text}"
+        return f"{name} {text}"
+    except Exception:
+        return f"<unrepresentable {name}>"
+
+
+def summarize_args(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], limit: int = 200
+) -> tuple[str, str]:
+    """Return human-readable ``(args_summary, kwargs_summary)`` for display.
+
+    Positional items look like ``"0: list[len=3] [1, 2, 3]"``, keyword items
+    like ``"name: int 5"``; objects with the default ``object.__repr__`` show
+    only their type name. Each value's repr is truncated by small reprlib
+    limits, and each summary string is capped at ``limit`` characters (the
+    last one replaced by "…"). Never raises: a ``__repr__`` that raises
+    becomes ``"<unrepresentable TypeName>"``, and a non-positive ``limit`` is
+    treated as 1.
+    """
+    limit = max(1, limit) if isinstance(limit, int) else 200
+    try:
+        arg_parts = [f"{i}: {_summarize_value(v)}" for i, v in enumerate(args)]
+        args_text = _clip(", ".join(arg_parts), limit)
+    except Exception:  # e.g. args is not iterable; summaries are best effort
+        args_text = f"<unrepresentable {type(args).__name__}>"
+    try:
+        kw_parts = [f"{k}: {_summarize_value(v)}" for k, v in kwargs.items()]
+        kwargs_text = _clip(", ".join(kw_parts), limit)
+    except Exception:
+        kwargs_text = f"<unrepresentable {type(kwargs).__name__}>"
+    return args_text, kwargs_text
+
+
+# --------------------------------------------------------------------------
+# Store
+# --------------------------------------------------------------------------
+
+_COLUMNS = (
+    "id, operation_type, func_module, func_qualname, trigger, reason, "
+    "args_summary, kwargs_summary, payload, payload_error, created_at, "
+    "updated_at, status, outcome_summary, outcome_ok"
+)
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS quarantine (
+    id              TEXT PRIMARY KEY,
+    operation_type  TEXT NOT NULL,
+    func_module     TEXT NOT NULL,
+    func_qualname   TEXT NOT NULL,
+    trigger         TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    args_summary    TEXT NOT NULL,
+    kwargs_summary  TEXT NOT NULL,
+    payload         BLOB,
+    payload_error   TEXT,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'released', 'discarded')),
+    outcome_summary TEXT,
+    outcome_ok      INTEGER
+)
+"""
+
+_CREATE_INDEX = """
+CREATE INDEX IF NOT EXISTS quarantine_status_op_created
+    ON quarantine (status, operation_type, created_at)
+"""
+
+
+def _row_to_record(row: tuple[Any, ...]) -> QuarantineRecord:
+    outcome_ok = row[14]
+    return QuarantineRecord(
+        id=row[0],
+        operation_type=row[1],
+        func_module=row[2],
+        func_qualname=row[3],
+        trigger=row[4],
+        reason=row[5],
+        args_summary=row[6],
+        kwargs_summary=row[7],
+        payload=bytes(row[8]) if row[8] is not None else None,
+        payload_error=row[9],
+        created_at=float(row[10]),
+        updated_at=float(row[11]),
+        status=QuarantineStatus(row[12]),
+        outcome_summary=row[13],
+        outcome_ok=None if outcome_ok is None else bool(outcome_ok),
+    )
+
+
+def _coerce_status(status: QuarantineStatus | str | None) -> QuarantineStatus | None:
+    if status is None or isinstance(status, QuarantineStatus):
+        return status
+    valid = ", ".join(s.value for s in QuarantineStatus)
+    if isinstance(status, str):
+        try:
+            return QuarantineStatus(status.strip().lower())
+        except ValueError:
+            pass
+    raise ConfigurationError(f"unknown quarantine status {status!r}; valid values: {valid}")
+
+
+def _check_operation_type(operation_type: str | None) -> None:
+    if operation_type is not None and not isinstance(operation_type, str):
+        raise ConfigurationError(
+            f"operation_type must be a string or None, got {type(operation_type).__name__}"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prepare_file(path: str) -> None:
+    """Create ``path`` owner-only (0o600) and tighten broader permissions."""
+    # Creating the file ourselves (before sqlite does) is the only way to get
+    # the mode right atomically; sqlite would create it 0o644 under a usual umask.
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    if os.name == "nt":
+        return  # POSIX permission bits do not describe Windows ACLs.
+    # SQLite gives -wal/-shm/-journal files the main file's mode, but files
+    # left over from an earlier, looser run must be tightened too.
+    for candidate in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            mode = os.stat(candidate).st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            logger.warning(
+                "quarantine database file %s had permissions %o; tightening to 600 "
+                "(its payloads are pickles and must only be writable by their owner)",
+                candidate,
+                mode,
+            )
+            os.chmod(candidate, 0o600)
+
+
+class QuarantineStore:
+    """SQLite-backed store of quarantined calls; safe to share between threads.
+
+    ``path`` is a database file (created owner-only, ``0o600``; an existing
+    file with broader permissions is tightened with a logged warning) or
+    ``":memory:"`` for a private in-memory database. Construction raises
+    :class:`QuarantineStoreError` if the file cannot be created or opened or
+    holds a newer schema. Payloads larger than ``max_payload_bytes`` (``None``
+    for no limit) are not stored; the record is kept with ``payload_error``
+    explaining why. Call :meth:`close` (or use ``with``) when done.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_PATH,
+        *,
+        max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
+        timeout: float = 5.0,
+    ) -> None:
+        if max_payload_bytes is not None and (not _is_int(max_payload_bytes) or max_payload_bytes <= 0):
+            raise ConfigurationError(
+                f"max_payload_bytes must be a positive int or None, got {max_payload_bytes!r}"
+            )
+        if not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ConfigurationError(f"timeout must be a non-negative number, got {timeout!r}")
+        self._path = os.fspath(path)
+        self._in_memory = self._path == ":memory:"
+        self._max_payload_bytes = max_payload_bytes
+        # Guards self._conn: the sqlite3 connection object is not safe for
+        # concurrent use, and BEGIN/COMMIT pairs from two threads on one
+        # connection would interleave into each other's transactions.
+        self._lock = threading.Lock()
+        try:
+            if not self._in_memory:
+                _prepare_file(self._path)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+            conn = sqlite3.connect(
+                self._path, check_same_thread=False, isolation_level=None, timeout=timeout
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise QuarantineStoreError(
+                f"cannot open quarantine database at {self._path!r}: {exc}"
+            ) from exc
+        self._conn: sqlite3.Connection | None = conn
+        try:
+            self._init_schema(conn)
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        try:
+            if not self._in_memory:
+                # WAL lets readers (an operator UI) proceed while a call is
+                # being quarantined; it must be set outside a transaction.
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                if mode is None or str(mode[0]).lower() != "wal":
+                    logger.warning("quarantine database %s is not in WAL mode (%s)", self._path, mode)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("PRAGMA user_version").fetchone()
+                version = int(row[0]) if row else 0
+                if version > SCHEMA_VERSION:
+                    raise QuarantineStoreError(
+                        f"quarantine database {self._path!r} has schema version {version}, "
+                        f"newer than this tokengate supports ({SCHEMA_VERSION})"
+                    )
+                conn.execute(_CREATE_TABLE)
+                conn.execute(_CREATE_INDEX)
+                if version < SCHEMA_VERSION:
+                    # PRAGMA cannot take bound parameters; the value is our constant.
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise QuarantineStoreError(
+                f"cannot initialise quarantine database at {self._path!r}: {exc}"
+            ) from exc
+
+    # -- plumbing ---------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The database path as given (``":memory:"`` for in-memory stores)."""
+        return self._path
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._conn is None
+
+    def _require_conn(self) -> sqlite3.Connection:
+        # Caller must hold self._lock.
+        if self._conn is None:
+            raise QuarantineStoreError("quarantine store is closed")
+        return self._conn
+
+    @contextlib.contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and run one IMMEDIATE transaction; wrap sqlite errors."""
+        with self._lock:
+            conn = self._require_conn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise QuarantineStoreError(f"quarantine store: {action} failed: {exc}") from exc
+            try:
+                yield conn
+            except BaseException as exc:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:  # the original error is the one worth reporting
+                    logger.debug("rollback failed after %s error", action, exc_info=True)
+                if isinstance(exc, sqlite3.Error):
+                    raise QuarantineStoreError(f"quarantine store: {action} failed: {exc}") from exc
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise QuarantineStoreError(f"quarantine store: {action} failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _read(self, action: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock for an autocommit read; wrap sqlite errors."""
+        with self._lock:
+            conn = self._require_conn()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise QuarantineStoreError(f"quarantine store: {action} failed: {exc}") from exc
+
+    def _fetch(self, conn: sqlite3.Connection, id: str) -> QuarantineRecord | None:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM quarantine WHERE id = ?", (id,)).fetchone()
+        return _row_to_record(row) if row is not None else None
+
+    def _pickle(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[bytes | None, str | None]:
+        try:
+            payload = pickle.dumps((tuple(args), dict(kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # locks, lambdas, sockets...: keep the record, drop the payload
+            return None, f"{type(exc).__name__}: {exc}"
+        if self._max_payload_bytes is not None and len(payload) > self._max_payload_bytes:
+            return None, (
+                f"payload of {len(payload)} bytes exceeds max_payload_bytes "
+                f"({self._max_payload_bytes})"
+            )
+        return payload, None
+
+    # -- public API -------------------------------------------------------
+
+    def add(
+        self,
+        operation_type: str,
+        func_module: str,
+        func_qualname: str,
+        trigger: str,
+        reason: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> QuarantineRecord:
+        """Persist a held call as a PENDING record and return it.
+
+        ``(args, kwargs)`` are pickled with the highest protocol; if that fails
+        (or exceeds ``max_payload_bytes``) the record is still stored, with
+        ``payload=None`` and ``payload_error`` set, so the operator can see
+        what was held even though it cannot be replayed. A database failure
+        is logged and raised as :class:`QuarantineStoreError`.
+        """
+        # Pickling and summarising run user __reduce__/__repr__ code, so do it
+        # before taking the lock.
+        payload, payload_error = self._pickle(args, kwargs)
+        args_summary, kwargs_summary = summarize_args(args, kwargs)
+        now = time.time()
+        record = QuarantineRecord(
+            id=uuid.uuid4().hex,
+            operation_type=operation_type,
+            func_module=func_module,
+            func_qualname=func_qualname,
+            trigger=trigger,
+            reason=reason,
+            args_summary=args_summary,
+            kwargs_summary=kwargs_summary,
+            payload=payload,
+            payload_error=payload_error,
+            created_at=now,
+            updated_at=now,
+            status=QuarantineStatus.PENDING,
+            outcome_summary=None,
+            outcome_ok=None,
+        )
+        try:
+            with self._write("add") as conn:
+                conn.execute(
+                    f"INSERT INTO quarantine ({_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.operation_type,
+                        record.func_module,
+                        record.func_qualname,
+                        record.trigger,
+                        record.reason,
+                        record.args_summary,
+                        record.kwargs_summary,
+                        record.payload,
+                        record.payload_error,
+                        record.created_at,
+                        record.updated_at,
+                        record.status.value,
+                        None,
+                        None,
+                    ),
+                )
+        except QuarantineStoreError:
+            logger.exception(
+                "failed to quarantine call to %s.%s (operation %r)",
+                func_module,
+                func_qualname,
+                operation_type,
+            )
+            raise
+        if payload_error is not None:
+            logger.info("quarantined %s without a replayable payload: %s", record.id, payload_error)
+        return record
+
+    def get(self, id: str) -> QuarantineRecord | None:
+        """Return the record with ``id``, or ``None`` if there is none."""
+        with self._read("get") as conn:
+            return self._fetch(conn, id)
+
+    def list(
+        self,
+        status: QuarantineStatus | str | None = None,
+        operation_type: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> builtins.list[QuarantineRecord]:
+        """Return records newest first, optionally filtered, one page at a time.
+
+        ``limit`` must be 1..1000 and ``offset`` >= 0; ``status`` is a
+        :class:`QuarantineStatus` or its string value. Invalid arguments raise
+        :class:`~tokengate.errors.ConfigurationError` naming the valid values.
+        Records with equal timestamps keep insertion order (newest first).
+        """
+        wanted = _coerce_status(status)
+        _check_operation_type(operation_type)
+        if not _is_int(limit) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ConfigurationError(f"limit must be an int in 1..{MAX_LIST_LIMIT}, got {limit!r}")
+        if not _is_int(offset) or offset < 0:
+            raise ConfigurationError(f"offset must be an int >= 0, got {offset!r}")
+        where, params = self._where(wanted, operation_type)
+        sql = (
+            f"SELECT {_COLUMNS} FROM quarantine{where} "
+            # rowid breaks ties between records created in the same clock tick.
+            "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
+        )
+        with self._read("list") as conn:
+            rows = conn.execute(sql, (*params, limit, offset)).fetchall()
+        return [_row_to_record(row) for row in rows]
+
+    @staticmethod
+    def _where(
+        status: QuarantineStatus | None, operation_type: str | None
+    ) -> tuple[str, builtins.list[str]]:
+        clauses: builtins.list[str] = []
+        params: builtins.list[str] = []
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(status.value)
+        if operation_type is not None:
+            clauses.append("operation_type = ?")
+            params.append(operation_type)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+    def count(
+        self, status: QuarantineStatus | str | None = None, operation_type: str | None = None
+    ) -> int:
+        """Return how many records match the filters (same rules as :meth:`list`)."""
+        wanted = _coerce_status(status)
+        _check_operation_type(operation_type)
+        where, params = self._where(wanted, operation_type)
+        with self._read("count") as conn:
+            row = conn.execute(f"SELECT COUNT(*) FROM quarantine{where}", params).fetchone()
+        return int(row[0]) if row else 0
+
+    def load_payload(self, id: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Unpickle and return the held call's ``(args, kwargs)``.
+
+        This executes pickle opcodes from the database: see the module's trust
+        boundary. Raises :class:`KeyError` for an unknown ``id`` and
+        :class:`ValueError` when the record has no payload (``payload_error``
+        says why) or the payload cannot be unpickled into ``(tuple, dict)``.
+        """
+        with self._read("load_payload") as conn:
+            record = self._fetch(conn, id)
+        if record is None:
+            raise KeyError(f"no quarantined call with id {id!r}")
+        if record.payload is None:
+            raise ValueError(
+                f"quarantined call {id} has no stored payload and cannot be replayed: "
+                f"{record.payload_error or 'unknown reason'}"
+            )
+        try:
+            value = pickle.loads(record.payload)
+        except Exception as exc:  # classes renamed/removed since the call was held
+            raise ValueError(f"cannot unpickle payload of quarantined call {id}: {exc}") from exc
+        if (
+            not isinstance(value, tuple)
+            or len(value) != 2
+            or not isinstance(value[0], tuple)
+            or not isinstance(value[1], dict)
+        ):
+            raise ValueError(f"payload of quarantined call {id} is not an (args, kwargs) pair")
+        return value[0], value[1]
+
+    def _transition(
+        self,
+        id: str,
+        target: QuarantineStatus,
+        outcome_ok: bool | None,
+        outcome_summary: str | None,
+    ) -> QuarantineRecord:
+        with self._write(f"mark {target.value}") as conn:
+            # The status check and the update are one statement inside one
+            # IMMEDIATE transaction, so two operators cannot both release it.
+            cur = conn.execute(
+                "UPDATE quarantine SET status = ?, outcome_ok = ?, outcome_summary = ?, "
+                "updated_at = ? WHERE id = ? AND status = ?",
+                (
+                    target.value,
+                    None if outcome_ok is None else int(outcome_ok),
+                    outcome_summary,
+                    time.time(),
+                    id,
+                    QuarantineStatus.PENDING.value,
+                ),
+            )
+            record = self._fetch(conn, id)
+            if record is None:
+                raise KeyError(f"no quarantined call with id {id!r}")
+            if cur.rowcount != 1:
+                raise QuarantineStateError(
+                    f"quarantined call {id} is {record.status.value}, not pending; "
+                    f"it cannot be marked {target.value}"
+                )
+        return record
+
+    def mark_released(self, id: str, outcome_ok: bool, outcome_summary: str) -> QuarantineRecord:
+        """Mark a PENDING record RELEASED with the outcome of re-running it.
+
+        ``outcome_summary`` (a short description of the result or error) is
+        capped at 2000 characters. Raises :class:`KeyError` for an unknown
+        ``id`` and :class:`QuarantineStateError` if it is not PENDING.
+        """
+        summary = _clip(str(outcome_summary), _OUTCOME_SUMMARY_LIMIT)
+        return self._transition(id, QuarantineStatus.RELEASED, bool(outcome_ok), summary)
+
+    def mark_discarded(self, id: str) -> QuarantineRecord:
+        """Mark a PENDING record DISCARDED (it will never run).
+
+        Raises :class:`KeyError` for an unknown ``id`` and
+        :class:`QuarantineStateError` if it is not PENDING. The payload is
+        kept for audit.
+        """
+        return self._transition(id, QuarantineStatus.DISCARDED, None, None)
+
+    def stats(self) -> dict[str, Any]:
+        """Return ``{"path", "total", "by_status": {status: count}}`` (all statuses present)."""
+        by_status = {s.value: 0 for s in QuarantineStatus}
+        with self._read("stats") as conn:
+            rows = conn.execute("SELECT status, COUNT(*) FROM quarantine GROUP BY status").fetchall()
+        for status, n in rows:
+            by_status[str(status)] = int(n)
+        return {"path": self._path, "total": sum(by_status.values()), "by_status": by_status}
+
+    def close(self) -> None:
+        """Close the database connection; calling it again does nothing.
+
+        Later calls to other methods raise :class:`QuarantineStoreError`.
+        """
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> QuarantineStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<QuarantineStore {self._path!r} {state}>"

@@ -1,0 +1,311 @@
+"""The router: places tokens in worker mailboxes by weight class, or queues them.
+
+All state here is guarded by ``Router.lock`` (the routing lock). Workers read
+their own mailbox without it (a deque pop is atomic), and the load estimate
+``routed - finished`` is read racily on purpose: it only steers placement.
+
+Placement for a token of class *w* (see :mod:`tokengate.topology`):
+
+1. if a policy pinned it to a domain, only that domain's usable workers count;
+2. otherwise walk *w*'s domains in preference order; within a domain a
+   staggered position spreads ties over its active workers; the first idle
+   worker wins (front/back fill), else the least-loaded worker whose mailbox
+   has room;
+3. if every usable mailbox is full (or admission is paused) the token waits
+   in *w*'s pending queue (or its pinned domain's queue) in FIFO order;
+   workers pull from those queues when their mailbox runs dry. Past
+   ``max_pending`` the call is refused with ``Overloaded``.
+
+Cost per token is a handful of integer comparisons per usable worker,
+independent of how many tokens are queued.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import TYPE_CHECKING, Any, Deque
+
+from .errors import Overloaded
+from .states import TokenState
+from .tags import WEIGHTS
+from .topology import RoutingTable
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from .coordinator import OperationsCoordinator
+    from .token import TaskToken
+
+__all__ = ["Router", "Core"]
+
+_WAITING = TokenState.WAITING
+_ADMITTED = TokenState.ADMITTED
+_ENTRY = frozenset({TokenState.CREATED, TokenState.WAITING})
+_perf = time.perf_counter
+
+# Where a WAITING token sits, so a kill or timeout can fix the pending counts.
+NOWHERE, IN_PENDING, IN_CORE_PENDING, IN_HELD, IN_POLICY = 0, 1, 2, 3, 4
+
+
+class Core:
+    """A worker domain: its workers, active pattern, position counter and routed counts."""
+
+    __slots__ = ("core_id", "workers", "active", "position", "routed", "usable", "pending")
+
+    def __init__(self, core_id: int, workers: list[Worker]) -> None:
+        self.core_id = core_id
+        self.workers = workers
+        self.active = len(workers)  # the "pattern": how many workers take new tokens
+        self.position = 0
+        self.routed: dict[str, int] = {w: 0 for w in WEIGHTS}
+        self.usable: dict[str, list[Worker]] = {}
+        self.pending: Deque[TaskToken[Any]] = collections.deque()  # tokens pinned here, waiting
+
+
+class Router:
+    """Routing state of one coordinator (cores, pending queues, holds)."""
+
+    def __init__(self, coordinator: OperationsCoordinator, table: RoutingTable, mailbox_size: int, max_pending: int):
+        import threading
+
+        self.coordinator = coordinator
+        self.table = table
+        self.mailbox_size = mailbox_size
+        self.max_pending = max_pending
+        self.lock = threading.Lock()  # the routing lock: guards everything below
+        self.cores: dict[int, Core] = {}
+        for c in range(1, table.num_cores + 1):
+            self.cores[c] = Core(c, [Worker(coordinator, c, i) for i in range(table.workers_per_core)])
+        self.class_cores: dict[str, list[Core]] = {w: [self.cores[c] for c in table.allowed[w]] for w in WEIGHTS}
+        self.pending: dict[str, Deque[TaskToken[Any]]] = {w: collections.deque() for w in WEIGHTS}
+        self.pending_count: dict[str, int] = {w: 0 for w in WEIGHTS}
+        self.pending_total = 0
+        self.peak_pending = 0
+        self.held: dict[str, Deque[TaskToken[Any]]] = {}
+        self.paused = False
+        self.paused_ops: set[str] = set()
+        self._rebuild()
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [w for core in self.cores.values() for w in core.workers]
+
+    def _rebuild(self) -> None:
+        """Recompute usable workers after a pattern change. Caller holds the lock (or is __init__)."""
+        table = self.table
+        for core in self.cores.values():
+            active = core.workers[: core.active]
+            for w in WEIGHTS:
+                low = 0 if w in table.owners[core.core_id] else min(table.reserve, len(core.workers))
+                usable = active[low:]
+                if not usable and w in table.owners[core.core_id]:
+                    usable = active[:1]
+                core.usable[w] = usable
+        for core in self.cores.values():
+            for worker in core.workers:
+                owners = [w for w in WEIGHTS if w in table.owners[core.core_id] and worker in core.usable[w]]
+                others = [
+                    w for w in WEIGHTS
+                    if w not in owners and core.core_id in table.allowed[w] and worker in core.usable[w]
+                ]
+                worker.classes = tuple(owners + others)
+
+    def set_active(self, core_id: int, active: int) -> None:
+        """Set how many workers of *core_id* take new tokens (1..workers_per_core)."""
+        with self.lock:
+            core = self.cores[core_id]
+            core.active = max(1, min(active, len(core.workers)))
+            self._rebuild()
+        for worker in self.cores[core_id].workers:
+            worker.wake()
+
+    # -- placement (caller holds the lock) -----------------------------------
+
+    def choose(self, weight: str, pin: int | None) -> Worker | None:
+        cap = self.mailbox_size
+        best: Worker | None = None
+        best_core: Core | None = None
+        best_load = 1 << 62
+        cores = self.class_cores[weight] if pin is None else [self.cores[pin]]
+        for core in cores:
+            usable = core.usable[weight]
+            if pin is not None and not usable:
+                usable = core.workers[: core.active]
+            n = len(usable)
+            start = core.position
+            for i in range(n):
+                worker = usable[(start + i) % n]
+                load = worker.routed - worker.finished
+                if load <= 0:
+                    core.position = start + i + 1
+                    return worker
+                if load < best_load and len(worker.mailbox) < cap:
+                    best, best_core, best_load = worker, core, load
+        if best_core is not None:
+            best_core.position += 1
+        return best
+
+    def place(self, token: TaskToken[Any], worker: Worker) -> bool:
+        """Put *token* in *worker*'s mailbox (→ ADMITTED). False if the token was settled meanwhile."""
+        if not token._transition(_ADMITTED, _ENTRY):
+            return False
+        token.admitted_at = _perf()
+        core_id = worker.core_id
+        token.core_id = core_id
+        core = self.cores[core_id]
+        core.routed[token.weight] += 1
+        worker.routed += 1
+        worker.mailbox.append(token)
+        if worker.idle:
+            worker.idle = False
+            worker.wake()
+        return True
+
+    def enqueue_pending(self, token: TaskToken[Any], pin: int | None, *, refuse: bool) -> None:
+        """Queue *token* as WAITING; raise Overloaded past max_pending when *refuse*."""
+        weight = token.weight
+        count = self.pending_count[weight]
+        if refuse and count >= self.max_pending:
+            raise Overloaded(
+                f"{weight} pending queue is full ({count} of max_pending={self.max_pending}); "
+                "retry later, or raise max_pending / add workers",
+                operation_type=token.operation_type,
+                weight=weight,
+                pending=count,
+                limit=self.max_pending,
+            )
+        if token._state is not _WAITING:
+            token._force_transition(_WAITING)
+        if pin is None:
+            self.pending[weight].append(token)
+            token._where = IN_PENDING
+        else:
+            token.core_id = pin
+            self.cores[pin].pending.append(token)
+            token._where = IN_CORE_PENDING
+        self.pending_count[weight] = count + 1
+        self.pending_total += 1
+        if self.pending_total > self.peak_pending:
+            self.peak_pending = self.pending_total
+
+    def forget_waiting(self, token: TaskToken[Any]) -> None:
+        """Fix counts for a WAITING token that was just killed or timed out. Caller holds the lock."""
+        where = token._where
+        if where in (IN_PENDING, IN_CORE_PENDING):
+            self.pending_count[token.weight] -= 1
+            self.pending_total -= 1
+        elif where == IN_HELD:
+            held = self.held.get(token.operation_type)
+            if held is not None:
+                try:
+                    held.remove(token)
+                except ValueError:
+                    pass
+        token._where = NOWHERE
+
+    def route(self, token: TaskToken[Any], pin: int | None, *, refuse: bool) -> Worker | None:
+        """Place or queue *token*; return the worker it went to (None if it waits)."""
+        op = token.operation_type
+        if op in self.paused_ops:
+            if token._state is not _WAITING:
+                token._force_transition(_WAITING)
+            self.held.setdefault(op, collections.deque()).append(token)
+            token._where = IN_HELD
+            return None
+        if self.paused or (pin is None and self.pending_count[token.weight]):
+            self.enqueue_pending(token, pin, refuse=refuse)
+            return None
+        if pin is not None and self.cores[pin].pending:
+            self.enqueue_pending(token, pin, refuse=refuse)
+            return None
+        worker = self.choose(token.weight, pin)
+        if worker is None:
+            self.enqueue_pending(token, pin, refuse=refuse)
+            return None
+        self.place(token, worker)
+        return worker
+
+    def take_pending(self, worker: Worker, batch: int) -> list[TaskToken[Any]]:
+        """Move up to *batch* waiting tokens into *worker*'s mailbox. Caller holds the lock."""
+        placed: list[TaskToken[Any]] = []
+        if self.paused:
+            return placed
+        core = self.cores[worker.core_id]
+        sources: list[Deque[TaskToken[Any]]] = []
+        if core.pending and worker in core.workers[: core.active]:
+            sources.append(core.pending)
+        for weight in worker.classes:
+            if self.pending_count[weight]:
+                sources.append(self.pending[weight])
+        for queue in sources:
+            while queue and len(placed) < batch:
+                token = queue.popleft()
+                if token._state is not _WAITING or token._where == NOWHERE:
+                    continue  # killed or timed out while waiting: already uncounted
+                self.pending_count[token.weight] -= 1
+                self.pending_total -= 1
+                token._where = NOWHERE
+                if self.place(token, worker):
+                    placed.append(token)
+            if len(placed) >= batch:
+                break
+        return placed
+
+    def release_held(self, operation_type: str) -> list[TaskToken[Any]]:
+        """Take the tokens held for a paused operation. Caller holds the lock."""
+        held = self.held.pop(operation_type, None)
+        if not held:
+            return []
+        out = []
+        for token in held:
+            if token._state is _WAITING:
+                token._where = NOWHERE
+                out.append(token)
+        return out
+
+    # -- inspection ------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        cores = []
+        for core in self.cores.values():
+            workers = []
+            for w in core.workers:
+                running = w.current
+                workers.append(
+                    {
+                        "worker_id": w.worker_id,
+                        "index": w.index,
+                        "active": w.index < core.active,
+                        "queue_depth": len(w.mailbox),
+                        "busy": running is not None,
+                        "running_operation": running.operation_type if running is not None else None,
+                        "executed": w.executed,
+                        "busy_time": round(w.busy_time, 6),
+                        "classes": list(w.classes),
+                        "alive": bool(w.thread is not None and w.thread.is_alive()),
+                    }
+                )
+            cores.append(
+                {
+                    "core_id": core.core_id,
+                    "owners": sorted(self.table.owners[core.core_id]),
+                    "active_workers": core.active,
+                    "queue_depth": sum(len(w.mailbox) for w in core.workers),
+                    "pinned_pending": len(core.pending),
+                    "busy_workers": sum(1 for w in core.workers if w.current is not None),
+                    "routed": dict(core.routed),
+                    "routed_total": sum(core.routed.values()),
+                    "workers": workers,
+                }
+            )
+        return {
+            "cores": cores,
+            "pending": dict(self.pending_count),
+            "pending_total": self.pending_total,
+            "peak_pending": self.peak_pending,
+            "held": {op: len(q) for op, q in self.held.items() if q},
+            "paused": self.paused,
+            "paused_operations": sorted(self.paused_ops),
+            "mailbox_size": self.mailbox_size,
+            "max_pending": self.max_pending,
+        }

@@ -1,0 +1,100 @@
+"""Declared tags: what ``task_token_guard(tags={...})`` accepts, and who owns each key.
+
+Every subsystem declares the tag keys it understands with :func:`declare_tag`
+when its module is imported (the core declares ``weight`` and ``timeout``).
+The decorator validates a function's tags against these declarations at
+decoration time, so a typo fails at import with a message that names the key
+and suggests the closest one, instead of being silently ignored at run time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigurationError
+
+__all__ = ["TagSpec", "declare_tag", "declared_tags", "validate_tags", "WEIGHTS", "parse_weight"]
+
+WEIGHTS = ("heavy", "medium", "light")
+
+
+@dataclass(frozen=True)
+class TagSpec:
+    """One declared tag key.
+
+    ``parse`` receives the raw value and returns the normalized one, or raises
+    ``ConfigurationError`` with a message that names the value and the fix.
+    """
+
+    name: str
+    owner: str
+    parse: Callable[[Any], Any]
+    doc: str
+
+
+_DECLARED: dict[str, TagSpec] = {}
+
+
+def declare_tag(name: str, owner: str, parse: Callable[[Any], Any], doc: str) -> TagSpec:
+    """Declare a tag key. Idempotent for the same owner; a clash between owners is a bug."""
+    existing = _DECLARED.get(name)
+    if existing is not None and existing.owner != owner:
+        raise ConfigurationError(f"tag {name!r} is already declared by {existing.owner!r}")
+    spec = TagSpec(name, owner, parse, doc)
+    _DECLARED[name] = spec
+    return spec
+
+
+def declared_tags() -> Mapping[str, TagSpec]:
+    """All declared tag keys, by name."""
+    return dict(_DECLARED)
+
+
+def validate_tags(tags: Mapping[str, Any] | None, *, where: str) -> dict[str, Any]:
+    """Return normalized tags; raise ConfigurationError on an unknown key or bad value."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping):
+        raise ConfigurationError(f"{where}: tags must be a dict, got {type(tags).__name__} {tags!r}")
+    out: dict[str, Any] = {}
+    for key, value in tags.items():
+        if not isinstance(key, str):
+            raise ConfigurationError(f"{where}: tag keys must be strings, got {key!r}")
+        spec = _DECLARED.get(key)
+        if spec is None:
+            close = difflib.get_close_matches(key, list(_DECLARED), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            known = ", ".join(sorted(_DECLARED))
+            raise ConfigurationError(f"{where}: unknown tag {key!r}{hint} (known tags: {known})")
+        try:
+            out[key] = spec.parse(value)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}: tag {key!r}: {exc}") from None
+    return out
+
+
+def parse_weight(value: Any) -> str:
+    """``heavy`` | ``medium`` | ``light``, case-insensitive."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"weight must be a string, one of {', '.join(WEIGHTS)}; got {value!r}")
+    normalized = value.strip().lower()
+    if normalized not in WEIGHTS:
+        raise ConfigurationError(f"unknown weight {value!r}; use one of {', '.join(WEIGHTS)}")
+    return normalized
+
+
+def parse_seconds(value: Any) -> float:
+    """A positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"expected a number of seconds, got {type(value).__name__} {value!r}")
+    seconds = float(value)
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ConfigurationError(f"expected a positive, finite number of seconds, got {value!r}")
+    return seconds
+
+
+declare_tag("weight", "core", parse_weight, "weight class: heavy | medium | light (default: inferred from complexity)")
+declare_tag("timeout", "core", parse_seconds, "seconds before the token settles as TIMEOUT")

@@ -1,0 +1,394 @@
+"""``TaskToken``: the handle a decorated call returns at once.
+
+A token is an :class:`asyncio.Future` (so ``await token`` and
+``asyncio.gather(*tokens)`` cost no wrapper task) plus a small, explicit state
+machine (:mod:`tokengate.states`). Two views exist and are kept apart on
+purpose:
+
+* the *awaiter view* (the future): done when the outcome is known to awaiters,
+  or when the awaiting task was cancelled;
+* the *token view* (``state``): where the call really is. A token whose
+  awaiter went away while it was running keeps ``EXECUTING`` until the function
+  returns, then records ``COMPLETED``/``FAILED`` honestly.
+
+Threads meet here in three places only, each commented: the state lock taken
+by every transition, the settle-waiter list used by ``get()`` and by awaiters
+on a foreign loop, and ``cancel()`` called by asyncio when an awaiting task is
+cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, TypeVar
+
+from .errors import InvalidTransition, TokenKilled, WouldDeadlock
+from .states import TRANSITIONS, TokenState
+
+if TYPE_CHECKING:
+    from .coordinator import OperationsCoordinator
+    from .decorator import GuardedFunction
+
+__all__ = ["TaskToken"]
+
+R = TypeVar("R")
+
+_S = TokenState
+_ids = itertools.count(1)  # process-wide, so ids never collide across coordinators
+
+# Guards TaskToken._waiters on every token: registration by get()/foreign
+# awaiters and the one-time swap to _SETTLED when the token settles.
+_WAITERS_LOCK = threading.Lock()
+_SETTLED: list[Callable[[], None]] = []  # sentinel: "already settled, call nothing"
+
+_future_init = asyncio.Future.__init__
+_future_await = asyncio.Future.__await__
+_future_cancel = asyncio.Future.cancel
+_future_set_result = asyncio.Future.set_result
+_future_set_exception = asyncio.Future.set_exception
+
+
+class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
+    """The awaitable handle of one call of a decorated function.
+
+    Calling a decorated function submits the call at once and returns its
+    token; awaiting only waits. These two are equivalent, except that the
+    second does not block the event loop::
+
+        resize.__wrapped__(data, 200)      # the plain function, run inline
+        await resize(data, 200)            # the guarded call, run on a worker thread
+
+    The function's own exception propagates unchanged from ``await token`` and
+    ``token.get()``. Refusals raise :class:`~tokengate.errors.TokenKilled`,
+    :class:`~tokengate.errors.TokenTimeout` or a
+    :class:`~tokengate.errors.Rejected` subclass.
+
+    Cancelling the task that awaits a token that has not started kills the
+    token, so no work is wasted when a client goes away. Wrap it in
+    ``asyncio.shield(token)`` to let it run anyway. A token that is already
+    executing cannot be interrupted: the awaiter is released at once and the
+    thread finishes the call.
+
+    Once settled, a token holds no reference to its function's arguments.
+
+    Thread: create and settle through the coordinator only; ``await`` from any
+    event loop; ``get()`` from any thread except the coordinator's loop thread.
+    """
+
+    __slots__ = (
+        "_seq",
+        "_coordinator",
+        "_guarded",
+        "_args",
+        "_kwargs",
+        "_context",
+        "_state",
+        "_outcome",
+        "_is_error",
+        "_waiters",
+        "_finalized",
+        "tags",
+        "operation_type",
+        "weight",
+        "core_id",
+        "worker_id",
+        "attempt",
+        "created_at",
+        "admitted_at",
+        "started_at",
+        "finished_at",
+        "settled_at",
+        "kill_reason",
+        "timer",
+        "policy_data",
+        "_where",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        coordinator: OperationsCoordinator,
+        guarded: GuardedFunction[..., R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: contextvars.Context,
+    ) -> None:
+        _future_init(self, loop=loop)
+        self._seq = next(_ids)
+        self._coordinator = coordinator
+        self._guarded: GuardedFunction[..., R] | None = guarded
+        self._args: tuple[Any, ...] | None = args
+        self._kwargs: dict[str, Any] | None = kwargs
+        self._context: contextvars.Context | None = context
+        self._state = _S.CREATED
+        self._outcome: Any = None
+        self._is_error = False
+        self._waiters: list[Callable[[], None]] | None = None
+        self._finalized = False
+        self.tags = guarded.tags
+        self.operation_type = guarded.operation_type
+        self.weight = guarded.weight
+        self.core_id: int | None = None
+        self.worker_id: str | None = None
+        self.attempt = 1
+        self.created_at = time.perf_counter()
+        self.admitted_at: float | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.settled_at: float | None = None
+        self.kill_reason: str | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        # Per-token scratch space for policies (routing keys, tier slots...).
+        self.policy_data: dict[str, Any] | None = None
+        self._where = 0  # where a WAITING token sits (see routing.py)
+
+    # -- identity and state -------------------------------------------------
+
+    @property
+    def token_id(self) -> str:
+        """A process-unique id (decimal string), stable for the token's life."""
+        return str(self._seq)
+
+    @property
+    def state(self) -> TokenState:
+        """The token's current lifecycle state."""
+        return self._state
+
+    @property
+    def settled(self) -> bool:
+        """True once the token reached a terminal state."""
+        return self._state in _TERMINAL
+
+    @property
+    def args(self) -> tuple[Any, ...] | None:
+        """The call's positional arguments; ``None`` once settled."""
+        return self._args
+
+    @property
+    def kwargs(self) -> dict[str, Any] | None:
+        """The call's keyword arguments; ``None`` once settled."""
+        return self._kwargs
+
+    @property
+    def guarded(self) -> GuardedFunction[..., R] | None:
+        """The decorated function this token calls; ``None`` once settled."""
+        return self._guarded
+
+    def _transition(self, new: TokenState, expected: frozenset[TokenState] | None = None) -> bool:
+        """Move to *new* if the table allows it; return False if it does not.
+
+        Thread: any. The state lock makes check-and-set atomic so a worker's
+        claim (ADMITTED → EXECUTING) and a kill never both succeed.
+        """
+        with self._coordinator._state_lock:
+            old = self._state
+            if new not in TRANSITIONS[old] or (expected is not None and old not in expected):
+                return False
+            self._state = new
+            return True
+
+    def _force_transition(self, new: TokenState) -> None:
+        """Like ``_transition`` but an illegal move is a bug: raise InvalidTransition."""
+        if not self._transition(new):
+            raise InvalidTransition(f"{self._state.name} -> {new.name}: {self!r}")
+
+    # -- the awaiter view ---------------------------------------------------
+
+    def __await__(self) -> Generator[Any, None, R]:
+        # Fast path: awaited on the loop the token is bound to (the caller's).
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is None or running is self.get_loop():
+            return _future_await(self)  # type: ignore[no-any-return]
+        return self._await_from(running).__await__()
+
+    __iter__ = __await__
+
+    async def _await_from(self, loop: asyncio.AbstractEventLoop) -> R:
+        # Awaited from another event loop: bridge through a future of that loop.
+        bridge: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            # Called from whichever thread settles the token.
+            try:
+                loop.call_soon_threadsafe(_set_if_pending, bridge)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+        self._add_waiter(wake)
+        try:
+            await bridge
+        except asyncio.CancelledError:
+            self._coordinator._abandon(self)
+            raise
+        return self._result_now()
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the awaiter view; kill the token if it has not started.
+
+        asyncio calls this when the task awaiting the token is cancelled (for
+        example, the HTTP client went away). A token that has not started is
+        killed so no worker time is wasted; an executing token keeps running
+        and settles honestly, but awaiters are released at once.
+
+        Thread: the token's event loop (as for any asyncio future).
+        """
+        if self.done():
+            return False
+        self._coordinator._abandon(self)
+        return bool(_future_cancel(self, msg))
+
+    def set_result(self, result: Any) -> None:
+        """Not allowed: tokens are settled by their coordinator."""
+        raise InvalidTransition("tokens are settled by their coordinator; set_result() is not available")
+
+    def set_exception(self, exception: Any) -> None:
+        """Not allowed: tokens are settled by their coordinator."""
+        raise InvalidTransition("tokens are settled by their coordinator; set_exception() is not available")
+
+    def _resolve_future(self) -> None:
+        """Copy the settled outcome into the future. Thread: the token's loop."""
+        if self.done():
+            return
+        if self._is_error:
+            _future_set_exception(self, self._outcome)
+        else:
+            _future_set_result(self, self._outcome)
+
+    def _drop_call(self) -> None:
+        """Forget the call's function, arguments and context (the token is settled)."""
+        self._guarded = None
+        self._args = None
+        self._kwargs = None
+        self._context = None
+
+    # -- the blocking view --------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> R:
+        """Block until the token settles and return its result (or raise).
+
+        Raises the function's own exception unchanged, ``TokenKilled``,
+        ``TokenTimeout`` or a ``Rejected`` subclass; raises the builtin
+        ``TimeoutError`` if *timeout* seconds pass first (the token keeps
+        running). Called on a worker thread for a token that has not started
+        yet, the token is run inline on this thread, so a call that waits on
+        its own children cannot deadlock the pool.
+
+        Raises:
+            WouldDeadlock: when called on the event-loop thread that must settle
+                the token; use ``await token`` there.
+        """
+        if self._state not in _TERMINAL:
+            self._coordinator._before_blocking_get(self)
+        if self._waiters is not _SETTLED:
+            event = threading.Event()
+            self._add_waiter(event.set)
+            if not event.wait(timeout):
+                raise TimeoutError(f"token {self.token_id} ({self.operation_type}) did not settle within {timeout}s")
+        return self._result_now()
+
+    def _result_now(self) -> R:
+        if self._is_error:
+            raise self._outcome
+        if self._state is _S.COMPLETED:
+            return self._outcome  # type: ignore[no-any-return]
+        raise TokenKilled(f"token {self.token_id} settled as {self._state.value}", token_id=self.token_id)
+
+    def _add_waiter(self, callback: Callable[[], None]) -> None:
+        with _WAITERS_LOCK:
+            waiters = self._waiters
+            if waiters is not _SETTLED:
+                if waiters is None:
+                    self._waiters = [callback]
+                else:
+                    waiters.append(callback)
+                return
+        callback()  # already settled: call outside the lock
+
+    def _wake_waiters(self) -> None:
+        """Release everyone blocked in get() or awaiting from another loop. Thread: any."""
+        with _WAITERS_LOCK:
+            waiters = self._waiters
+            self._waiters = _SETTLED
+        if waiters:
+            for callback in waiters:
+                callback()
+
+    # -- inspection ---------------------------------------------------------
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds from creation until a worker started it (None if it never started)."""
+        if self.started_at is None:
+            return None
+        return self.started_at - self.created_at
+
+    @property
+    def run_time(self) -> float | None:
+        """Seconds the function ran on its worker (None until it finished)."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot of the token (safe to call from any thread)."""
+        now_perf = time.perf_counter()
+        offset = time.time() - now_perf
+
+        def wall(t: float | None) -> float | None:
+            return None if t is None else round(t + offset, 6)
+
+        return {
+            "token_id": self.token_id,
+            "operation_type": self.operation_type,
+            "state": self._state.value,
+            "weight": self.weight,
+            "core_id": self.core_id,
+            "worker_id": self.worker_id,
+            "attempt": self.attempt,
+            "created_at": wall(self.created_at),
+            "admitted_at": wall(self.admitted_at),
+            "started_at": wall(self.started_at),
+            "finished_at": wall(self.finished_at),
+            "queue_wait": self.queue_wait,
+            "run_time": self.run_time,
+            "age": now_perf - self.created_at,
+            "kill_reason": self.kill_reason,
+            "error": None if not self._is_error else f"{type(self._outcome).__name__}: {self._outcome}",
+            "tags": {k: _jsonable(v) for k, v in self.tags.items()},
+        }
+
+    def __repr__(self) -> str:
+        where = f" core={self.core_id}" if self.core_id is not None else ""
+        return f"<TaskToken {self.operation_type}#{self._seq} {self._state.name}{where} attempt={self.attempt}>"
+
+    # Future subclasses would otherwise compare by identity anyway; keep hashing cheap.
+    __hash__ = object.__hash__
+
+
+_TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+
+
+def _set_if_pending(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "value") and isinstance(getattr(value, "value"), str):
+        return value.value
+    if isinstance(value, type):
+        return value.__qualname__
+    return repr(value)

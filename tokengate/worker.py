@@ -1,0 +1,182 @@
+"""A worker: one real thread that owns one bounded FIFO mailbox.
+
+This module and ``OperationsCoordinator._complete`` / ``_drain_done`` are the
+only places where worker threads and the event loop meet:
+
+* a router (any thread, under the coordinator's routing lock) appends a token
+  to ``mailbox`` and, if the worker is parked, wakes it;
+* the worker pops tokens, claims each one (ADMITTED → EXECUTING, atomic under
+  the state lock so a concurrent kill and a claim never both win), runs the
+  function in a copy of the caller's context, and hands the finished token to
+  ``coordinator._complete``, which batches completions back to the loop.
+
+Counters ``routed`` (written under the routing lock) and ``finished`` (written
+only by this worker's thread) are single-writer, so ``routed - finished`` is a
+lock-free load estimate for the router.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Deque
+
+from . import current
+from .states import TokenState
+
+if TYPE_CHECKING:
+    from .coordinator import OperationsCoordinator
+    from .token import TaskToken
+
+__all__ = ["Worker", "run_token"]
+
+logger = logging.getLogger(__name__)
+
+_ADMITTED = TokenState.ADMITTED
+_WAITING = TokenState.WAITING
+_EXECUTING = TokenState.EXECUTING
+_CLAIMABLE = frozenset({_ADMITTED})
+_perf = time.perf_counter
+
+
+def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenState] = _CLAIMABLE) -> bool:
+    """Claim *token* and run it on the calling thread; return False if it could not be claimed.
+
+    Thread: a worker thread (its own, or one running a child inline from ``get()``).
+    """
+    # Read the call before claiming: once claimed, a timeout may settle the
+    # token and drop these references while we still need them.
+    guarded = token._guarded
+    args = token._args
+    kwargs = token._kwargs
+    context = token._context
+    if guarded is None or args is None or kwargs is None or context is None:
+        return False
+    if not token._transition(_EXECUTING, claimable):
+        return False
+    token.worker_id = worker.worker_id
+    token.core_id = worker.core_id
+    local = current._worker_local
+    outer = getattr(local, "token", None)  # set when a parent runs this child inline
+    outer_current = worker.current
+    local.token = token
+    worker.current = token
+    started = token.started_at = _perf()
+    try:
+        token._outcome = context.run(guarded.func, *args, **kwargs)
+        token._is_error = False
+    except BaseException as exc:  # noqa: BLE001 - the function's own error is the outcome
+        # Drop this frame from the traceback: it references the token and would
+        # keep it (and its arguments) alive through a reference cycle.
+        if exc.__traceback__ is not None:
+            exc.__traceback__ = exc.__traceback__.tb_next
+        token._outcome = exc
+        token._is_error = True
+        del exc
+    finished = token.finished_at = _perf()
+    local.token = outer
+    worker.current = outer_current
+    if outer_current is None:  # nested inline runs are already inside the parent's busy time
+        worker.busy_time += finished - started
+    worker.executed += 1
+    del args, kwargs, context, guarded
+    token._coordinator._complete(token)
+    return True
+
+
+class Worker:
+    """One thread of a worker domain (a "core"), with its bounded mailbox."""
+
+    __slots__ = (
+        "coordinator",
+        "core_id",
+        "index",
+        "worker_id",
+        "mailbox",
+        "routed",
+        "finished",
+        "executed",
+        "busy_time",
+        "idle",
+        "current",
+        "stopping",
+        "classes",
+        "_park",
+        "thread",
+    )
+
+    def __init__(self, coordinator: OperationsCoordinator, core_id: int, index: int) -> None:
+        self.coordinator = coordinator
+        self.core_id = core_id
+        self.index = index
+        self.worker_id = f"core{core_id}-w{index}"
+        self.mailbox: Deque[TaskToken[Any]] = collections.deque()
+        self.routed = 0  # tokens placed in the mailbox; written under the routing lock
+        self.finished = 0  # tokens popped and done with; written by this thread only
+        self.executed = 0
+        self.busy_time = 0.0
+        self.idle = False
+        self.current: TaskToken[Any] | None = None
+        self.stopping = False
+        # Weight classes this worker may take from pending queues, owners first.
+        self.classes: tuple[str, ...] = ()
+        # A lock used as a binary "wake-up" signal: held while the worker may park.
+        self._park = threading.Lock()
+        self._park.acquire()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def load(self) -> int:
+        """Tokens in the mailbox plus the one executing (a racy but monotone-safe estimate)."""
+        return self.routed - self.finished
+
+    def start(self, name_prefix: str) -> None:
+        self.thread = threading.Thread(target=self._main, name=f"{name_prefix}-{self.worker_id}", daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        """Unpark the worker if it is parked. Thread: any."""
+        try:
+            self._park.release()
+        except RuntimeError:  # already released: a wake-up is pending anyway
+            pass
+
+    def _main(self) -> None:
+        current.bind_worker_thread(self.coordinator)
+        current._worker_local.worker = self
+        # Worker threads start from an empty context; each call runs in a copy
+        # of its caller's context (see run_token).
+        contextvars.Context().run(self._loop)
+
+    def _loop(self) -> None:
+        coordinator = self.coordinator
+        mailbox = self.mailbox
+        pop = mailbox.popleft
+        refill = coordinator._refill
+        while True:
+            try:
+                token = pop()
+            except IndexError:
+                if refill(self):
+                    continue
+                if self.stopping:
+                    return
+                # Park. Set `idle` before re-checking the mailbox: a router that
+                # appends and then reads idle == False is guaranteed we will see
+                # its token in this re-check (see the module docstring).
+                self.idle = True
+                if mailbox or self.stopping:
+                    self.idle = False
+                    continue
+                self._park.acquire()
+                self.idle = False
+                continue
+            try:
+                run_token(token, self)
+            except BaseException:  # pragma: no cover - run_token contains user errors itself
+                logger.exception("worker %s: internal error while running %r", self.worker_id, token)
+            self.finished += 1
+            del token
