@@ -107,6 +107,12 @@ class BrokenTz(datetime.tzinfo):
     def utcoffset(self, dt: datetime.datetime | None) -> datetime.timedelta:
         raise RuntimeError("tz")
 
+    def dst(self, dt: datetime.datetime | None) -> datetime.timedelta:
+        raise RuntimeError("tz")
+
+    def tzname(self, dt: datetime.datetime | None) -> str:
+        raise RuntimeError("tz")
+
 
 class Colour(enum.Enum):
     RED = 1
@@ -232,6 +238,15 @@ def test_recursion_markers() -> None:
     assert key == ("<deep>", "list")
 
 
+def test_shared_dag_is_summarised_and_cheap_to_hash() -> None:
+    key = make_hashable(_shared_dag(60))
+    assert key == ("<large>", "list", 2)
+    hash(key)
+    wide = [[i] for i in range(20_000)]  # more than the node budget
+    assert make_hashable(wide) == ("<large>", "list", 20_000)
+    assert make_hashable(wide[:100]) == ("list", tuple(("list", (i,)) for i in range(100)))
+
+
 def test_failing_nodes_fall_back_to_identity() -> None:
     bad = LenRaises()
     assert make_hashable(bad) == ("LenRaises", id(bad))
@@ -255,6 +270,13 @@ def test_dict_insertion_order_does_not_matter() -> None:
     second = {3: "mixed key types", "a": {"x": 2, "y": 1}, "b": [1, 2]}
     assert make_hashable(first) == make_hashable(second)
     assert fast_make_hashable(first) == fast_make_hashable(second)
+
+
+def test_dict_with_partially_ordered_keys_is_order_independent() -> None:
+    keys = [frozenset({1}), frozenset({2}), frozenset({1, 2}), (1, "a"), None]
+    first = {k: i for i, k in enumerate(keys)}
+    second = {k: first[k] for k in reversed(keys)}
+    assert make_hashable(first) == make_hashable(second)
 
 
 def test_kwargs_order_does_not_matter() -> None:
@@ -331,7 +353,7 @@ def test_shape_and_dtype_duck_type() -> None:
         shape = (2, 3)
         dtype = "f4"
 
-    assert make_hashable(Arrayish()) == ("Arrayish", (2, 3), "f4")
+    assert make_hashable(Arrayish()) == (Arrayish.__qualname__, (2, 3), "f4")
 
 
 def test_unknown_type_handler_is_cached() -> None:

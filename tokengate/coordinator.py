@@ -176,26 +176,28 @@ class OperationsCoordinator:
         self.policies: tuple[Policy, ...] = tuple(policy_list)
         self.routing = routing_table(cores, workers_per_core, bulkhead_reserve)
         self._router = Router(self, self.routing, mailbox_size, max_pending)
-        self._refill_batch = max(1, mailbox_size // 4)
+        self._refill_batch = max(1, mailbox_size // 2)
         # Guards every token's state field (see TaskToken._transition). Always
         # taken after, never before, the routing lock.
         self._state_lock = threading.Lock()
         self._phase = "new"
         self._gate_open = True
+        self._accepting = False  # phase == running and gate open: the one check on the hot path
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
         self._own_thread: threading.Thread | None = None
         self._plans: dict[int, _Plan] = {}
         self._live: dict[int, TaskToken[Any]] = {}
         # Completed tokens on their way back to the loop, and whether a drain is scheduled.
-        self._done: Deque[TaskToken[Any]] = collections.deque()
+        # (token, outcome, is_error); is_error None means "already settled elsewhere".
+        self._done: Deque[tuple[TaskToken[Any], Any, bool | None]] = collections.deque()
         self._drain_scheduled = False
         self._accepted = 0  # written under the routing lock
         self._settled = 0  # written on the loop thread only
         self._rejected = 0  # written under the routing lock
         self._retries = 0
         self._abandoned = 0
-        self._by_state: dict[str, int] = {s.value: 0 for s in TERMINAL_STATES}
+        self._by_state: dict[TokenState, int] = {s: 0 for s in TERMINAL_STATES}
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._queue_wait = Reservoir(reservoir_size)
         self._run_time = Reservoir(reservoir_size)
@@ -277,6 +279,7 @@ class OperationsCoordinator:
         for p in self.policies:
             p.on_start(self)
         self._phase = "running"
+        self._accepting = self._gate_open
         current.push(self)
         logger.info(
             "coordinator %s started (%s): %d cores x %d workers",
@@ -348,6 +351,7 @@ class OperationsCoordinator:
                 await asyncio.sleep(0.005)
             return
         self._phase = "stopping"
+        self._accepting = False
         grace = self.stop_timeout if timeout is None else max(0.0, float(timeout))
         # Graceful means queued work finishes: lift pauses so nothing waits forever.
         self._resume_all()
@@ -397,22 +401,11 @@ class OperationsCoordinator:
             GateClosed: while draining or stopping.
             Overloaded, OperationBlocked, TokenQuarantined: refused by admission or a policy.
         """
-        if self._phase != "running":
-            if self._phase == "stopping":
-                raise GateClosed(f"coordinator {self.name!r} is stopping; no new calls are accepted",
-                                 operation_type=guarded.operation_type)
-            raise CoordinatorNotRunning(
-                f"coordinator {self.name!r} is {self._phase}; start it before calling {guarded.qualname}()")
-        if not self._gate_open:
-            raise GateClosed(
-                f"coordinator {self.name!r} is draining; {guarded.operation_type!r} refused "
-                "(call resume() to reopen the gate)", operation_type=guarded.operation_type)
+        if not self._accepting:
+            raise self._gate_refusal(guarded)
         loop = _get_running_loop() or self._loop
-        assert loop is not None
-        token: TaskToken[Any] = TaskToken(loop, self, guarded, args, kwargs, _copy_context())
-        plan = self._plans.get(id(guarded))
-        if plan is None:
-            plan = self._plan_for(guarded)
+        token: TaskToken[Any] = TaskToken(loop, self, guarded, args, kwargs, _copy_context())  # type: ignore[arg-type]
+        plan = self._plans.get(id(guarded)) or self._plan_for(guarded)
         if plan.before_submit:
             for p in plan.before_submit:
                 try:
@@ -422,10 +415,41 @@ class OperationsCoordinator:
                     raise
                 except Exception:
                     logger.exception("policy %s failed in before_submit; call admitted anyway", p.name)
-        self._admit(token, plan, refuse=True)
+        if plan.admit or plan.pick_core or plan.on_routed or plan.on_settle:
+            self._admit(token, plan, refuse=True)
+        else:
+            # Fast path: no policy takes part in admission or routing.
+            router = self._router
+            refusal: Rejected | None = None
+            with router.lock:
+                try:
+                    router.route(token, None, refuse=True)
+                except Rejected as exc:
+                    self._rejected += 1
+                    refusal = exc
+                else:
+                    self._accepted += 1
+                    self._live[token._seq] = token
+            if refusal is not None:
+                token._state = _S.REJECTED  # still private to this thread: no lock needed
+                token._outcome, token._is_error = refusal, True
+                token._drop_call()
+                token._finalized = True
+                raise refusal
         if guarded.timeout is not None:
             self._arm_timeout(token, guarded.timeout)
         return token
+
+    def _gate_refusal(self, guarded: GuardedFunction[..., Any]) -> Exception:
+        if self._phase == "running":
+            return GateClosed(
+                f"coordinator {self.name!r} is draining; {guarded.operation_type!r} refused "
+                "(call resume() to reopen the gate)", operation_type=guarded.operation_type)
+        if self._phase == "stopping":
+            return GateClosed(f"coordinator {self.name!r} is stopping; no new calls are accepted",
+                              operation_type=guarded.operation_type)
+        return CoordinatorNotRunning(
+            f"coordinator {self.name!r} is {self._phase}; start it before calling {guarded.qualname}()")
 
     def _plan_for(self, guarded: GuardedFunction[..., Any]) -> _Plan:
         plan = _Plan(self.policies, guarded)
@@ -494,6 +518,7 @@ class OperationsCoordinator:
             token._outcome, token._is_error = refusal, True
             self._run_settle_hooks(token, plan)
             token._drop_call()
+            token._finalized = True
             raise refusal
 
     def _refuse_at_submit(self, token: TaskToken[Any], plan: _Plan, exc: Rejected) -> None:
@@ -567,13 +592,13 @@ class OperationsCoordinator:
 
     # -- completion (worker threads → loop) ------------------------------------
 
-    def _complete(self, token: TaskToken[Any]) -> None:
+    def _complete(self, token: TaskToken[Any], outcome: Any = None, is_error: bool | None = None) -> None:
         """A worker finished running *token*. Thread: a worker.
 
         Completions are batched: only the first one after a drain schedules
         another drain, so a burst costs one call_soon_threadsafe, not one per token.
         """
-        self._done.append(token)
+        self._done.append((token, outcome, is_error))
         if not self._drain_scheduled:
             self._drain_scheduled = True
             try:
@@ -597,20 +622,25 @@ class OperationsCoordinator:
         n = 0
         while True:
             try:
-                token = pop()
+                token, outcome, is_error = pop()
             except IndexError:
                 break
             if token._finalized:
-                self._abandoned += 1  # a late completion after a timeout or stop
+                if is_error is not None:
+                    self._abandoned += 1  # a late completion after a timeout or stop
                 continue
-            if token._state is _S.EXECUTING:
+            if token._state is _S.EXECUTING and is_error is not None:
+                token._outcome = outcome
+                token._is_error = is_error
                 plan = self._plans.get(id(token._guarded))
                 if plan is not None and plan.after_run and self._phase == "running":
                     delay = self._after_run(token, plan)
                     if delay is not None and token._transition(_S.WAITING, frozenset({_S.EXECUTING})):
                         self._schedule_retry(token, plan, delay)
                         continue
-                token._transition(_S.FAILED if token._is_error else _S.COMPLETED)
+                # Once EXECUTING, a token's state is changed only on this (the
+                # loop) thread, so no lock is needed for this last move.
+                token._state = _S.FAILED if token._is_error else _S.COMPLETED
             n += 1
             self._finalize(token)
         if n:
@@ -659,25 +689,23 @@ class OperationsCoordinator:
         state = token._state
         token.settled_at = now = _perf()
         self._settled += 1
-        self._by_state[state.value] += 1
-        timer = token.timer
-        if timer is not None:
-            timer.cancel()
+        self._by_state[state] += 1
+        if token.timer is not None:
+            token.timer.cancel()
             token.timer = None
         started = token.started_at
+        finished = token.finished_at
         if started is not None:
-            self._queue_wait.add(started - token.created_at)
-            finished = token.finished_at
-            if finished is not None:
-                self._run_time.add(finished - started)
-        outcome = token._outcome
+            qw = started - token.created_at
+            self._queue_wait.add(qw)
+            rt = None if finished is None else finished - started
+            if rt is not None:
+                self._run_time.add(rt)
+        else:
+            qw = rt = None
         self._history.append((
-            token._seq, token.operation_type, state.value, token.weight,
-            None if started is None else started - token.created_at,
-            None if started is None or token.finished_at is None else token.finished_at - started,
-            token.core_id, token.worker_id, token.attempt, now,
-            type(outcome).__name__ if token._is_error else None,
-            token.policy_data,
+            token._seq, token.operation_type, state, token.weight, qw, rt, token.core_id, token.worker_id,
+            token.attempt, now, type(token._outcome).__name__ if token._is_error else None,
         ))
         guarded = token._guarded
         if guarded is not None:
@@ -685,12 +713,13 @@ class OperationsCoordinator:
             if plan is not None and plan.on_settle:
                 self._run_settle_hooks(token, plan)
         self._live.pop(token._seq, None)
-        token._drop_call()
-        if token.get_loop() is self._loop:
+        token._guarded = token._args = token._kwargs = token._context = None
+        if token._loop is self._loop:
             token._resolve_future()
         else:
             self._resolve_foreign(token)
-        token._wake_waiters()
+        if token._waiters is not None:
+            token._wake_waiters()
         if self._idle_waiters and self._accepted == self._settled:
             for fut in self._idle_waiters:
                 if not fut.done():
@@ -734,6 +763,7 @@ class OperationsCoordinator:
             if token._state is _S.WAITING:
                 self._router.forget_waiting(token)
         run_token(token, worker, _STEALABLE)
+        del token  # see run_token: frames kept by a traceback must not pin the token
 
     # -- control ---------------------------------------------------------------
 
@@ -758,6 +788,7 @@ class OperationsCoordinator:
             if operation_type is None:
                 router.paused = False
                 self._gate_open = True
+                self._accepting = self._phase == "running"
             else:
                 router.paused_ops.discard(operation_type)
                 released = router.release_held(operation_type)
@@ -815,6 +846,7 @@ class OperationsCoordinator:
         if self._phase != "running":
             return DrainReport(self._phase == "stopped", 0, self.inflight, 0.0)
         self._gate_open = False
+        self._accepting = False
         logger.warning("coordinator %s: draining (%d in flight)", self.name, self.inflight)
         before = self._settled
         start = _perf()
@@ -949,9 +981,9 @@ class OperationsCoordinator:
     # -- statistics ---------------------------------------------------------------
 
     def _record(self, row: tuple[Any, ...]) -> ExecutionRecord:
-        (seq, op, state, weight, qw, rt, core, worker, attempt, settled, error, _pd) = row
+        (seq, op, state, weight, qw, rt, core, worker, attempt, settled, error) = row
         offset = time.time() - _perf()
-        return ExecutionRecord(str(seq), op, state, state == "completed", weight, qw, rt, core, worker, attempt,
+        return ExecutionRecord(str(seq), op, state.value, state is _S.COMPLETED, weight, qw, rt, core, worker, attempt,
                                round(settled + offset, 6), error, "")
 
     def history(self, limit: int = 100) -> list[ExecutionRecord]:
@@ -985,7 +1017,7 @@ class OperationsCoordinator:
             "waiting": snap["pending_total"] + sum(snap["held"].values()) + held_by_policies,
             "admitted": admitted,
             "executing": executing,
-            **self._by_state,
+            **{s.value: n for s, n in self._by_state.items()},
         }
         routed_by_weight = {w: sum(c["routed"][w] for c in snap["cores"]) for w in WEIGHTS}
         return {

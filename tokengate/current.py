@@ -14,7 +14,7 @@ Starting a coordinator pushes it; stopping it removes it, so the previous one
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .coordinator import OperationsCoordinator
@@ -23,7 +23,15 @@ __all__ = ["current_coordinator", "for_this_thread"]
 
 _stack: list[OperationsCoordinator] = []
 _stack_lock = threading.Lock()  # guards _stack (push/remove from any thread)
-_worker_local = threading.local()  # .coordinator is set on worker threads
+class _WorkerLocal(threading.local):
+    # Class-level defaults make a miss on non-worker threads a cheap attribute
+    # read instead of an AttributeError raised and caught inside getattr().
+    coordinator: "OperationsCoordinator | None" = None
+    worker: Any = None
+    token: Any = None
+
+
+_worker_local = _WorkerLocal()  # set on worker threads: coordinator, worker, running token
 
 
 def current_coordinator() -> OperationsCoordinator | None:
@@ -32,7 +40,7 @@ def current_coordinator() -> OperationsCoordinator | None:
 
 
 def for_this_thread() -> OperationsCoordinator | None:
-    coordinator: OperationsCoordinator | None = getattr(_worker_local, "coordinator", None)
+    coordinator = _worker_local.coordinator
     if coordinator is not None:
         return coordinator
     stack = _stack

@@ -36,7 +36,10 @@ anything else, or on error    ``(qualname, id(obj))`` -- identity
 ============================  ====================================================
 
 Nesting deeper than 32 levels becomes ``("<deep>", type name)``; a container
-met again inside itself becomes ``("<cycle>", type name)``.
+met again inside itself becomes ``("<cycle>", type name)``.  A value with more
+than 10,000 containers or unknown objects (say, a list shared by reference
+at every level of a deep tree) is summarised as ``("<large>", qualname, len)``,
+which keeps every key cheap to hash.
 
 FAST keeps only the builtin and stdlib rows (exact types) and keys everything
 else by identity, so two distinct but equal custom objects route independently.
@@ -55,6 +58,7 @@ import decimal
 import enum
 import fractions
 import hashlib
+import operator
 import pathlib
 import sys
 import uuid
@@ -76,8 +80,9 @@ def _parse_enum(cls: type[_E], value: object) -> _E:
     if isinstance(value, cls):
         return value
     if isinstance(value, str):
+        wanted = value.strip().lower()
         for member in cls:
-            if member.value == value.strip().lower():
+            if member.value == wanted:
                 return member
     valid = ", ".join(repr(m.value) for m in cls)
     raise ConfigurationError(f"invalid {cls.__name__} {value!r}; expected one of: {valid}")
@@ -126,12 +131,12 @@ def digest(material: str, policy: DigestPolicy = DigestPolicy.FULL) -> str:
 
 
 # --------------------------------------------------------------------------
-# The walker: one per fingerprint call, carrying depth and a memo by id.
+# The walker: one per fingerprinted value, carrying depth, path and a budget.
 
 _MAX_DEPTH = 32
+_MAX_NODES = 10_000  # bounds the key's size, even for DAGs that share sub-lists
 _SMALL_BYTES = 4096
 _CACHE_LIMIT = 1024  # resolved third-party/unknown types cached per table
-_PENDING = object()
 
 _Handler = Callable[[Any, "_Walker"], Hashable]
 
@@ -156,38 +161,54 @@ def _safe_repr(obj: object) -> str:
 
 
 class _Walker:
-    """Converts one value graph; the memo keeps every visited container alive,
-    so ids stay unique, detects cycles, and keeps shared sub-structures linear."""
+    """Converts one value; ``path`` holds the ids of the containers being
+    converted (alive, so ids are unique) to cut cycles."""
 
-    __slots__ = ("table", "resolve", "depth", "memo")
+    __slots__ = ("table", "resolve", "depth", "nodes", "path")
 
     def __init__(self, table: dict[type, _Handler], resolve: Callable[[type], _Handler]):
         self.table = table
         self.resolve = resolve
         self.depth = 0
-        self.memo: dict[int, tuple[object, object]] = {}
+        self.nodes = 0
+        self.path: set[int] = set()
 
     def __call__(self, obj: object) -> Hashable:
         try:  # everything, even the type lookup: a metaclass __hash__ may raise
             tp = type(obj)
             handler = self.table.get(tp)
-            if handler is _same:
-                return obj
+            if handler in _LEAVES:  # no children: skip the bookkeeping below
+                return handler(obj, self)
+            self.nodes += 1
+            if self.nodes > _MAX_NODES:
+                return "<large>"  # discarded: the caller summarises the whole value
             if self.depth >= _MAX_DEPTH:
                 return ("<deep>", _qualname(tp))
-            seen = self.memo.get(id(obj))
-            if seen is not None:
-                return ("<cycle>", _qualname(tp)) if seen[1] is _PENDING else seen[1]
-            self.memo[id(obj)] = (obj, _PENDING)
+            if id(obj) in self.path:
+                return ("<cycle>", _qualname(tp))
+            self.path.add(id(obj))
             self.depth += 1
             try:
-                result = (handler or self.resolve(tp))(obj, self)
+                return (handler or self.resolve(tp))(obj, self)
             finally:
                 self.depth -= 1
+                self.path.discard(id(obj))
         except Exception:
-            result = _identity_key(obj)
-        self.memo[id(obj)] = (obj, result)
-        return result
+            return _identity_key(obj)
+
+
+def _fingerprint(obj: object, table: dict[type, _Handler], resolve: Callable[[type], _Handler]) -> Hashable:
+    try:
+        if type(obj) in _SCALARS:
+            return obj  # hot path: no walker for plain scalars
+        walker = _Walker(table, resolve)
+        key = walker(obj)
+        if walker.nodes <= _MAX_NODES:
+            return key
+        size = len(obj) if isinstance(obj, Sized) else None
+        return ("<large>", _qualname(type(obj)), size)
+    except Exception:  # a metaclass whose __hash__ raises, or a failing __len__
+        return _identity_key(obj)
 
 
 # --------------------------------------------------------------------------
@@ -209,7 +230,10 @@ def _float(obj: float, conv: _Walker) -> Hashable:
 
 def _pairs(items: Iterable[tuple[Any, Any]], conv: _Walker) -> tuple[Hashable, ...]:
     pairs = [(conv(k), conv(v)) for k, v in items]
-    pairs.sort(key=lambda p: _safe_repr(p[0]))  # repr sorts keys of mixed types
+    if all(type(k) is str for k, _ in pairs):
+        pairs.sort(key=operator.itemgetter(0))
+    else:  # the repr orders keys of mixed types; `<` on sets is not a total order
+        pairs.sort(key=lambda p: _safe_repr(p[0]))
     return tuple(pairs)
 
 
@@ -224,6 +248,8 @@ _STDLIB_VALUES: tuple[type, ...] = (
 )  # fmt: skip
 
 _SCALARS: frozenset[type] = frozenset((int, str, bytes, bool, type(None), complex))
+
+_LEAVES: frozenset[_Handler] = frozenset((_same, _checked, _float))
 
 _BASE_TABLE: dict[type, _Handler] = {
     **{tp: _same for tp in _SCALARS},
@@ -324,22 +350,12 @@ def _resolve_fast(tp: type) -> _Handler:
 
 def make_hashable(obj: object) -> Hashable:
     """Return the STANDARD fingerprint of ``obj``: hashable, never raises."""
-    try:
-        if type(obj) in _SCALARS:
-            return obj  # hot path: no walker for plain scalars
-        return _Walker(_STANDARD_TABLE, _resolve_standard)(obj)
-    except Exception:  # only a metaclass whose __hash__ raises gets here
-        return _identity_key(obj)
+    return _fingerprint(obj, _STANDARD_TABLE, _resolve_standard)
 
 
 def fast_make_hashable(obj: object) -> Hashable:
     """Return the FAST fingerprint: builtins and stdlib only, others by identity."""
-    try:
-        if type(obj) in _SCALARS:
-            return obj
-        return _Walker(_FAST_TABLE, _resolve_fast)(obj)
-    except Exception:  # only a metaclass whose __hash__ raises gets here
-        return _identity_key(obj)
+    return _fingerprint(obj, _FAST_TABLE, _resolve_fast)
 
 
 def freeze(obj: object) -> Hashable:
@@ -358,11 +374,8 @@ def args_fingerprint(
     policy = HashPolicy.parse(policy)
     if policy is HashPolicy.NONE:
         return ()
+    conv = fast_make_hashable if policy is HashPolicy.FAST else make_hashable
     try:
-        if policy is HashPolicy.FAST:
-            conv = _Walker(_FAST_TABLE, _resolve_fast)
-        else:
-            conv = _Walker(_STANDARD_TABLE, _resolve_standard)
         names = sorted(kwargs, key=lambda k: k if isinstance(k, str) else _safe_repr(k))
         return (tuple(conv(a) for a in args), tuple((k, conv(kwargs[k])) for k in names))
     except Exception:  # pragma: no cover - e.g. args that are not really a tuple

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["Router", "Core"]
 
 _WAITING = TokenState.WAITING
+_CREATED = TokenState.CREATED
 _ADMITTED = TokenState.ADMITTED
 _ENTRY = frozenset({TokenState.CREATED, TokenState.WAITING})
 _perf = time.perf_counter
@@ -147,7 +148,10 @@ class Router:
 
     def place(self, token: TaskToken[Any], worker: Worker) -> bool:
         """Put *token* in *worker*'s mailbox (→ ADMITTED). False if the token was settled meanwhile."""
-        if not token._transition(_ADMITTED, _ENTRY):
+        if token._state is _CREATED:
+            # Not yet published to any other thread: no kill can race with us.
+            token._state = _ADMITTED
+        elif not token._transition(_ADMITTED, _ENTRY):
             return False
         token.admitted_at = _perf()
         core_id = worker.core_id
@@ -174,7 +178,9 @@ class Router:
                 pending=count,
                 limit=self.max_pending,
             )
-        if token._state is not _WAITING:
+        if token._state is _CREATED:
+            token._state = _WAITING  # still private to the submitting thread
+        elif token._state is not _WAITING:
             token._force_transition(_WAITING)
         if pin is None:
             self.pending[weight].append(token)

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, TypeVar
 
-from .errors import InvalidTransition, TokenKilled, WouldDeadlock
+from .errors import InvalidTransition, TokengateError, TokenKilled, WouldDeadlock
 from .states import TRANSITIONS, TokenState
 
 if TYPE_CHECKING:
@@ -222,6 +222,8 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
                 pass
 
         self._add_waiter(wake)
+        if self._finalized:
+            _set_if_pending(bridge)
         try:
             await bridge
         except asyncio.CancelledError:
@@ -241,8 +243,11 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         """
         if self.done():
             return False
+        # Cancel the future first: the kill below settles the token, and a
+        # settled future must not also get a TokenKilled nobody will retrieve.
+        cancelled = bool(_future_cancel(self, msg))
         self._coordinator._abandon(self)
-        return bool(_future_cancel(self, msg))
+        return cancelled
 
     def set_result(self, result: Any) -> None:
         """Not allowed: tokens are settled by their coordinator."""
@@ -258,6 +263,11 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
             return
         if self._is_error:
             _future_set_exception(self, self._outcome)
+            # asyncio logs "exception was never retrieved" for futures nobody
+            # awaited. Stay quiet when get() (or another loop) is consuming the
+            # outcome, and for tokengate's own refusals, which stats record.
+            if self._waiters is not None or isinstance(self._outcome, TokengateError):
+                self._log_traceback = False
         else:
             _future_set_result(self, self._outcome)
 
@@ -286,10 +296,13 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         """
         if self._state not in _TERMINAL:
             self._coordinator._before_blocking_get(self)
-        if self._waiters is not _SETTLED:
+        if not self._finalized:
             event = threading.Event()
             self._add_waiter(event.set)
-            if not event.wait(timeout):
+            # The settler sets _finalized before it looks at _waiters, and skips
+            # the waiter lock when it sees none; re-checking _finalized after
+            # registering closes that window (sequentially consistent under the GIL).
+            if not self._finalized and not event.wait(timeout):
                 raise TimeoutError(f"token {self.token_id} ({self.operation_type}) did not settle within {timeout}s")
         return self._result_now()
 

@@ -65,16 +65,19 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
     local.token = token
     worker.current = token
     started = token.started_at = _perf()
+    # The outcome goes to the loop with the token, not into it: a timeout or a
+    # stop may already have settled the token, and its outcome must not change.
+    outcome: Any
     try:
-        token._outcome = context.run(guarded.func, *args, **kwargs)
-        token._is_error = False
+        outcome = context.run(guarded.func, *args, **kwargs)
+        is_error = False
     except BaseException as exc:  # noqa: BLE001 - the function's own error is the outcome
         # Drop this frame from the traceback: it references the token and would
         # keep it (and its arguments) alive through a reference cycle.
         if exc.__traceback__ is not None:
             exc.__traceback__ = exc.__traceback__.tb_next
-        token._outcome = exc
-        token._is_error = True
+        outcome = exc
+        is_error = True
         del exc
     finished = token.finished_at = _perf()
     local.token = outer
@@ -83,7 +86,12 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
         worker.busy_time += finished - started
     worker.executed += 1
     del args, kwargs, context, guarded
-    token._coordinator._complete(token)
+    coordinator = token._coordinator
+    coordinator._complete(token, outcome, is_error)
+    # A failing function's frame keeps its caller's frame (this one) alive via
+    # f_back, with the locals it had on exit: drop them so a traceback never
+    # pins the token or the outcome.
+    del token, outcome, coordinator
     return True
 
 

@@ -1,0 +1,173 @@
+"""What data locality costs: throughput of sticky, ordered and conducted tokens as ratios against plain ones.
+
+One process, one machine state: every scenario runs in its own fresh
+coordinator (attached to one event loop, started before the clock starts),
+the scenarios are interleaved repeat by repeat, and each reports the median
+tokens/s over its repeats. The clock covers submission *and* completion,
+because the locality hooks run at submission.
+
+Scenarios (trivial function bodies, all tokens submitted at once, then gathered):
+
+* ``plain``: no policies installed (the baseline, ratio 1.0);
+* ``plain+locality``: the same plain tokens with ``StickyPolicy`` and
+  ``ConductorPolicy`` installed; its ratio is what the features cost calls
+  that do not use them (the target is ~1.0);
+* ``sticky``: ``sticky_anchor`` over ``keys`` distinct argument values;
+* ``ordered``: ``ordered`` over ``keys`` keys (one at a time per key);
+* ``conducted``: leads with ``external_calls``, each spawning ``children``
+  children from its worker thread (every token counts).
+
+Usage: ``python -m benchmarks.bench_locality_core`` prints a table; the
+benchmark framework calls :func:`run`. Dependency-free (stdlib + tokengate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Awaitable, Callable
+
+from tokengate import OperationsCoordinator, Policy, TaskToken, task_token_guard
+from tokengate.policies.conductor import ConductorPolicy
+from tokengate.policies.sticky import StickyPolicy
+
+__all__ = ["run", "SCENARIOS"]
+
+SCENARIOS = ("plain", "plain+locality", "sticky", "ordered", "conducted")
+
+
+@task_token_guard(operation_type="bench_plain", tags={"weight": "light"})
+def _plain(i: int) -> int:
+    return i
+
+
+@task_token_guard(operation_type="bench_sticky", tags={"weight": "light", "sticky_anchor": "bench"})
+def _sticky(key: int) -> int:
+    return key
+
+
+@task_token_guard(operation_type="bench_ordered", tags={"weight": "light", "sticky_anchor": "bench_o",
+                                                         "ordered": True})
+def _ordered(key: int) -> int:
+    return key
+
+
+@task_token_guard(operation_type="bench_child", tags={"weight": "light"})
+def _child(i: int) -> int:
+    return i
+
+
+@task_token_guard(operation_type="bench_lead", tags={"weight": "light", "external_calls": ["bench_child"]})
+def _lead(children: int) -> list[TaskToken[int]]:
+    return [_child(i) for i in range(children)]
+
+
+async def _fan_out(n: int, keys: int, children: int, scenario: str) -> int:
+    """Submit and gather one scenario's tokens; return how many tokens ran."""
+    if scenario in ("plain", "plain+locality"):
+        await asyncio.gather(*[_plain(i) for i in range(n)])
+        return n
+    if scenario == "sticky":
+        await asyncio.gather(*[_sticky(i % keys) for i in range(n)])
+        return n
+    if scenario == "ordered":
+        await asyncio.gather(*[_ordered(i % keys) for i in range(n)])
+        return n
+    leads = max(1, n // (children + 1))
+    spawned = await asyncio.gather(*[_lead(children) for _ in range(leads)])
+    await asyncio.gather(*[child for group in spawned for child in group])
+    return leads * (children + 1)
+
+
+async def _measure(scenario: str, n: int, keys: int, children: int, num_cores: int, workers_per_core: int) -> float:
+    policies: list[Policy] = [] if scenario == "plain" else [StickyPolicy(), ConductorPolicy()]
+    coordinator = OperationsCoordinator(num_cores=num_cores, workers_per_core=workers_per_core,
+                                        policies=policies, name=f"bench-{scenario}")
+    async with coordinator:
+        gc.collect()
+        start = time.perf_counter()
+        done = await _fan_out(n, keys, children, scenario)
+        elapsed = time.perf_counter() - start
+        _check_clean(coordinator, scenario)
+    return done / elapsed
+
+
+def _check_clean(coordinator: OperationsCoordinator, scenario: str) -> None:
+    # A benchmark that leaked pins or domains would be measuring a bug.
+    policies = coordinator.stats()["policies"]
+    if policies and (policies["sticky"]["pins"] or policies["conductor"]["domains"]):
+        raise RuntimeError(f"{scenario}: locality state left after the run: {policies}")
+
+
+def run(n: int = 20000, repeats: int = 3, *, keys: int = 64, children: int = 4, num_cores: int = 2,
+        workers_per_core: int = 4) -> dict[str, Any]:
+    """Measure every scenario *repeats* times (interleaved) with *n* tokens; return a JSON-ready dict.
+
+    ``results[scenario]`` holds ``tokens_per_s`` (median), ``samples`` and
+    ``ratio`` (median tokens/s divided by the ``plain`` median). Call from
+    sync code (it runs its own event loop).
+    """
+    if n < 1 or repeats < 1 or keys < 1 or children < 0:
+        raise ValueError(f"n, repeats and keys must be >= 1 and children >= 0, got {n}, {repeats}, {keys}, "
+                         f"{children}")
+    samples: dict[str, list[float]] = {s: [] for s in SCENARIOS}
+
+    async def main() -> None:
+        # Warm-up: first-call costs (plans, fingerprint type caches) stay out of the samples.
+        for scenario in SCENARIOS:
+            await _measure(scenario, min(n, 500), keys, children, num_cores, workers_per_core)
+        for _ in range(repeats):
+            for scenario in SCENARIOS:
+                samples[scenario].append(
+                    await _measure(scenario, n, keys, children, num_cores, workers_per_core))
+
+    started = time.perf_counter()
+    _run(main)
+    base = statistics.median(samples["plain"])
+    results = {
+        s: {"tokens_per_s": round(statistics.median(v), 1), "samples": [round(x, 1) for x in v],
+            "ratio": round(statistics.median(v) / base, 3)}
+        for s, v in samples.items()
+    }
+    return {
+        "benchmark": "locality_core",
+        "machine": {"python": platform.python_version(), "implementation": platform.python_implementation(),
+                    "platform": platform.platform(), "cpus": os.cpu_count()},
+        "config": {"n": n, "repeats": repeats, "keys": keys, "children": children, "num_cores": num_cores,
+                   "workers_per_core": workers_per_core},
+        "results": results,
+        "ratios": {s: r["ratio"] for s, r in results.items()},
+        "notes": [
+            "tokens/s = tokens / (submit all + gather all), median of interleaved repeats",
+            "plain+locality: plain tokens with StickyPolicy and ConductorPolicy installed",
+            f"conducted: {children} children per lead, spawned on the lead's worker thread; all tokens count",
+        ],
+        "duration_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def _run(main: Callable[[], Awaitable[None]]) -> None:
+    async def wrapper() -> None:
+        await main()
+
+    asyncio.run(wrapper())
+
+
+def _table(result: dict[str, Any]) -> str:
+    rows = [f"{'scenario':<16} {'tokens/s':>12} {'ratio':>7}"]
+    for scenario, r in result["results"].items():
+        rows.append(f"{scenario:<16} {r['tokens_per_s']:>12,.0f} {r['ratio']:>7.3f}")
+    cfg = result["config"]
+    rows.append(f"n={cfg['n']} repeats={cfg['repeats']} keys={cfg['keys']} children={cfg['children']} "
+                f"cores={cfg['num_cores']}x{cfg['workers_per_core']} ({result['duration_s']}s)")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    size = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+    print(_table(run(size)))

@@ -1,0 +1,260 @@
+"""waves: the seeds' 15-wave "maximum concurrency" workload, measured honestly, against the anchors.
+
+The workload is the seeds' (``_workloads.wave_job``): 15 doubling waves of
+4 → 65,536 calls (131,068 in all), each wave submitted then gathered with
+``return_exceptions=True``. Per wave and contender:
+
+* ``tokens_per_s``: wave size ÷ (submit + gather) time;
+* ``latency``: per call, creation → settle (tokens: ``token.created_at`` → a
+  done-callback timestamp; anchors: just before submit → done callback);
+* ``queue_wait``: creation → the function starting on its thread
+  (``token.queue_wait``; anchors: a timestamp taken first thing on the thread);
+* ``failures``: exceptions returned by the gather;
+* ``parallelism``: Σ thread CPU time of the function bodies (``time.thread_time``
+  around each body, summed over all threads) ÷ wave wall time. This is the
+  real parallelism: under the GIL it cannot exceed ~1 for pure-Python work;
+* ``process_cpu``: process CPU time (all threads incl. the event loop) ÷ wall;
+* ``overlap_seeds``: the seeds' definition, Σ per-call wall run time ÷ wave
+  time. It counts time a thread spends waiting for the GIL as work, so it
+  grows with the thread count, not with useful parallelism.
+
+Contenders are interleaved per wave (A B C D, A B C D, ...). Waves above
+``large_wave`` tokens run once per contender (they are long enough to
+average themselves); smaller ones at least ``repeats`` times and until about
+2,048 tokens per contender (at most 25 times), medians reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+from ._common import (
+    BenchOptions,
+    Target,
+    finish,
+    median,
+    new_result,
+    percentile,
+    ratio,
+    settle_gc,
+    write_result,
+)
+from ._contenders import Contender, make_contenders, parse_contenders, started
+from ._report import TableData, new_figure, progress, render, save_figure, targets_table
+from ._workloads import meter_totals, wave_job, wave_sizes
+
+__all__ = ["run"]
+
+NAME = "waves"
+_perf = time.perf_counter
+FLAT_FROM_WAVE = 6  # the seeds' "sustained" region starts here (128 tokens)
+MAX_SMALL_REPEATS = 25
+
+
+def _mark(done_at: list[float], i: int, _fut: Any) -> None:
+    done_at[i] = _perf()
+
+
+def _stamped(starts: list[float], i: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    # Runs on the anchor's thread: the first thing it does is note the start.
+    starts[i] = _perf()
+    return fn(*args)
+
+
+async def _wave(c: Contender, jobs: Sequence[tuple[Any, tuple[Any, ...]]]) -> dict[str, Any]:
+    """Submit every job of one wave, gather, and measure."""
+    n = len(jobs)
+    done_at = [0.0] * n
+    created = [0.0] * n
+    starts = [0.0] * n
+    futures: list[asyncio.Future[Any]] = []
+    is_tg = c.name == "tokengate"
+    settle_gc()
+    cpu0, wall0, calls0 = meter_totals()
+    pcpu0 = time.process_time()
+    t0 = _perf()
+    for i, (fn, args) in enumerate(jobs):
+        if is_tg:
+            fut: asyncio.Future[Any] = fn(*args)
+        else:
+            created[i] = _perf()
+            fut = asyncio.ensure_future(c.submit(_stamped, starts, i, fn.func, args))
+        fut.add_done_callback(functools.partial(_mark, done_at, i))
+        futures.append(fut)
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    elapsed = _perf() - t0
+    pcpu = time.process_time() - pcpu0
+    cpu1, wall1, calls1 = meter_totals()
+    if is_tg:
+        created = [f.created_at for f in futures]  # type: ignore[attr-defined]
+        waits = [f.queue_wait for f in futures if f.queue_wait is not None]  # type: ignore[attr-defined]
+    else:
+        waits = [s - c0 for s, c0 in zip(starts, created) if s]
+    latencies = [d - c0 for d, c0 in zip(done_at, created)]
+    failures = sum(1 for r in results if isinstance(r, BaseException))
+    del futures, results
+    return {
+        "tokens": n,
+        "elapsed_s": elapsed,
+        "tokens_per_s": n / elapsed,
+        "latency_p50_ms": percentile(latencies, 50) * 1e3,
+        "latency_p99_ms": percentile(latencies, 99) * 1e3,
+        "queue_wait_p50_ms": percentile(waits, 50) * 1e3,
+        "queue_wait_p99_ms": percentile(waits, 99) * 1e3,
+        "failures": failures,
+        "calls_metered": calls1 - calls0,
+        "parallelism": (cpu1 - cpu0) / elapsed,
+        "process_cpu": pcpu / elapsed,
+        "overlap_seeds": (wall1 - wall0) / elapsed,
+    }
+
+
+_METRICS = ("tokens_per_s", "latency_p50_ms", "latency_p99_ms", "queue_wait_p50_ms", "queue_wait_p99_ms",
+            "parallelism", "process_cpu", "overlap_seeds")
+
+
+async def _measure(options: BenchOptions, names: Sequence[str], sizes: Sequence[int], repeats: int,
+                   large_wave: int, min_tokens: int, kwargs: dict[str, Any], result: dict[str, Any]) -> None:
+    contenders = make_contenders(names, kwargs)
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {c: {n: [] for n in sizes} for c in names}
+
+    def reps(n: int) -> int:
+        # Tiny waves take a millisecond, so one noisy scheduler tick decides them:
+        # repeat them until ~2,048 tokens per contender (at most 25x) and take medians.
+        if n > large_wave:
+            return 1
+        return max(repeats, min(MAX_SMALL_REPEATS, -(-min_tokens // n)))
+
+    total = sum(reps(n) * n for n in sizes) * len(names)
+    async with started(contenders):
+        warm = [wave_job(i) for i in range(256)]  # the seeds' warm-up size; not recorded
+        for c in contenders:
+            await _wave(c, warm)
+        with progress(options.progress, total, "waves (tokens)") as advance:
+            for n in sizes:
+                jobs = [wave_job(i) for i in range(n)]
+                for _r in range(reps(n)):
+                    for c in contenders:
+                        runs[c.name][n].append(await _wave(c, jobs))
+                        advance(n)
+        result["contenders"] = {c.name: c.describe() for c in contenders}
+
+    waves: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        rows = []
+        for idx, n in enumerate(sizes, start=1):
+            trials = runs[name][n]
+            row: dict[str, Any] = {"wave": idx, "tokens": n, "trials": len(trials),
+                                   "failures": sum(t["failures"] for t in trials),
+                                   "runs_tokens_per_s": [t["tokens_per_s"] for t in trials]}
+            row.update({m: median(t[m] for t in trials) for m in _METRICS})
+            rows.append(row)
+        waves[name] = rows
+    base = waves["run_in_executor"]
+    for name in names:
+        for row, ref in zip(waves[name], base):
+            row["ratio_vs_run_in_executor"] = ratio(row["tokens_per_s"], ref["tokens_per_s"])
+    summary = {}
+    for name in names:
+        tput = [r["tokens_per_s"] for r in waves[name] if r["wave"] >= FLAT_FROM_WAVE]
+        total_tokens = sum(r["tokens"] for r in waves[name])
+        summary[name] = {
+            "total_tokens_per_wave_set": total_tokens,
+            "failures": sum(r["failures"] for r in waves[name]),
+            "flatness_from_wave_6": (max(tput) / min(tput)) if len(tput) >= 2 else None,
+            "min_ratio_vs_run_in_executor": min(r["ratio_vs_run_in_executor"] for r in waves[name]),
+            "peak_overlap_seeds": max(r["overlap_seeds"] for r in waves[name]),
+            "peak_parallelism": max(r["parallelism"] for r in waves[name]),
+        }
+    result["results"].update(waves=waves, summary=summary)
+
+
+def run(options: BenchOptions) -> dict[str, Any]:
+    """Run the waves benchmark; print its tables, write JSON, Markdown and PNG; return the result."""
+    max_wave = int(options.size("max_wave", 65_536, 1024))
+    sizes = wave_sizes(max_wave)
+    if not sizes:
+        raise ValueError(f"max_wave must be >= 4, got {max_wave!r}")
+    repeats = options.reps(3, 1)
+    large_wave = int(options.size("large_wave", 8192, 8192))
+    min_tokens = int(options.size("min_tokens_per_point", 2048, 256))
+    names = parse_contenders(options.sizes.get("contenders"))
+    kwargs: dict[str, Any] = {}
+    result = new_result(NAME, options, {"waves": sizes, "total_tokens": sum(sizes), "repeats": repeats,
+                                        "large_wave": large_wave, "min_tokens_per_point": min_tokens,
+                                        "contenders": list(names),
+                                        "coordinator_kwargs": kwargs})
+    asyncio.run(_measure(options, names, sizes, repeats, large_wave, min_tokens, kwargs, result))
+    result["notes"] += [
+        "workload: the seeds' four functions round-robin by i (cpu_crunch light, string_transform light, "
+        "data_sort medium, hash_chain heavy); tokens/s timer covers submit + gather",
+        "parallelism = Σ time.thread_time() inside the function bodies ÷ wave wall time (real CPU parallelism)",
+        "process_cpu = time.process_time() delta (all threads, event loop included) ÷ wave wall time",
+        "overlap_seeds = the seeds' definition: Σ per-call wall run time ÷ wave time; it counts waiting for the "
+        "GIL as work, so it is NOT parallelism",
+        f"waves above {large_wave} tokens run once per contender; smaller ones at least {repeats}x and until "
+        f"~{min_tokens} tokens per contender (max {MAX_SMALL_REPEATS}x); medians reported",
+    ]
+    final = finish(result, _targets(result))
+    write_result(final, options.out)
+    _report(final, options)
+    return final
+
+
+def _targets(result: dict[str, Any]) -> list[Target]:
+    s = result["results"]["summary"]["tokengate"]
+    return [
+        Target("tokengate failures (all waves)", float(s["failures"]), 0, "<=", unit=""),
+        Target("worst wave tokens/s vs run_in_executor", s["min_ratio_vs_run_in_executor"], 0.8, ">="),
+        Target(f"tokens/s max/min from wave {FLAT_FROM_WAVE} on", s["flatness_from_wave_6"], 1.5, "<="),
+    ]
+
+
+def _report(result: dict[str, Any], options: BenchOptions) -> None:
+    waves = result["results"]["waves"]
+    names = list(waves)
+    cols = ["wave", "tokens", "tok/s", "× rie", "lat p50 ms", "lat p99 ms", "wait p50 ms", "wait p99 ms",
+            "fail", "CPU par.", "proc CPU", "overlap (seeds)"]
+    tables = []
+    for name in ("tokengate", "run_in_executor"):
+        t = TableData(f"waves: {name} per wave", cols)
+        for r in waves[name]:
+            t.add(r["wave"], r["tokens"], r["tokens_per_s"], r["ratio_vs_run_in_executor"], r["latency_p50_ms"],
+                  r["latency_p99_ms"], r["queue_wait_p50_ms"], r["queue_wait_p99_ms"], r["failures"],
+                  r["parallelism"], r["process_cpu"], r["overlap_seeds"])
+        t.caption = ("CPU par. = Σ thread CPU ÷ wall (real parallelism); overlap (seeds) = Σ per-call wall ÷ "
+                     "wall, counts GIL waits as work")
+        tables.append(t)
+    comp = TableData("waves: tokens/s by contender (median)", ["wave", "tokens", *names])
+    for i, row in enumerate(waves["tokengate"]):
+        comp.add(row["wave"], row["tokens"], *[waves[n][i]["tokens_per_s"] for n in names])
+    summ = TableData("waves: summary", ["contender", "failures", f"max/min tok/s (wave ≥ {FLAT_FROM_WAVE})",
+                                        "worst × rie", "peak CPU par.", "peak overlap (seeds)"])
+    for name, s in result["results"]["summary"].items():
+        summ.add(name, s["failures"], s["flatness_from_wave_6"], s["min_ratio_vs_run_in_executor"],
+                 s["peak_parallelism"], s["peak_overlap_seeds"])
+    tables += [comp, summ, targets_table("waves targets", result["targets"])]
+    render(tables, options.out, NAME, result["machine"], console=options.console)
+
+    fig, (ax1, ax2, ax3) = new_figure(3, "waves: the seeds' workload", result["machine"], width=5.2)
+    for name in names:
+        xs = [r["tokens"] for r in waves[name]]
+        ax1.plot(xs, [r["tokens_per_s"] for r in waves[name]], marker="o", ms=3, label=name)
+        ax2.plot(xs, [r["latency_p99_ms"] for r in waves[name]], marker="o", ms=3, label=name)
+    for name, style in (("tokengate", "-"), ("run_in_executor", "--")):
+        xs = [r["tokens"] for r in waves[name]]
+        ax3.plot(xs, [r["parallelism"] for r in waves[name]], style, marker="o", ms=3, label=f"{name}: CPU par.")
+        ax3.plot(xs, [r["overlap_seeds"] for r in waves[name]], style, marker="x", ms=3,
+                 label=f"{name}: overlap (seeds)")
+    for ax, ylabel in ((ax1, "tokens / s"), (ax2, "latency p99 ms (creation → settle)"),
+                       (ax3, "ratio to wall time")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("wave size (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    ax2.set_yscale("log")
+    ax3.set_yscale("log")
+    save_figure(fig, options.out, NAME)

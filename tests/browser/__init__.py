@@ -1,0 +1,1 @@
+"""Real-browser tests of the admin dashboard (headless Chromium via Playwright)."""

@@ -1,0 +1,389 @@
+"""Tests for tokengate.policies.reputation: counters, health classes, auto-block and unblock."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tokengate import OperationBlocked, OperationsCoordinator, TokenKilled, TokenTimeout, task_token_guard
+from tokengate.errors import ConfigurationError
+from tokengate.policies.reputation import Health, ReputationPolicy, classify_health
+
+WAIT = 5.0
+
+
+class Boom(Exception):
+    pass
+
+
+@task_token_guard(operation_type="rep.work")
+def work(fail: bool | type[Exception] = False) -> str:
+    if fail is True:
+        raise Boom("failed on purpose")
+    if isinstance(fail, type):
+        raise fail("failed on purpose")
+    return "ok"
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def run(policy: ReputationPolicy) -> OperationsCoordinator:
+    return OperationsCoordinator(num_cores=1, workers_per_core=2, policies=[policy], stop_timeout=2.0).start()
+
+
+def call(fail: bool | type[Exception] = False) -> str | BaseException:
+    """Run one call of `work` to its end; return its value or its exception."""
+    try:
+        return work(fail).get(WAIT)
+    except Exception as exc:  # noqa: BLE001 - the outcome under test
+        return exc
+
+
+def row(policy: ReputationPolicy, op: str = "rep.work") -> dict[str, Any]:
+    rows = policy.reputation(op)
+    assert len(rows) == 1
+    return rows[0]
+
+
+# ---------------------------------------------------------------------------
+# Health classes (pure)
+
+
+@pytest.mark.parametrize(
+    ("attempts", "successes", "health"),
+    [
+        (0, 0, Health.UNKNOWN),
+        (4, 4, Health.UNKNOWN),
+        (4, 0, Health.UNKNOWN),
+        (5, 5, Health.EXCELLENT),
+        (20, 19, Health.EXCELLENT),  # exactly 95 %
+        (100, 94, Health.HEALTHY),
+        (10, 8, Health.HEALTHY),  # exactly 80 %
+        (100, 79, Health.AT_RISK),
+        (10, 5, Health.AT_RISK),  # exactly 50 %
+        (100, 49, Health.PROBLEMATIC),
+        (5, 0, Health.PROBLEMATIC),
+    ],
+)
+def test_health_classes(attempts: int, successes: int, health: Health) -> None:
+    assert classify_health(attempts, successes) is health
+
+
+# ---------------------------------------------------------------------------
+# Recording
+
+
+def test_attempts_successes_and_failures_by_type() -> None:
+    # Given a passive policy
+    policy = ReputationPolicy()
+    c = run(policy)
+    try:
+        # When an operation succeeds 4 times and fails twice with two exception types
+        for _ in range(4):
+            assert call() == "ok"
+        assert isinstance(call(True), Boom)
+        assert isinstance(call(KeyError), KeyError)
+        # Then the row counts them, and 4 of 6 (67 %) is AT_RISK
+        r = row(policy)
+        assert (r["attempts"], r["successes"], r["failures"]) == (6, 4, 2)
+        assert r["failures_by_type"] == {"Boom": 1, "KeyError": 1}
+        assert r["completion_rate"] == pytest.approx(4 / 6)
+        assert r["health"] == "at_risk"
+        rt = r["run_time"]
+        assert rt["samples"] == 6
+        assert 0 <= rt["min"] <= rt["mean"] <= rt["max"]
+        assert rt["min"] <= rt["p95"] <= rt["max"]
+        assert r["last_seen"] >= r["first_seen"]
+        assert r["blocked"] is False
+    finally:
+        c.stop()
+
+
+def test_fewer_than_five_attempts_is_unknown_then_excellent() -> None:
+    policy = ReputationPolicy()
+    c = run(policy)
+    try:
+        for _ in range(4):
+            call()
+        assert row(policy)["health"] == "unknown"
+        call()
+        assert row(policy)["health"] == "excellent"
+    finally:
+        c.stop()
+
+
+def test_timeouts_are_failed_attempts(gate: threading.Event) -> None:
+    @task_token_guard(operation_type="rep.slow", tags={"timeout": 0.05})
+    def slow() -> None:
+        gate.wait(WAIT)
+
+    policy = ReputationPolicy()
+    c = run(policy)
+    try:
+        # When a call times out while running
+        with pytest.raises(TokenTimeout):
+            slow().get(WAIT)
+        # Then it is one attempt, a timeout, not a success
+        r = row(policy, "rep.slow")
+        assert (r["attempts"], r["timeouts"], r["successes"], r["failures"]) == (1, 1, 0, 0)
+        assert r["recent_failure_rate"] == 1.0
+    finally:
+        gate.set()
+        c.stop()
+
+
+def test_kills_are_counted_but_are_not_attempts() -> None:
+    policy = ReputationPolicy()
+    c = run(policy)
+    try:
+        # Given admission is paused, so the call waits
+        c.pause()
+        token = work()
+        # When it is killed before it runs
+        assert c.kill(token.token_id).killed
+        with pytest.raises(TokenKilled):
+            token.get(WAIT)
+        # Then it counts as a kill, not an attempt
+        r = row(policy)
+        assert (r["kills"], r["attempts"]) == (1, 0)
+        assert r["health"] == "unknown"
+    finally:
+        c.resume()
+        c.stop()
+
+
+def test_attempt_finishing_during_stop_is_recorded(gate: threading.Event) -> None:
+    @task_token_guard(operation_type="rep.during_stop")
+    def during_stop() -> str:
+        gate.wait(WAIT)
+        return "late"
+
+    policy = ReputationPolicy()
+    c = run(policy)
+    token = during_stop()
+    # Given a call still running when stop() begins (the coordinator skips after_run while stopping)
+    stopper = threading.Thread(target=c.stop)
+    stopper.start()
+    for _ in range(5000):  # bounded: at most ~5 s
+        if not c.running:
+            break
+        time.sleep(0.001)
+    assert not c.running
+    # When it finishes during the graceful stop
+    gate.set()
+    stopper.join(WAIT)
+    # Then it is still recorded as a successful attempt
+    assert token.get(WAIT) == "late"
+    r = row(policy, "rep.during_stop")
+    assert (r["attempts"], r["successes"]) == (1, 1)
+
+
+def test_keyed_by_operation_type_not_function_name() -> None:
+    def make(op: str) -> Any:
+        @task_token_guard(operation_type=op)
+        def same_name() -> int:
+            return 1
+
+        return same_name
+
+    a, b, shared1, shared2 = make("rep.a"), make("rep.b"), make("rep.shared"), make("rep.shared")
+    policy = ReputationPolicy()
+    c = run(policy)
+    try:
+        for f in (a, b, b, shared1, shared2):
+            f().get(WAIT)
+        # Same __name__, different operation types: separate rows; one operation type: one row
+        assert row(policy, "rep.a")["attempts"] == 1
+        assert row(policy, "rep.b")["attempts"] == 2
+        assert row(policy, "rep.shared")["attempts"] == 2
+        assert policy.reputation("same_name") == []
+    finally:
+        c.stop()
+
+
+def test_tracked_operations_are_bounded_lru() -> None:
+    policy = ReputationPolicy(max_operations=2)
+    c = run(policy)
+    try:
+        ops = []
+        for name in ("rep.x", "rep.y", "rep.z"):
+            @task_token_guard(operation_type=name)
+            def f() -> None: ...
+
+            ops.append(f)
+        ops[0]().get(WAIT)
+        ops[1]().get(WAIT)
+        ops[0]().get(WAIT)  # x is now more recent than y
+        ops[2]().get(WAIT)  # z evicts the least recently seen: y
+        stats = policy.stats()
+        assert set(stats["operations"]) == {"rep.x", "rep.z"}
+        assert (stats["operations_tracked"], stats["max_operations"], stats["evicted_operations"]) == (2, 2, 1)
+        assert [r["operation_type"] for r in policy.reputation()] == ["rep.z", "rep.x"]
+    finally:
+        c.stop()
+
+
+def test_stats_are_json_ready() -> None:
+    policy = ReputationPolicy()
+    c = run(policy)
+    try:
+        call()
+        call(True)
+        policy.block("rep.other")
+        stats = policy.stats()
+        assert json.loads(json.dumps(stats)) == stats
+        assert stats["health_distribution"]["unknown"] == 1
+        assert stats["blocked"] == {"rep.other": "blocked by operator"}
+        assert c.stats()["policies"]["reputation"]["operations_tracked"] == 1
+    finally:
+        c.stop()
+
+
+# ---------------------------------------------------------------------------
+# Blocking
+
+
+def test_passive_by_default_never_blocks() -> None:
+    policy = ReputationPolicy()
+    c = run(policy)
+    try:
+        # When an operation fails 25 times in a row
+        for _ in range(25):
+            assert isinstance(call(True), Boom)
+        # Then it is PROBLEMATIC but still accepted
+        assert row(policy)["health"] == "problematic"
+        assert policy.blocked() == []
+        assert call() == "ok"
+    finally:
+        c.stop()
+
+
+def test_auto_block_after_threshold_and_unblock(caplog: pytest.LogCaptureFixture) -> None:
+    # Given auto-block at 80 % over the last 10 attempts, once 5 are known
+    policy = ReputationPolicy(auto_block=True, block_threshold=0.8, block_window=10, block_min_attempts=5)
+    c = run(policy)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tokengate.policies.reputation"):
+            # When 4 calls fail: not enough attempts yet, so no block
+            for _ in range(4):
+                assert isinstance(call(True), Boom)
+            assert policy.blocked() == []
+            # When the 5th fails
+            assert isinstance(call(True), Boom)
+            # Then the operation is blocked, and a new call is refused before it runs
+            assert policy.blocked() == ["rep.work"]
+            with pytest.raises(OperationBlocked) as info:
+                work()
+            assert info.value.operation_type == "rep.work"
+            assert "unblock('rep.work')" in str(info.value)
+            assert row(policy)["attempts"] == 5  # the refused call never ran
+            assert row(policy)["refused_while_blocked"] == 1
+            assert row(policy)["blocked"] is True
+            assert any("blocked" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+            # When it is unblocked
+            caplog.clear()
+            assert policy.unblock("rep.work") is True
+            assert any("unblocked" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+        # Then calls are accepted again, and one more failure does not re-block (the window was reset)
+        assert policy.blocked() == []
+        assert isinstance(call(True), Boom)
+        assert policy.blocked() == []
+        assert call() == "ok"
+        # Lifetime counters are kept
+        assert row(policy)["attempts"] == 7
+    finally:
+        c.stop()
+
+
+def test_failure_rate_below_threshold_does_not_block() -> None:
+    policy = ReputationPolicy(auto_block=True, block_threshold=0.9, block_window=20, block_min_attempts=10)
+    c = run(policy)
+    try:
+        # When 1 in 5 calls succeeds (80 % failures < 90 %)
+        for i in range(30):
+            call(i % 5 != 0)
+        # Then nothing is blocked
+        assert policy.blocked() == []
+        assert row(policy)["recent_failure_rate"] == pytest.approx(0.8)
+    finally:
+        c.stop()
+
+
+def test_window_of_ten_blocks_at_nine_failures() -> None:
+    policy = ReputationPolicy(auto_block=True, block_threshold=0.9, block_window=10, block_min_attempts=10)
+    c = run(policy)
+    try:
+        for _ in range(30):
+            call()
+        for _ in range(8):
+            call(True)
+        # 8 of the last 10 failed: below 90 %
+        assert policy.blocked() == []
+        call(True)
+        # 9 of the last 10 failed: 90 % >= 90 %, although the lifetime rate is 9 of 39
+        assert policy.blocked() == ["rep.work"]
+        assert row(policy)["completion_rate"] == pytest.approx(30 / 39)
+    finally:
+        c.stop()
+
+
+def test_manual_block_and_unblock() -> None:
+    policy = ReputationPolicy()  # manual blocks work without auto_block
+    c = run(policy)
+    try:
+        assert policy.block("rep.work", reason="maintenance") is True
+        assert policy.block("rep.work") is False  # already blocked
+        assert policy.is_blocked("rep.work")
+        with pytest.raises(OperationBlocked) as info:
+            work()
+        assert "maintenance" in str(info.value)
+        assert c.stats()["counts"]["rejected_at_submit"] == 1
+        assert policy.unblock("rep.work") is True
+        assert policy.unblock("rep.work") is False  # not blocked any more
+        assert call() == "ok"
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("bad", ["", None, 3])
+def test_block_needs_an_operation_type(bad: Any) -> None:
+    policy = ReputationPolicy()
+    with pytest.raises(ConfigurationError, match="operation_type must be a non-empty string"):
+        policy.block(bad)
+    with pytest.raises(ConfigurationError, match="operation_type must be a non-empty string"):
+        policy.unblock(bad)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"auto_block": "yes"}, "auto_block must be True or False"),
+        ({"block_threshold": 0}, "block_threshold must be a failure rate in (0, 1], got 0"),
+        ({"block_threshold": 1.5}, "got 1.5"),
+        ({"block_threshold": True}, "block_threshold"),
+        ({"block_window": 0}, "block_window must be an integer from 1"),
+        ({"block_window": 5, "block_min_attempts": 10}, "block_min_attempts must be an integer from 1 to 5, got 10"),
+        ({"max_operations": 0}, "max_operations"),
+        ({"reservoir_size": 2}, "reservoir_size must be an integer from 16"),
+    ],
+)
+def test_bad_configuration_is_rejected(kwargs: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        ReputationPolicy(**kwargs)
+    assert fragment in str(info.value)

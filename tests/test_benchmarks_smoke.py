@@ -1,0 +1,179 @@
+"""Smoke tests for the benchmark suite: each benchmark runs in-process with tiny sizes so it cannot rot.
+
+These check the *shape* of each result (keys, files, sane values such as
+positive throughput and zero failures), never a timing target: the machines
+are noisy and the targets are reported by the benchmarks, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.__main__ import BENCHMARKS, STANDARD, build_parser, options_from
+from benchmarks._common import BenchOptions, Target, interleave, percentile
+from benchmarks._contenders import ALL_CONTENDERS, parse_contenders
+
+MACHINE_KEYS = {"cpu_count", "usable_cpus", "python_version", "python_implementation", "platform", "gil",
+                "tokengate_version", "date"}
+
+
+def _options(tmp_path: Path, **sizes: Any) -> BenchOptions:
+    return BenchOptions(out=tmp_path, quick=True, repeats=1, progress=False, console=False, sizes=sizes)
+
+
+def _check_common(result: dict[str, Any], name: str, out: Path) -> None:
+    assert result["benchmark"] == name
+    assert MACHINE_KEYS <= set(result["machine"])
+    assert result["machine"]["usable_cpus"] >= 1
+    assert result["duration_s"] > 0
+    for target in result["targets"]:
+        assert {"name", "measured", "threshold", "op", "pass", "verdict"} <= set(target)
+        assert target["verdict"] in ("PASS", "FAIL", "n/a")
+    for suffix in ("json", "md", "png"):
+        assert (out / f"{name}.{suffix}").stat().st_size > 0
+    on_disk = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+    assert on_disk["benchmark"] == name
+    assert on_disk["targets"] == result["targets"]
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not math.isnan(x) and x > 0
+
+
+def test_dispatch_smoke(tmp_path: Path) -> None:
+    # Given every contender and two tiny fan-out sizes
+    from benchmarks import bench_dispatch
+
+    # When the dispatch benchmark runs
+    result = bench_dispatch.run(_options(tmp_path, batches=[50, 200], calls=40))
+
+    # Then each contender has a positive throughput per size and a round trip, and both targets are reported
+    _check_common(result, "dispatch", tmp_path)
+    assert set(result["contenders"]) == set(ALL_CONTENDERS)
+    for size in ("50", "200"):
+        for name in ALL_CONTENDERS:
+            assert _positive(result["results"]["throughput"][size][name]["median_per_s"])
+    for name in ALL_CONTENDERS:
+        rt = result["results"]["round_trip"][name]
+        assert _positive(rt["p50_us"]) and rt["p99_us"] >= rt["p50_us"]
+    assert result["results"]["throughput"]["200"]["run_in_executor"]["ratio_vs_run_in_executor"] == 1.0
+    assert len(result["targets"]) == 2
+    assert result["contenders"]["run_in_executor"]["threads"] == result["contenders"]["tokengate"]["threads"]
+
+
+def test_waves_smoke(tmp_path: Path) -> None:
+    # Given the seeds' workload cut to waves of 4..32 tokens
+    from benchmarks import bench_waves
+
+    # When the waves benchmark runs against tokengate and run_in_executor
+    result = bench_waves.run(_options(tmp_path, max_wave=32, min_tokens_per_point=8,
+                                      contenders="tokengate,run_in_executor"))
+
+    # Then every wave of every contender settled without failures and the metrics are sane
+    _check_common(result, "waves", tmp_path)
+    waves = result["results"]["waves"]
+    assert set(waves) == {"tokengate", "run_in_executor"}
+    for rows in waves.values():
+        assert [r["tokens"] for r in rows] == [4, 8, 16, 32]
+        for r in rows:
+            assert r["failures"] == 0
+            assert _positive(r["tokens_per_s"])
+            assert _positive(r["parallelism"]) and _positive(r["overlap_seeds"])
+            assert r["latency_p99_ms"] >= r["latency_p50_ms"] >= 0
+            assert r["queue_wait_p50_ms"] >= 0
+    assert result["results"]["summary"]["tokengate"]["failures"] == 0
+
+
+def test_memory_smoke(tmp_path: Path) -> None:
+    # Given a few thousand trivial calls in batches
+    from benchmarks import bench_memory
+
+    # When the memory benchmark runs
+    result = bench_memory.run(_options(tmp_path, tokens=3000, batch_size=500))
+
+    # Then no token outlives its settlement and RSS figures are present
+    _check_common(result, "memory", tmp_path)
+    tg = result["results"]["per_contender"]["tokengate"]
+    assert tg["tokens"] == 3000
+    assert tg["alive_after_settle"] == 0
+    assert tg["alive_after_stop"] == 0
+    assert tg["inflight_after_settle"] == 0
+    assert _positive(tg["rss_after_warmup_mb"]) and isinstance(tg["rss_growth_mb"], float)
+    assert "run_in_executor" in result["results"]["per_contender"]
+
+
+def test_features_smoke(tmp_path: Path) -> None:
+    # Given tiny trials of the default policy set against none
+    from benchmarks import bench_features
+
+    # When the features benchmark runs
+    result = bench_features.run(_options(tmp_path, features_n=300, calls=30))
+
+    # Then both variants have a throughput and the locality part either ran or says why it was skipped
+    _check_common(result, "features", tmp_path)
+    pol = result["results"]["policies"]
+    assert _positive(pol["no_policies"]["tokens_per_s"]) and _positive(pol["default_policies"]["tokens_per_s"])
+    assert _positive(pol["throughput_ratio_default_vs_none"])
+    assert pol["no_policies"]["policies"] == []
+    locality = result["results"]["locality"]
+    assert locality["skipped"] or locality["result"]
+
+
+@pytest.mark.slow
+def test_http_smoke(tmp_path: Path) -> None:
+    # Given both apps served by real uvicorn subprocesses, with a short, small flood
+    from benchmarks import bench_http
+
+    # When the http benchmark runs
+    result = bench_http.run(_options(tmp_path, clients=16, heavy_ms=50, flood_seconds=1.0, idle_seconds=0.5,
+                                     probes=10, e2e_requests=100, e2e_seconds=1.0))
+
+    # Then both apps served every request and every ratio is reported
+    _check_common(result, "http", tmp_path)
+    for kind in ("tokengate", "plain"):
+        iso = result["results"]["isolation"][kind]
+        assert iso["probe_errors"] == 0 and iso["heavy_errors"] == 0
+        assert iso["idle"]["n"] > 0 and iso["flood"]["n"] > 0
+        assert _positive(iso["heavy_per_s"])
+        assert _positive(result["results"]["e2e"][kind]["rps"])
+    assert result["contenders"]["plain"]["limiter_total_tokens"] == result["contenders"]["plain"]["threads"]
+    assert len(result["targets"]) == 4
+    # And the servers' logs were written (the processes ran and were stopped)
+    assert (tmp_path / "http-server-tokengate.log").exists()
+
+
+def test_cli_parses_sizes_into_options(tmp_path: Path) -> None:
+    # Given a command line with per-benchmark sizes
+    ns = build_parser().parse_args(["dispatch", "--quick", "--out", str(tmp_path), "--batches", "10,20_000",
+                                    "--repeats", "2", "--no-progress", "--contenders", "anyio"])
+
+    # When it becomes options
+    options = options_from(ns)
+
+    # Then the sizes are typed and the flags carried over
+    assert options.sizes["batches"] == [10, 20000]
+    assert options.repeats == 2 and options.quick and not options.progress
+    assert options.size("batches", [1], [2]) == [10, 20000]
+    assert options.size("calls", 5000, 300) == 300
+    assert set(STANDARD) == set(BENCHMARKS)
+
+
+def test_parse_contenders_keeps_the_baselines_and_refuses_unknown_names() -> None:
+    assert parse_contenders("anyio") == ("tokengate", "run_in_executor", "anyio")
+    assert parse_contenders(None) == ALL_CONTENDERS
+    with pytest.raises(ValueError, match="unknown contenders"):
+        parse_contenders("celery")
+
+
+def test_helpers_percentile_interleave_and_target_verdicts() -> None:
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert math.isnan(percentile([], 99))
+    assert list(interleave(2, ["a", "b"])) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+    assert Target("t", 5.1, 5.0, ">=").verdict == "PASS"
+    assert Target("t", 1.2, 1.0, "<=").verdict == "FAIL"
+    assert Target("t", None, 1.0, "<=").verdict == "n/a"

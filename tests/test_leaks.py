@@ -1,0 +1,81 @@
+"""Settled tokens drop their arguments and are garbage-collected; memory stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from typing import Any
+
+import pytest
+
+from tokengate import OperationsCoordinator, TaskToken, task_token_guard
+
+
+class Payload:
+    """An argument we can watch with a weak reference."""
+
+
+@task_token_guard(operation_type="consume", tags={"weight": "light"})
+def consume(payload: Payload) -> int:
+    return 1
+
+
+@task_token_guard(operation_type="explode", tags={"weight": "light"})
+def explode(payload: Payload) -> int:
+    raise ValueError("bad payload")
+
+
+def test_settled_token_holds_no_reference_to_its_arguments(run: Any) -> None:
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1):
+            payload = Payload()
+            ref = weakref.ref(payload)
+            token = consume(payload)
+            assert await token == 1
+            del payload
+            gc.collect()
+            assert ref() is None, "the settled token (or the coordinator) still references its argument"
+            assert token.args is None and token.kwargs is None and token.guarded is None
+
+    run(main())
+
+
+def test_failed_token_does_not_keep_arguments_through_its_traceback(run: Any) -> None:
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1):
+            payload = Payload()
+            ref = weakref.ref(payload)
+            token = explode(payload)
+            with pytest.raises(ValueError):
+                await token
+            del payload
+            gc.collect()
+            # The function's own frame is in the traceback (for debugging); tokengate's frames are not.
+            assert ref() is not None or token.exception() is not None
+            token_ref = weakref.ref(token)
+            del token
+            await asyncio.sleep(0)  # the handle that resumed us holds the awaited token until we yield
+            gc.collect()
+            assert token_ref() is None
+
+    run(main())
+
+
+def test_settled_tokens_are_garbage_collected(run: Any) -> None:
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=2, workers_per_core=2, history_size=10) as c:
+            refs = []
+            for _ in range(5):
+                tokens = [consume(Payload()) for _ in range(200)]
+                await asyncio.gather(*tokens)
+                refs.extend(weakref.ref(t) for t in tokens)
+                del tokens
+            await asyncio.sleep(0)  # the handle that resumed us holds its args until we yield
+            gc.collect()
+            alive = [r for r in refs if r() is not None]
+            assert alive == []
+            assert not [o for o in gc.get_objects() if isinstance(o, TaskToken)]
+            assert len(c.history(10)) == 10  # the history is bounded
+
+    run(main())

@@ -1,0 +1,149 @@
+"""Front/back fill, staggered spreading, and the bulkhead reserve, observed on real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from tokengate import OperationsCoordinator, task_token_guard
+
+gate = threading.Event()
+
+
+@task_token_guard(operation_type="heavy_block", tags={"weight": "heavy"})
+def heavy_block() -> str:
+    gate.wait(10)
+    return threading.current_thread().name
+
+
+@task_token_guard(operation_type="light_block", tags={"weight": "light"})
+def light_block() -> str:
+    gate.wait(10)
+    return threading.current_thread().name
+
+
+@task_token_guard(operation_type="light_quick", tags={"weight": "light"})
+def light_quick() -> str:
+    return threading.current_thread().name
+
+
+@task_token_guard(operation_type="medium_quick", tags={"weight": "medium"})
+def medium_quick() -> str:
+    return threading.current_thread().name
+
+
+async def _wait_executing(c: OperationsCoordinator, n: int) -> None:
+    for _ in range(1000):
+        if c.stats()["counts"]["executing"] >= n:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never saw {n} executing: {c.stats()['counts']}")
+
+
+def test_heavy_fills_front_light_fills_back_and_they_meet_only_under_load(run: Any) -> None:
+    gate.clear()
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=4, workers_per_core=2, bulkhead_reserve=1) as c:
+            h = [heavy_block() for _ in range(2)]
+            lt = [light_block()]
+            await _wait_executing(c, 3)
+            # Given an idle pool, heavy lands on core 1 and light on the last core.
+            assert {t.core_id for t in h} == {1}
+            assert {t.core_id for t in lt} == {4}
+            # When heavy load grows it spills forward, core by core.
+            more = [heavy_block() for _ in range(3)]
+            await _wait_executing(c, 6)
+            assert [t.core_id for t in more] == [2, 3, 4]
+            # On cores it does not own, heavy never takes the reserved worker 0.
+            assert all(t.worker_id.endswith("w1") for t in more)
+            gate.set()
+            await asyncio.gather(*h, *lt, *more)
+
+    run(main())
+    gate.set()
+
+
+def test_bulkhead_reserve_keeps_light_work_flowing_under_a_heavy_flood(run: Any) -> None:
+    gate.clear()
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=2, workers_per_core=3, bulkhead_reserve=1) as c:
+            flood = [heavy_block() for _ in range(40)]  # far more than heavy may run at once
+            await _wait_executing(c, 5)  # 3 on core 1 + 2 of core 2's 3 workers
+            await asyncio.sleep(0.02)
+            executing = c.stats()["counts"]["executing"]
+            assert executing == 5, "heavy must never take core 2's reserved worker"
+            # Then a light call still runs at once, on the reserved worker of core 2.
+            name = await asyncio.wait_for(light_quick(), 5)
+            assert name.endswith("core2-w0")
+            assert await asyncio.wait_for(medium_quick(), 5)
+            snapshot = c.stats()["cores"]
+            reserved = snapshot[1]["workers"][0]
+            assert reserved["worker_id"] == "core2-w0" and reserved["running_operation"] is None
+            gate.set()
+            assert len(await asyncio.gather(*flood)) == 40
+
+    run(main())
+    gate.set()
+
+
+def test_one_core_runs_everything_on_core_one(run: Any) -> None:
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=2):
+            tokens = [light_quick(), medium_quick(), heavy_block()]
+            gate.set()
+            await asyncio.gather(*tokens)
+            assert {t.core_id for t in tokens} == {1}
+
+    gate.set()
+    run(main())
+
+
+def test_staggered_positions_spread_work_over_a_cores_workers(run: Any) -> None:
+    gate.clear()
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=4) as c:
+            tokens = [light_block() for _ in range(4)]
+            await _wait_executing(c, 4)
+            # Each idle worker took one: none doubled up while another sat idle.
+            busy = [w for w in c.stats()["cores"][0]["workers"] if w["busy"]]
+            assert len(busy) == 4
+            gate.set()
+            await asyncio.gather(*tokens)
+
+    run(main())
+    gate.set()
+
+
+def test_affinity_counts_match_what_ran(run: Any) -> None:
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=3, workers_per_core=2) as c:
+            await asyncio.gather(*[light_quick() for _ in range(30)], *[medium_quick() for _ in range(20)])
+            cores = {core["core_id"]: core["routed"] for core in c.stats()["cores"]}
+            assert cores[1] == {"heavy": 0, "medium": 0, "light": 0}  # light and medium never use core 1
+            assert cores[3]["light"] == 30  # with 3 cores light may only use core 3
+            assert cores[2]["medium"] + cores[3]["medium"] == 20
+
+    run(main())
+
+
+def test_shrinking_a_cores_active_workers_takes_effect(run: Any) -> None:
+    gate.clear()
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=4) as c:
+            c.set_active_workers(1, 2)
+            assert c.active_workers(1) == 2
+            tokens = [light_block() for _ in range(4)]
+            await _wait_executing(c, 2)
+            await asyncio.sleep(0.02)
+            assert c.stats()["counts"]["executing"] == 2
+            gate.set()
+            names = await asyncio.gather(*tokens)
+            assert {n.rsplit("-", 1)[-1] for n in names} <= {"w0", "w1"}
+
+    run(main())
+    gate.set()

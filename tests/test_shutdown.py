@@ -1,0 +1,102 @@
+"""Stopping with work in flight: nothing hangs, every token settles once, no thread survives."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from tokengate import CoordinatorStopped, GateClosed, OperationsCoordinator, TokenKilled, TokenState, task_token_guard
+
+gate = threading.Event()
+
+
+@task_token_guard(operation_type="held", tags={"weight": "light"})
+def held(i: int) -> int:
+    gate.wait(10)
+    return i
+
+
+def test_graceful_stop_lets_queued_work_finish() -> None:
+    gate.clear()
+    coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1).start()
+    tokens = [held(i) for i in range(5)]
+    threading.Timer(0.05, gate.set).start()
+    coordinator.stop(timeout=10)
+    assert [t.get(timeout=1) for t in tokens] == list(range(5))
+
+
+def test_stop_timeout_settles_everything_left_with_coordinator_stopped() -> None:
+    gate.clear()
+    coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1).start()
+    tokens = [held(i) for i in range(4)]
+    releaser = threading.Timer(0.3, gate.set)  # lets the running call end so its thread can exit
+    releaser.start()
+    coordinator.stop(timeout=0.05)
+    for token in tokens:
+        assert token.state is TokenState.KILLED
+        with pytest.raises(CoordinatorStopped):
+            token.get(timeout=1)
+    assert issubclass(CoordinatorStopped, TokenKilled)
+    releaser.join()
+
+
+def test_awaiters_never_hang_when_the_coordinator_stops(run: Any) -> None:
+    gate.clear()
+
+    async def main() -> None:
+        coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1)
+        await coordinator.astart()
+        tokens = [held(i) for i in range(3)]
+        asyncio.get_running_loop().call_later(0.2, gate.set)
+        await coordinator.aclose(timeout=0.01)
+        results = await asyncio.wait_for(asyncio.gather(*tokens, return_exceptions=True), 5)
+        assert all(isinstance(r, CoordinatorStopped) for r in results)
+        await coordinator.aclose()  # idempotent
+
+    run(main())
+
+
+def test_calls_during_and_after_stop_are_refused_clearly(run: Any) -> None:
+    gate.clear()
+
+    async def main() -> None:
+        coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1)
+        await coordinator.astart()
+        first = held(0)
+        closing = asyncio.ensure_future(coordinator.aclose(timeout=5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(GateClosed, match="stopping"):
+            held(1)
+        gate.set()
+        await closing
+        assert await first == 0
+
+    run(main())
+
+
+def test_stop_from_the_loop_thread_in_attached_mode_says_use_aclose(run: Any) -> None:
+    from tokengate import WouldDeadlock
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1) as coordinator:
+            with pytest.raises(WouldDeadlock, match="aclose"):
+                coordinator.stop()
+
+    run(main())
+
+
+def test_stop_before_start_and_repeated_stop_are_harmless() -> None:
+    coordinator = OperationsCoordinator(policies=[])
+    coordinator.stop()
+    coordinator.stop()
+    assert not coordinator.running
+
+
+def test_many_coordinators_started_and_stopped_leave_no_threads() -> None:
+    for _ in range(10):
+        with OperationsCoordinator(policies=[], num_cores=2, workers_per_core=2):
+            assert held.__wrapped__(1) == 1
+    assert not [t for t in threading.enumerate() if "-core" in t.name or "-loop" in t.name]

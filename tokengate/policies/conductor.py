@@ -1,0 +1,328 @@
+"""Hash conductor: a lead call and every call made inside it, at any depth, run on one worker domain.
+
+Tags (validated at decoration):
+
+* ``external_calls``: a non-empty list of the operation types the function
+  calls (strings). It makes the function a *lead*: each call opens a *domain*
+  whose *seed* is ``digest(f"{token_id}:{freeze(external_calls)!r}",
+  digest_policy)``, unique per lead call because it contains the token id.
+* ``digest_policy``: a :class:`~tokengate.fingerprint.DigestPolicy` or its
+  value: ``"full"`` (SHA-256, 64 hex chars, default), ``"short"`` (16),
+  ``"fast"`` (BLAKE2s, 16), ``"minimal"`` (8). The seed is a label for logs and
+  statistics; domains are tracked by identity, so even a digest collision
+  between two live leads cannot mix their accounting.
+
+What a user sees:
+
+* The lead goes where the router puts it; its domain is pinned there. Every
+  decorated call made while a member of the domain runs (the lead, its
+  children, their children...) joins the domain and is routed to the same
+  domain, where the workers still run members in parallel. The list in
+  ``external_calls`` documents the expected children; calls outside it join
+  too and are counted in ``stats()["undeclared_members"]``.
+* A member is counted when it is submitted (before it can possibly finish) and
+  uncounted exactly once when it settles, whatever the outcome (completed,
+  failed, killed, timed out, refused, stopped). When the count reaches zero
+  the domain and its pin are released.
+* **A lead called inside another domain** joins that domain as a member (its
+  parent's domain stays open until it settles) *and* opens its own domain,
+  pinned to the same worker domain. Its own calls join its own domain. Each
+  domain is released by its own count, so neither leaks.
+* A member that timed out keeps running on its thread; a call it makes after
+  its domain closed re-opens the domain (same seed and core), counted as
+  ``revived_total``.
+* Waiting on children does not deadlock: a lead that blocks in
+  ``child.get()`` on a worker runs a child that has not started inline (the
+  coordinator does this), so leads can outnumber the domain's workers.
+* Calls made from threads the function starts itself are not on a worker
+  thread and do not join (they are routed freely).
+
+:func:`current_seed` returns the seed of the call running on this thread;
+:meth:`ConductorPolicy.seed_of` the seed of a token.
+
+Thread: ``before_submit`` on the submitting thread (a worker thread for
+children), ``pick_core``/``on_routed`` under the coordinator's routing lock,
+``on_settle`` on the loop (or the submitting thread for a refused call). State
+is guarded by ``self._lock``; no coordinator method is ever called with it held.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import current
+from ..errors import ConfigurationError
+from ..fingerprint import DigestPolicy, digest, freeze
+from ..policy import Policy
+from ..tags import declare_tag
+
+if TYPE_CHECKING:
+    from ..coordinator import OperationsCoordinator
+    from ..decorator import GuardedFunction
+    from ..token import TaskToken
+
+__all__ = ["ConductorPolicy", "current_seed"]
+
+logger = logging.getLogger(__name__)
+
+_OWNER = "tokengate.policies.conductor"
+_SLOT = "conductor.member"  # token.policy_data key: this call's _Member (kept after settle: no user data)
+_SEED_PREFIX = 12
+
+
+def _parse_calls(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ConfigurationError(f"external_calls must be a list of operation types, got the string {value!r}; "
+                                 f"write [{value!r}]")
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigurationError(f"external_calls must be a non-empty list of operation types, got {value!r}")
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigurationError(f"external_calls entries must be non-empty strings, got {item!r} in {value!r}")
+    return tuple(value)
+
+
+declare_tag("external_calls", _OWNER, _parse_calls,
+            "makes the function a lead: it and every call made inside it run on one worker domain")
+declare_tag("digest_policy", _OWNER, DigestPolicy.parse,
+            "how a lead's seed is hashed: full (default) | short | fast | minimal")
+
+
+class _Domain:
+    """One lead's call chain. ``core`` and ``pending`` are guarded by the policy's lock."""
+
+    __slots__ = ("ident", "seed", "lead_id", "calls", "core", "pending", "owner", "opened_at")
+
+    def __init__(self, ident: int, seed: str, lead_id: str, calls: frozenset[str], core: int | None,
+                 owner: ConductorPolicy) -> None:
+        self.ident = ident
+        self.seed = seed
+        self.lead_id = lead_id
+        self.calls = calls
+        self.core = core  # the lead's domain; None until the lead is placed
+        self.pending = 1  # the lead itself
+        self.owner = owner
+        self.opened_at = time.monotonic()
+
+
+class _Member:
+    """How one call belongs to domains."""
+
+    __slots__ = ("seed_domain", "joined", "own", "done")
+
+    def __init__(self, seed_domain: _Domain, joined: _Domain | None, own: _Domain | None) -> None:
+        self.seed_domain = seed_domain  # what calls made inside this one inherit (and where it runs)
+        self.joined = joined  # the parent's domain this call counts in, if any
+        self.own = own  # the domain this call opened as a lead, if any
+        self.done = False
+
+
+def _member(token: TaskToken[Any]) -> _Member | None:
+    data = token.policy_data
+    return None if data is None else data.get(_SLOT)
+
+
+def current_seed() -> str | None:
+    """The conductor seed of the call running on this worker thread, or None.
+
+    Thread: any; outside a worker thread (or for a call in no domain) it is None.
+    """
+    token = getattr(current._worker_local, "token", None)
+    member = None if token is None else _member(token)
+    return None if member is None else member.seed_domain.seed
+
+
+class ConductorPolicy(Policy):
+    """Keeps a lead call and every call made inside it on the lead's worker domain.
+
+    Install one instance per coordinator. This policy looks at every call (a
+    child needs no tag), but a call that is neither a lead nor made inside a
+    domain costs one thread-local read and a tag lookup at submission, and a
+    ``None`` check in the other hooks.
+
+    Args:
+        max_listed: How many domains ``stats()`` lists (the most pending first).
+    """
+
+    name = "conductor"
+
+    def __init__(self, *, max_listed: int = 100) -> None:
+        if isinstance(max_listed, bool) or not isinstance(max_listed, int) or max_listed < 0:
+            raise ConfigurationError(f"max_listed must be an integer >= 0, got {max_listed!r}")
+        self.max_listed = max_listed
+        # Guards _domains, every _Domain's core and pending, every _Member's done, and the counters.
+        self._lock = threading.Lock()
+        self._domains: dict[int, _Domain] = {}
+        self._ids = itertools.count(1)
+        self._coordinator: OperationsCoordinator | None = None
+        self._pending = 0
+        self._opened = 0
+        self._closed = 0
+        self._members = 0
+        self._undeclared = 0
+        self._revived = 0
+
+    def on_start(self, coordinator: OperationsCoordinator) -> None:
+        """Bind to *coordinator* (loop thread). One instance serves one coordinator."""
+        if self._coordinator is not None and self._coordinator is not coordinator and self._coordinator.running:
+            logger.error("ConductorPolicy instance is shared by coordinators %r and %r; give each its own",
+                         self._coordinator.name, coordinator.name)
+        self._coordinator = coordinator
+
+    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+        """Every token has settled by now, so every domain must be closed; log it if not (loop thread)."""
+        with self._lock:
+            left = len(self._domains)
+        if left:
+            logger.error("conductor: %d domains still open after stop (a bug; please report it)", left)
+
+    def interested(self, guarded: GuardedFunction[..., Any]) -> bool:
+        """Every function: a child of a lead needs no tag."""
+        return True
+
+    @staticmethod
+    def seed_of(token: TaskToken[Any]) -> str | None:
+        """The seed of the domain *token* runs in (its own, for a lead), or None. Thread: any."""
+        member = _member(token)
+        return None if member is None else member.seed_domain.seed
+
+    # -- hooks -----------------------------------------------------------------
+
+    def before_submit(self, token: TaskToken[Any]) -> None:
+        """Open a lead's domain, or join the running parent's domain (submitting thread).
+
+        Runs before the call is routed, so a child is counted before it can finish.
+        """
+        data = token.policy_data
+        if data is not None and _SLOT in data:
+            return  # a retry: already a member
+        calls: tuple[str, ...] | None = token.tags.get("external_calls")
+        parent: TaskToken[Any] | None = getattr(current._worker_local, "token", None)
+        parent_domain = None
+        parent_core = None
+        if parent is not None:
+            parent_member = _member(parent)
+            if parent_member is not None and parent_member.seed_domain.owner is self:
+                parent_domain = parent_member.seed_domain
+                parent_core = parent.core_id
+        if calls is None and parent_domain is None:
+            return  # the common case: a plain call outside any domain
+        if data is None:
+            data = token.policy_data = {}
+        seed = None
+        if calls is not None:
+            material = f"{token.token_id}:{freeze(calls)!r}"
+            seed = digest(material, token.tags.get("digest_policy", DigestPolicy.FULL))
+        with self._lock:
+            if parent_domain is not None:
+                self._join(parent_domain, token, parent_core)
+            if seed is not None and calls is not None:
+                own = _Domain(next(self._ids), seed, token.token_id, frozenset(calls),
+                              None if parent_domain is None else parent_domain.core, self)
+                self._domains[own.ident] = own
+                self._opened += 1
+                self._pending += 1
+                member = _Member(own, parent_domain, own)
+            else:
+                assert parent_domain is not None
+                member = _Member(parent_domain, parent_domain, None)
+        data[_SLOT] = member
+
+    def _join(self, domain: _Domain, token: TaskToken[Any], parent_core: int | None) -> None:
+        """Count *token* in *domain*. Caller holds the lock."""
+        if domain.pending == 0:
+            # The parent settled (timed out) but its thread still runs and makes calls.
+            self._domains[domain.ident] = domain
+            self._revived += 1
+        domain.pending += 1
+        self._pending += 1
+        self._members += 1
+        if token.operation_type not in domain.calls:
+            self._undeclared += 1
+        if domain.core is None:
+            # The lead ran without being routed (a worker ran it inline from get()):
+            # its domain is where it actually runs.
+            domain.core = parent_core
+
+    def pick_core(self, token: TaskToken[Any]) -> int | None:
+        """The domain's worker domain, or None while a lead's is not known yet (routing lock held)."""
+        data = token.policy_data
+        if data is None:
+            return None
+        member: _Member | None = data.get(_SLOT)
+        if member is None:
+            return None
+        core = member.seed_domain.core
+        if core is not None:
+            # Until the core re-runs pick_core when a per-operation pause ends, this is
+            # what keeps such a held call in its domain (coordinator._reroute reads core_id).
+            token.core_id = core
+        return core
+
+    def on_routed(self, token: TaskToken[Any], core: int) -> None:
+        """Pin a lead's domain to where the lead was placed (routing lock held)."""
+        data = token.policy_data
+        if data is None:
+            return
+        member: _Member | None = data.get(_SLOT)
+        if member is None or member.own is None:
+            return
+        with self._lock:
+            if member.own.core is None:
+                member.own.core = core
+
+    def on_settle(self, token: TaskToken[Any]) -> None:
+        """Uncount the call from its domains, exactly once; close a domain at zero."""
+        data = token.policy_data
+        if data is None:
+            return
+        member: _Member | None = data.get(_SLOT)
+        if member is None:
+            return
+        with self._lock:
+            if member.done:
+                return
+            member.done = True
+            if member.own is not None:
+                self._leave(member.own)
+            if member.joined is not None:
+                self._leave(member.joined)
+
+    def _leave(self, domain: _Domain) -> None:
+        """Uncount one member. Caller holds the lock."""
+        domain.pending -= 1
+        self._pending -= 1
+        if domain.pending == 0:
+            del self._domains[domain.ident]
+            self._closed += 1
+        elif domain.pending < 0:  # pragma: no cover - would mean a double count; keep the registry sane
+            logger.error("conductor: domain %s went below zero pending", domain.seed[:_SEED_PREFIX])
+            domain.pending = 0
+
+    # -- inspection --------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Open domains (the ``max_listed`` with most pending) and totals; JSON-ready. Thread: any."""
+        now = time.monotonic()
+        with self._lock:
+            domains = list(self._domains.values())
+            totals = {
+                "domains": len(domains),
+                "pending": self._pending,
+                "opened_total": self._opened,
+                "closed_total": self._closed,
+                "members_total": self._members,
+                "undeclared_members": self._undeclared,
+                "revived_total": self._revived,
+            }
+        listed = [
+            {"seed": d.seed[:_SEED_PREFIX], "lead": d.lead_id, "core": d.core, "pending": d.pending,
+             "age": round(now - d.opened_at, 3)}
+            for d in heapq.nlargest(self.max_listed, domains, key=lambda d: d.pending)
+        ]
+        return {**totals, "listed": listed, "truncated": len(domains) > len(listed)}

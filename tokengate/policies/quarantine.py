@@ -1,0 +1,622 @@
+"""Quarantine: hold anomalous calls for operator review instead of running them.
+
+:class:`QuarantinePolicy` refuses a call in ``before_submit`` and persists it
+(:mod:`tokengate.quarantine_store`) when one of three triggers fires:
+
+* ``argument_spike``: the call's argument footprint (a cheap estimate, see
+  :func:`footprint`) is more than ``spike_factor`` times the operation's recent
+  p99 footprint, once ``spike_min_samples`` accepted calls were seen, and above
+  ``spike_min_bytes`` (so a 300-byte string after a run of small ints is not an
+  anomaly). The p99 comes from a bounded window of accepted calls per operation.
+* ``poison_call``: the same operation and argument fingerprint
+  (:func:`tokengate.fingerprint.routing_key`, STANDARD, kept only as a hash in a
+  bounded LRU) failed ``poison_failures`` times in a row, or exhausted its
+  retries (``token.policy_data["retries_exhausted"]``); the *next* such call is
+  held. A success of that call clears its count. Arguments without structure
+  (plain objects) are fingerprinted by identity, so they rarely match.
+* ``held_operation``: an operator called :meth:`QuarantinePolicy.hold`.
+
+The caller gets :class:`~tokengate.errors.TokenQuarantined` (carrying
+``quarantine_id`` and ``trigger``): at call time for a new call, from
+``await token`` for a retry held on re-admission. The operator API --
+:meth:`~QuarantinePolicy.list`, :meth:`~QuarantinePolicy.get`,
+:meth:`~QuarantinePolicy.release`, :meth:`~QuarantinePolicy.discard` -- works on
+the persisted records, also after a restart (release needs the decorated
+function to be importable).
+
+If the store fails (or cannot be opened) the call is **admitted** and the
+failure logged at error: quarantine never takes the coordinator down, and a
+call is never dropped silently.
+
+Trust boundary: each record's payload is a **pickle** of the call's arguments,
+and releasing a record unpickles it, which runs code chosen by whoever can
+write the database file. The store creates the file owner-only (``0o600``);
+keep it in a directory only the service account can write, and never release
+records from a database you did not create. The summaries shown by
+``list``/``get`` are plain text and safe.
+
+Threads: ``before_submit`` runs on the submitting thread; ``after_run`` and
+``on_settle`` on the loop (``on_settle`` of a call refused at submission on the
+submitting thread). All in-memory state is guarded by one lock that is never
+held while user code (pickling, ``__repr__``) or the database runs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import itertools
+import logging
+import math
+import os
+import reprlib
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, Deque, Mapping
+
+from ..decorator import resolve_guarded
+from ..errors import ConfigurationError, CoordinatorNotRunning, TokenQuarantined
+from ..fingerprint import DigestPolicy, HashPolicy, digest, routing_key
+from ..policy import Policy
+from ..quarantine_store import (
+    DEFAULT_PATH,
+    QuarantineStateError,
+    QuarantineStatus,
+    QuarantineStore,
+    QuarantineStoreError,
+)
+from ..states import TokenState
+
+if TYPE_CHECKING:
+    from ..coordinator import OperationsCoordinator
+    from ..token import TaskToken
+
+__all__ = ["QuarantinePolicy", "footprint", "TRIGGERS"]
+
+logger = logging.getLogger(__name__)
+
+SPIKE, POISON, HELD = "argument_spike", "poison_call", "held_operation"
+TRIGGERS = (SPIKE, POISON, HELD)
+
+_RELEASE_KEY = "quarantine.release_id"  # policy_data: this token is a released record
+_FP_KEY = "quarantine.fingerprint"  # policy_data: the call's fingerprint hash, once computed
+_RECOMPUTE_EVERY = 32  # accepted samples between p99 refreshes (sorting the window is the cost)
+_SAMPLE = 4  # items sampled from a container argument
+_MAX_TOP = 64  # top-level arguments measured (the rest extrapolated)
+
+_getsizeof = sys.getsizeof
+_FLAT = frozenset({str, bytes, bytearray, int, float, bool, complex, type(None)})
+_CONTAINERS = (list, tuple, dict, set, frozenset, collections.deque)
+
+
+def _size(value: object) -> int:
+    """Estimated bytes of one argument: its own size plus a sampled size of its items."""
+    tp = type(value)
+    if tp in _FLAT:
+        return _getsizeof(value)
+    try:
+        size = _getsizeof(value)
+        if isinstance(value, _CONTAINERS):
+            n = len(value)
+            if n:
+                if isinstance(value, dict):
+                    items = [_getsizeof(k) + _getsizeof(v) for k, v in itertools.islice(value.items(), _SAMPLE)]
+                else:
+                    items = [_getsizeof(v) for v in itertools.islice(value, _SAMPLE)]
+                size += sum(items) * n // len(items)
+        elif isinstance(value, memoryview):
+            size += value.nbytes
+        elif getattr(tp, "nbytes", None) is not None:  # numpy/torch views; looked up on the type only
+            nbytes = getattr(value, "nbytes")
+            if isinstance(nbytes, int) and nbytes > size:
+                size = nbytes
+        return size
+    except Exception:  # a broken __sizeof__ / __len__ / __iter__ costs only accuracy
+        return 64
+
+
+def footprint(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+    """A cheap estimate of a call's argument size in bytes; never raises.
+
+    ``sys.getsizeof`` of each top-level argument plus, for list, tuple, dict,
+    set and deque, its length times the mean size of its first few items; for
+    objects with an ``nbytes`` (numpy, torch, memoryview) their buffer size. The
+    work is O(number of top-level arguments), capped at 64 of them (the rest
+    are extrapolated): nested structures are never walked, so objects whose
+    bulk hides deeper down are underestimated.
+    """
+    total = 0
+    for group in (args, kwargs.values()):
+        n = len(group)
+        if n <= _MAX_TOP:
+            for value in group:
+                total += _size(value)
+        else:
+            part = sum(_size(v) for v in itertools.islice(group, _MAX_TOP))
+            total += part * n // _MAX_TOP
+    return total
+
+
+class _Footprints:
+    """Recent accepted footprints of one operation, with a p99 refreshed every few samples."""
+
+    __slots__ = ("samples", "since", "p99")
+
+    def __init__(self, window: int) -> None:
+        self.samples: Deque[int] = collections.deque(maxlen=window)
+        self.since = 0
+        self.p99: int | None = None
+
+    def threshold(self, min_samples: int) -> int | None:
+        n = len(self.samples)
+        if n < min_samples:
+            return None
+        if self.p99 is None or self.since >= _RECOMPUTE_EVERY:
+            self.p99 = sorted(self.samples)[math.ceil(0.99 * n) - 1]
+            self.since = 0
+        return self.p99
+
+
+_OUTCOME_REPR = reprlib.Repr()
+_OUTCOME_REPR.maxstring = 200
+_OUTCOME_REPR.maxother = 200
+
+
+def _outcome_summary(token: TaskToken[Any]) -> str:
+    outcome = token._outcome
+    try:
+        if token._is_error:
+            text = f"{type(outcome).__name__}: {outcome}"
+        else:
+            text = "returned " + _OUTCOME_REPR.repr(outcome)
+    except Exception:
+        text = f"<unrepresentable {type(outcome).__name__}>"
+    return f"{token.state.value}: {text}"
+
+
+class QuarantinePolicy(Policy):
+    """Hold anomalous calls (argument spikes, poison calls, held operations) for review.
+
+    Args:
+        store: A :class:`~tokengate.quarantine_store.QuarantineStore` (the
+            caller owns and closes it), a database path, or ``None`` for
+            ``"tokengate-quarantine.sqlite3"`` in the current directory. A path
+            is made absolute now and opened (created owner-only) at coordinator
+            start; the policy closes the database it opened at stop.
+            ``":memory:"`` keeps records only for this process.
+        spike_factor: How many times the recent p99 footprint makes a spike.
+        spike_min_samples: Accepted calls of an operation needed before spikes
+            are judged.
+        spike_min_bytes: A footprint at or below this is never a spike.
+        spike_window: Accepted footprints kept per operation (>= spike_min_samples).
+        poison_failures: Consecutive failures of one fingerprint that make its
+            next call poison.
+        poison_capacity: Fingerprints whose failures are remembered (LRU).
+
+    Raises:
+        ConfigurationError: for any invalid option, at construction.
+    """
+
+    name = "quarantine"
+
+    def __init__(
+        self,
+        store: QuarantineStore | str | os.PathLike[str] | None = None,
+        *,
+        spike_factor: float = 8.0,
+        spike_min_samples: int = 50,
+        spike_min_bytes: int = 64 * 1024,
+        spike_window: int = 256,
+        poison_failures: int = 3,
+        poison_capacity: int = 10_000,
+    ) -> None:
+        if isinstance(spike_factor, bool) or not isinstance(spike_factor, (int, float)) or not spike_factor >= 1:
+            raise ConfigurationError(f"spike_factor must be a number >= 1, got {spike_factor!r}")
+        _check_int("spike_min_samples", spike_min_samples, 1)
+        _check_int("spike_min_bytes", spike_min_bytes, 0)
+        _check_int("spike_window", spike_window, spike_min_samples,
+                   hint=f" (at least spike_min_samples={spike_min_samples}, or spikes could never be judged)")
+        _check_int("poison_failures", poison_failures, 1)
+        _check_int("poison_capacity", poison_capacity, 1)
+        self._owns_store = not isinstance(store, QuarantineStore)
+        if isinstance(store, QuarantineStore):
+            self._store: QuarantineStore | None = store
+            self._path = store.path
+        elif store is None or isinstance(store, (str, os.PathLike)):
+            path = os.fspath(DEFAULT_PATH if store is None else store)
+            self._path = path if path == ":memory:" else os.path.abspath(path)
+            self._store = None
+        else:
+            raise ConfigurationError(
+                f"store must be a QuarantineStore, a path or None, got {type(store).__name__} {store!r}")
+        self.spike_factor = float(spike_factor)
+        self.spike_min_samples = spike_min_samples
+        self.spike_min_bytes = spike_min_bytes
+        self.spike_window = spike_window
+        self.poison_failures = poison_failures
+        self.poison_capacity = poison_capacity
+        self._coordinator: OperationsCoordinator | None = None
+        self._store_lock = threading.Lock()  # guards opening/closing self._store
+        self._local = threading.local()  # .release_id: set by release() around its submit
+        self._lock = threading.Lock()  # guards everything below
+        # Read without the lock on the hot path: replaced, never mutated.
+        self._held: frozenset[str] = frozenset()
+        self._poison_ops: frozenset[str] = frozenset()
+        self._poison_op_entries: dict[str, int] = {}
+        self._failures: collections.OrderedDict[tuple[str, str], tuple[int, bool]] = collections.OrderedDict()
+        self._footprints: dict[str, _Footprints] = {}
+        self._releasing: set[str] = set()
+        self._quarantined = {t: 0 for t in TRIGGERS}
+        self._store_errors = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def on_start(self, coordinator: OperationsCoordinator) -> None:
+        """Bind to *coordinator* and open the database (an error is logged, not raised)."""
+        self._coordinator = coordinator
+        self._open_store()
+
+    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+        """Unbind; close the database if this policy opened it."""
+        self._coordinator = None
+        if self._owns_store:
+            with self._store_lock:
+                store, self._store = self._store, None
+            if store is not None:
+                store.close()
+
+    def close(self) -> None:
+        """Close a database this policy opened (e.g. after using the operator API without a coordinator)."""
+        if self._owns_store:
+            with self._store_lock:
+                store, self._store = self._store, None
+            if store is not None:
+                store.close()
+
+    def _open_store(self) -> QuarantineStore | None:
+        store = self._store
+        if store is not None or not self._owns_store:
+            return store
+        with self._store_lock:
+            if self._store is None:
+                try:
+                    self._store = QuarantineStore(self._path)
+                except QuarantineStoreError:
+                    logger.exception("cannot open the quarantine database %s; anomalous calls will be admitted",
+                                     self._path)
+            return self._store
+
+    def _require_store(self) -> QuarantineStore:
+        store = self._open_store()
+        if store is None:
+            raise QuarantineStoreError(f"quarantine database {self._path!r} cannot be opened (see the log)")
+        return store
+
+    # -- hooks -------------------------------------------------------------------
+
+    def before_submit(self, token: TaskToken[Any]) -> None:
+        """Quarantine the call if a trigger fires (raises TokenQuarantined), else record its footprint."""
+        data = token.policy_data
+        if data is not None and _RELEASE_KEY in data:
+            return  # a released call, or a retry of one: never held again by this policy
+        release_id = getattr(self._local, "release_id", None)
+        if release_id is not None:
+            self._local.release_id = None  # only the one token release() submits
+            if data is None:
+                token.policy_data = data = {}
+            data[_RELEASE_KEY] = release_id
+            return
+        op = token.operation_type
+        args, kwargs = token.args, token.kwargs
+        if args is None or kwargs is None:
+            return
+        if op in self._held:
+            self._quarantine(token, HELD, f"operation {op!r} is on hold")
+            return
+        if op in self._poison_ops:
+            fp = data.get(_FP_KEY) if data is not None else None
+            if fp is None:
+                fp = _digest(op, args, kwargs)
+                if fp is not None:
+                    if data is None:
+                        token.policy_data = data = {}
+                    data[_FP_KEY] = fp
+            if fp is not None:
+                with self._lock:
+                    count, exhausted = self._failures.get((op, fp), (0, False))
+                if count >= self.poison_failures:
+                    why = "exhausted its retries" if exhausted else f"failed {count} times in a row"
+                    self._quarantine(token, POISON, f"an identical {op} call {why}")
+                    return
+        if token.attempt > 1:
+            return  # a retry carries the arguments already measured at its first submission
+        size = footprint(args, kwargs)
+        with self._lock:
+            window = self._footprints.get(op)
+            if window is None:
+                window = self._footprints[op] = _Footprints(self.spike_window)
+            p99 = window.threshold(self.spike_min_samples)
+            if p99 is None or size <= self.spike_min_bytes or size <= self.spike_factor * p99:
+                window.samples.append(size)
+                window.since += 1
+                return
+        self._quarantine(token, SPIKE, (
+            f"argument footprint ~{size} bytes exceeds {self.spike_factor:g} x the recent p99 ({p99} bytes)"))
+
+    def after_run(self, token: TaskToken[Any]) -> float | None:
+        """Count a failure of the call's fingerprint; a success clears it. Thread: loop."""
+        data = token.policy_data
+        fp = data.get(_FP_KEY) if data is not None else None
+        if not token._is_error:
+            if fp is not None:
+                self._forget_failure(token.operation_type, fp)
+            return None
+        if fp is None:
+            fp = self._fingerprint_of(token)
+        if fp is not None:
+            self._record_failure(token.operation_type, fp, exhausted=False)
+        return None
+
+    def on_settle(self, token: TaskToken[Any]) -> None:
+        """Mark retry exhaustion as poison; store the outcome of a released call."""
+        data = token.policy_data
+        if not data:
+            return
+        if data.get("retries_exhausted"):
+            fp = data.get(_FP_KEY)
+            if fp is None:
+                fp = self._fingerprint_of(token)
+            if fp is not None:
+                self._record_failure(token.operation_type, fp, exhausted=True)
+        release_id = data.get(_RELEASE_KEY)
+        if release_id is not None:
+            self._finish_release(release_id, token)
+
+    # -- triggers and bookkeeping ---------------------------------------------------
+
+    def _quarantine(self, token: TaskToken[Any], trigger: str, reason: str) -> None:
+        """Persist the call and raise TokenQuarantined; on a store failure log and return (admit)."""
+        op = token.operation_type
+        guarded = token.guarded
+        store = self._open_store()
+        record = None
+        if store is not None and guarded is not None:
+            try:
+                record = store.add(op, guarded.module, guarded.qualname, trigger, reason,
+                                   token.args or (), token.kwargs or {})
+            except Exception as exc:
+                logger.error("quarantine store failed (%s) while holding a %s call (%s: %s); the call is "
+                             "admitted instead", exc, op, trigger, reason)
+        else:
+            logger.error("quarantine database %s is unavailable; a %s call (%s: %s) is admitted instead",
+                         self._path, op, trigger, reason)
+        if record is None:
+            with self._lock:
+                self._store_errors += 1
+            return
+        with self._lock:
+            self._quarantined[trigger] += 1
+        logger.warning("quarantined a %s call as %s (%s): %s", op, record.id, trigger, reason)
+        raise TokenQuarantined(
+            f"{op} call was quarantined ({trigger}: {reason}); an operator can release or discard it "
+            f"with id {record.id!r}", operation_type=op, quarantine_id=record.id, trigger=trigger)
+
+    def _fingerprint_of(self, token: TaskToken[Any]) -> str | None:
+        args, kwargs = token.args, token.kwargs
+        if args is None or kwargs is None:
+            return None
+        fp = _digest(token.operation_type, args, kwargs)
+        if fp is not None:
+            if token.policy_data is None:
+                token.policy_data = {}
+            token.policy_data[_FP_KEY] = fp
+        return fp
+
+    def _record_failure(self, op: str, fp: str, *, exhausted: bool) -> None:
+        key = (op, fp)
+        with self._lock:
+            failures = self._failures
+            old = failures.pop(key, None)
+            if old is None:
+                self._entries_changed(op, +1)
+                old = (0, False)
+            count = max(old[0], self.poison_failures) if exhausted else old[0] + 1
+            failures[key] = (count, old[1] or exhausted)
+            while len(failures) > self.poison_capacity:
+                (old_op, _), _ = failures.popitem(last=False)
+                self._entries_changed(old_op, -1)
+
+    def _forget_failure(self, op: str, fp: str) -> None:
+        with self._lock:
+            if self._failures.pop((op, fp), None) is not None:
+                self._entries_changed(op, -1)
+
+    def _entries_changed(self, op: str, delta: int) -> None:
+        """Keep per-operation LRU entry counts and the hot-path set. Caller holds the lock."""
+        entries = self._poison_op_entries
+        n = entries.get(op, 0) + delta
+        if n > 0:
+            entries[op] = n
+            if delta > 0 and n == 1:
+                self._poison_ops = self._poison_ops | {op}
+        else:
+            entries.pop(op, None)
+            self._poison_ops = self._poison_ops - {op}
+
+    def _finish_release(self, record_id: str, token: TaskToken[Any]) -> None:
+        with self._lock:
+            self._releasing.discard(record_id)
+        if token.attempt == 1 and token.started_at is None:
+            # Never ran (refused, killed or timed out before a worker took it): keep it pending.
+            logger.warning("released quarantined call %s settled as %s without running; it stays pending",
+                           record_id, token.state.value)
+            return
+        ok = token.state is TokenState.COMPLETED
+        store = self._open_store()
+        try:
+            if store is None:
+                raise QuarantineStoreError(f"quarantine database {self._path!r} is unavailable")
+            store.mark_released(record_id, ok, _outcome_summary(token))
+        except (KeyError, QuarantineStateError, QuarantineStoreError) as exc:
+            logger.error("released quarantined call %s ran (%s) but its record could not be updated: %s",
+                         record_id, token.state.value, exc)
+
+    # -- operator API ------------------------------------------------------------------
+
+    def hold(self, operation_type: str) -> None:
+        """Quarantine every new call of *operation_type* until :meth:`unhold`. Thread: any."""
+        _check_op(operation_type)
+        with self._lock:
+            self._held = self._held | {operation_type}
+        logger.warning("quarantine: operation %r is on hold; its new calls are quarantined", operation_type)
+
+    def unhold(self, operation_type: str) -> None:
+        """Stop holding *operation_type* (already quarantined calls stay pending). Thread: any."""
+        _check_op(operation_type)
+        with self._lock:
+            self._held = self._held - {operation_type}
+        logger.warning("quarantine: operation %r is no longer on hold", operation_type)
+
+    def held_operations(self) -> builtins.list[str]:
+        """The operation types currently on hold, sorted."""
+        return sorted(self._held)
+
+    def list(
+        self,
+        status: QuarantineStatus | str | None = None,
+        operation_type: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> builtins.list[dict[str, Any]]:
+        """Records newest first as JSON-ready dicts (no payload), filtered and paginated.
+
+        Raises:
+            ConfigurationError: for a bad filter or page argument.
+            QuarantineStoreError: if the database fails.
+        """
+        return [r.to_dict() for r in self._require_store().list(status, operation_type, limit, offset)]
+
+    def get(self, id: str) -> dict[str, Any] | None:
+        """One record as a JSON-ready dict (no payload), or None."""
+        record = self._require_store().get(id)
+        return None if record is None else record.to_dict()
+
+    def release(self, id: str) -> TaskToken[Any]:
+        """Re-run a pending quarantined call through the normal path and return its token.
+
+        The call is submitted to the running coordinator like a new one: every
+        other policy still applies, this one does not hold it again. When the
+        token settles after running, the record becomes RELEASED with a summary
+        of the result or error; if it settles without running (refused, killed,
+        timed out first) the record stays PENDING. Works after a restart as long
+        as the decorated function can be imported.
+
+        Raises:
+            KeyError: no record has this id.
+            QuarantineStateError: the record is not pending, is being released,
+                has no replayable payload, or its function cannot be found.
+            CoordinatorNotRunning: the policy's coordinator is not running.
+            Rejected: another policy refused the call (the record stays pending).
+        """
+        coordinator = self._coordinator
+        if coordinator is None or not coordinator.running:
+            raise CoordinatorNotRunning("release() needs the quarantine policy's coordinator to be running")
+        store = self._require_store()
+        record = store.get(id)
+        if record is None:
+            raise KeyError(f"no quarantined call with id {id!r}")
+        if record.status is not QuarantineStatus.PENDING:
+            raise QuarantineStateError(
+                f"quarantined call {id} is {record.status.value}, not pending; only pending calls can be released")
+        if record.payload is None:
+            raise QuarantineStateError(
+                f"quarantined call {id} cannot be replayed: its arguments were not stored "
+                f"({record.payload_error or 'unknown reason'}); discard it instead")
+        try:
+            guarded = resolve_guarded(record.func_module, record.func_qualname)
+        except LookupError as exc:
+            raise QuarantineStateError(
+                f"cannot release quarantined call {id}: {exc}; make it importable, or discard the call") from exc
+        try:
+            args, kwargs = store.load_payload(id)
+        except ValueError as exc:
+            raise QuarantineStateError(f"cannot release quarantined call {id}: {exc}") from exc
+        with self._lock:
+            if id in self._releasing:
+                raise QuarantineStateError(f"quarantined call {id} is already being released")
+            self._releasing.add(id)
+        self._local.release_id = id
+        try:
+            token = coordinator.submit(guarded, args, kwargs)
+        except BaseException:
+            with self._lock:
+                self._releasing.discard(id)
+            raise
+        finally:
+            self._local.release_id = None
+        logger.warning("released quarantined call %s (%s) as token %s", id, record.operation_type, token.token_id)
+        return token
+
+    def discard(self, id: str) -> dict[str, Any]:
+        """Mark a pending record DISCARDED (it never runs) and return it.
+
+        Raises:
+            KeyError: no record has this id.
+            QuarantineStateError: the record is not pending or is being released.
+        """
+        with self._lock:
+            if id in self._releasing:
+                raise QuarantineStateError(f"quarantined call {id} is being released; it cannot be discarded")
+        record = self._require_store().mark_discarded(id)
+        logger.warning("discarded quarantined call %s (%s)", id, record.operation_type)
+        return record.to_dict()
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-ready: records by status, quarantines by trigger (this process), holds, path, limits."""
+        store = self._store  # never opens the database just to report on it
+        by_status: dict[str, int] | None = None
+        store_error: str | None = None
+        if store is not None and not store.closed:
+            try:
+                by_status = store.stats()["by_status"]
+            except QuarantineStoreError as exc:
+                store_error = str(exc)
+        with self._lock:
+            return {
+                "path": self._path,
+                "records_by_status": by_status,
+                "store_error": store_error,
+                "quarantined_by_trigger": dict(self._quarantined),
+                "store_errors": self._store_errors,
+                "held_operations": sorted(self._held),
+                "releases_in_flight": len(self._releasing),
+                "tracked_operations": len(self._footprints),
+                "poison_fingerprints": len(self._failures),
+                "config": {
+                    "spike_factor": self.spike_factor,
+                    "spike_min_samples": self.spike_min_samples,
+                    "spike_min_bytes": self.spike_min_bytes,
+                    "spike_window": self.spike_window,
+                    "poison_failures": self.poison_failures,
+                    "poison_capacity": self.poison_capacity,
+                },
+            }
+
+
+def _digest(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    # A real digest, not hash(): hash(-1) == hash(-2) in CPython, so tuples of them collide.
+    # Only the digest is kept: remembering the key itself would keep argument objects alive.
+    try:
+        return digest(repr(routing_key(op, args, kwargs, HashPolicy.STANDARD)), DigestPolicy.FAST)
+    except Exception:  # a __repr__ that raises: this call is simply not tracked
+        return None
+
+
+def _check_int(name: str, value: object, low: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigurationError(f"{name} must be an integer >= {low}{hint}, got {value!r}")
+
+
+def _check_op(operation_type: object) -> None:
+    if not isinstance(operation_type, str) or not operation_type:
+        raise ConfigurationError(f"operation_type must be a non-empty string, got {operation_type!r}")

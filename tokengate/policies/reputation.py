@@ -1,0 +1,393 @@
+"""Guard House: a reputation per operation type, and an optional auto-block.
+
+Per ``operation_type`` (not the function's ``__name__``, so same-named
+functions of different modules never merge) the policy counts attempts,
+successes, failures by exception type, timeouts and kills, keeps recent run
+times in a bounded reservoir, and classifies the operation's health:
+
+================  =====================================================
+``UNKNOWN``       fewer than 5 attempts
+``EXCELLENT``     completion rate >= 95 %
+``HEALTHY``       >= 80 %
+``AT_RISK``       >= 50 %
+``PROBLEMATIC``   below 50 %
+================  =====================================================
+
+An *attempt* is one run of the function (each retry is its own attempt) or a
+call that settled as ``TIMEOUT`` (it failed to complete, whether or not it
+had started). ``KILLED`` calls (an operator, a cancelled awaiter, a stop) are
+counted as ``kills`` but are not attempts: they say nothing about the
+operation. Refused calls are not attempts either.
+
+Passive by default: it only observes. With ``auto_block=True``, an operation
+whose failure rate over its most recent ``block_window`` attempts reaches
+``block_threshold`` (with at least ``block_min_attempts`` of them) is blocked:
+its new calls (and retries of earlier ones) are refused with
+:class:`~tokengate.errors.OperationBlocked` until someone calls
+``unblock(operation_type)``. Blocks and unblocks are logged at WARNING.
+
+Memory is bounded: at most ``max_operations`` operation types are tracked;
+past that the least recently seen one is forgotten (its block, if any, stays).
+
+Thread: ``after_run`` and ``on_settle`` run on the coordinator's loop (a call
+refused at submission settles on its submitting thread), ``before_submit`` on
+the submitting thread; ``block``, ``unblock``, ``reputation`` and ``stats`` on
+any thread. One lock guards everything; logging happens after releasing it.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Deque
+
+from ..errors import ConfigurationError, OperationBlocked
+from ..metrics import Reservoir
+from ..policy import Policy
+from ..states import TokenState
+
+if TYPE_CHECKING:
+    from ..coordinator import OperationsCoordinator
+    from ..token import TaskToken
+
+__all__ = ["Health", "ReputationPolicy", "classify_health"]
+
+logger = logging.getLogger(__name__)
+
+_RAN = frozenset({TokenState.COMPLETED, TokenState.FAILED})
+_MAX_ERROR_TYPES = 32  # distinct exception type names kept per operation; the rest count as "<other>"
+
+
+class Health(str, enum.Enum):
+    """The health class of an operation; the value is the lowercase name."""
+
+    UNKNOWN = "unknown"
+    EXCELLENT = "excellent"
+    HEALTHY = "healthy"
+    AT_RISK = "at_risk"
+    PROBLEMATIC = "problematic"
+
+
+def classify_health(attempts: int, successes: int) -> Health:
+    """Health from counts: < 5 attempts UNKNOWN; completion >= 95 % EXCELLENT, >= 80 % HEALTHY, >= 50 % AT_RISK."""
+    if attempts < 5:
+        return Health.UNKNOWN
+    # Integer arithmetic: no float rounding at the exact boundaries (19 of 20 is 95 %).
+    if successes * 100 >= attempts * 95:
+        return Health.EXCELLENT
+    if successes * 100 >= attempts * 80:
+        return Health.HEALTHY
+    if successes * 100 >= attempts * 50:
+        return Health.AT_RISK
+    return Health.PROBLEMATIC
+
+
+class _Operation:
+    """Counters of one operation type. Guarded by the policy's lock."""
+
+    __slots__ = ("attempts", "successes", "failures", "errors", "timeouts", "kills", "refused", "run_time",
+                 "min_run", "first_seen", "last_seen", "window", "window_failures")
+
+    def __init__(self, now: float, reservoir_size: int, window: int) -> None:
+        self.attempts = 0
+        self.successes = 0
+        self.failures = 0
+        self.errors: dict[str, int] = {}
+        self.timeouts = 0
+        self.kills = 0
+        self.refused = 0  # calls refused because the operation was blocked
+        self.run_time = Reservoir(reservoir_size)
+        self.min_run: float | None = None
+        self.first_seen = now
+        self.last_seen = now
+        self.window: Deque[bool] = collections.deque(maxlen=window)  # True = failed
+        self.window_failures = 0
+
+    def push(self, failed: bool) -> None:
+        window = self.window
+        if len(window) == window.maxlen and window[0]:
+            self.window_failures -= 1
+        window.append(failed)
+        if failed:
+            self.window_failures += 1
+
+    def reset_window(self) -> None:
+        self.window.clear()
+        self.window_failures = 0
+
+
+class ReputationPolicy(Policy):
+    """Tracks each operation's reputation; optionally blocks operations that keep failing.
+
+    Args:
+        auto_block: Block an operation when its recent failure rate reaches
+            the threshold (default False: observe only).
+        block_threshold: Failure rate in (0, 1] that blocks (default 0.9).
+        block_window: How many recent attempts the rate is computed over (default 20).
+        block_min_attempts: Attempts the window must hold before it may block
+            (default 10; at most ``block_window``).
+        max_operations: Operation types tracked at most; the least recently
+            seen is forgotten past it (default 10,000).
+        reservoir_size: Recent run times kept per operation for mean and p95 (default 100).
+        clock: Wall-clock seconds for ``first_seen``/``last_seen`` (injectable for tests).
+
+    Raises:
+        ConfigurationError: for any invalid option, at construction.
+    """
+
+    name: ClassVar[str] = "reputation"
+
+    def __init__(
+        self,
+        *,
+        auto_block: bool = False,
+        block_threshold: float = 0.9,
+        block_window: int = 20,
+        block_min_attempts: int = 10,
+        max_operations: int = 10_000,
+        reservoir_size: int = 100,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(auto_block, bool):
+            raise ConfigurationError(f"auto_block must be True or False, got {auto_block!r}")
+        if (isinstance(block_threshold, bool) or not isinstance(block_threshold, (int, float))
+                or not (0 < block_threshold <= 1)):
+            raise ConfigurationError(f"block_threshold must be a failure rate in (0, 1], got {block_threshold!r}")
+        _check_int("block_window", block_window, 1, 100_000)
+        _check_int("block_min_attempts", block_min_attempts, 1, block_window)
+        _check_int("max_operations", max_operations, 1, 10_000_000)
+        _check_int("reservoir_size", reservoir_size, 16, 100_000)
+        self.auto_block = auto_block
+        self.block_threshold = float(block_threshold)
+        self.block_window = block_window
+        self.block_min_attempts = block_min_attempts
+        self.max_operations = max_operations
+        self.reservoir_size = reservoir_size
+        self._clock = clock
+        # Guards _ops, _blocked and every _Operation. Never held while logging or calling user code.
+        self._lock = threading.Lock()
+        self._ops: collections.OrderedDict[str, _Operation] = collections.OrderedDict()  # LRU order
+        # operation_type -> why it is blocked. Read without the lock on the hot path (a dict lookup is atomic).
+        self._blocked: dict[str, str] = {}
+        self._evicted = 0
+        self._coordinator: OperationsCoordinator | None = None
+
+    def on_start(self, coordinator: OperationsCoordinator) -> None:
+        self._coordinator = coordinator
+
+    # -- hooks ------------------------------------------------------------------
+
+    def before_submit(self, token: TaskToken[Any]) -> None:
+        """Refuse a call (or a retry) of a blocked operation with OperationBlocked. Thread: submitter or loop."""
+        if not self._blocked:
+            return
+        op = token.operation_type
+        reason = self._blocked.get(op)
+        if reason is None:
+            return
+        with self._lock:
+            entry = self._ops.get(op)
+            if entry is not None:
+                entry.refused += 1
+        raise OperationBlocked(
+            f"operation {op!r} is blocked ({reason}); fix the cause, then call "
+            f"coordinator.policy('reputation').unblock({op!r})",
+            operation_type=op,
+        )
+
+    def after_run(self, token: TaskToken[Any]) -> float | None:
+        """Record one attempt that ran (success or failure, with its run time). Thread: loop."""
+        failed = token._is_error
+        error_type = type(token._outcome).__name__ if failed else None
+        self._record(token.operation_type, failed, error_type, token.run_time)
+        return None
+
+    def on_settle(self, token: TaskToken[Any]) -> None:
+        """Record outcomes that never reach after_run: TIMEOUT (an attempt) and KILLED. Thread: loop."""
+        state = token._state
+        if state is TokenState.TIMEOUT:
+            self._record(token.operation_type, True, None, None, timeout=True)
+        elif state is TokenState.KILLED:
+            with self._lock:
+                self._entry(token.operation_type).kills += 1
+        elif state in _RAN and self._coordinator is not None and not self._coordinator.running:
+            # While stopping, the coordinator settles finished attempts without calling after_run.
+            self.after_run(token)
+
+    # -- recording ---------------------------------------------------------------
+
+    def _entry(self, op: str) -> _Operation:
+        """The counters of *op*, created if new, marked most recently seen. Caller holds the lock."""
+        now = self._clock()
+        ops = self._ops
+        entry = ops.get(op)
+        if entry is None:
+            entry = ops[op] = _Operation(now, self.reservoir_size, self.block_window)
+            if len(ops) > self.max_operations:
+                ops.popitem(last=False)
+                self._evicted += 1
+        else:
+            ops.move_to_end(op)
+            entry.last_seen = now
+        return entry
+
+    def _record(self, op: str, failed: bool, error_type: str | None, run_time: float | None,
+                *, timeout: bool = False) -> None:
+        blocked_now: str | None = None
+        with self._lock:
+            entry = self._entry(op)
+            entry.attempts += 1
+            if timeout:
+                entry.timeouts += 1
+            elif failed:
+                entry.failures += 1
+                errors = entry.errors
+                key = error_type or "<unknown>"
+                if key not in errors and len(errors) >= _MAX_ERROR_TYPES:
+                    key = "<other>"
+                errors[key] = errors.get(key, 0) + 1
+            else:
+                entry.successes += 1
+            if run_time is not None:
+                entry.run_time.add(run_time)
+                if entry.min_run is None or run_time < entry.min_run:
+                    entry.min_run = run_time
+            entry.push(failed)
+            if self.auto_block and op not in self._blocked:
+                seen = len(entry.window)
+                rate = entry.window_failures / seen
+                if seen >= self.block_min_attempts and rate >= self.block_threshold:
+                    blocked_now = (f"auto-blocked: {entry.window_failures} of its last {seen} attempts failed "
+                                   f"({rate:.0%} >= {self.block_threshold:.0%})")
+                    self._blocked[op] = blocked_now
+        if blocked_now is not None:
+            logger.warning("reputation: operation %r %s; new calls are refused until unblock(%r)",
+                           op, blocked_now, op)
+
+    # -- control -----------------------------------------------------------------
+
+    def block(self, operation_type: str, reason: str = "blocked by operator") -> bool:
+        """Refuse new calls of *operation_type* until ``unblock``; return False if it was already blocked.
+
+        Thread: any.
+        """
+        _check_op(operation_type)
+        with self._lock:
+            if operation_type in self._blocked:
+                return False
+            self._blocked[operation_type] = reason
+        logger.warning("reputation: operation %r blocked (%s); new calls are refused until unblock(%r)",
+                       operation_type, reason, operation_type)
+        return True
+
+    def unblock(self, operation_type: str) -> bool:
+        """Accept calls of *operation_type* again; return False if it was not blocked.
+
+        Also clears the operation's recent-attempt window, so the failures that
+        caused an auto-block do not block it again at the next attempt. The
+        lifetime counters are kept. Thread: any.
+        """
+        _check_op(operation_type)
+        with self._lock:
+            was = self._blocked.pop(operation_type, None)
+            entry = self._ops.get(operation_type)
+            if entry is not None:
+                entry.reset_window()
+        if was is None:
+            return False
+        logger.warning("reputation: operation %r unblocked (was: %s)", operation_type, was)
+        return True
+
+    def blocked(self) -> list[str]:
+        """The blocked operation types, sorted. Thread: any."""
+        with self._lock:
+            return sorted(self._blocked)
+
+    def is_blocked(self, operation_type: str) -> bool:
+        """True while *operation_type* is blocked. Thread: any."""
+        return operation_type in self._blocked
+
+    # -- inspection ----------------------------------------------------------------
+
+    def reputation(self, operation_type: str | None = None) -> list[dict[str, Any]]:
+        """JSON-ready rows, one per tracked operation (most recently seen first), or just *operation_type*'s.
+
+        An operation that is not tracked gives ``[]``. Thread: any.
+        """
+        with self._lock:
+            if operation_type is not None:
+                entry = self._ops.get(operation_type)
+                return [] if entry is None else [self._row(operation_type, entry)]
+            items = list(reversed(self._ops.items()))
+        return self._rows(items)
+
+    def _rows(self, items: list[tuple[str, _Operation]]) -> list[dict[str, Any]]:
+        # The lock is taken per row, so a long listing never stalls the loop's after_run for long.
+        rows = []
+        for op, entry in items:
+            with self._lock:
+                rows.append(self._row(op, entry))
+        return rows
+
+    def _row(self, op: str, e: _Operation) -> dict[str, Any]:
+        """One operation's row. Caller holds the lock."""
+        summary = e.run_time.summary()
+        seen = len(e.window)
+        return {
+            "operation_type": op,
+            "health": classify_health(e.attempts, e.successes).value,
+            "attempts": e.attempts,
+            "successes": e.successes,
+            "failures": e.failures,
+            "failures_by_type": dict(e.errors),
+            "timeouts": e.timeouts,
+            "kills": e.kills,
+            "refused_while_blocked": e.refused,
+            "completion_rate": (e.successes / e.attempts) if e.attempts else None,
+            "recent_failure_rate": (e.window_failures / seen) if seen else None,
+            "recent_attempts": seen,
+            # min is over every run; mean and p95 over the most recent `reservoir_size` runs.
+            "run_time": {"min": e.min_run, "mean": summary["mean"], "p95": summary["p95"], "max": summary["max"],
+                         "samples": summary["window"]},
+            "first_seen": e.first_seen,
+            "last_seen": e.last_seen,
+            "blocked": op in self._blocked,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Totals, the health distribution, blocks and the per-operation rows. Thread: any.
+
+        ``operations`` holds at most ``max_operations`` rows (the least
+        recently seen are evicted; ``evicted_operations`` counts them).
+        """
+        with self._lock:
+            distribution = {h.value: 0 for h in Health}
+            for entry in self._ops.values():
+                distribution[classify_health(entry.attempts, entry.successes).value] += 1
+            head = {
+                "auto_block": self.auto_block,
+                "block_threshold": self.block_threshold,
+                "block_window": self.block_window,
+                "block_min_attempts": self.block_min_attempts,
+                "blocked": dict(sorted(self._blocked.items())),
+                "operations_tracked": len(self._ops),
+                "max_operations": self.max_operations,
+                "evicted_operations": self._evicted,
+                "health_distribution": distribution,
+            }
+            items = list(reversed(self._ops.items()))
+        head["operations"] = {row["operation_type"]: row for row in self._rows(items)}
+        return head
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigurationError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+
+
+def _check_op(operation_type: object) -> None:
+    if not isinstance(operation_type, str) or not operation_type:
+        raise ConfigurationError(f"operation_type must be a non-empty string, got {operation_type!r}")

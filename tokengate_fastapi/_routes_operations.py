@@ -1,0 +1,162 @@
+"""Admin routes about operations (pause, block, hold, kill) and the quarantine.
+
+Part of :func:`tokengate_fastapi.admin_router`. Reputation and quarantine come
+from optional policies (see :mod:`tokengate_fastapi._policies`): listing
+routes answer ``[]`` without them, routes that act on one answer 404
+``policy_not_installed``.
+"""
+
+import asyncio
+from typing import Annotated, Any, Callable, Literal, Sequence
+
+from fastapi import APIRouter, Path, Query
+from fastapi.params import Depends
+
+from .dependencies import CoordinatorDep
+from .errors import AdminError, ErrorCode
+from .schemas import (
+    OperationKillResult,
+    OperationReputation,
+    OperationState,
+    QuarantineRecord,
+    QuarantineReleaseResult,
+    error_responses,
+)
+from ._policies import find_quarantine, operation_rows, operation_state, quarantine_policy, reputation_policy
+
+__all__ = ["add_operation_routes"]
+
+
+OperationType = Annotated[str, Path(min_length=1, max_length=300, description="An operation type.")]
+QuarantineId = Annotated[str, Path(min_length=1, max_length=200, description="A quarantine record id.")]
+
+
+def _consume_outcome(token: "asyncio.Future[Any]") -> None:
+    # Nobody awaits a released call: read its outcome so asyncio does not log
+    # "exception was never retrieved"; the policy records the outcome itself.
+    if not token.cancelled():
+        token.exception()
+
+
+def _not_found(quarantine_id: str) -> AdminError:
+    return AdminError(404, ErrorCode.QUARANTINE_NOT_FOUND, f"no quarantine record {quarantine_id!r}",
+                      quarantine_id=quarantine_id)
+
+
+def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], protected: Sequence[Depends]) -> None:
+    """Add the operation and quarantine routes to *router*; *protected* is the auth dependency list."""
+    deps = list(protected)
+    auth_errors = error_responses(401, 503)
+    policy_errors = error_responses(401, 404, 500, 503)
+
+    @router.get("/operations", response_model=list[OperationReputation], name=name("operations.list"),
+                dependencies=deps, responses=error_responses(401, 500, 503), summary="Reputation per operation")
+    async def list_operations(coordinator: CoordinatorDep) -> list[dict[str, Any]]:
+        """Reputation rows (when the reputation policy is installed) with paused/held/blocked flags."""
+        return operation_rows(coordinator)
+
+    @router.post("/operations/{operation_type}/pause", response_model=OperationState,
+                 name=name("operations.pause"), dependencies=deps, responses=auth_errors,
+                 summary="Pause one operation")
+    async def pause_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
+        """New calls of this operation wait until resumed (they are held, not refused)."""
+        coordinator.pause(operation_type)
+        return operation_state(coordinator, operation_type)
+
+    @router.post("/operations/{operation_type}/resume", response_model=OperationState,
+                 name=name("operations.resume"), dependencies=deps, responses=auth_errors,
+                 summary="Resume one operation")
+    async def resume_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
+        """Release the calls held by a pause of this operation."""
+        coordinator.resume(operation_type)
+        return operation_state(coordinator, operation_type)
+
+    @router.post("/operations/{operation_type}/unblock", response_model=OperationState,
+                 name=name("operations.unblock"), dependencies=deps, responses=policy_errors,
+                 summary="Lift a reputation block")
+    async def unblock_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
+        """Lift the reputation policy's automatic block of this operation."""
+        reputation_policy(coordinator).unblock(operation_type)
+        return operation_state(coordinator, operation_type)
+
+    @router.post("/operations/{operation_type}/hold", response_model=OperationState,
+                 name=name("operations.hold"), dependencies=deps, responses=policy_errors,
+                 summary="Quarantine every new call of an operation")
+    async def hold_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
+        """New calls of this operation go to the quarantine for review instead of running."""
+        quarantine_policy(coordinator).hold(operation_type)
+        return operation_state(coordinator, operation_type)
+
+    @router.post("/operations/{operation_type}/unhold", response_model=OperationState,
+                 name=name("operations.unhold"), dependencies=deps, responses=policy_errors,
+                 summary="Stop quarantining an operation")
+    async def unhold_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
+        """New calls of this operation run again (records already held stay in the quarantine)."""
+        quarantine_policy(coordinator).unhold(operation_type)
+        return operation_state(coordinator, operation_type)
+
+    @router.post("/operations/{operation_type}/kill", response_model=OperationKillResult,
+                 name=name("operations.kill"), dependencies=deps, responses=auth_errors,
+                 summary="Kill every not-yet-started call of an operation")
+    async def kill_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> OperationKillResult:
+        """Waiting and queued calls settle KILLED; running ones finish (threads cannot be interrupted)."""
+        return OperationKillResult(operation_type=operation_type, killed=coordinator.kill_operation(operation_type))
+
+    @router.get("/quarantine", response_model=list[QuarantineRecord], name=name("quarantine.list"),
+                dependencies=deps, responses=error_responses(401, 422, 500, 503), summary="Quarantined calls")
+    async def list_quarantine(
+        coordinator: CoordinatorDep,
+        status: Annotated[Literal["pending", "released", "discarded"] | None, Query()] = None,
+        operation: Annotated[str | None, Query(min_length=1, max_length=300)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[dict[str, Any]]:
+        """Records newest first, filtered by status and operation type; ``[]`` without the policy."""
+        quarantine = find_quarantine(coordinator)
+        if quarantine is None:
+            return []
+        return quarantine.list(status=status, operation_type=operation, limit=limit, offset=offset)
+
+    @router.get("/quarantine/{quarantine_id}", response_model=QuarantineRecord, name=name("quarantine.get"),
+                dependencies=deps, responses=policy_errors, summary="One quarantined call")
+    async def get_quarantine(coordinator: CoordinatorDep, quarantine_id: QuarantineId) -> dict[str, Any]:
+        """One record (argument summaries only, never the stored payload)."""
+        quarantine = quarantine_policy(coordinator)
+        record = quarantine.get(quarantine_id)
+        if record is None:
+            raise _not_found(quarantine_id)
+        return record
+
+    @router.post("/quarantine/{quarantine_id}/release", response_model=QuarantineReleaseResult,
+                 name=name("quarantine.release"), dependencies=deps, responses=error_responses(401, 404, 409, 500, 503),
+                 summary="Re-run a quarantined call")
+    async def release_quarantine(coordinator: CoordinatorDep, quarantine_id: QuarantineId) -> dict[str, Any]:
+        """Submit the held call again as a new token and answer at once (no waiting for its outcome).
+
+        409 ``quarantine_conflict`` when it is not pending (released, discarded, being released) or cannot be replayed.
+        """
+        quarantine = quarantine_policy(coordinator)
+        try:
+            token = quarantine.release(quarantine_id)
+        except KeyError:
+            raise _not_found(quarantine_id) from None
+        except ValueError as exc:  # includes QuarantineStateError: not pending any more
+            raise AdminError(409, ErrorCode.QUARANTINE_CONFLICT, str(exc), quarantine_id=quarantine_id) from None
+        if isinstance(token, asyncio.Future):
+            token.add_done_callback(_consume_outcome)
+        record = quarantine.get(quarantine_id) or {"id": quarantine_id, "status": "released",
+                                                   "operation_type": str(getattr(token, "operation_type", ""))}
+        return {"record": record, "token_id": str(getattr(token, "token_id", ""))}
+
+    @router.delete("/quarantine/{quarantine_id}", response_model=QuarantineRecord,
+                   name=name("quarantine.discard"), dependencies=deps,
+                   responses=error_responses(401, 404, 409, 500, 503), summary="Discard a quarantined call")
+    async def discard_quarantine(coordinator: CoordinatorDep, quarantine_id: QuarantineId) -> dict[str, Any]:
+        """Mark the record discarded: the call will never run. 409 when it is not pending."""
+        quarantine = quarantine_policy(coordinator)
+        try:
+            return quarantine.discard(quarantine_id)
+        except KeyError:
+            raise _not_found(quarantine_id) from None
+        except ValueError as exc:
+            raise AdminError(409, ErrorCode.QUARANTINE_CONFLICT, str(exc), quarantine_id=quarantine_id) from None

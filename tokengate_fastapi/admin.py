@@ -1,0 +1,111 @@
+"""``admin_router()``: the authenticated admin REST API of a tokengate coordinator.
+
+Mount it under a prefix of your choice::
+
+    app = FastAPI(lifespan=tokengate_lifespan())
+    app.include_router(admin_router(), prefix="/tokengate")   # token from $TOKENGATE_ADMIN_TOKEN
+
+Routes (relative to the prefix; 🔒 = needs ``Authorization: Bearer <token>``):
+
+* 🔒 ``GET /stats`` · ``GET /affinity`` · ``GET /workers`` · ``GET /history?limit=`` ·
+  ``GET /tokens/{id}`` · ``POST /tokens/{id}/kill``
+* 🔒 ``GET /operations`` · ``POST /operations/{op}/pause|resume|unblock|hold|unhold|kill``
+* 🔒 ``GET /quarantine?status=&operation=&limit=&offset=`` · ``GET /quarantine/{id}`` ·
+  ``POST /quarantine/{id}/release`` · ``DELETE /quarantine/{id}``
+* 🔒 ``POST /drain`` · ``POST /pause`` · ``POST /resume``
+* ``GET /health`` · ``GET /ready`` (🔒 unless ``public_health``) · ``GET /metrics`` (🔒 unless ``public_metrics``)
+* 🔒 ``GET /events`` (Server-Sent Events; also ``?access_token=``) · ``GET /dashboard`` (open: the page
+  holds no data and asks for the token)
+
+Errors use the body ``{"error": <ErrorCode>, "detail": ...}``: unknown ids 404,
+malformed input 422, a kill of a running token 409 saying why. Answers carry
+``pid`` where it matters: with ``--workers N`` every process has its own
+coordinator, so aggregate across processes in Prometheus, not here.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter, Depends
+from fastapi.params import Depends as DependsParam
+
+from tokengate.errors import ConfigurationError
+
+from .auth import AdminAuth
+from .errors import AdminRoute
+from ._routes_live import add_live_routes
+from ._routes_operations import add_operation_routes
+from ._routes_pool import add_pool_routes
+
+__all__ = ["admin_router"]
+
+
+def _check_seconds(name: str, value: object, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= high:
+        raise ConfigurationError(f"{name} must be a number of seconds in (0, {high:g}], got {value!r}")
+    return float(value)
+
+
+def admin_router(
+    *,
+    token: str | None = None,
+    allow_unauthenticated: bool = False,
+    public_health: bool = True,
+    public_metrics: bool = False,
+    sse_interval: float = 1.0,
+    sse_max_duration: float = 60.0,
+    include_in_schema: bool = True,
+    name_prefix: str = "tokengate",
+) -> APIRouter:
+    """Build the admin API router; mount it with ``app.include_router(router, prefix=...)``.
+
+    The router reads the coordinator from the request (see
+    :func:`~tokengate_fastapi.get_coordinator`), so one router works with any
+    app that runs :func:`~tokengate_fastapi.tokengate_lifespan`. Every handler
+    is ``async def``: the admin API must answer even when every thread is busy.
+
+    Args:
+        token: The admin bearer token. Default: ``$TOKENGATE_ADMIN_TOKEN``,
+            read now. With neither, protected routes answer 503 (fail closed).
+        allow_unauthenticated: Development only: with no token configured,
+            leave every route open (logged as a warning now). A configured
+            token always wins.
+        public_health: Leave ``/health`` and ``/ready`` open for probes (default True).
+        public_metrics: Leave ``/metrics`` open for scrapers (default False).
+        sse_interval: Seconds between ``/events`` snapshots (default 1).
+        sse_max_duration: Seconds after which an ``/events`` stream ends and
+            ``EventSource`` reconnects by itself (default 60). Bounds how long
+            an open dashboard can hold a server's graceful shutdown.
+        include_in_schema: List the routes in the app's OpenAPI schema.
+        name_prefix: Route names are ``f"{name_prefix}:stats"`` and so on, for
+            ``request.url_for``.
+
+    Raises:
+        ConfigurationError: for an empty or whitespace-containing token, a bad
+            interval or duration, or an empty *name_prefix*.
+    """
+    interval = _check_seconds("sse_interval", sse_interval, 3600)
+    max_duration = _check_seconds("sse_max_duration", sse_max_duration, 86_400)
+    if not isinstance(name_prefix, str) or not name_prefix.strip():
+        raise ConfigurationError(f"name_prefix must be a non-empty string, got {name_prefix!r}")
+    auth = AdminAuth(token, allow_unauthenticated=allow_unauthenticated, where=f"{name_prefix} admin router")
+
+    def name(suffix: str) -> str:
+        return f"{name_prefix}:{suffix}"
+
+    protected: list[DependsParam] = [Depends(auth.require)]
+    router = APIRouter(route_class=AdminRoute, include_in_schema=include_in_schema)
+    add_pool_routes(router, name=name, protected=protected)
+    add_operation_routes(router, name=name, protected=protected)
+    add_live_routes(
+        router,
+        name=name,
+        stream_protected=[Depends(auth.require_stream)],
+        health_deps=[] if public_health else protected,
+        metrics_deps=[] if public_metrics else protected,
+        sse_interval=interval,
+        sse_max_duration=max_duration,
+    )
+    return router

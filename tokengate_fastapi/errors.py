@@ -1,0 +1,236 @@
+"""Turn tokengate's refusals into HTTP answers, in one place.
+
+``add_exception_handlers(app)`` installs one handler for the whole tokengate
+error vocabulary. Every answer has the same JSON body::
+
+    {"error": "<ErrorCode>", "detail": "<message>", ...extra fields}
+
+* ``Overloaded`` → 503 ``overloaded``, ``GateClosed`` (draining or stopping) → 503
+  ``gate_closed``, ``OperationBlocked`` → 503 ``operation_blocked``, any other
+  ``Rejected`` (a policy's own) → 503 ``rejected``: all with ``Retry-After`` and
+  ``operation_type`` (plus ``retry_after``, ``reason``);
+* ``TokenQuarantined`` → 409 ``token_quarantined`` with ``quarantine_id``,
+  ``operation_type``, ``trigger``;
+* ``TokenTimeout`` → 504 ``token_timeout`` with ``token_id``, ``timeout``, ``started``;
+* ``TokenKilled`` → 409 ``token_killed`` with ``token_id``, ``reason``;
+  its subclass ``CoordinatorStopped`` → 503 ``coordinator_stopped`` with ``Retry-After``;
+* ``CoordinatorNotRunning`` → 503 ``coordinator_not_running`` with ``Retry-After``.
+
+Why 409 and not 202 for a quarantined call: 202 Accepted promises the request
+"will be processed", and the client would have nothing to poll. A quarantined
+call was *not* run and runs only if an operator releases it (as a new token the
+client never sees). So the answer is 409 Conflict, "this operation is held
+for review", with ``quarantine_id`` so the client can quote it to an operator.
+
+``Retry-After`` is always an integer number of seconds, at least 1, taken from
+the exception's ``retry_after`` hint.
+
+The domain errors stay HTTP-free (``tokengate.errors``); this module is the
+only place that knows status codes.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Callable, Coroutine, Mapping
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.applications import Starlette
+
+from tokengate.errors import (
+    ConfigurationError,
+    CoordinatorNotRunning,
+    CoordinatorStopped,
+    GateClosed,
+    OperationBlocked,
+    Overloaded,
+    Rejected,
+    TokengateError,
+    TokenKilled,
+    TokenQuarantined,
+    TokenTimeout,
+)
+
+__all__ = [
+    "ErrorCode",
+    "AdminError",
+    "AdminRoute",
+    "add_exception_handlers",
+    "error_response",
+    "retry_after_header",
+    "tokengate_exception_handler",
+]
+
+
+#: Retry-After hint when the coordinator is not running (restart or shutdown in progress).
+NOT_RUNNING_RETRY_AFTER = 5.0
+_MAX_RETRY_AFTER = 86_400
+
+
+class ErrorCode(str, enum.Enum):
+    """The stable ``error`` value of every error body (clients switch on this, never on ``detail``)."""
+
+    # refusals and outcomes of calls (add_exception_handlers)
+    OVERLOADED = "overloaded"
+    GATE_CLOSED = "gate_closed"
+    OPERATION_BLOCKED = "operation_blocked"
+    REJECTED = "rejected"
+    TOKEN_QUARANTINED = "token_quarantined"
+    TOKEN_TIMEOUT = "token_timeout"
+    TOKEN_KILLED = "token_killed"
+    COORDINATOR_STOPPED = "coordinator_stopped"
+    COORDINATOR_NOT_RUNNING = "coordinator_not_running"
+    # the admin API
+    UNAUTHORIZED = "unauthorized"
+    ADMIN_TOKEN_NOT_CONFIGURED = "admin_token_not_configured"
+    INVALID_ARGUMENT = "invalid_argument"
+    TOKEN_NOT_FOUND = "token_not_found"
+    TOKEN_EXECUTING = "token_executing"
+    TOKEN_ALREADY_SETTLED = "token_already_settled"
+    POLICY_NOT_INSTALLED = "policy_not_installed"
+    POLICY_INCOMPATIBLE = "policy_incompatible"
+    QUARANTINE_NOT_FOUND = "quarantine_not_found"
+    QUARANTINE_CONFLICT = "quarantine_conflict"
+
+
+class AdminError(Exception):
+    """Raised inside admin routes to answer with an error body (rendered by :class:`AdminRoute`).
+
+    Internal to tokengate_fastapi: it never escapes an admin route, so apps
+    need no handler for it.
+    """
+
+    def __init__(
+        self,
+        status_code: int,
+        code: ErrorCode,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.code = code
+        self.detail = detail
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+    def response(self) -> JSONResponse:
+        return _json(self.status_code, self.code, self.detail, self.headers, **self.extra)
+
+
+def retry_after_header(seconds: float | None) -> str:
+    """Format a retry hint as ``Retry-After``: whole seconds, at least 1 (rounded up)."""
+    if seconds is None or not isinstance(seconds, (int, float)) or math.isnan(seconds) or seconds < 1:
+        return "1"
+    if math.isinf(seconds) or seconds > _MAX_RETRY_AFTER:
+        return str(_MAX_RETRY_AFTER)
+    return str(math.ceil(seconds))
+
+
+def _json(status: int, code: ErrorCode, detail: str, headers: Mapping[str, str] | None = None,
+          **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"error": code.value, "detail": detail}
+    body.update(extra)
+    return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
+
+
+def _retry_headers(seconds: float | None) -> dict[str, str]:
+    return {"Retry-After": retry_after_header(seconds)}
+
+
+def _rejected_code(exc: Rejected) -> ErrorCode:
+    if isinstance(exc, Overloaded):
+        return ErrorCode.OVERLOADED
+    if isinstance(exc, GateClosed):
+        return ErrorCode.GATE_CLOSED
+    if isinstance(exc, OperationBlocked):
+        return ErrorCode.OPERATION_BLOCKED
+    return ErrorCode.REJECTED
+
+
+def error_response(exc: TokengateError) -> JSONResponse | None:
+    """The HTTP answer for a tokengate error (see the module table), or None if it has no mapping.
+
+    Useful in an app's own handler, e.g. to add headers before returning it.
+    Thread: any (builds a response object, touches nothing shared).
+    """
+    if isinstance(exc, TokenQuarantined):
+        return _json(409, ErrorCode.TOKEN_QUARANTINED, str(exc), quarantine_id=exc.quarantine_id,
+                     operation_type=exc.operation_type, trigger=exc.trigger)
+    if isinstance(exc, Rejected):
+        retry_after: float | None = getattr(exc, "retry_after", None)
+        extra: dict[str, Any] = {"operation_type": exc.operation_type, "reason": exc.reason}
+        if retry_after is not None:
+            extra["retry_after"] = retry_after
+        return _json(503, _rejected_code(exc), str(exc), _retry_headers(retry_after), **extra)
+    if isinstance(exc, CoordinatorStopped):
+        return _json(503, ErrorCode.COORDINATOR_STOPPED, str(exc), _retry_headers(NOT_RUNNING_RETRY_AFTER),
+                     token_id=exc.token_id)
+    if isinstance(exc, TokenKilled):
+        return _json(409, ErrorCode.TOKEN_KILLED, str(exc), token_id=exc.token_id, reason=exc.reason)
+    if isinstance(exc, TokenTimeout):
+        return _json(504, ErrorCode.TOKEN_TIMEOUT, str(exc), token_id=exc.token_id, timeout=exc.timeout,
+                     started=exc.started)
+    if isinstance(exc, CoordinatorNotRunning):
+        return _json(503, ErrorCode.COORDINATOR_NOT_RUNNING, str(exc), _retry_headers(NOT_RUNNING_RETRY_AFTER))
+    return None
+
+
+async def tokengate_exception_handler(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler for the tokengate errors in the module table.
+
+    Installed by :func:`add_exception_handlers`; an exception without a
+    mapping is re-raised so Starlette answers 500 and logs it as usual.
+    Thread: the server's event loop.
+    """
+    response = error_response(exc) if isinstance(exc, TokengateError) else None
+    if response is None:
+        raise exc
+    return response
+
+
+#: The classes add_exception_handlers registers; subclasses are found through the MRO.
+HANDLED_EXCEPTIONS: tuple[type[TokengateError], ...] = (Rejected, TokenKilled, TokenTimeout, CoordinatorNotRunning)
+
+
+def add_exception_handlers(app: Starlette) -> None:
+    """Install :func:`tokengate_exception_handler` on *app* for every mapped tokengate error.
+
+    Call it once after creating the app (``add_exception_handlers(app)``). A
+    handler the app registers later for one of these classes (or a subclass)
+    takes precedence, so single mappings can be overridden.
+    """
+    for exc_class in HANDLED_EXCEPTIONS:
+        app.add_exception_handler(exc_class, tokengate_exception_handler)
+
+
+class AdminRoute(APIRoute):
+    """Route class of the admin router: renders its errors with the common body.
+
+    Admin routes answer ``AdminError``, the mapped tokengate errors and a
+    ``ConfigurationError`` (422) in the ``{"error", "detail"}`` shape even if
+    the app never called :func:`add_exception_handlers`.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def admin_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except AdminError as exc:
+                return exc.response()
+            except ConfigurationError as exc:
+                return _json(422, ErrorCode.INVALID_ARGUMENT, str(exc))
+            except TokengateError as exc:
+                response = error_response(exc)
+                if response is None:
+                    raise
+                return response
+
+        return admin_handler

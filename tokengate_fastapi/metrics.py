@@ -1,0 +1,149 @@
+"""``TokengateCollector``: Prometheus metrics read from ``coordinator.stats()`` at scrape time.
+
+Nothing is counted on the hot path: each scrape takes one stats snapshot and
+turns it into metric families. The admin router's ``GET /metrics`` serves it
+from a registry of its own. To expose it through an existing endpoint
+(``prometheus_client.make_asgi_app()``, prometheus-fastapi-instrumentator),
+register it in that registry inside the lifespan::
+
+    REGISTRY.register(TokengateCollector(coordinator))
+
+Labels are few and bounded: ``coordinator`` (its name), ``weight``,
+``core``, ``state`` and ``quantile``; never a token id or an operation name.
+
+Note:
+    The collector reads the live coordinator of *this* process, so
+    ``PROMETHEUS_MULTIPROC_DIR`` multiprocess mode cannot aggregate it: with
+    several server workers, scrape each worker (or run one per pod). Two
+    coordinators in one registry need different ``namespace`` values.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Iterable, Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from tokengate import OperationsCoordinator, TERMINAL_STATES
+
+__all__ = ["TokengateCollector"]
+
+_QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.95", "p95"), ("0.99", "p99"))
+_STATES = sorted(s.value for s in TERMINAL_STATES)
+
+
+class TokengateCollector:
+    """A prometheus-client collector for one coordinator.
+
+    Families (``tokengate`` is the default namespace):
+
+    * gauges: ``tokengate_up``, ``_draining``, ``_paused``, ``_inflight``,
+      ``_waiting``, ``_admitted``, ``_executing``, ``_held``,
+      ``_pending{weight}``, ``_core_queue_depth{core}``,
+      ``_core_busy_workers{core}``, ``_core_active_workers{core}``,
+      ``_throughput_per_second``, ``_queue_wait_seconds{quantile}`` and
+      ``_run_time_seconds{quantile}`` (percentiles over the most recent
+      calls, plus ``quantile="1"`` for the window's maximum);
+    * counters: ``tokengate_accepted_total``, ``_settled_total{state}``,
+      ``_rejected_at_submit_total``, ``_retries_total``,
+      ``_routed_total{core,weight}``.
+
+    Holds the coordinator weakly: a collector left in a global registry
+    never keeps a stopped coordinator alive (it then reports nothing).
+    Thread: ``collect()`` is called by whatever thread scrapes; it only reads.
+    """
+
+    def __init__(self, coordinator: OperationsCoordinator, *, namespace: str = "tokengate") -> None:
+        self._coordinator = weakref.ref(coordinator)
+        self.namespace = namespace
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without samples (lets a registry refuse duplicate names at register time)."""
+        return list(self._families(None))
+
+    def collect(self) -> Iterable[Metric]:
+        """One snapshot of the coordinator as metric families."""
+        coordinator = self._coordinator()
+        if coordinator is None:
+            return []
+        return list(self._families(coordinator.stats()))
+
+    def _families(self, stats: Mapping[str, Any] | None) -> Iterator[Metric]:
+        ns = self.namespace
+        name = "" if stats is None else str(stats["name"])
+        counts: Mapping[str, Any] = {} if stats is None else stats["counts"]
+        cores: list[Mapping[str, Any]] = [] if stats is None else stats["cores"]
+
+        def gauge(metric: str, doc: str, value: float | None) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(f"{ns}_{metric}", doc, labels=["coordinator"])
+            if stats is not None and value is not None:
+                family.add_metric([name], float(value))
+            return family
+
+        def counter(metric: str, doc: str, value: float | None) -> CounterMetricFamily:
+            family = CounterMetricFamily(f"{ns}_{metric}", doc, labels=["coordinator"])
+            if stats is not None and value is not None:
+                family.add_metric([name], float(value))
+            return family
+
+        yield gauge("up", "1 while the coordinator is running.",
+                    None if stats is None else float(stats["phase"] == "running"))
+        yield gauge("draining", "1 while drain() keeps the gate closed.",
+                    None if stats is None else float(bool(stats["draining"])))
+        yield gauge("paused", "1 while global admission is paused.",
+                    None if stats is None else float(bool(stats["paused"])))
+        yield gauge("inflight", "Calls accepted and not yet settled.", counts.get("inflight"))
+        yield gauge("waiting", "Calls waiting for a mailbox (pending, held or paused).", counts.get("waiting"))
+        yield gauge("admitted", "Calls sitting in worker mailboxes.", counts.get("admitted"))
+        yield gauge("executing", "Calls running on a worker thread now.", counts.get("executing"))
+        yield gauge("held", "Calls held because their operation is paused.",
+                    None if stats is None else sum(stats["held"].values()))
+        yield gauge("throughput_per_second", "Settled calls per second over the last 10 s.",
+                    None if stats is None else stats["throughput_per_s"])
+
+        pending = GaugeMetricFamily(f"{ns}_pending", "Calls waiting in each weight class's pending queue.",
+                                    labels=["coordinator", "weight"])
+        if stats is not None:
+            for weight, value in sorted(stats["pending"].items()):
+                pending.add_metric([name, weight], float(value))
+        yield pending
+
+        for metric, key, doc in (
+            ("core_queue_depth", "queue_depth", "Calls in the mailboxes of a worker domain."),
+            ("core_busy_workers", "busy_workers", "Workers of a domain running a call now."),
+            ("core_active_workers", "active_workers", "Workers of a domain taking new calls."),
+        ):
+            family = GaugeMetricFamily(f"{ns}_{metric}", doc, labels=["coordinator", "core"])
+            for core in cores:
+                family.add_metric([name, str(core["core_id"])], float(core[key]))
+            yield family
+
+        for metric, key, doc in (
+            ("queue_wait_seconds", "queue_wait", "Creation to start on a worker, recent calls (quantile 1 = max)."),
+            ("run_time_seconds", "run_time", "Run time on the worker, recent calls (quantile 1 = max)."),
+        ):
+            family = GaugeMetricFamily(f"{ns}_{metric}", doc, labels=["coordinator", "quantile"])
+            if stats is not None:
+                summary: Mapping[str, Any] = stats[key]
+                for quantile, field in (*_QUANTILES, ("1", "max")):
+                    value = summary.get(field)
+                    if value is not None:
+                        family.add_metric([name, quantile], float(value))
+            yield family
+
+        yield counter("accepted", "Calls accepted since start.", counts.get("accepted"))
+        yield counter("rejected_at_submit", "Calls refused before acceptance.", counts.get("rejected_at_submit"))
+        yield counter("retries", "Attempts retried by a policy.", counts.get("retries"))
+        settled = CounterMetricFamily(f"{ns}_settled", "Calls settled, by terminal state.",
+                                      labels=["coordinator", "state"])
+        if stats is not None:
+            for state in _STATES:
+                settled.add_metric([name, state], float(counts.get(state, 0)))
+        yield settled
+        routed = CounterMetricFamily(f"{ns}_routed", "Calls placed in a domain's mailboxes, by weight class.",
+                                     labels=["coordinator", "core", "weight"])
+        for core in cores:
+            for weight, value in sorted(core["routed"].items()):
+                routed.add_metric([name, str(core["core_id"]), weight], float(value))
+        yield routed

@@ -1,0 +1,309 @@
+"""Pydantic response models of the admin API, so the OpenAPI schema documents every answer.
+
+Models mirror the JSON-ready dicts of the core (``coordinator.stats()``,
+``ExecutionRecord.to_dict()``, ``KillResult``, ``DrainReport``) and of the
+reputation and quarantine policies. Models fed by a dict the core or a policy
+may grow accept extra keys (``extra="allow"``) and pass them through, so a new
+field never breaks the API; the declared fields are the documented contract.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ErrorCode
+
+__all__ = [
+    "AffinityResponse",
+    "CoreAffinity",
+    "CoreInfo",
+    "DrainReport",
+    "DrainRequest",
+    "ErrorBody",
+    "ExecutionRecord",
+    "Health",
+    "KillResult",
+    "LatencySummary",
+    "OperationKillResult",
+    "OperationReputation",
+    "OperationState",
+    "PoolState",
+    "QuarantineRecord",
+    "QuarantineReleaseResult",
+    "Ready",
+    "StatsResponse",
+    "TokenRecord",
+    "WorkerInfo",
+    "WorkerQueue",
+    "error_responses",
+]
+
+_ERROR_DESCRIPTIONS = {
+    401: "Missing or invalid admin token (`WWW-Authenticate: Bearer`).",
+    404: "Unknown id, or the policy this route needs is not installed.",
+    409: "The request conflicts with the current state (see `error`).",
+    422: "Malformed input.",
+    500: "An installed policy lacks a method the admin API needs.",
+    503: "No admin token configured (`admin_token_not_configured`), or the coordinator is not running.",
+}
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(_Open):
+    """Every error answer: a stable code, a human message, and context fields depending on the code."""
+
+    error: ErrorCode
+    detail: str
+    operation_type: str | None = None
+    quarantine_id: str | None = None
+    token_id: str | None = None
+    state: str | None = None
+    retry_after: float | None = None
+
+
+class LatencySummary(_Open):
+    """Seconds, over the most recent ``reservoir_size`` calls (``count`` is all-time)."""
+
+    count: int
+    window: int
+    mean: float | None = None
+    max: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+
+
+class WorkerInfo(_Open):
+    """One worker thread: its mailbox depth and what it is running now."""
+
+    core_id: int | None = None
+    worker_id: str
+    index: int
+    active: bool
+    queue_depth: int
+    busy: bool
+    running_operation: str | None = None
+    executed: int
+    busy_time: float
+    classes: list[str]
+    alive: bool
+
+
+class CoreInfo(_Open):
+    """One worker domain ("core"): owners, routed counts per weight class, live queues."""
+
+    core_id: int
+    owners: list[str]
+    active_workers: int
+    queue_depth: int
+    pinned_pending: int
+    busy_workers: int
+    routed: dict[str, int]
+    routed_total: int
+    workers: list[WorkerInfo]
+
+
+class StatsResponse(_Open):
+    """``coordinator.stats()`` plus ``pid`` (each server process has its own coordinator)."""
+
+    pid: int
+    name: str
+    phase: str
+    mode: str
+    uptime: float
+    started_at: float | None = None
+    paused: bool
+    draining: bool
+    paused_operations: list[str]
+    topology: dict[str, Any]
+    routing: dict[str, Any]
+    counts: dict[str, int]
+    throughput_per_s: float
+    queue_wait: LatencySummary
+    run_time: LatencySummary
+    pending: dict[str, int]
+    pending_total: int
+    peak_pending: int
+    held: dict[str, int]
+    mailbox_size: int
+    max_pending: int
+    routed_by_weight: dict[str, int]
+    cores: list[CoreInfo]
+    policies: dict[str, dict[str, Any]]
+
+
+class WorkerQueue(BaseModel):
+    """Live queue depth of one worker."""
+
+    worker_id: str
+    queue_depth: int
+    busy: bool
+    active: bool
+
+
+class CoreAffinity(BaseModel):
+    """Where calls went: routed counts per weight class, and the domain's live queues."""
+
+    core_id: int
+    owners: list[str]
+    routed: dict[str, int]
+    routed_total: int
+    queue_depth: int
+    busy_workers: int
+    active_workers: int
+    workers: list[WorkerQueue]
+
+
+class AffinityResponse(BaseModel):
+    """Per-core, per-weight routed counts and live queue depth per worker."""
+
+    pid: int
+    mailbox_size: int
+    routed_by_weight: dict[str, int]
+    cores: list[CoreAffinity]
+
+
+class ExecutionRecord(_Open):
+    """One settled call from the bounded execution history (newest first). Times in seconds."""
+
+    token_id: str
+    operation_type: str
+    state: str
+    success: bool
+    weight: str
+    queue_wait: float | None = None
+    run_time: float | None = None
+    core_id: int | None = None
+    worker_id: str | None = None
+    attempt: int
+    finished_at: float
+    error: str | None = None
+    complexity: str = ""
+
+
+class TokenRecord(_Open):
+    """A token's status: live tokens have the timing fields, settled ones come from the history."""
+
+    token_id: str
+    operation_type: str
+    state: str
+    settled: bool
+    weight: str | None = None
+    core_id: int | None = None
+    worker_id: str | None = None
+    attempt: int | None = None
+    queue_wait: float | None = None
+    run_time: float | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    kill_reason: str | None = None
+    error: str | None = None
+
+
+class KillResult(BaseModel):
+    """What a kill did. Only a token that has not started can be killed."""
+
+    token_id: str
+    killed: bool
+    found: bool
+    state: str | None = None
+    message: str
+
+
+class OperationKillResult(BaseModel):
+    """How many not-yet-started calls of one operation were killed."""
+
+    operation_type: str
+    killed: int
+
+
+class OperationState(BaseModel):
+    """The admission flags of one operation after a control action."""
+
+    operation_type: str
+    paused: bool
+    held: bool
+    blocked: bool
+
+
+class OperationReputation(_Open):
+    """One operation's reputation row (fields from the reputation policy) plus its admission flags."""
+
+    operation_type: str
+    paused: bool = False
+    held: bool = False
+    blocked: bool = False
+
+
+class QuarantineRecord(_Open):
+    """One quarantined call (fields from the quarantine policy; never the raw arguments)."""
+
+    id: str
+    operation_type: str
+    status: str
+    trigger: str | None = None
+    reason: str | None = None
+    args_summary: str | None = None
+    kwargs_summary: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    outcome_summary: str | None = None
+    outcome_ok: bool | None = None
+
+
+class QuarantineReleaseResult(BaseModel):
+    """A released call: its updated record and the id of the new token now running it."""
+
+    record: QuarantineRecord
+    token_id: str
+
+
+class DrainRequest(BaseModel):
+    """Options of ``POST /drain`` (as a JSON body; the same names work as query parameters)."""
+
+    wait: bool = True
+    timeout: float = Field(default=30.0, ge=0, le=300)
+
+
+class DrainReport(BaseModel):
+    """What a drain saw. With ``wait=false`` it is the state right after the gate closed."""
+
+    drained: bool
+    settled_during_drain: int
+    remaining: int
+    elapsed: float
+
+
+class PoolState(BaseModel):
+    """Global admission state after ``/pause`` or ``/resume``."""
+
+    pid: int
+    phase: str
+    paused: bool
+    draining: bool
+    inflight: int
+
+
+class Health(BaseModel):
+    """Liveness: the event loop answers."""
+
+    status: Literal["ok"] = "ok"
+    pid: int
+
+
+class Ready(BaseModel):
+    """Readiness: ``ready`` only while running and neither draining nor paused."""
+
+    status: Literal["ready", "draining", "paused", "stopped"]
+    ready: bool
+    pid: int
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries documenting :class:`ErrorBody` for *statuses*."""
+    return {status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
