@@ -96,6 +96,12 @@ class _Plan:
     """The hooks that apply to one decorated function, computed once per coordinator."""
 
     __slots__ = HOOKS
+    before_submit: tuple[Policy, ...]
+    admit: tuple[Policy, ...]
+    pick_core: tuple[Policy, ...]
+    on_routed: tuple[Policy, ...]
+    after_run: tuple[Policy, ...]
+    on_settle: tuple[Policy, ...]
 
     def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any]) -> None:
         interested = [p for p in policies if p.interested(guarded)]
@@ -431,7 +437,7 @@ class OperationsCoordinator:
                     self._accepted += 1
                     self._live[token._seq] = token
             if refusal is not None:
-                token._state = _S.REJECTED  # still private to this thread: no lock needed
+                token._tstate = _S.REJECTED  # still private to this thread: no lock needed
                 token._outcome, token._is_error = refusal, True
                 token._drop_call()
                 token._finalized = True
@@ -475,7 +481,7 @@ class OperationsCoordinator:
                 continue
             if not admitted:
                 with router.lock:
-                    if token._state is _S.CREATED:
+                    if token._tstate is _S.CREATED:
                         token._force_transition(_S.WAITING)
                         self._accepted += 1
                         self._live[token._seq] = token
@@ -495,7 +501,7 @@ class OperationsCoordinator:
                         pin = None
                     else:
                         break
-            first = token._state is _S.CREATED
+            first = token._tstate is _S.CREATED
             try:
                 worker = router.route(token, pin, refuse=refuse and first)
             except Rejected as exc:
@@ -549,7 +555,7 @@ class OperationsCoordinator:
 
     def release_held(self, token: TaskToken[Any]) -> None:
         """Hand back a token a policy held in ``admit``; it continues to routing. Thread: any."""
-        if token._state is not _S.WAITING:
+        if token._tstate is not _S.WAITING:
             return
         token._where = NOWHERE
         plan = self._plans.get(id(token._guarded)) if token._guarded is not None else None
@@ -577,7 +583,7 @@ class OperationsCoordinator:
     def _expire(self, token: TaskToken[Any], seconds: float) -> None:
         """A token's timeout fired. Thread: loop."""
         token.timer = None
-        started = token._state is _S.EXECUTING
+        started = token._tstate is _S.EXECUTING
         exc = TokenTimeout(
             f"{token.operation_type} token {token.token_id} did not finish within {seconds}s"
             + (" (still running on its worker; its result will be discarded)" if started else " (never started)"),
@@ -629,7 +635,7 @@ class OperationsCoordinator:
                 if is_error is not None:
                     self._abandoned += 1  # a late completion after a timeout or stop
                 continue
-            if token._state is _S.EXECUTING and is_error is not None:
+            if token._tstate is _S.EXECUTING and is_error is not None:
                 token._outcome = outcome
                 token._is_error = is_error
                 plan = self._plans.get(id(token._guarded))
@@ -640,7 +646,7 @@ class OperationsCoordinator:
                         continue
                 # Once EXECUTING, a token's state is changed only on this (the
                 # loop) thread, so no lock is needed for this last move.
-                token._state = _S.FAILED if token._is_error else _S.COMPLETED
+                token._tstate = _S.FAILED if token._is_error else _S.COMPLETED
             n += 1
             self._finalize(token)
         if n:
@@ -669,7 +675,7 @@ class OperationsCoordinator:
 
     def _readmit(self, token: TaskToken[Any], plan: _Plan) -> None:
         """A retry goes back through admission: policies may refuse or hold it. Thread: loop."""
-        if token._state is not _S.WAITING or self._phase != "running":
+        if token._tstate is not _S.WAITING or self._phase != "running":
             return
         for p in plan.before_submit:
             try:
@@ -686,7 +692,7 @@ class OperationsCoordinator:
         if token._finalized:
             return
         token._finalized = True
-        state = token._state
+        state = token._tstate
         token.settled_at = now = _perf()
         self._settled += 1
         self._by_state[state] += 1
@@ -695,6 +701,8 @@ class OperationsCoordinator:
             token.timer = None
         started = token.started_at
         finished = token.finished_at
+        qw: float | None
+        rt: float | None
         if started is not None:
             qw = started - token.created_at
             self._queue_wait.add(qw)
@@ -702,7 +710,8 @@ class OperationsCoordinator:
             if rt is not None:
                 self._run_time.add(rt)
         else:
-            qw = rt = None
+            qw = None
+            rt = None
         self._history.append((
             token._seq, token.operation_type, state, token.weight, qw, rt, token.core_id, token.worker_id,
             token.attempt, now, type(token._outcome).__name__ if token._is_error else None,
@@ -760,7 +769,7 @@ class OperationsCoordinator:
         if token._where == IN_POLICY:
             return
         with self._router.lock:
-            if token._state is _S.WAITING:
+            if token._tstate is _S.WAITING:
                 self._router.forget_waiting(token)
         run_token(token, worker, _STEALABLE)
         del token  # see run_token: frames kept by a traceback must not pin the token
@@ -904,7 +913,7 @@ class OperationsCoordinator:
         exc = TokenKilled(f"token {tid} ({token.operation_type}) was killed: {reason}", token_id=tid, reason=reason)
         if self._kill_token(token, exc):
             return KillResult(tid, True, True, _S.KILLED.value, "killed before it started")
-        state = token._state
+        state = token._tstate
         if state is _S.EXECUTING:
             return KillResult(tid, False, True, state.value,
                               "token is executing and cannot be interrupted; it will run to completion")
@@ -934,7 +943,7 @@ class OperationsCoordinator:
 
     def _abandon(self, token: TaskToken[Any]) -> None:
         """The awaiter of *token* was cancelled: kill it if it has not started."""
-        if token._state in _NOT_STARTED and self._phase != "stopped":
+        if token._tstate in _NOT_STARTED and self._phase != "stopped":
             self._kill_token(token, TokenKilled(
                 f"token {token.token_id} ({token.operation_type}) was killed: its awaiter was cancelled",
                 token_id=token.token_id, reason="awaiter cancelled"))

@@ -19,10 +19,7 @@ from .complexity import ComplexityReport, analyze, default_weight
 from .errors import ConfigurationError, CoordinatorNotRunning
 from .tags import validate_tags
 
-try:  # Python 3.10+: typing.ParamSpec
-    from typing import ParamSpec
-except ImportError:  # pragma: no cover - Python < 3.10 is not supported
-    from typing_extensions import ParamSpec
+from typing import ParamSpec
 
 from . import current as _current
 from .token import TaskToken
@@ -54,10 +51,10 @@ class GuardedFunction(Generic[P, R]):
         self.operation_type = operation_type
         self.tags: Mapping[str, Any] = types.MappingProxyType(tags)
         self.complexity: ComplexityReport = analyze(func)
-        self.weight: str = tags.get("weight") or default_weight(self.complexity)
+        self.weight: str = str(tags.get("weight") or default_weight(self.complexity))
         self.timeout: float | None = tags.get("timeout")
         self.module: str = getattr(func, "__module__", None) or "__main__"
-        self.qualname: str = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        self.qualname: str = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
         # Policies cache per-function decisions here (e.g. parsed retry settings).
         self.policy_cache: dict[str, Any] = {}
 

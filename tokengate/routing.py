@@ -148,9 +148,9 @@ class Router:
 
     def place(self, token: TaskToken[Any], worker: Worker) -> bool:
         """Put *token* in *worker*'s mailbox (→ ADMITTED). False if the token was settled meanwhile."""
-        if token._state is _CREATED:
+        if token._tstate is _CREATED:
             # Not yet published to any other thread: no kill can race with us.
-            token._state = _ADMITTED
+            token._tstate = _ADMITTED
         elif not token._transition(_ADMITTED, _ENTRY):
             return False
         token.admitted_at = _perf()
@@ -178,9 +178,9 @@ class Router:
                 pending=count,
                 limit=self.max_pending,
             )
-        if token._state is _CREATED:
-            token._state = _WAITING  # still private to the submitting thread
-        elif token._state is not _WAITING:
+        if token._tstate is _CREATED:
+            token._tstate = _WAITING  # still private to the submitting thread
+        elif token._tstate is not _WAITING:
             token._force_transition(_WAITING)
         if pin is None:
             self.pending[weight].append(token)
@@ -213,7 +213,7 @@ class Router:
         """Place or queue *token*; return the worker it went to (None if it waits)."""
         op = token.operation_type
         if op in self.paused_ops:
-            if token._state is not _WAITING:
+            if token._tstate is not _WAITING:
                 token._force_transition(_WAITING)
             self.held.setdefault(op, collections.deque()).append(token)
             token._where = IN_HELD
@@ -246,7 +246,7 @@ class Router:
         for queue in sources:
             while queue and len(placed) < batch:
                 token = queue.popleft()
-                if token._state is not _WAITING or token._where == NOWHERE:
+                if token._tstate is not _WAITING or token._where == NOWHERE:
                     continue  # killed or timed out while waiting: already uncounted
                 self.pending_count[token.weight] -= 1
                 self.pending_total -= 1
@@ -264,7 +264,7 @@ class Router:
             return []
         out = []
         for token in held:
-            if token._state is _WAITING:
+            if token._tstate is _WAITING:
                 token._where = NOWHERE
                 out.append(token)
         return out

@@ -86,7 +86,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         "_args",
         "_kwargs",
         "_context",
-        "_state",
+        "_tstate",
         "_outcome",
         "_is_error",
         "_waiters",
@@ -124,7 +124,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         self._args: tuple[Any, ...] | None = args
         self._kwargs: dict[str, Any] | None = kwargs
         self._context: contextvars.Context | None = context
-        self._state = _S.CREATED
+        self._tstate = _S.CREATED
         self._outcome: Any = None
         self._is_error = False
         self._waiters: list[Callable[[], None]] | None = None
@@ -156,12 +156,12 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
     @property
     def state(self) -> TokenState:
         """The token's current lifecycle state."""
-        return self._state
+        return self._tstate
 
     @property
     def settled(self) -> bool:
         """True once the token reached a terminal state."""
-        return self._state in _TERMINAL
+        return self._tstate in _TERMINAL
 
     @property
     def args(self) -> tuple[Any, ...] | None:
@@ -185,16 +185,16 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         claim (ADMITTED → EXECUTING) and a kill never both succeed.
         """
         with self._coordinator._state_lock:
-            old = self._state
+            old = self._tstate
             if new not in TRANSITIONS[old] or (expected is not None and old not in expected):
                 return False
-            self._state = new
+            self._tstate = new
             return True
 
     def _force_transition(self, new: TokenState) -> None:
         """Like ``_transition`` but an illegal move is a bug: raise InvalidTransition."""
         if not self._transition(new):
-            raise InvalidTransition(f"{self._state.name} -> {new.name}: {self!r}")
+            raise InvalidTransition(f"{self._tstate.name} -> {new.name}: {self!r}")
 
     # -- the awaiter view ---------------------------------------------------
 
@@ -205,7 +205,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         except RuntimeError:
             running = None
         if running is None or running is self.get_loop():
-            return _future_await(self)  # type: ignore[no-any-return]
+            return _future_await(self)
         return self._await_from(running).__await__()
 
     __iter__ = __await__
@@ -294,7 +294,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
             WouldDeadlock: when called on the event-loop thread that must settle
                 the token; use ``await token`` there.
         """
-        if self._state not in _TERMINAL:
+        if self._tstate not in _TERMINAL:
             self._coordinator._before_blocking_get(self)
         if not self._finalized:
             event = threading.Event()
@@ -309,9 +309,9 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
     def _result_now(self) -> R:
         if self._is_error:
             raise self._outcome
-        if self._state is _S.COMPLETED:
+        if self._tstate is _S.COMPLETED:
             return self._outcome  # type: ignore[no-any-return]
-        raise TokenKilled(f"token {self.token_id} settled as {self._state.value}", token_id=self.token_id)
+        raise TokenKilled(f"token {self.token_id} settled as {self._tstate.value}", token_id=self.token_id)
 
     def _add_waiter(self, callback: Callable[[], None]) -> None:
         with _WAITERS_LOCK:
@@ -360,7 +360,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         return {
             "token_id": self.token_id,
             "operation_type": self.operation_type,
-            "state": self._state.value,
+            "state": self._tstate.value,
             "weight": self.weight,
             "core_id": self.core_id,
             "worker_id": self.worker_id,
@@ -379,7 +379,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         where = f" core={self.core_id}" if self.core_id is not None else ""
-        return f"<TaskToken {self.operation_type}#{self._seq} {self._state.name}{where} attempt={self.attempt}>"
+        return f"<TaskToken {self.operation_type}#{self._seq} {self._tstate.name}{where} attempt={self.attempt}>"
 
     # Future subclasses would otherwise compare by identity anyway; keep hashing cheap.
     __hash__ = object.__hash__

@@ -55,7 +55,7 @@ def detect_topology() -> Topology:
     physical = psutil.cpu_count(logical=False)
     cpu_set: tuple[int, ...]
     try:
-        cpu_set = tuple(sorted(psutil.Process().cpu_affinity() or ()))  # type: ignore[no-untyped-call]
+        cpu_set = tuple(sorted(psutil.Process().cpu_affinity() or ()))
     except (AttributeError, NotImplementedError, psutil.Error, OSError):
         cpu_set = ()
     if not cpu_set:

@@ -46,8 +46,8 @@ def _not_found(quarantine_id: str) -> AdminError:
 def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], protected: Sequence[Depends]) -> None:
     """Add the operation and quarantine routes to *router*; *protected* is the auth dependency list."""
     deps = list(protected)
-    auth_errors = error_responses(401, 503)
-    policy_errors = error_responses(401, 404, 500, 503)
+    auth_errors = error_responses(401, 422, 503)
+    policy_errors = error_responses(401, 404, 422, 500, 503)
 
     @router.get("/operations", response_model=list[OperationReputation], name=name("operations.list"),
                 dependencies=deps, responses=error_responses(401, 500, 503), summary="Reputation per operation")
@@ -128,7 +128,8 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         return record
 
     @router.post("/quarantine/{quarantine_id}/release", response_model=QuarantineReleaseResult,
-                 name=name("quarantine.release"), dependencies=deps, responses=error_responses(401, 404, 409, 500, 503),
+                 name=name("quarantine.release"), dependencies=deps,
+                 responses=error_responses(401, 404, 409, 422, 500, 503),
                  summary="Re-run a quarantined call")
     async def release_quarantine(coordinator: CoordinatorDep, quarantine_id: QuarantineId) -> dict[str, Any]:
         """Submit the held call again as a new token and answer at once (no waiting for its outcome).
@@ -150,7 +151,7 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
 
     @router.delete("/quarantine/{quarantine_id}", response_model=QuarantineRecord,
                    name=name("quarantine.discard"), dependencies=deps,
-                   responses=error_responses(401, 404, 409, 500, 503), summary="Discard a quarantined call")
+                   responses=error_responses(401, 404, 409, 422, 500, 503), summary="Discard a quarantined call")
     async def discard_quarantine(coordinator: CoordinatorDep, quarantine_id: QuarantineId) -> dict[str, Any]:
         """Mark the record discarded: the call will never run. 409 when it is not pending."""
         quarantine = quarantine_policy(coordinator)

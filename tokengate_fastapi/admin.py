@@ -5,17 +5,18 @@ Mount it under a prefix of your choice::
     app = FastAPI(lifespan=tokengate_lifespan())
     app.include_router(admin_router(), prefix="/tokengate")   # token from $TOKENGATE_ADMIN_TOKEN
 
-Routes (relative to the prefix; 🔒 = needs ``Authorization: Bearer <token>``):
+Routes, relative to the prefix ([auth] = needs ``Authorization: Bearer <token>``):
 
-* 🔒 ``GET /stats`` · ``GET /affinity`` · ``GET /workers`` · ``GET /history?limit=`` ·
+* [auth] ``GET /stats`` · ``GET /affinity`` · ``GET /workers`` · ``GET /history?limit=`` ·
   ``GET /tokens/{id}`` · ``POST /tokens/{id}/kill``
-* 🔒 ``GET /operations`` · ``POST /operations/{op}/pause|resume|unblock|hold|unhold|kill``
-* 🔒 ``GET /quarantine?status=&operation=&limit=&offset=`` · ``GET /quarantine/{id}`` ·
+* [auth] ``GET /operations`` · ``POST /operations/{op}/pause|resume|unblock|hold|unhold|kill``
+* [auth] ``GET /quarantine?status=&operation=&limit=&offset=`` · ``GET /quarantine/{id}`` ·
   ``POST /quarantine/{id}/release`` · ``DELETE /quarantine/{id}``
-* 🔒 ``POST /drain`` · ``POST /pause`` · ``POST /resume``
-* ``GET /health`` · ``GET /ready`` (🔒 unless ``public_health``) · ``GET /metrics`` (🔒 unless ``public_metrics``)
-* 🔒 ``GET /events`` (Server-Sent Events; also ``?access_token=``) · ``GET /dashboard`` (open: the page
-  holds no data and asks for the token)
+* [auth] ``POST /drain`` · ``POST /pause`` · ``POST /resume``
+* ``GET /health`` and ``GET /ready``: open unless ``public_health=False``
+* [auth] ``GET /metrics``: unless ``public_metrics=True``
+* [auth] ``GET /events``: Server-Sent Events; also accepts ``?access_token=``
+* ``GET /dashboard``: open on purpose (the page holds no data and asks for the token)
 
 Errors use the body ``{"error": <ErrorCode>, "detail": ...}``: unknown ids 404,
 malformed input 422, a kill of a running token 409 saying why. Answers carry

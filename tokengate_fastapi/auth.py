@@ -66,8 +66,10 @@ def resolve_admin_token(token: str | None) -> str | None:
         from_env = os.environ.get(ENV_VAR, "").strip()
         return from_env or None
     if not isinstance(token, str) or not token or any(ch.isspace() for ch in token):
+        # Never echo the value: it is (nearly) a secret and would land in logs and tracebacks.
+        what = f"a {type(token).__name__}" if not isinstance(token, str) else f"{len(token)} characters"
         raise ConfigurationError(
-            f"admin token must be a non-empty string without whitespace, got {token!r}; "
+            f"admin token must be a non-empty string without whitespace, got {what}; "
             f"generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
     return token
 

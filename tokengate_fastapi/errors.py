@@ -36,6 +36,8 @@ import math
 from typing import Any, Callable, Coroutine, Mapping
 
 from fastapi import Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
@@ -120,6 +122,7 @@ class AdminError(Exception):
         self.extra = extra
 
     def response(self) -> JSONResponse:
+        """The error as a JSON answer with its status and headers."""
         return _json(self.status_code, self.code, self.detail, self.headers, **self.extra)
 
 
@@ -209,12 +212,19 @@ def add_exception_handlers(app: Starlette) -> None:
         app.add_exception_handler(exc_class, tokengate_exception_handler)
 
 
+def _invalid_request(exc: RequestValidationError) -> JSONResponse:
+    errors = jsonable_encoder(exc.errors())
+    where = "; ".join(f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)
+    return _json(422, ErrorCode.INVALID_ARGUMENT, f"invalid request: {where}", errors=errors)
+
+
 class AdminRoute(APIRoute):
     """Route class of the admin router: renders its errors with the common body.
 
-    Admin routes answer ``AdminError``, the mapped tokengate errors and a
-    ``ConfigurationError`` (422) in the ``{"error", "detail"}`` shape even if
-    the app never called :func:`add_exception_handlers`.
+    Admin routes answer ``AdminError``, the mapped tokengate errors, and
+    malformed input (422 ``invalid_argument``, with FastAPI's ``errors`` list)
+    in the ``{"error", "detail"}`` shape even if the app never called
+    :func:`add_exception_handlers`.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -225,6 +235,8 @@ class AdminRoute(APIRoute):
                 return await handler(request)
             except AdminError as exc:
                 return exc.response()
+            except RequestValidationError as exc:
+                return _invalid_request(exc)
             except ConfigurationError as exc:
                 return _json(422, ErrorCode.INVALID_ARGUMENT, str(exc))
             except TokengateError as exc:

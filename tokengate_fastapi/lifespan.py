@@ -70,6 +70,10 @@ class TokengateLifespan:
         self._first = first
 
     def __call__(self, app: Starlette) -> AbstractAsyncContextManager[TokengateState]:
+        """The lifespan context for *app*: entering starts a coordinator, leaving drains and stops it.
+
+        Thread: the server's event loop (Starlette enters it at startup).
+        """
         return self._run(app)
 
     def _take_coordinator(self) -> OperationsCoordinator:

@@ -80,6 +80,9 @@ async def test_history_limit_out_of_range_is_422(app: FastAPI, serve: Callable[.
         for limit in ("0", "1001", "-1", "ten"):
             response = await client.get(f"{P}/history", params={"limit": limit}, headers=auth)
             assert response.status_code == 422, limit
+            body = response.json()
+            assert body["error"] == "invalid_argument" and body["detail"].startswith("invalid request: query.limit")
+            assert body["errors"][0]["loc"] == ["query", "limit"]
         assert (await client.get(f"{P}/history", params={"limit": 1000}, headers=auth)).status_code == 200
 
 

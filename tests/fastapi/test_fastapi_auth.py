@@ -195,3 +195,9 @@ def test_access_log_redacts_the_query_token() -> None:
     # Then: the token is gone, the rest of the line stays
     assert record.getMessage() == (
         '127.0.0.1:5000 - "GET /tokengate/events?access_token=[redacted]&max_events=2 HTTP/1.1" 200')
+
+
+def test_a_rejected_token_is_never_echoed() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        admin_router(token="almost secret value")
+    assert "almost" not in str(caught.value) and "19 characters" in str(caught.value)

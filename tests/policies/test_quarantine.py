@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -119,6 +120,34 @@ class RefuseReleased(Policy):
 class FailingStore(QuarantineStore):
     def add(self, *args: Any, **kwargs: Any) -> Any:
         raise QuarantineStoreError("quarantine store: add failed: disk I/O error")
+
+
+def settle(token: TaskToken[Any]) -> None:
+    """Wait, on the token's own loop, until its future is resolved, and mark any error retrieved.
+
+    ``token.get()`` may return as soon as the coordinator *starts* finalizing the
+    token, before the ``on_settle`` hooks ran (where a release's outcome is
+    stored) and before the asyncio future is resolved. The future is resolved
+    after every hook, so waiting for it makes the checks that follow
+    deterministic. Retrieving the error keeps the future's finalizer from
+    logging "exception was never retrieved" at GC time (on CPython 3.11 that
+    log can run inside another ``ast.parse`` and break it).
+    """
+
+    async def resolved() -> None:
+        await asyncio.wait([token])
+        if not token.cancelled():
+            token.exception()
+
+    asyncio.run_coroutine_threadsafe(resolved(), token.get_loop()).result(timeout=10)
+
+
+def fails(token: TaskToken[Any], exc: type[BaseException], match: str | None = None) -> pytest.ExceptionInfo[Any]:
+    """Assert that *token* settles with *exc* (see :func:`settle`)."""
+    with pytest.raises(exc, match=match) as info:
+        token.get(timeout=10)
+    settle(token)
+    return info
 
 
 @contextmanager
@@ -272,8 +301,7 @@ def test_a_call_that_failed_n_times_is_quarantined_next_time(db: str) -> None:
     policy = QuarantinePolicy(db)
     with running(policy):
         for _ in range(3):
-            with pytest.raises(ValueError, match="negative -1"):
-                reject_negative(-1).get(timeout=10)
+            fails(reject_negative(-1), ValueError, match="negative -1")
 
         # When it is made again, then it is quarantined as poison
         with pytest.raises(TokenQuarantined) as info:
@@ -283,8 +311,7 @@ def test_a_call_that_failed_n_times_is_quarantined_next_time(db: str) -> None:
         assert record is not None and "failed 3 times in a row" in record["reason"]
 
         # And a different argument, or the same one under another operation, still runs
-        with pytest.raises(ValueError, match="negative -2"):
-            reject_negative(-2).get(timeout=10)
+        fails(reject_negative(-2), ValueError, match="negative -2")
         assert reject_negative(5).get(timeout=10) == 5
         assert add(-1, 0).get(timeout=10) == -1
 
@@ -294,28 +321,37 @@ def test_two_failures_are_not_poison_and_a_success_clears_the_count(db: str) -> 
     with running(policy):
         # Given two failures of flaky(7)
         for _ in range(2):
-            with pytest.raises(RuntimeError):
-                flaky(7).get(timeout=10)
+            fails(flaky(7), RuntimeError)
         # When it then succeeds
         _FLAKY["fail"] = False
         assert flaky(7).get(timeout=10) == 7
         # Then two more failures are again not enough to quarantine it
         _FLAKY["fail"] = True
         for _ in range(2):
-            with pytest.raises(RuntimeError):
-                flaky(7).get(timeout=10)
-        with pytest.raises(RuntimeError):
-            flaky(7).get(timeout=10)  # the third failure in a row is still admitted
+            fails(flaky(7), RuntimeError)
+        fails(flaky(7), RuntimeError)  # the third failure in a row is still admitted
         with pytest.raises(TokenQuarantined):
             flaky(7)
+
+
+def test_ignored_exception_types_never_make_a_call_poison(db: str) -> None:
+    # Given ValueError declared an expected outcome
+    policy = QuarantinePolicy(db, poison_failures=1, poison_ignore=[ValueError])
+    with running(policy):
+        for _ in range(3):
+            fails(reject_negative(-5), ValueError)
+        # Then the call keeps running (and raising its own error), while other errors still count
+        fails(reject_negative(-5), ValueError)
+        fails(flaky(1), RuntimeError)
+        with pytest.raises(TokenQuarantined):
+            flaky(1)
 
 
 def test_exhausted_retries_make_the_next_identical_call_poison(db: str) -> None:
     # Given a policy that marks a failure as "retries exhausted"
     policy = QuarantinePolicy(db)
     with running(policy, MarkExhausted()):
-        with pytest.raises(ValueError):
-            reject_negative(-3).get(timeout=10)
+        fails(reject_negative(-3), ValueError)
         # When / Then the very next identical call is quarantined
         with pytest.raises(TokenQuarantined) as info:
             reject_negative(-3)
@@ -330,8 +366,7 @@ def test_a_retry_of_a_poisoned_call_settles_the_original_token_as_quarantined(db
     with running(policy, RetryAlways(), spy):
         token = reject_negative(-4)
         # When the third attempt is re-admitted, then the awaiter gets TokenQuarantined
-        with pytest.raises(TokenQuarantined) as info:
-            token.get(timeout=10)
+        info = fails(token, TokenQuarantined)
         assert info.value.trigger == "poison_call"
         assert token.state is TokenState.QUARANTINED and token.attempt == 3
         assert policy.get(info.value.quarantine_id) is not None
@@ -342,12 +377,10 @@ def test_the_failure_memory_is_a_bounded_lru(db: str) -> None:
     policy = QuarantinePolicy(db, poison_failures=1, poison_capacity=2)
     with running(policy):
         for x in (-1, -2, -3):
-            with pytest.raises(ValueError):
-                reject_negative(x).get(timeout=10)
+            fails(reject_negative(x), ValueError)
         assert policy.stats()["poison_fingerprints"] == 2
         # Then the oldest (-1) was forgotten and runs again; the newest is still poison
-        with pytest.raises(ValueError):
-            reject_negative(-1).get(timeout=10)
+        fails(reject_negative(-1), ValueError)
         with pytest.raises(TokenQuarantined):
             reject_negative(-3)
 
@@ -373,6 +406,7 @@ def test_records_survive_a_coordinator_restart_and_release_runs_the_call(db: str
         # Then releasing it runs the function and stores the outcome
         token = second.release(qid)
         assert token.get(timeout=10) == 42
+        settle(token)
         record = second.get(qid)
         assert record is not None
         assert record["status"] == "released" and record["outcome_ok"] is True
@@ -403,7 +437,8 @@ def test_release_works_in_a_fresh_process(db: str) -> None:
         "p = QuarantinePolicy(sys.argv[1])\n"
         "with OperationsCoordinator(num_cores=1, workers_per_core=1, policies=[p]):\n"
         "    result = p.release(sys.argv[2]).get(timeout=30)\n"
-        "    print(json.dumps({'result': result, 'record': p.get(sys.argv[2])}))\n"
+        "print(json.dumps({'result': result, 'record': p.get(sys.argv[2])}))  # after stop: every hook ran\n"
+        "p.close()\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(import_root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script, db, qid], capture_output=True, text=True, env=env,
@@ -419,14 +454,12 @@ def test_release_works_in_a_fresh_process(db: str) -> None:
 def test_a_released_call_that_fails_is_recorded_as_failed(db: str) -> None:
     policy = QuarantinePolicy(db, poison_failures=1)
     with running(policy):
-        with pytest.raises(ValueError):
-            reject_negative(-9).get(timeout=10)
+        fails(reject_negative(-9), ValueError)
         with pytest.raises(TokenQuarantined) as info:
             reject_negative(-9)
         # When the poison call is released, it runs (not quarantined again) and fails
         token = policy.release(info.value.quarantine_id)
-        with pytest.raises(ValueError, match="negative -9"):
-            token.get(timeout=10)
+        fails(token, ValueError, match="negative -9")
         record = policy.get(info.value.quarantine_id)
         assert record is not None and record["status"] == "released" and record["outcome_ok"] is False
         assert record["outcome_summary"] == "failed: ValueError: negative -9"
@@ -446,6 +479,7 @@ def test_release_while_in_flight_is_refused_and_discard_too(db: str) -> None:
             policy.discard(qid)
         _GATE.set()
         assert token.get(timeout=10) == 1
+        settle(token)
         assert policy.get(qid)["status"] == "released"  # type: ignore[index]
 
 
@@ -586,6 +620,7 @@ def test_stats_are_json_ready(db: str) -> None:
         {"poison_failures": True},
         {"poison_capacity": 0},
         {"store": 42},
+        {"poison_ignore": [42]},
     ],
 )
 def test_bad_configuration_is_refused_at_construction(kwargs: dict[str, Any]) -> None:

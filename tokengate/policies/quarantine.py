@@ -9,11 +9,13 @@
   ``spike_min_bytes`` (so a 300-byte string after a run of small ints is not an
   anomaly). The p99 comes from a bounded window of accepted calls per operation.
 * ``poison_call``: the same operation and argument fingerprint
-  (:func:`tokengate.fingerprint.routing_key`, STANDARD, kept only as a hash in a
-  bounded LRU) failed ``poison_failures`` times in a row, or exhausted its
-  retries (``token.policy_data["retries_exhausted"]``); the *next* such call is
-  held. A success of that call clears its count. Arguments without structure
-  (plain objects) are fingerprinted by identity, so they rarely match.
+  (:func:`tokengate.fingerprint.routing_key`, STANDARD, kept only as a 16-hex
+  digest in a bounded LRU) failed ``poison_failures`` times in a row, or
+  exhausted its retries (``token.policy_data["retries_exhausted"]``); the *next*
+  such call is held. A success clears its count; exception types listed in
+  ``poison_ignore`` (expected errors such as "not found") never count. Plain
+  objects are fingerprinted by identity, so they rarely match. Checking costs a
+  fingerprint per call only for operations with a recorded failure.
 * ``held_operation``: an operator called :meth:`QuarantinePolicy.hold`.
 
 The caller gets :class:`~tokengate.errors.TokenQuarantined` (carrying
@@ -52,7 +54,7 @@ import os
 import reprlib
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, Deque, Mapping
+from typing import TYPE_CHECKING, Any, Deque, Iterable, Mapping
 
 from ..decorator import resolve_guarded
 from ..errors import ConfigurationError, CoordinatorNotRunning, TokenQuarantined
@@ -79,7 +81,7 @@ SPIKE, POISON, HELD = "argument_spike", "poison_call", "held_operation"
 TRIGGERS = (SPIKE, POISON, HELD)
 
 _RELEASE_KEY = "quarantine.release_id"  # policy_data: this token is a released record
-_FP_KEY = "quarantine.fingerprint"  # policy_data: the call's fingerprint hash, once computed
+_FP_KEY = "quarantine.fingerprint"  # policy_data: the call's fingerprint digest, once computed
 _RECOMPUTE_EVERY = 32  # accepted samples between p99 refreshes (sorting the window is the cost)
 _SAMPLE = 4  # items sampled from a container argument
 _MAX_TOP = 64  # top-level arguments measured (the rest extrapolated)
@@ -126,35 +128,47 @@ def footprint(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
     bulk hides deeper down are underestimated.
     """
     total = 0
-    for group in (args, kwargs.values()):
-        n = len(group)
-        if n <= _MAX_TOP:
-            for value in group:
-                total += _size(value)
+    if len(args) <= _MAX_TOP:
+        for value in args:
+            # Hot path: plain scalars skip the general estimate.
+            total += _getsizeof(value) if type(value) in _FLAT else _size(value)
+    else:
+        total += sum(_size(v) for v in itertools.islice(args, _MAX_TOP)) * len(args) // _MAX_TOP
+    if kwargs:
+        if len(kwargs) <= _MAX_TOP:
+            for value in kwargs.values():
+                total += _getsizeof(value) if type(value) in _FLAT else _size(value)
         else:
-            part = sum(_size(v) for v in itertools.islice(group, _MAX_TOP))
-            total += part * n // _MAX_TOP
+            part = sum(_size(v) for v in itertools.islice(kwargs.values(), _MAX_TOP))
+            total += part * len(kwargs) // _MAX_TOP
     return total
 
 
 class _Footprints:
-    """Recent accepted footprints of one operation, with a p99 refreshed every few samples."""
+    """Recent accepted footprints of one operation and the spike limit derived from them.
 
-    __slots__ = ("samples", "since", "p99")
+    ``limit`` is the footprint above which a call is a spike: infinite until
+    ``min_samples`` were seen, then ``max(factor x p99, min_bytes)``, refreshed
+    every ``_RECOMPUTE_EVERY`` samples (sorting the window is the cost, so the
+    hot path is one comparison and an append). Caller holds the policy's lock.
+    """
 
-    def __init__(self, window: int) -> None:
+    __slots__ = ("samples", "countdown", "limit", "p99")
+
+    def __init__(self, window: int, min_samples: int) -> None:
         self.samples: Deque[int] = collections.deque(maxlen=window)
-        self.since = 0
-        self.p99: int | None = None
+        self.countdown = min_samples
+        self.limit = math.inf
+        self.p99 = 0
 
-    def threshold(self, min_samples: int) -> int | None:
-        n = len(self.samples)
-        if n < min_samples:
-            return None
-        if self.p99 is None or self.since >= _RECOMPUTE_EVERY:
+    def add(self, size: int, policy: QuarantinePolicy) -> None:
+        self.samples.append(size)
+        self.countdown -= 1
+        if self.countdown <= 0:
+            n = len(self.samples)
             self.p99 = sorted(self.samples)[math.ceil(0.99 * n) - 1]
-            self.since = 0
-        return self.p99
+            self.limit = max(policy.spike_factor * self.p99, policy.spike_min_bytes)
+            self.countdown = _RECOMPUTE_EVERY
 
 
 _OUTCOME_REPR = reprlib.Repr()
@@ -192,6 +206,8 @@ class QuarantinePolicy(Policy):
         poison_failures: Consecutive failures of one fingerprint that make its
             next call poison.
         poison_capacity: Fingerprints whose failures are remembered (LRU).
+        poison_ignore: Exception types that are normal outcomes (e.g. a
+            not-found error) and never count as failures.
 
     Raises:
         ConfigurationError: for any invalid option, at construction.
@@ -209,6 +225,7 @@ class QuarantinePolicy(Policy):
         spike_window: int = 256,
         poison_failures: int = 3,
         poison_capacity: int = 10_000,
+        poison_ignore: Iterable[type[BaseException]] = (),
     ) -> None:
         if isinstance(spike_factor, bool) or not isinstance(spike_factor, (int, float)) or not spike_factor >= 1:
             raise ConfigurationError(f"spike_factor must be a number >= 1, got {spike_factor!r}")
@@ -218,6 +235,10 @@ class QuarantinePolicy(Policy):
                    hint=f" (at least spike_min_samples={spike_min_samples}, or spikes could never be judged)")
         _check_int("poison_failures", poison_failures, 1)
         _check_int("poison_capacity", poison_capacity, 1)
+        ignore = tuple(poison_ignore)
+        for tp in ignore:
+            if not (isinstance(tp, type) and issubclass(tp, BaseException)):
+                raise ConfigurationError(f"poison_ignore must hold exception types, got {tp!r}")
         self._owns_store = not isinstance(store, QuarantineStore)
         if isinstance(store, QuarantineStore):
             self._store: QuarantineStore | None = store
@@ -235,6 +256,7 @@ class QuarantinePolicy(Policy):
         self.spike_window = spike_window
         self.poison_failures = poison_failures
         self.poison_capacity = poison_capacity
+        self.poison_ignore: tuple[type[BaseException], ...] = ignore
         self._coordinator: OperationsCoordinator | None = None
         self._store_lock = threading.Lock()  # guards opening/closing self._store
         self._local = threading.local()  # .release_id: set by release() around its submit
@@ -246,6 +268,7 @@ class QuarantinePolicy(Policy):
         self._failures: collections.OrderedDict[tuple[str, str], tuple[int, bool]] = collections.OrderedDict()
         self._footprints: dict[str, _Footprints] = {}
         self._releasing: set[str] = set()
+        self._releases_submitting = 0  # release() calls inside coordinator.submit (hot-path guard)
         self._quarantined = {t: 0 for t in TRIGGERS}
         self._store_errors = 0
 
@@ -259,11 +282,7 @@ class QuarantinePolicy(Policy):
     def on_stop(self, coordinator: OperationsCoordinator) -> None:
         """Unbind; close the database if this policy opened it."""
         self._coordinator = None
-        if self._owns_store:
-            with self._store_lock:
-                store, self._store = self._store, None
-            if store is not None:
-                store.close()
+        self.close()
 
     def close(self) -> None:
         """Close a database this policy opened (e.g. after using the operator API without a coordinator)."""
@@ -299,12 +318,7 @@ class QuarantinePolicy(Policy):
         data = token.policy_data
         if data is not None and _RELEASE_KEY in data:
             return  # a released call, or a retry of one: never held again by this policy
-        release_id = getattr(self._local, "release_id", None)
-        if release_id is not None:
-            self._local.release_id = None  # only the one token release() submits
-            if data is None:
-                token.policy_data = data = {}
-            data[_RELEASE_KEY] = release_id
+        if self._releases_submitting and self._claim_release(token):
             return
         op = token.operation_type
         args, kwargs = token.args, token.kwargs
@@ -316,11 +330,7 @@ class QuarantinePolicy(Policy):
         if op in self._poison_ops:
             fp = data.get(_FP_KEY) if data is not None else None
             if fp is None:
-                fp = _digest(op, args, kwargs)
-                if fp is not None:
-                    if data is None:
-                        token.policy_data = data = {}
-                    data[_FP_KEY] = fp
+                fp = self._fingerprint_of(token)
             if fp is not None:
                 with self._lock:
                     count, exhausted = self._failures.get((op, fp), (0, False))
@@ -334,14 +344,24 @@ class QuarantinePolicy(Policy):
         with self._lock:
             window = self._footprints.get(op)
             if window is None:
-                window = self._footprints[op] = _Footprints(self.spike_window)
-            p99 = window.threshold(self.spike_min_samples)
-            if p99 is None or size <= self.spike_min_bytes or size <= self.spike_factor * p99:
-                window.samples.append(size)
-                window.since += 1
+                window = self._footprints[op] = _Footprints(self.spike_window, self.spike_min_samples)
+            if size <= window.limit:
+                window.add(size, self)
                 return
+            p99 = window.p99
         self._quarantine(token, SPIKE, (
             f"argument footprint ~{size} bytes exceeds {self.spike_factor:g} x the recent p99 ({p99} bytes)"))
+
+    def _claim_release(self, token: TaskToken[Any]) -> bool:
+        """Mark *token* as the one release() is submitting on this thread, if it is."""
+        release_id = getattr(self._local, "release_id", None)
+        if release_id is None:
+            return False
+        self._local.release_id = None  # only the one token release() submits
+        if token.policy_data is None:
+            token.policy_data = {}
+        token.policy_data[_RELEASE_KEY] = release_id
+        return True
 
     def after_run(self, token: TaskToken[Any]) -> float | None:
         """Count a failure of the call's fingerprint; a success clears it. Thread: loop."""
@@ -351,6 +371,8 @@ class QuarantinePolicy(Policy):
             if fp is not None:
                 self._forget_failure(token.operation_type, fp)
             return None
+        if self.poison_ignore and isinstance(token._outcome, self.poison_ignore):
+            return None  # an expected error: neither a failure nor a success
         if fp is None:
             fp = self._fingerprint_of(token)
         if fp is not None:
@@ -545,6 +567,7 @@ class QuarantinePolicy(Policy):
             if id in self._releasing:
                 raise QuarantineStateError(f"quarantined call {id} is already being released")
             self._releasing.add(id)
+            self._releases_submitting += 1
         self._local.release_id = id
         try:
             token = coordinator.submit(guarded, args, kwargs)
@@ -554,6 +577,8 @@ class QuarantinePolicy(Policy):
             raise
         finally:
             self._local.release_id = None
+            with self._lock:
+                self._releases_submitting -= 1
         logger.warning("released quarantined call %s (%s) as token %s", id, record.operation_type, token.token_id)
         return token
 
@@ -599,6 +624,7 @@ class QuarantinePolicy(Policy):
                     "spike_window": self.spike_window,
                     "poison_failures": self.poison_failures,
                     "poison_capacity": self.poison_capacity,
+                    "poison_ignore": [t.__qualname__ for t in self.poison_ignore],
                 },
             }
 

@@ -207,7 +207,7 @@ class ReputationPolicy(Policy):
 
     def on_settle(self, token: TaskToken[Any]) -> None:
         """Record outcomes that never reach after_run: TIMEOUT (an attempt) and KILLED. Thread: loop."""
-        state = token._state
+        state = token.state
         if state is TokenState.TIMEOUT:
             self._record(token.operation_type, True, None, None, timeout=True)
         elif state is TokenState.KILLED:

@@ -228,7 +228,7 @@ class RetryPolicy(Policy):
 
     def on_settle(self, token: TaskToken[Any]) -> None:
         """Count calls that ended between attempts (refused or stopped on their way back). Thread: loop."""
-        if token.attempt > 1 and token._state not in _RAN:
+        if token.attempt > 1 and token.state not in _RAN:
             self._count(token.operation_type, "ended_in_retry")
 
     def _count(self, op: str, field: str) -> None:
