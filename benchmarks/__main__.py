@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,27 +87,37 @@ def runner(name: str) -> Callable[[BenchOptions], dict[str, Any]]:
     return fn
 
 
-def run_standard(options: BenchOptions) -> dict[str, Any]:
-    """Run the standard set in order; a benchmark that crashes is reported and the rest still run."""
+def run_standard(options: BenchOptions, argv: Sequence[str]) -> dict[str, Any]:
+    """Run the standard set, each benchmark in a fresh process, in order; then summarize.
+
+    A fresh process per benchmark keeps one benchmark's heap and threads from
+    skewing the next (the memory benchmark's RSS baseline above all). A
+    benchmark that crashes is reported and the rest still run.
+    """
     from ._standard import summarize
 
     results: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
+    rest = [a for a in argv if a != "standard"]
     for name in STANDARD:
+        path = options.out / f"{name}.json"
+        path.unlink(missing_ok=True)  # never summarize a stale result
         t0 = time.perf_counter()
-        try:
-            results[name] = runner(name)(options)
-        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
-            errors[name] = f"{type(exc).__name__}: {exc}"
-            print(f"benchmark {name} failed after {time.perf_counter() - t0:.1f}s: {errors[name]}", file=sys.stderr)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", name, *rest], check=False)
+        if proc.returncode == 0 and path.exists():
+            results[name] = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            errors[name] = f"exit status {proc.returncode} after {time.perf_counter() - t0:.1f}s"
+            print(f"benchmark {name} failed: {errors[name]}", file=sys.stderr)
     return summarize(results, errors, options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    ns = build_parser().parse_args(args)
     options = options_from(ns)
     if ns.name == "standard":
-        summary = run_standard(options)
+        summary = run_standard(options, args)
         return 1 if summary["errors"] else 0
     runner(ns.name)(options)
     return 0

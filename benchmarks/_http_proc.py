@@ -18,9 +18,14 @@ from typing import IO, Any
 import httpx
 import psutil
 
-__all__ = ["Server", "free_port"]
+__all__ = ["Server", "Flood", "free_port"]
 
 _REPO = Path(__file__).resolve().parent.parent
+
+
+def _child_env() -> dict[str, str]:
+    # The children import `benchmarks` from this checkout, installed or not.
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def free_port() -> int:
@@ -46,7 +51,7 @@ class Server:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
+        env = _child_env()
         cmd = [sys.executable, "-m", "benchmarks._http_server", "--kind", self.kind, "--port", str(self.port),
                "--num-cores", str(self.cfg["num_cores"]), "--workers-per-core", str(self.cfg["workers_per_core"]),
                "--heavy-ms", str(self.cfg["heavy_ms"]), "--lifespan", self.cfg.get("lifespan", "auto")]
@@ -97,3 +102,53 @@ class Server:
             return self.log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
         except OSError:
             return ""
+
+
+class Flood:
+    """The flood generator (``_http_flood``) as an asyncio subprocess: start, wait for ready, stop, collect.
+
+    Bounded three ways: its own ``max_seconds``, a per-client request cap, and
+    ``stop()`` (a line on its stdin, then a kill if it does not exit in time).
+    """
+
+    def __init__(self, url: str, clients: int, max_seconds: float, cap: int) -> None:
+        self.args = ["--url", url, "--clients", str(clients), "--max-seconds", str(max_seconds), "--cap", str(cap)]
+        self.max_seconds = max_seconds
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start the process and wait (bounded) until its clients are running."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks._http_flood", *self.args, cwd=_REPO, env=_child_env(),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"flood generator did not start: {line!r}")
+
+    async def stop(self) -> dict[str, Any]:
+        """Ask it to stop; return ``{"completions": [monotonic, ...], "errors": n}``."""
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(b"stop\n")
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            out = await asyncio.wait_for(proc.stdout.read(), self.max_seconds + 30)
+            await asyncio.wait_for(proc.wait(), 10)
+        finally:
+            self.kill()
+        import json
+
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        return result
+
+    def kill(self) -> None:
+        """Kill the process if it is still running. Idempotent."""
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass

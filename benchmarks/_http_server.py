@@ -11,6 +11,7 @@
 
 Routes: ``/heavy`` (blocks ``heavy_ms`` with ``time.sleep``), ``/light`` (a
 trivial computation, the probe), ``/trivial`` (returns at once, for req/s),
+``/ping`` (``async def``, no thread: a control probe of the event loop alone),
 ``/health`` (``async def``, no thread: readiness and configuration),
 ``/stats`` (``async def``: pool statistics).
 
@@ -136,6 +137,10 @@ def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int,
                     "tasks_waiting": st.tasks_waiting}
     else:
         raise ValueError(f"unknown app kind {kind!r}; use 'tokengate' or 'plain'")
+
+    @app.get("/ping", response_model=None)
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -3,14 +3,16 @@
 Two servers run side by side as subprocesses on 127.0.0.1 (``_http_server``):
 the TokenGate app (``async def`` endpoints awaiting decorated functions) and a
 plain FastAPI app (``def`` endpoints on anyio's default pool, its limiter set
-to the same total thread count). Per repeat, interleaved (tokengate, plain):
+to the same total thread count). The heavy flood comes from a third process
+(``_http_flood``), so its client-side work does not delay the probes, which
+this process times. Per repeat, interleaved (tokengate, plain):
 
 1. **isolation** (issue 5 item 7): sequential ``/light`` probes, spread
    evenly over a fixed window, on an idle server (idle p50/p99); then
    ``clients`` concurrent clients flood ``/heavy`` (``time.sleep(heavy_ms)``)
    and the probes run again over a fixed flood window (flood p50/p99); heavy
-   completions in that window give heavy throughput. The flood is then cancelled and we wait (bounded) until the
-   server reports its pool idle.
+   completions in that window give heavy throughput. The flood is then
+   stopped and we wait (bounded) until the server reports its pool idle.
 2. **end-to-end req/s**: ``concurrency`` httpx clients hammer ``/trivial``
    (TokenGate: awaits a trivial token; plain: a ``def`` endpoint), bounded in
    count and time; also server CPU per request and the client's CPU share
@@ -37,7 +39,7 @@ from typing import Any
 import httpx
 
 from ._common import BenchOptions, Target, finish, median, new_result, percentile, ratio, write_result
-from ._http_proc import Server
+from ._http_proc import Flood, Server
 from ._report import TableData, new_figure, progress, render, save_figure, targets_table
 
 __all__ = ["run"]
@@ -65,13 +67,18 @@ def _clients(url: str, n: int, timeout: float) -> list[httpx.AsyncClient]:
     return [httpx.AsyncClient(base_url=url, timeout=timeout, verify=_SSL) for _ in range(n)]
 
 
-async def _probes(client: httpx.AsyncClient, max_n: int, start: float, seconds: float) -> tuple[list[float], int]:
-    """Sequential /light probes spread over *seconds*: one every seconds/max_n (a slow probe delays the next).
+async def _probes(client: httpx.AsyncClient, max_n: int, start: float, seconds: float
+                  ) -> tuple[list[float], list[float], int]:
+    """Sequential probes spread over *seconds*: one slot every seconds/max_n (a slow probe delays the next).
 
-    Bounded by *max_n* probes and by the window's end (a probe started inside
-    the window is allowed to finish). Returns (latencies in s, errors).
+    Each slot sends ``/light`` (a thread hop: the bulkhead under test), then
+    ``/ping`` (``async def``, no thread: a control that shows how long the
+    server's event loop alone takes to answer). Bounded by *max_n* slots and
+    by the window's end (a slot started inside the window may finish).
+    Returns (light latencies in s, ping latencies in s, errors).
     """
     out: list[float] = []
+    ping: list[float] = []
     errors = 0
     interval = seconds / max(1, max_n)
     deadline = start + seconds
@@ -81,16 +88,17 @@ async def _probes(client: httpx.AsyncClient, max_n: int, start: float, seconds: 
         if wait > 0:
             await asyncio.sleep(wait)
         k += 1
-        t0 = _perf()
-        try:
-            r = await client.get("/light")
-            if r.status_code == 200:
-                out.append(_perf() - t0)
-            else:
+        for path, sink in (("/light", out), ("/ping", ping)):
+            t0 = _perf()
+            try:
+                r = await client.get(path)
+                if r.status_code == 200:
+                    sink.append(_perf() - t0)
+                else:
+                    errors += 1
+            except httpx.HTTPError:
                 errors += 1
-        except httpx.HTTPError:
-            errors += 1
-    return out, errors
+    return out, ping, errors
 
 
 async def _wait_idle(probe: httpx.AsyncClient, kind: str, limit_s: float) -> float:
@@ -108,45 +116,29 @@ async def _wait_idle(probe: httpx.AsyncClient, kind: str, limit_s: float) -> flo
 
 async def _isolation(server: Server, cfg: dict[str, Any]) -> dict[str, Any]:
     heavy_s = cfg["heavy_ms"] / 1000
-    per_client_cap = int((cfg["flood_seconds"] + 30) / heavy_s) + 10  # count bound for each flood client
+    warmup = max(0.5, 4 * heavy_s)  # let the queues fill before the window opens
+    max_seconds = warmup + cfg["flood_seconds"] + 60.0
+    cap = int(max_seconds / heavy_s) + 10  # count bound for each flood client
     async with httpx.AsyncClient(base_url=server.url, timeout=60.0, verify=_SSL) as probe:
         await _probes(probe, 10, _perf(), 0.2)  # warm-up, not recorded
-        idle, idle_err = await _probes(probe, cfg["probes"], _perf(), cfg["idle_seconds"])
-        done: list[float] = []
-        heavy_errors = 0
-        flood = _clients(server.url, cfg["clients"], 120.0)
-
-        async def client(c: httpx.AsyncClient) -> None:
-            nonlocal heavy_errors
-            for _ in range(per_client_cap):
-                try:
-                    r = await c.get("/heavy")
-                except httpx.HTTPError:
-                    heavy_errors += 1
-                    continue
-                if r.status_code == 200:
-                    done.append(_perf())
-                else:
-                    heavy_errors += 1
-
-        tasks = [asyncio.create_task(client(c)) for c in flood]
+        idle, idle_ping, idle_err = await _probes(probe, cfg["probes"], _perf(), cfg["idle_seconds"])
+        flood = Flood(server.url, cfg["clients"], max_seconds, cap)
         try:
-            await asyncio.sleep(max(0.5, 4 * heavy_s))  # let the queues fill
+            await flood.start()
+            await asyncio.sleep(warmup)
             cpu0 = server.cpu_seconds()
-            t0 = _perf()
-            under, under_err = await _probes(probe, cfg["probes"], t0, cfg["flood_seconds"])
+            m0, t0 = time.monotonic(), _perf()
+            under, under_ping, under_err = await _probes(probe, cfg["probes"], t0, cfg["flood_seconds"])
             await asyncio.sleep(max(0.0, t0 + cfg["flood_seconds"] - _perf()))  # the window is a fixed time
-            t1 = _perf()
+            m1, t1 = time.monotonic(), _perf()
             cpu1 = server.cpu_seconds()
             stats = (await probe.get("/stats")).json()
+            flooded = await flood.stop()
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.gather(*[c.aclose() for c in flood], return_exceptions=True)
+            flood.kill()
         waited = await _wait_idle(probe, server.kind, 60.0)
-    in_window = sum(1 for t in done if t0 <= t <= t1)
-    return {"idle": idle, "flood": under, "probe_errors": idle_err + under_err, "heavy_errors": heavy_errors,
+    in_window = sum(1 for t in flooded["completions"] if m0 <= t <= m1)
+    return {"idle": idle, "flood": under, "idle_ping": idle_ping, "flood_ping": under_ping, "probe_errors": idle_err + under_err, "heavy_errors": flooded["errors"],
             "heavy_per_s": in_window / (t1 - t0), "window_s": t1 - t0, "server_cpu_s": cpu1 - cpu0,
             "drain_wait_s": waited, "server_stats_under_flood": stats}
 
@@ -210,6 +202,8 @@ async def _measure(options: BenchOptions, cfg: dict[str, Any], repeats: int, res
         out_iso[k] = {
             "idle": _ms([x for r in runs for x in r["idle"]]),
             "flood": _ms([x for r in runs for x in r["flood"]]),
+            "idle_ping": _ms([x for r in runs for x in r["idle_ping"]]),
+            "flood_ping": _ms([x for r in runs for x in r["flood_ping"]]),
             "heavy_per_s": median(r["heavy_per_s"] for r in runs),
             "runs_heavy_per_s": [r["heavy_per_s"] for r in runs],
             "probe_errors": sum(r["probe_errors"] for r in runs),
@@ -219,6 +213,8 @@ async def _measure(options: BenchOptions, cfg: dict[str, Any], repeats: int, res
             "server_stats_under_flood": runs[-1]["server_stats_under_flood"],
         }
         out_iso[k]["light_p99_flood_vs_idle"] = ratio(out_iso[k]["flood"]["p99_ms"], out_iso[k]["idle"]["p99_ms"])
+        out_iso[k]["ping_p99_flood_vs_idle"] = ratio(out_iso[k]["flood_ping"]["p99_ms"],
+                                                     out_iso[k]["idle_ping"]["p99_ms"])
     out_rps: dict[str, dict[str, Any]] = {k: {"rps": median(r["rps"] for r in rps[k]), "runs": rps[k],
                    "server_cpu_us_per_request": median(r["server_cpu_us_per_request"] for r in rps[k]),
                    "client_cpu_share": median(r["client_cpu_share"] for r in rps[k])} for k in KINDS}
@@ -267,11 +263,13 @@ def run(options: BenchOptions) -> dict[str, Any]:
     result = new_result(NAME, options, {**cfg, "repeats": repeats})
     asyncio.run(_measure(options, cfg, repeats, result))
     result["notes"] += [
-        "servers are separate uvicorn processes (asyncio loop, h11) on 127.0.0.1; the load generator is httpx in "
-        "this process, on the same machine",
+        "servers are separate uvicorn processes (asyncio loop, h11) on 127.0.0.1; the heavy flood comes from a "
+        "separate httpx process; probes and the req/s load come from httpx in this process; all on one machine",
         "probe latencies are pooled over repeats for the percentiles; throughputs are medians over repeats",
         f"thread budget: plain = {cfg['num_cores']}x{cfg['workers_per_core']} threads; tokengate heavy may use "
         "every worker except the bulkhead reserve on domains it does not own",
+        "each probe slot sends /light (thread hop) then /ping (async def, no thread): ping's latency is the "
+        "server event loop's own share, a control for the light probe's tail",
         "client_cpu_share near 1.0 means the Python load generator saturates a CPU: req/s is then client-bound",
         "one httpx.AsyncClient (one connection) per simulated client: a shared pool of 100 connections throttled "
         "the generator to ~100 req/s",
@@ -298,14 +296,17 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
     cfg = result["config"]
     t1 = TableData(f"http isolation: {cfg['clients']} clients flooding a {cfg['heavy_ms']} ms blocking endpoint",
                    ["app", "threads", "light idle p50 ms", "idle p99 ms", "flood p50 ms", "flood p99 ms",
-                    "p99 flood/idle", "probes idle/flood", "heavy req/s", "errors"])
+                    "p99 flood/idle", "probes idle/flood", "heavy req/s", "errors", "ping idle p99",
+                    "ping flood p99"])
     for k in KINDS:
         c = result["contenders"][k]
         threads = f"{c['threads']} (heavy {c['heavy_threads']})" if k == "tokengate" else str(c["threads"])
         i = iso[k]
         t1.add(k, threads, i["idle"]["p50_ms"], i["idle"]["p99_ms"], i["flood"]["p50_ms"], i["flood"]["p99_ms"],
                i["light_p99_flood_vs_idle"], f"{i['idle']['n']}/{i['flood']['n']}", i["heavy_per_s"],
-               i["probe_errors"] + i["heavy_errors"])
+               i["probe_errors"] + i["heavy_errors"], i["idle_ping"]["p99_ms"], i["flood_ping"]["p99_ms"])
+    t1.caption = ("light = /light, a thread hop (the bulkhead under test); ping = /ping, async def without a "
+                  "thread: the server's event loop alone (a control for the loop's own HTTP work)")
     t2 = TableData(f"http end-to-end: /trivial with {cfg['concurrency']} concurrent httpx clients",
                    ["app", "req/s", "server CPU µs/req", "client CPU share", "requests"])
     for k in KINDS:

@@ -147,3 +147,39 @@ def test_shrinking_a_cores_active_workers_takes_effect(run: Any) -> None:
 
     run(main())
     gate.set()
+
+
+short_gate = threading.Event()
+
+
+@task_token_guard(operation_type="light_short", tags={"weight": "light"})
+def light_short() -> str:
+    short_gate.wait(10)
+    return threading.current_thread().name
+
+
+def test_idle_worker_takes_tokens_queued_behind_a_stuck_sibling(run: Any) -> None:
+    gate.clear()
+    short_gate.clear()
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=2, mailbox_size=8) as c:
+            # Given both workers busy, so new tokens queue in both mailboxes,
+            stuck = light_block()
+            short = light_short()
+            await _wait_executing(c, 2)
+            queued = [light_quick() for _ in range(6)]
+            assert {len(w["queue_depth"] * "x") for w in c.stats()["cores"][0]["workers"]} == {3}
+            # when one worker frees up while the other stays stuck,
+            short_gate.set()
+            await short
+            # the free worker takes what was queued behind the stuck one.
+            names = await asyncio.wait_for(asyncio.gather(*queued), 5)
+            assert stuck.state.value == "executing"
+            assert all(n.endswith(short.worker_id or "?") for n in names)
+            gate.set()
+            await stuck
+
+    run(main())
+    gate.set()
+    short_gate.set()

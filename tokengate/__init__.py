@@ -33,9 +33,35 @@ from .tags import TagSpec, declare_tag, declared_tags
 from .token import TaskToken
 from .topology import RoutingTable, Topology, detect_topology, routing_table
 
+# Imported last: each policy module declares its tags at import, so every tag
+# is known before any function is decorated.
+from .convergence import ConvergencePolicy
+from .fingerprint import DigestPolicy, HashPolicy
+from .policies import (
+    ConductorPolicy,
+    QuarantinePolicy,
+    ReputationPolicy,
+    RetryPolicy,
+    StickyPolicy,
+    StorageSpeed,
+    StorageTierPolicy,
+    default_policies,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConductorPolicy",
+    "ConvergencePolicy",
+    "DigestPolicy",
+    "HashPolicy",
+    "QuarantinePolicy",
+    "ReputationPolicy",
+    "RetryPolicy",
+    "StickyPolicy",
+    "StorageSpeed",
+    "StorageTierPolicy",
+    "default_policies",
     "ComplexityClass",
     "ComplexityReport",
     "ConfigurationError",

@@ -183,6 +183,8 @@ class OperationsCoordinator:
         self.routing = routing_table(cores, workers_per_core, bulkhead_reserve)
         self._router = Router(self, self.routing, mailbox_size, max_pending)
         self._refill_batch = max(1, mailbox_size // 2)
+        # An idle worker takes queued tokens from a sibling whose call has run this long.
+        self._steal_after = 0.005
         # Guards every token's state field (see TaskToken._transition). Always
         # taken after, never before, the routing lock.
         self._state_lock = threading.Lock()
@@ -200,7 +202,8 @@ class OperationsCoordinator:
         self._drain_scheduled = False
         self._accepted = 0  # written under the routing lock
         self._settled = 0  # written on the loop thread only
-        self._rejected = 0  # written under the routing lock
+        # Calls refused before acceptance, by terminal state; written under the routing lock.
+        self._refused: dict[TokenState, int] = {_S.REJECTED: 0, _S.QUARANTINED: 0}
         self._retries = 0
         self._abandoned = 0
         self._by_state: dict[TokenState, int] = {s: 0 for s in TERMINAL_STATES}
@@ -421,7 +424,7 @@ class OperationsCoordinator:
                     raise
                 except Exception:
                     logger.exception("policy %s failed in before_submit; call admitted anyway", p.name)
-        if plan.admit or plan.pick_core or plan.on_routed or plan.on_settle:
+        if plan.admit or plan.pick_core or plan.on_routed:
             self._admit(token, plan, refuse=True)
         else:
             # Fast path: no policy takes part in admission or routing.
@@ -431,7 +434,7 @@ class OperationsCoordinator:
                 try:
                     router.route(token, None, refuse=True)
                 except Rejected as exc:
-                    self._rejected += 1
+                    self._refused[_S.REJECTED] += 1
                     refusal = exc
                 else:
                     self._accepted += 1
@@ -439,8 +442,10 @@ class OperationsCoordinator:
             if refusal is not None:
                 token._tstate = _S.REJECTED  # still private to this thread: no lock needed
                 token._outcome, token._is_error = refusal, True
+                if plan.on_settle:
+                    self._run_settle_hooks(token, plan)
                 token._drop_call()
-                token._finalized = True
+                token._finalized = token._published = True
                 raise refusal
         if guarded.timeout is not None:
             self._arm_timeout(token, guarded.timeout)
@@ -505,7 +510,7 @@ class OperationsCoordinator:
             try:
                 worker = router.route(token, pin, refuse=refuse and first)
             except Rejected as exc:
-                self._rejected += 1
+                self._refused[_S.REJECTED] += 1
                 refusal: Rejected | None = exc
                 worker = None
             else:
@@ -524,7 +529,7 @@ class OperationsCoordinator:
             token._outcome, token._is_error = refusal, True
             self._run_settle_hooks(token, plan)
             token._drop_call()
-            token._finalized = True
+            token._finalized = token._published = True
             raise refusal
 
     def _refuse_at_submit(self, token: TaskToken[Any], plan: _Plan, exc: Rejected) -> None:
@@ -535,10 +540,10 @@ class OperationsCoordinator:
         token._transition(state)
         token._outcome, token._is_error = exc, True
         with self._router.lock:
-            self._rejected += 1
+            self._refused[state] += 1
         self._run_settle_hooks(token, plan)
         token._drop_call()
-        token._finalized = True
+        token._finalized = token._published = True
 
     def _settle_refused(self, token: TaskToken[Any], exc: Rejected) -> None:
         """An accepted token refused on re-admission (a retry or a release): settle it for its awaiter."""
@@ -727,6 +732,8 @@ class OperationsCoordinator:
             token._resolve_future()
         else:
             self._resolve_foreign(token)
+        # Published last: get() returns only after hooks ran and the future is resolved.
+        token._published = True
         if token._waiters is not None:
             token._wake_waiters()
         if self._idle_waiters and self._accepted == self._settled:
@@ -969,10 +976,23 @@ class OperationsCoordinator:
     # -- refill (worker threads) ------------------------------------------------
 
     def _refill(self, worker: Worker) -> bool:
-        """Move pending tokens into an empty mailbox. Thread: that worker."""
+        """Move pending tokens into an empty mailbox, or steal from a stuck sibling. Thread: that worker."""
         router = self._router
-        if router.paused or not router.pending_total:
+        if router.paused:
             return False
+        if not router.pending_total:
+            # Cheap unlocked look first: only take the lock if a sibling looks stuck.
+            now = _perf()
+            for sibling in router.cores[worker.core_id].workers:
+                running = sibling.current
+                if sibling is not worker and sibling.mailbox and running is not None:
+                    started = running.started_at
+                    if started is not None and now - started >= self._steal_after:
+                        break
+            else:
+                return False
+            with router.lock:
+                return router.steal(worker, self._steal_after) is not None
         with router.lock:
             placed = router.take_pending(worker, self._refill_batch)
             if placed:
@@ -1020,13 +1040,13 @@ class OperationsCoordinator:
             "accepted": self._accepted,
             "settled": self._settled,
             "inflight": self.inflight,
-            "rejected_at_submit": self._rejected,
+            "rejected_at_submit": sum(self._refused.values()),
             "retries": self._retries,
             "late_completions_discarded": self._abandoned,
             "waiting": snap["pending_total"] + sum(snap["held"].values()) + held_by_policies,
             "admitted": admitted,
             "executing": executing,
-            **{s.value: n for s, n in self._by_state.items()},
+            **{s.value: n + self._refused.get(s, 0) for s, n in self._by_state.items()},
         }
         routed_by_weight = {w: sum(c["routed"][w] for c in snap["cores"]) for w in WEIGHTS}
         return {

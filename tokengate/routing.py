@@ -257,6 +257,40 @@ class Router:
                 break
         return placed
 
+    def steal(self, worker: Worker, stuck_after: float) -> TaskToken[Any] | None:
+        """Take one queued token from a sibling stuck on a long call. Caller holds the lock.
+
+        Routing spreads tokens by load estimates; a call that turns out slow
+        leaves the tokens behind it waiting while siblings idle. An idle
+        worker takes the newest queued token (from the right, so the stuck
+        worker's own next token is untouched) of a sibling on the same domain
+        whose current call has run longer than *stuck_after* seconds.
+        """
+        core = self.cores[worker.core_id]
+        if worker not in core.workers[: core.active]:
+            return None
+        now = _perf()
+        for sibling in core.workers:
+            if sibling is worker or not sibling.mailbox:
+                continue
+            running = sibling.current
+            started = running.started_at if running is not None else None
+            if started is None or now - started < stuck_after:
+                continue
+            try:
+                token = sibling.mailbox.pop()
+            except IndexError:
+                continue
+            if token.weight not in worker.classes and token._where != IN_CORE_PENDING:
+                sibling.mailbox.append(token)  # not ours to run (bulkhead): put it back
+                continue
+            # Move the token's accounting from the sibling to this worker.
+            sibling.routed -= 1
+            worker.routed += 1
+            worker.mailbox.append(token)
+            return token
+        return None
+
     def release_held(self, operation_type: str) -> list[TaskToken[Any]]:
         """Take the tokens held for a paused operation. Caller holds the lock."""
         held = self.held.pop(operation_type, None)

@@ -91,6 +91,8 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         "_is_error",
         "_waiters",
         "_finalized",
+        "_published",
+        "_retrieved",
         "tags",
         "operation_type",
         "weight",
@@ -128,7 +130,9 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         self._outcome: Any = None
         self._is_error = False
         self._waiters: list[Callable[[], None]] | None = None
-        self._finalized = False
+        self._finalized = False  # the coordinator took charge of settling it (loop thread)
+        self._published = False  # the outcome is visible to awaiters and get() (set last)
+        self._retrieved = False  # get() consumed the outcome: asyncio need not warn about it
         self.tags = guarded.tags
         self.operation_type = guarded.operation_type
         self.weight = guarded.weight
@@ -222,7 +226,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
                 pass
 
         self._add_waiter(wake)
-        if self._finalized:
+        if self._published:
             _set_if_pending(bridge)
         try:
             await bridge
@@ -266,7 +270,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
             # asyncio logs "exception was never retrieved" for futures nobody
             # awaited. Stay quiet when get() (or another loop) is consuming the
             # outcome, and for tokengate's own refusals, which stats record.
-            if self._waiters is not None or isinstance(self._outcome, TokengateError):
+            if self._retrieved or self._waiters is not None or isinstance(self._outcome, TokengateError):
                 self._log_traceback = False
         else:
             _future_set_result(self, self._outcome)
@@ -296,18 +300,21 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         """
         if self._tstate not in _TERMINAL:
             self._coordinator._before_blocking_get(self)
-        if not self._finalized:
+        self._retrieved = True
+        if not self._published:
             event = threading.Event()
             self._add_waiter(event.set)
-            # The settler sets _finalized before it looks at _waiters, and skips
-            # the waiter lock when it sees none; re-checking _finalized after
+            # The settler sets _published before it looks at _waiters, and skips
+            # the waiter lock when it sees none; re-checking _published after
             # registering closes that window (sequentially consistent under the GIL).
-            if not self._finalized and not event.wait(timeout):
+            if not self._published and not event.wait(timeout):
                 raise TimeoutError(f"token {self.token_id} ({self.operation_type}) did not settle within {timeout}s")
         return self._result_now()
 
     def _result_now(self) -> R:
         if self._is_error:
+            if self.done() and not self.cancelled():
+                self._log_traceback = False  # retrieved here, so asyncio must not warn at GC
             raise self._outcome
         if self._tstate is _S.COMPLETED:
             return self._outcome  # type: ignore[no-any-return]

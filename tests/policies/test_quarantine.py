@@ -29,6 +29,7 @@ from tokengate import (
     task_token_guard,
 )
 from tokengate.policies.quarantine import QuarantinePolicy, footprint
+from tokengate.policies.retries import RetryPolicy  # also declares the retries tags used below
 from tokengate.quarantine_store import DEFAULT_PATH, QuarantineStateError, QuarantineStore, QuarantineStoreError
 
 # -- decorated functions (module level, so a release can find them again) --------------
@@ -59,6 +60,11 @@ def flaky(x: int) -> int:
     if _FLAKY["fail"]:
         raise RuntimeError("flaky failure")
     return x
+
+
+@task_token_guard(operation_type="q.retried", tags={"retries": 2, "retry_backoff": {"base": 0.0, "cap": 0.0}})
+def always_fails(x: int) -> int:
+    raise ConnectionError(f"unreachable {x}")
 
 
 _GATE = threading.Event()
@@ -357,6 +363,20 @@ def test_exhausted_retries_make_the_next_identical_call_poison(db: str) -> None:
             reject_negative(-3)
         record = policy.get(info.value.quarantine_id)
         assert record is not None and "exhausted its retries" in record["reason"]
+
+
+def test_with_the_retries_policy_an_exhausted_call_is_poison_next_time(db: str) -> None:
+    # Given the real retries policy (2 retries) and a call that always fails
+    policy = QuarantinePolicy(db, poison_failures=10)
+    with running(policy, RetryPolicy()):
+        token = always_fails(1)
+        fails(token, ConnectionError)
+        assert token.attempt == 3
+        # When / Then the next identical call is quarantined, a different one is not
+        with pytest.raises(TokenQuarantined) as info:
+            always_fails(1)
+        assert "exhausted its retries" in policy.get(info.value.quarantine_id)["reason"]  # type: ignore[index]
+        fails(always_fails(2), ConnectionError)
 
 
 def test_a_retry_of_a_poisoned_call_settles_the_original_token_as_quarantined(db: str) -> None:

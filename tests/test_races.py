@@ -1,0 +1,122 @@
+"""Cross-thread races: kill vs claim, submissions from many threads, timeouts vs completion.
+
+Each test forces many interleavings in a bounded loop and checks the invariants that must
+hold whatever the interleaving: every token settles exactly once, a killed token never ran,
+and counts add up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from typing import Any
+
+from tokengate import OperationsCoordinator, Policy, TaskToken, TokenKilled, TokenState, task_token_guard
+
+ran: Counter[int] = Counter()
+ran_lock = threading.Lock()
+
+
+@task_token_guard(operation_type="mark", tags={"weight": "light"})
+def mark(i: int) -> int:
+    with ran_lock:
+        ran[i] += 1
+    return i
+
+
+class SettleRecorder(Policy):
+    """Counts on_settle per token: the core promises exactly one."""
+
+    name = "settle_recorder"
+
+    def __init__(self) -> None:
+        self.settled: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def on_settle(self, token: TaskToken[Any]) -> None:
+        with self.lock:
+            self.settled[token.token_id] += 1
+
+
+def test_kill_racing_worker_claims_never_runs_a_killed_token(run: Any) -> None:
+    ran.clear()
+    recorder = SettleRecorder()
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[recorder], num_cores=2, workers_per_core=4) as c:
+            for _round in range(20):
+                tokens = [mark(_round * 1000 + i) for i in range(200)]
+                ids = [t.token_id for t in tokens]
+                killer = threading.Thread(target=lambda: [c.kill(tid) for tid in reversed(ids)])
+                killer.start()
+                results = await asyncio.gather(*tokens, return_exceptions=True)
+                killer.join()
+                for token, result in zip(tokens, results):
+                    i = int(token.token_id)
+                    if isinstance(result, TokenKilled):
+                        assert token.state is TokenState.KILLED
+                        assert ran[_round * 1000 + tokens.index(token)] == 0, "a killed token ran"
+                    else:
+                        assert token.state is TokenState.COMPLETED and result is not None
+                    assert i > 0
+            assert c.inflight == 0
+            stats = c.stats()["counts"]
+            assert stats["completed"] + stats["killed"] == 20 * 200
+
+    run(main())
+    assert all(n == 1 for n in recorder.settled.values())
+    assert len(recorder.settled) == 20 * 200
+    assert all(n == 1 for n in ran.values()), "a token ran twice"
+
+
+def test_submissions_from_many_threads_all_settle_once() -> None:
+    ran.clear()
+    recorder = SettleRecorder()
+    coordinator = OperationsCoordinator(policies=[recorder], num_cores=2, workers_per_core=2, mailbox_size=4)
+    coordinator.start()
+    errors: list[BaseException] = []
+
+    def client(base: int) -> None:
+        try:
+            tokens = [mark(base + i) for i in range(300)]
+            assert [t.get(timeout=30) for t in tokens] == [base + i for i in range(300)]
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k * 10_000,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    coordinator.stop()
+    assert errors == []
+    assert len(ran) == 8 * 300 and all(n == 1 for n in ran.values())
+    assert len(recorder.settled) == 8 * 300 and set(recorder.settled.values()) == {1}
+
+
+def test_timeouts_racing_completions_settle_once(run: Any) -> None:
+    recorder = SettleRecorder()
+
+    @task_token_guard(operation_type="edge", tags={"weight": "light", "timeout": 0.002})
+    def edge(i: int) -> int:
+        # Roughly as long as the timeout, so both orders happen.
+        for _ in range(2000):
+            pass
+        return i
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[recorder], num_cores=1, workers_per_core=2) as c:
+            tokens = [edge(i) for i in range(400)]
+            results = await asyncio.gather(*tokens, return_exceptions=True)
+            for token, result in zip(tokens, results):
+                if isinstance(result, BaseException):
+                    assert token.state is TokenState.TIMEOUT
+                else:
+                    assert token.state is TokenState.COMPLETED
+            await c.drain(timeout=10)
+            counts = c.stats()["counts"]
+            assert counts["completed"] + counts["timeout"] == 400
+
+    run(main())
+    assert len(recorder.settled) == 400 and set(recorder.settled.values()) == {1}
