@@ -424,7 +424,9 @@ class OperationsCoordinator:
                     raise
                 except Exception:
                     logger.exception("policy %s failed in before_submit; call admitted anyway", p.name)
-        if plan.admit or plan.pick_core or plan.on_routed:
+        # Routing hooks run only for tokens a policy marked (policy_data) in
+        # before_submit: a conductor must look at every call, but routes few.
+        if plan.admit or (token.policy_data is not None and (plan.pick_core or plan.on_routed)):
             self._admit(token, plan, refuse=True)
         else:
             # Fast path: no policy takes part in admission or routing.
@@ -493,8 +495,9 @@ class OperationsCoordinator:
                     token._where = IN_POLICY
                 return
         pin = None
+        marked = token.policy_data is not None
         with router.lock:
-            for p in plan.pick_core:
+            for p in plan.pick_core if marked else ():
                 try:
                     pin = p.pick_core(token)
                 except Exception:
@@ -518,7 +521,7 @@ class OperationsCoordinator:
                 if first:
                     self._accepted += 1
                     self._live[token._seq] = token
-                if worker is not None:
+                if worker is not None and marked:
                     for p in plan.on_routed:
                         try:
                             p.on_routed(token, worker.core_id)
@@ -999,7 +1002,7 @@ class OperationsCoordinator:
                 plans = self._plans
                 for token in placed:
                     plan = plans.get(id(token._guarded))
-                    if plan is not None and plan.on_routed:
+                    if plan is not None and plan.on_routed and token.policy_data is not None:
                         for p in plan.on_routed:
                             try:
                                 p.on_routed(token, worker.core_id)

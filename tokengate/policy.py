@@ -17,7 +17,9 @@ Threads and locks:
   releases). Returning False means "I hold this token": the policy must later
   hand it back with ``coordinator.release_held(token)``.
 * ``pick_core`` and ``on_routed`` run under the coordinator's routing lock:
-  keep them O(1), never block, never call back into the coordinator.
+  keep them O(1), never block, never call back into the coordinator. They are
+  called only for tokens some policy marked by setting ``token.policy_data``
+  (in ``before_submit`` or ``admit``), so unmarked calls skip them entirely.
 * ``after_run`` and ``on_settle`` run on the coordinator's event-loop thread,
   except ``on_settle`` for a call refused at submission, which runs on the
   submitting thread.

@@ -61,6 +61,9 @@ _RAN = frozenset({TokenState.COMPLETED, TokenState.FAILED})
 _MAX_ERROR_TYPES = 32  # distinct exception type names kept per operation; the rest count as "<other>"
 
 
+_FOLD_EVERY = 1024  # passive mode: fold recorded attempts at least this often
+
+
 class Health(str, enum.Enum):
     """The health class of an operation; the value is the lowercase name."""
 
@@ -169,6 +172,10 @@ class ReputationPolicy(Policy):
         self._clock = clock
         # Guards _ops, _blocked and every _Operation. Never held while logging or calling user code.
         self._lock = threading.Lock()
+        # Passive mode records attempts here (a lock-free append on the loop
+        # thread) and folds them into the per-operation rows when read, or every
+        # _FOLD_EVERY attempts: the hot path stays a tuple and an append.
+        self._unfolded: collections.deque[tuple[str, bool, str | None, float | None]] = collections.deque()
         self._ops: collections.OrderedDict[str, _Operation] = collections.OrderedDict()  # LRU order
         # operation_type -> why it is blocked. Read without the lock on the hot path (a dict lookup is atomic).
         self._blocked: dict[str, str] = {}
@@ -202,8 +209,24 @@ class ReputationPolicy(Policy):
         """Record one attempt that ran (success or failure, with its run time). Thread: loop."""
         failed = token._is_error
         error_type = type(token._outcome).__name__ if failed else None
-        self._record(token.operation_type, failed, error_type, token.run_time)
+        if self.auto_block:
+            self._record(token.operation_type, failed, error_type, token.run_time)
+        else:
+            unfolded = self._unfolded
+            unfolded.append((token.operation_type, failed, error_type, token.run_time))
+            if len(unfolded) >= _FOLD_EVERY:
+                self._fold()
         return None
+
+    def _fold(self) -> None:
+        """Apply the attempts recorded lock-free since the last fold (any thread)."""
+        pop = self._unfolded.popleft
+        while True:
+            try:
+                op, failed, error_type, run_time = pop()
+            except IndexError:
+                return
+            self._record(op, failed, error_type, run_time)
 
     def on_settle(self, token: TaskToken[Any]) -> None:
         """Record outcomes that never reach after_run: TIMEOUT (an attempt) and KILLED. Thread: loop."""
@@ -274,6 +297,7 @@ class ReputationPolicy(Policy):
 
         Thread: any.
         """
+        self._fold()
         _check_op(operation_type)
         with self._lock:
             if operation_type in self._blocked:
@@ -290,6 +314,7 @@ class ReputationPolicy(Policy):
         caused an auto-block do not block it again at the next attempt. The
         lifetime counters are kept. Thread: any.
         """
+        self._fold()
         _check_op(operation_type)
         with self._lock:
             was = self._blocked.pop(operation_type, None)
@@ -303,11 +328,13 @@ class ReputationPolicy(Policy):
 
     def blocked(self) -> list[str]:
         """The blocked operation types, sorted. Thread: any."""
+        self._fold()
         with self._lock:
             return sorted(self._blocked)
 
     def is_blocked(self, operation_type: str) -> bool:
         """True while *operation_type* is blocked. Thread: any."""
+        self._fold()
         return operation_type in self._blocked
 
     # -- inspection ----------------------------------------------------------------
@@ -317,6 +344,7 @@ class ReputationPolicy(Policy):
 
         An operation that is not tracked gives ``[]``. Thread: any.
         """
+        self._fold()
         with self._lock:
             if operation_type is not None:
                 entry = self._ops.get(operation_type)
@@ -363,6 +391,7 @@ class ReputationPolicy(Policy):
         ``operations`` holds at most ``max_operations`` rows (the least
         recently seen are evicted; ``evicted_operations`` counts them).
         """
+        self._fold()
         with self._lock:
             distribution = {h.value: 0 for h in Health}
             for entry in self._ops.values():
