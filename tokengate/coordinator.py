@@ -95,13 +95,16 @@ class DrainReport:
 class _Plan:
     """The hooks that apply to one decorated function, computed once per coordinator."""
 
-    __slots__ = HOOKS
+    __slots__ = HOOKS + ("pick_core_marked", "on_routed_marked")
     before_submit: tuple[Policy, ...]
     admit: tuple[Policy, ...]
     pick_core: tuple[Policy, ...]
     on_routed: tuple[Policy, ...]
     after_run: tuple[Policy, ...]
     on_settle: tuple[Policy, ...]
+    # Routing hooks of policies that asked for them only on tokens they marked.
+    pick_core_marked: tuple[Policy, ...]
+    on_routed_marked: tuple[Policy, ...]
 
     def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any]) -> None:
         interested = [p for p in policies if p.interested(guarded)]
@@ -109,7 +112,16 @@ class _Plan:
             chosen = [p for p in interested if getattr(type(p), hook) is not getattr(Policy, hook)]
             if hook in ("after_run", "on_settle"):
                 chosen.reverse()
+            if hook in ("pick_core", "on_routed"):
+                setattr(self, hook + "_marked", tuple(p for p in chosen if p.route_marked_only))
+                chosen = [p for p in chosen if not p.route_marked_only]
             setattr(self, hook, tuple(chosen))
+
+    def routes(self, token: TaskToken[Any]) -> bool:
+        """True when some routing hook applies to *token* (marked tokens: see Policy.route_marked_only)."""
+        if self.pick_core or self.on_routed:
+            return True
+        return token.policy_data is not None and bool(self.pick_core_marked or self.on_routed_marked)
 
 
 class OperationsCoordinator:
@@ -424,9 +436,7 @@ class OperationsCoordinator:
                     raise
                 except Exception:
                     logger.exception("policy %s failed in before_submit; call admitted anyway", p.name)
-        # Routing hooks run only for tokens a policy marked (policy_data) in
-        # before_submit: a conductor must look at every call, but routes few.
-        if plan.admit or (token.policy_data is not None and (plan.pick_core or plan.on_routed)):
+        if plan.admit or plan.routes(token):
             self._admit(token, plan, refuse=True)
         else:
             # Fast path: no policy takes part in admission or routing.
@@ -496,8 +506,10 @@ class OperationsCoordinator:
                 return
         pin = None
         marked = token.policy_data is not None
+        pickers = plan.pick_core + plan.pick_core_marked if marked else plan.pick_core
+        routed_hooks = plan.on_routed + plan.on_routed_marked if marked else plan.on_routed
         with router.lock:
-            for p in plan.pick_core if marked else ():
+            for p in pickers:
                 try:
                     pin = p.pick_core(token)
                 except Exception:
@@ -521,8 +533,8 @@ class OperationsCoordinator:
                 if first:
                     self._accepted += 1
                     self._live[token._seq] = token
-                if worker is not None and marked:
-                    for p in plan.on_routed:
+                if worker is not None:
+                    for p in routed_hooks:
                         try:
                             p.on_routed(token, worker.core_id)
                         except Exception:
@@ -1002,8 +1014,10 @@ class OperationsCoordinator:
                 plans = self._plans
                 for token in placed:
                     plan = plans.get(id(token._guarded))
-                    if plan is not None and plan.on_routed and token.policy_data is not None:
-                        for p in plan.on_routed:
+                    if plan is not None and plan.routes(token):
+                        hooks = plan.on_routed + plan.on_routed_marked if token.policy_data is not None \
+                            else plan.on_routed
+                        for p in hooks:
                             try:
                                 p.on_routed(token, worker.core_id)
                             except Exception:

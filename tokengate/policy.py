@@ -17,9 +17,10 @@ Threads and locks:
   releases). Returning False means "I hold this token": the policy must later
   hand it back with ``coordinator.release_held(token)``.
 * ``pick_core`` and ``on_routed`` run under the coordinator's routing lock:
-  keep them O(1), never block, never call back into the coordinator. They are
-  called only for tokens some policy marked by setting ``token.policy_data``
-  (in ``before_submit`` or ``admit``), so unmarked calls skip them entirely.
+  keep them O(1), never block, never call back into the coordinator. A policy
+  that routes only calls it marked (set ``token.policy_data`` in
+  ``before_submit``) sets ``route_marked_only = True``, so every other call
+  skips its routing hooks entirely (the conductor does this).
 * ``after_run`` and ``on_settle`` run on the coordinator's event-loop thread,
   except ``on_settle`` for a call refused at submission, which runs on the
   submitting thread.
@@ -49,6 +50,11 @@ class Policy:
 
     #: Short name used in statistics, logs and ``coordinator.policy(name)``.
     name: ClassVar[str] = "policy"
+
+    #: True: ``pick_core``/``on_routed`` are called only for tokens whose
+    #: ``policy_data`` some policy set (a cheap opt-out for policies that look
+    #: at every call but route only a few).
+    route_marked_only: ClassVar[bool] = False
 
     def on_start(self, coordinator: OperationsCoordinator) -> None:
         """Called once on the loop thread when the coordinator starts."""

@@ -613,3 +613,121 @@ def test_max_listed_is_validated() -> None:
         StickyPolicy(max_listed=-1)
     with pytest.raises(ConfigurationError, match="max_listed"):
         ConductorPolicy(max_listed=True)
+
+
+# -- races, forced deterministically with stubs -------------------------------------------
+
+
+class StubToken:
+    """Just what the policy reads from a token; ``state`` is set by the test."""
+
+    def __init__(self, guarded: Any, *args: Any) -> None:
+        self.guarded = guarded
+        self.args: tuple[Any, ...] = args
+        self.kwargs: dict[str, Any] = {}
+        self.policy_data: dict[str, Any] | None = None
+        self.state = TokenState.CREATED
+        self.core_id: int | None = None
+
+
+class StubCoordinator:
+    """Records release_held() calls and the callbacks scheduled on its 'loop'."""
+
+    name = "stub"
+    running = True
+
+    def __init__(self) -> None:
+        self.released: list[Any] = []
+        self.scheduled: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self.loop = self
+
+    def call_soon_threadsafe(self, callback: Callable[..., None], *args: Any) -> None:
+        self.scheduled.append((callback, args))
+
+    def release_held(self, token: Any) -> None:
+        self.released.append(token)
+
+    def run_scheduled(self) -> None:
+        pending, self.scheduled = self.scheduled, []
+        for callback, args in pending:
+            callback(*args)
+
+
+def stub_policy() -> tuple[StickyPolicy, StubCoordinator]:
+    policy, coordinator = StickyPolicy(), StubCoordinator()
+    policy.on_start(coordinator)  # type: ignore[arg-type]
+    return policy, coordinator
+
+
+@task_token_guard(operation_type="stubbed", tags={"sticky_anchor": "stub", "ordered": True, "hash_policy": "none"})
+def stubbed() -> None:
+    return None
+
+
+def test_release_before_the_core_recorded_the_hold_is_retried() -> None:
+    """Regression: release_held() ignores a token that is still CREATED, which would stall the key."""
+    policy, coordinator = stub_policy()
+    a, b = StubToken(stubbed), StubToken(stubbed)
+    any_a: Any = a
+    any_b: Any = b
+    # 1. A runs: it passes admit and is placed on core 1
+    policy.before_submit(any_a)
+    assert policy.admit(any_a)
+    a.state = TokenState.ADMITTED
+    policy.on_routed(any_a, 1)
+    # 2. B is held behind A; its submitting thread has not yet recorded the hold (still CREATED)
+    policy.before_submit(any_b)
+    assert not policy.admit(any_b)
+    # 3. A settles on the loop: B is due, but a release now would be ignored by the core
+    a.state = TokenState.COMPLETED
+    policy.on_settle(any_a)
+    assert coordinator.released == [] and coordinator.scheduled
+    # 4. B's thread records the hold; the retried release now reaches the core
+    b.state = TokenState.WAITING
+    coordinator.run_scheduled()
+    assert coordinator.released == [b]
+    # 5. Re-admitted, B passes at once and goes to A's core
+    assert policy.admit(any_b)
+    assert policy.pick_core(any_b) == 1
+
+
+def test_admit_is_idempotent_while_holding() -> None:
+    policy, coordinator = stub_policy()
+    a, b = StubToken(stubbed), StubToken(stubbed)
+    any_a: Any = a
+    any_b: Any = b
+    policy.before_submit(any_a)
+    policy.before_submit(any_b)
+    assert policy.admit(any_a)
+    # Given B held / When admit runs for it again / Then it stays held, counted once
+    assert not policy.admit(any_b)
+    assert not policy.admit(any_b)
+    assert policy.stats()["waiting_in_order"] == 1
+    # And a retry's before_submit does not count the call twice
+    policy.before_submit(any_a)
+    assert policy.stats()["inflight"] == 2
+
+
+def test_settled_calls_waiting_for_the_pin_are_skipped() -> None:
+    policy, coordinator = stub_policy()
+
+    @task_token_guard(operation_type="unordered_stub", tags={"sticky_anchor": "u", "hash_policy": "none"})
+    def unordered_stub() -> None:
+        return None
+
+    first, second, third = (StubToken(unordered_stub) for _ in range(3))
+    tokens: list[Any] = [first, second, third]
+    for t in tokens:
+        policy.before_submit(t)
+    # Given the first call deciding the pin and two waiting for it
+    assert policy.admit(tokens[0]) and not policy.admit(tokens[1]) and not policy.admit(tokens[2])
+    # When the second is killed while waiting, then the first is placed
+    second.state = TokenState.KILLED
+    policy.on_settle(tokens[1])
+    for t in (first, third):
+        t.state = TokenState.WAITING
+    policy.on_routed(tokens[0], 2)
+    coordinator.run_scheduled()
+    # Then only the third is released, and it follows the pin
+    assert coordinator.released == [third]
+    assert policy.admit(tokens[2]) and policy.pick_core(tokens[2]) == 2

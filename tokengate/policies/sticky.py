@@ -58,6 +58,7 @@ from .. import current
 from ..errors import ConfigurationError
 from ..fingerprint import HashPolicy, routing_key
 from ..policy import Policy
+from ..states import TokenState
 from ..tags import declare_tag
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ _OWNER = "tokengate.policies.sticky"
 _SLOT = "sticky.ticket"  # token.policy_data key: this call's _Ticket (removed at settle)
 _CACHE = "tokengate.sticky"  # guarded.policy_cache key: the function's _Config, or None
 _NOT_HELD, _HELD_ORDER, _HELD_CORE = 0, 1, 2
+_CREATED = TokenState.CREATED
 _SUMMARY_CHARS = 80
 
 
@@ -401,8 +403,16 @@ class StickyPolicy(Policy):
         coordinator = self._coordinator
         if coordinator is None:
             return
+        early: list[TaskToken[Any]] = []
         for token in tokens:
-            coordinator.release_held(token)
+            if token.state is _CREATED:
+                # admit() returned False on another thread, which has not recorded the hold
+                # yet: release_held() would ignore the token now. Try again from the loop.
+                early.append(token)
+            else:
+                coordinator.release_held(token)
+        if early:
+            self._release_later(early)
 
     def _release_later(self, tokens: list[TaskToken[Any]]) -> None:
         # on_routed runs under the routing lock, which release_held needs: hop to the loop.
