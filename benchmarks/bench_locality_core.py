@@ -14,8 +14,11 @@ Scenarios (trivial function bodies, all tokens submitted at once, then gathered)
   that do not use them (the target is ~1.0);
 * ``sticky``: ``sticky_anchor`` over ``keys`` distinct argument values;
 * ``ordered``: ``ordered`` over ``keys`` keys (one at a time per key);
-* ``conducted``: leads with ``external_calls``, each spawning ``children``
-  children from its worker thread (every token counts).
+* ``nested``: parents without tags, each spawning ``children`` children
+  from its worker thread (every token counts), the policies installed;
+* ``conducted``: the same with ``external_calls``: each chain is pinned to
+  its lead's worker domain. Compare it with ``nested`` for the cost of the
+  conductor itself, and with ``plain`` for the cost of nesting as well.
 
 Usage: ``python -m benchmarks.bench_locality_core`` prints a table; the
 benchmark framework calls :func:`run`. Dependency-free (stdlib + tokengate).
@@ -38,7 +41,7 @@ from tokengate.policies.sticky import StickyPolicy
 
 __all__ = ["run", "SCENARIOS"]
 
-SCENARIOS = ("plain", "plain+locality", "sticky", "ordered", "conducted")
+SCENARIOS = ("plain", "plain+locality", "sticky", "ordered", "nested", "conducted")
 
 
 @task_token_guard(operation_type="bench_plain", tags={"weight": "light"})
@@ -67,6 +70,11 @@ def _lead(children: int) -> list[TaskToken[int]]:
     return [_child(i) for i in range(children)]
 
 
+@task_token_guard(operation_type="bench_parent", tags={"weight": "light"})
+def _parent(children: int) -> list[TaskToken[int]]:
+    return [_child(i) for i in range(children)]
+
+
 async def _fan_out(n: int, keys: int, children: int, scenario: str) -> int:
     """Submit and gather one scenario's tokens; return how many tokens ran."""
     if scenario in ("plain", "plain+locality"):
@@ -79,7 +87,8 @@ async def _fan_out(n: int, keys: int, children: int, scenario: str) -> int:
         await asyncio.gather(*[_ordered(i % keys) for i in range(n)])
         return n
     leads = max(1, n // (children + 1))
-    spawned = await asyncio.gather(*[_lead(children) for _ in range(leads)])
+    spawner = _lead if scenario == "conducted" else _parent
+    spawned = await asyncio.gather(*[spawner(children) for _ in range(leads)])
     await asyncio.gather(*[child for group in spawned for child in group])
     return leads * (children + 1)
 
@@ -157,7 +166,7 @@ def run(n: int = 20000, repeats: int = 3, *, keys: int = 64, children: int = 4, 
             "ratio: median tokens/s over plain's; cpu_ratio: the same with process CPU time instead of wall "
             "time (steadier on a shared machine); below 1.0 = slower than plain",
             "plain+locality: plain tokens with StickyPolicy and ConductorPolicy installed",
-            f"conducted: {children} children per lead, spawned on the lead's worker thread; all tokens count",
+            f"nested/conducted: {children} children per parent, spawned on its worker thread; all tokens count",
         ],
         "duration_s": round(time.perf_counter() - started, 3),
     }

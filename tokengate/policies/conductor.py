@@ -5,7 +5,8 @@ Tags (validated at decoration):
 * ``external_calls``: a non-empty list of the operation types the function
   calls (strings). It makes the function a *lead*: each call opens a *domain*
   whose *seed* is ``digest(f"{token_id}:{freeze(external_calls)!r}",
-  digest_policy)``, unique per lead call because it contains the token id.
+  digest_policy)``, unique per lead call because it contains the token id
+  (computed when first read: only logs and statistics use it).
 * ``digest_policy``: a :class:`~tokengate.fingerprint.DigestPolicy` or its
   value: ``"full"`` (SHA-256, 64 hex chars, default), ``"short"`` (16),
   ``"fast"`` (BLAKE2s, 16), ``"minimal"`` (8). The seed is a label for logs and
@@ -54,7 +55,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import current
 from ..errors import ConfigurationError
@@ -73,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 _OWNER = "tokengate.policies.conductor"
 _SLOT = "conductor.member"  # token.policy_data key: this call's _Member (kept after settle: no user data)
+_CACHE = "tokengate.conductor"  # guarded.policy_cache key: a lead function's _Lead
 _SEED_PREFIX = 12
 
 
@@ -94,21 +96,46 @@ declare_tag("digest_policy", _OWNER, DigestPolicy.parse,
             "how a lead's seed is hashed: full (default) | short | fast | minimal")
 
 
+class _Lead(NamedTuple):
+    """A lead function's settings, computed once and cached on the function."""
+
+    calls: frozenset[str]
+    frozen: str  # repr(freeze(external_calls)): the constant part of every seed
+    digest_policy: DigestPolicy
+
+
+def _lead(guarded: GuardedFunction[..., Any]) -> _Lead:
+    cached: _Lead | None = guarded.policy_cache.get(_CACHE)
+    if cached is None:
+        calls = guarded.tags["external_calls"]
+        cached = _Lead(frozenset(calls), repr(freeze(calls)),
+                       guarded.tags.get("digest_policy", DigestPolicy.FULL))
+        guarded.policy_cache[_CACHE] = cached
+    return cached
+
+
 class _Domain:
     """One lead's call chain. ``core`` and ``pending`` are guarded by the policy's lock."""
 
-    __slots__ = ("ident", "seed", "lead_id", "calls", "core", "pending", "owner", "opened_at")
+    __slots__ = ("ident", "lead_id", "lead", "core", "pending", "owner", "opened_at", "_seed")
 
-    def __init__(self, ident: int, seed: str, lead_id: str, calls: frozenset[str], core: int | None,
-                 owner: ConductorPolicy) -> None:
+    def __init__(self, ident: int, lead_id: str, lead: _Lead, core: int | None, owner: ConductorPolicy) -> None:
         self.ident = ident
-        self.seed = seed
         self.lead_id = lead_id
-        self.calls = calls
+        self.lead = lead
         self.core = core  # where the lead runs; None until its first call (or its parent's core)
         self.pending = 1  # the lead itself
         self.owner = owner
         self.opened_at = time.monotonic()
+        self._seed: str | None = None
+
+    @property
+    def seed(self) -> str:
+        """The digest, computed when first read: it is a label, so the hot path never hashes."""
+        seed = self._seed
+        if seed is None:  # two threads may both compute it: same value, no lock needed
+            seed = self._seed = digest(f"{self.lead_id}:{self.lead.frozen}", self.lead.digest_policy)
+        return seed
 
 
 class _Member:
@@ -216,15 +243,13 @@ class ConductorPolicy(Policy):
             return  # the common case: a plain call outside any domain
         if data is None:
             data = token.policy_data = {}
-        seed = None
-        if calls is not None:
-            material = f"{token.token_id}:{freeze(calls)!r}"
-            seed = digest(material, token.tags.get("digest_policy", DigestPolicy.FULL))
+        guarded = token.guarded
+        lead = None if calls is None or guarded is None else _lead(guarded)
         with self._lock:
             if parent_domain is not None:
                 self._join(parent_domain, token, parent_core)
-            if seed is not None and calls is not None:
-                own = _Domain(next(self._ids), seed, token.token_id, frozenset(calls),
+            if lead is not None:
+                own = _Domain(next(self._ids), token.token_id, lead,
                               None if parent_domain is None else parent_domain.core, self)
                 self._domains[own.ident] = own
                 self._opened += 1
@@ -244,7 +269,7 @@ class ConductorPolicy(Policy):
         domain.pending += 1
         self._pending += 1
         self._members += 1
-        if token.operation_type not in domain.calls:
+        if token.operation_type not in domain.lead.calls:
             self._undeclared += 1
         if domain.core is None:
             # Pinned lazily, by the first call made inside it: the core the lead really
