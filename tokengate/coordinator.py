@@ -502,8 +502,19 @@ class OperationsCoordinator:
                         token._force_transition(_S.WAITING)
                         self._accepted += 1
                         self._live[token._seq] = token
-                    token._where = IN_POLICY
-                return
+                    # The policy may already have released it from another thread
+                    # (between its admit() returning False and this lock).
+                    early, token._release_early = token._release_early, False
+                    if not early:
+                        token._where = IN_POLICY
+                if not early:
+                    return
+                return self._admit(token, plan, refuse=False)
+        self._route_with_hooks(token, plan, refuse=refuse)
+
+    def _route_with_hooks(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None:
+        """pick_core hooks, then place or queue the token, then on_routed hooks."""
+        router = self._router
         pin = None
         marked = token.policy_data is not None
         pickers = plan.pick_core + plan.pick_core_marked if marked else plan.pick_core
@@ -575,9 +586,15 @@ class OperationsCoordinator:
 
     def release_held(self, token: TaskToken[Any]) -> None:
         """Hand back a token a policy held in ``admit``; it continues to routing. Thread: any."""
-        if token._tstate is not _S.WAITING:
-            return
-        token._where = NOWHERE
+        with self._router.lock:
+            state = token._tstate
+            if state is _S.CREATED or (state is _S.WAITING and token._where != IN_POLICY):
+                # Released before the core recorded the hold: _admit will see this.
+                token._release_early = True
+                return
+            if state is not _S.WAITING:
+                return
+            token._where = NOWHERE
         plan = self._plans.get(id(token._guarded)) if token._guarded is not None else None
         if plan is None:
             if token._guarded is None:
@@ -847,10 +864,7 @@ class OperationsCoordinator:
         if guarded is None:
             return
         plan = self._plans.get(id(guarded)) or self._plan_for(guarded)
-        with self._router.lock:
-            pin = token.core_id if token._where == NOWHERE and token.core_id is not None else None
-            self._router.route(token, None if pin is None else pin if pin in self._router.cores else None,
-                               refuse=False)
+        self._route_with_hooks(token, plan, refuse=False)
 
     @property
     def paused(self) -> bool:

@@ -93,6 +93,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         "_finalized",
         "_published",
         "_retrieved",
+        "_release_early",
         "tags",
         "operation_type",
         "weight",
@@ -133,6 +134,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         self._finalized = False  # the coordinator took charge of settling it (loop thread)
         self._published = False  # the outcome is visible to awaiters and get() (set last)
         self._retrieved = False  # get() consumed the outcome: asyncio need not warn about it
+        self._release_early = False  # a policy released it before the core recorded its hold
         self.tags = guarded.tags
         self.operation_type = guarded.operation_type
         self.weight = guarded.weight
