@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Iterable, Sequence
 
 from . import current
+from .current import _worker_local
 from .decorator import GuardedFunction
 from .errors import (
     ConfigurationError,
@@ -59,6 +60,8 @@ _S = TokenState
 _get_running_loop = asyncio._get_running_loop
 _copy_context = contextvars.copy_context
 _perf = time.perf_counter
+_future_set_result = asyncio.Future.set_result
+_REJECTED = TokenState.REJECTED
 _NOT_STARTED = frozenset({_S.CREATED, _S.WAITING, _S.ADMITTED})
 _STEALABLE = frozenset({_S.ADMITTED, _S.WAITING})
 
@@ -95,7 +98,7 @@ class DrainReport:
 class _Plan:
     """The hooks that apply to one decorated function, computed once per coordinator."""
 
-    __slots__ = HOOKS + ("pick_core_marked", "on_routed_marked")
+    __slots__ = HOOKS + ("pick_core_marked", "on_routed_marked", "slow", "marked_routes")
     before_submit: tuple[Policy, ...]
     admit: tuple[Policy, ...]
     pick_core: tuple[Policy, ...]
@@ -105,9 +108,11 @@ class _Plan:
     # Routing hooks of policies that asked for them only on tokens they marked.
     pick_core_marked: tuple[Policy, ...]
     on_routed_marked: tuple[Policy, ...]
+    slow: bool
+    marked_routes: bool
 
-    def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any]) -> None:
-        interested = [p for p in policies if p.interested(guarded)]
+    def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any], nested: bool = False) -> None:
+        interested = [p for p in policies if p.interested(guarded) or (nested and p.follows_marked_parent)]
         for hook in HOOKS:
             chosen = [p for p in interested if getattr(type(p), hook) is not getattr(Policy, hook)]
             if hook in ("after_run", "on_settle"):
@@ -116,6 +121,9 @@ class _Plan:
                 setattr(self, hook + "_marked", tuple(p for p in chosen if p.route_marked_only))
                 chosen = [p for p in chosen if not p.route_marked_only]
             setattr(self, hook, tuple(chosen))
+        # Precomputed for submit(): does admission need the general path?
+        self.slow = bool(self.admit or self.pick_core or self.on_routed)
+        self.marked_routes = bool(self.pick_core_marked or self.on_routed_marked)
 
     def routes(self, token: TaskToken[Any]) -> bool:
         """True when some routing hook applies to *token* (marked tokens: see Policy.route_marked_only)."""
@@ -206,7 +214,11 @@ class OperationsCoordinator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
         self._own_thread: threading.Thread | None = None
-        self._plans: dict[int, _Plan] = {}
+        # Keyed by the function object itself (identity hash): a strong reference
+        # for the coordinator's life, so an id can never be reused by another function.
+        # Per function: its plan, and the plan for calls made inside a marked
+        # token (None when no policy follows marked parents).
+        self._plans: dict[GuardedFunction[..., Any], tuple[_Plan, _Plan | None]] = {}
         self._live: dict[int, TaskToken[Any]] = {}
         # Completed tokens on their way back to the loop, and whether a drain is scheduled.
         # (token, outcome, is_error); is_error None means "already settled elsewhere".
@@ -222,6 +234,10 @@ class OperationsCoordinator:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._queue_wait = Reservoir(reservoir_size)
         self._run_time = Reservoir(reservoir_size)
+        # Bound appends for the settle loop (the hot path); _timed counts samples.
+        self._qw_samples = self._queue_wait.samples.append
+        self._rt_samples = self._run_time.samples.append
+        self._timed = 0
         self._rate = RateMeter(10)
         self._history: Deque[tuple[Any, ...]] = collections.deque(maxlen=history_size)
         self._started_at: float | None = None
@@ -426,7 +442,16 @@ class OperationsCoordinator:
             raise self._gate_refusal(guarded)
         loop = _get_running_loop() or self._loop
         token: TaskToken[Any] = TaskToken(loop, self, guarded, args, kwargs, _copy_context())  # type: ignore[arg-type]
-        plan = self._plans.get(id(guarded)) or self._plan_for(guarded)
+        plans = self._plans.get(guarded) or self._plan_for(guarded)
+        plan = plans[0]
+        if plans[1] is not None:
+            # Called inside a token some policy marked (a conductor domain)?
+            worker = _worker_local.worker
+            if worker is not None:
+                parent = worker.current
+                if parent is not None and parent.policy_data is not None:
+                    plan = plans[1]
+        token._plan = plan
         if plan.before_submit:
             for p in plan.before_submit:
                 try:
@@ -436,7 +461,7 @@ class OperationsCoordinator:
                     raise
                 except Exception:
                     logger.exception("policy %s failed in before_submit; call admitted anyway", p.name)
-        if plan.admit or plan.routes(token):
+        if plan.slow or (plan.marked_routes and token.policy_data is not None):
             self._admit(token, plan, refuse=True)
         else:
             # Fast path: no policy takes part in admission or routing.
@@ -446,7 +471,7 @@ class OperationsCoordinator:
                 try:
                     router.route(token, None, refuse=True)
                 except Rejected as exc:
-                    self._refused[_S.REJECTED] += 1
+                    self._refused[_REJECTED] += 1
                     refusal = exc
                 else:
                     self._accepted += 1
@@ -474,12 +499,12 @@ class OperationsCoordinator:
         return CoordinatorNotRunning(
             f"coordinator {self.name!r} is {self._phase}; start it before calling {guarded.qualname}()")
 
-    def _plan_for(self, guarded: GuardedFunction[..., Any]) -> _Plan:
-        plan = _Plan(self.policies, guarded)
-        # Keyed by id(); the function object is pinned in the plan cache below so the id stays valid.
-        self._plans[id(guarded)] = plan
-        guarded.policy_cache.setdefault("_plan_owner", guarded)
-        return plan
+    def _plan_for(self, guarded: GuardedFunction[..., Any]) -> tuple[_Plan, _Plan | None]:
+        nested = _Plan(self.policies, guarded, nested=True) if any(
+            p.follows_marked_parent and not p.interested(guarded) for p in self.policies) else None
+        plans = (_Plan(self.policies, guarded), nested)
+        self._plans[guarded] = plans
+        return plans
 
     def _admit(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None:
         """Run admit hooks, then route. Raises a refusal only when *refuse* (first submission)."""
@@ -595,11 +620,9 @@ class OperationsCoordinator:
             if state is not _S.WAITING:
                 return
             token._where = NOWHERE
-        plan = self._plans.get(id(token._guarded)) if token._guarded is not None else None
-        if plan is None:
-            if token._guarded is None:
-                return
-            plan = self._plan_for(token._guarded)
+        plan = token._plan
+        if plan is None or token._guarded is None:
+            return
         # Continue after the policy that held it: re-run only hooks after it is simpler
         # and safe because admit() must be idempotent for a token it already holds.
         self._admit(token, plan, refuse=False)
@@ -675,8 +698,8 @@ class OperationsCoordinator:
             if token._tstate is _S.EXECUTING and is_error is not None:
                 token._outcome = outcome
                 token._is_error = is_error
-                plan = self._plans.get(id(token._guarded))
-                if plan is not None and plan.after_run and self._phase == "running":
+                plan = token._plan
+                if plan.after_run and self._phase == "running":
                     delay = self._after_run(token, plan)
                     if delay is not None and token._transition(_S.WAITING, frozenset({_S.EXECUTING})):
                         self._schedule_retry(token, plan, delay)
@@ -737,31 +760,31 @@ class OperationsCoordinator:
             token.timer.cancel()
             token.timer = None
         started = token.started_at
-        finished = token.finished_at
-        qw: float | None
-        rt: float | None
+        qw: float | None = None
+        rt: float | None = None
         if started is not None:
             qw = started - token.created_at
-            self._queue_wait.add(qw)
-            rt = None if finished is None else finished - started
-            if rt is not None:
-                self._run_time.add(rt)
-        else:
-            qw = None
-            rt = None
+            self._qw_samples(qw)
+            self._timed += 1
+            finished = token.finished_at
+            if finished is not None:
+                rt = finished - started
+                self._rt_samples(rt)
         self._history.append((
             token._seq, token.operation_type, state, token.weight, qw, rt, token.core_id, token.worker_id,
             token.attempt, now, type(token._outcome).__name__ if token._is_error else None,
         ))
-        guarded = token._guarded
-        if guarded is not None:
-            plan = self._plans.get(id(guarded))
-            if plan is not None and plan.on_settle:
-                self._run_settle_hooks(token, plan)
+        plan = token._plan
+        if plan is not None and plan.on_settle:
+            self._run_settle_hooks(token, plan)
         self._live.pop(token._seq, None)
         token._guarded = token._args = token._kwargs = token._context = None
         if token._loop is self._loop:
-            token._resolve_future()
+            if not token.done():  # the awaiter may have cancelled it
+                if token._is_error:
+                    token._resolve_future()
+                else:
+                    _future_set_result(token, token._outcome)
         else:
             self._resolve_foreign(token)
         # Published last: get() returns only after hooks ran and the future is resolved.
@@ -863,8 +886,7 @@ class OperationsCoordinator:
         guarded = token._guarded
         if guarded is None:
             return
-        plan = self._plans.get(id(guarded)) or self._plan_for(guarded)
-        self._route_with_hooks(token, plan, refuse=False)
+        self._route_with_hooks(token, token._plan, refuse=False)
 
     @property
     def paused(self) -> bool:
@@ -1025,9 +1047,8 @@ class OperationsCoordinator:
         with router.lock:
             placed = router.take_pending(worker, self._refill_batch)
             if placed:
-                plans = self._plans
                 for token in placed:
-                    plan = plans.get(id(token._guarded))
+                    plan = token._plan
                     if plan is not None and plan.routes(token):
                         hooks = plan.on_routed + plan.on_routed_marked if token.policy_data is not None \
                             else plan.on_routed
@@ -1095,8 +1116,8 @@ class OperationsCoordinator:
             "routing": self.routing.to_dict(),
             "counts": counts,
             "throughput_per_s": self._rate.rate(),
-            "queue_wait": self._queue_wait.summary(),
-            "run_time": self._run_time.summary(),
+            "queue_wait": self._queue_wait.summary(self._timed),
+            "run_time": self._run_time.summary(self._timed),
             "pending": snap["pending"],
             "pending_total": snap["pending_total"],
             "peak_pending": snap["peak_pending"],

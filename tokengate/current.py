@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .coordinator import OperationsCoordinator
 
-__all__ = ["current_coordinator", "for_this_thread"]
+__all__ = ["current_coordinator", "for_this_thread", "running_token"]
 
 _stack: list[OperationsCoordinator] = []
 _stack_lock = threading.Lock()  # guards _stack (push/remove from any thread)
@@ -28,10 +28,9 @@ class _WorkerLocal(threading.local):
     # read instead of an AttributeError raised and caught inside getattr().
     coordinator: "OperationsCoordinator | None" = None
     worker: Any = None
-    token: Any = None
 
 
-_worker_local = _WorkerLocal()  # set on worker threads: coordinator, worker, running token
+_worker_local = _WorkerLocal()  # set on worker threads: their coordinator and Worker
 
 
 def current_coordinator() -> OperationsCoordinator | None:
@@ -45,6 +44,12 @@ def for_this_thread() -> OperationsCoordinator | None:
         return coordinator
     stack = _stack
     return stack[-1] if stack else None
+
+
+def running_token() -> Any:
+    """The token running on this worker thread (innermost, for inline runs), or None elsewhere."""
+    worker = _worker_local.worker
+    return None if worker is None else worker.current
 
 
 def push(coordinator: OperationsCoordinator) -> None:

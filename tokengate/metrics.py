@@ -32,23 +32,22 @@ class Reservoir:
     (the loop); read from any.
     """
 
-    __slots__ = ("_samples", "count", "total")
+    __slots__ = ("samples", "count")
 
     def __init__(self, size: int) -> None:
-        self._samples: Deque[float] = collections.deque(maxlen=size)
+        self.samples: Deque[float] = collections.deque(maxlen=size)
         self.count = 0
-        self.total = 0.0
 
     def add(self, value: float) -> None:
-        self._samples.append(value)
+        self.samples.append(value)
         self.count += 1
-        self.total += value
 
-    def summary(self) -> dict[str, Any]:
-        samples = list(self._samples)
+    def summary(self, count: int | None = None) -> dict[str, Any]:
+        """Window statistics; *count* overrides the all-time count (for callers that append directly)."""
+        samples = list(self.samples)
         pct = percentiles(samples, (50, 90, 95, 99))
         return {
-            "count": self.count,
+            "count": self.count if count is None else count,
             "window": len(samples),
             "mean": (sum(samples) / len(samples)) if samples else None,
             "max": max(samples) if samples else None,

@@ -56,6 +56,12 @@ class Policy:
     #: at every call but route only a few).
     route_marked_only: ClassVar[bool] = False
 
+    #: True: besides the functions it is ``interested()`` in, the policy also
+    #: sees every call made on a worker thread while a token it marked (set
+    #: ``policy_data``) runs there. The conductor uses this to follow call
+    #: chains without costing anything on calls made outside them.
+    follows_marked_parent: ClassVar[bool] = False
+
     def on_start(self, coordinator: OperationsCoordinator) -> None:
         """Called once on the loop thread when the coordinator starts."""
 
@@ -63,7 +69,10 @@ class Policy:
         """Called once on the loop thread after every token has settled at stop."""
 
     def interested(self, guarded: GuardedFunction[..., Any]) -> bool:
-        """Return False to skip every hook for calls of *guarded* (computed once per function)."""
+        """Return False to skip every hook for calls of *guarded* (computed once per function).
+
+        See ``follows_marked_parent`` for calls made inside a marked token.
+        """
         return True
 
     def before_submit(self, token: TaskToken[Any]) -> None:

@@ -94,6 +94,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         "_published",
         "_retrieved",
         "_release_early",
+        "_plan",
         "tags",
         "operation_type",
         "weight",
@@ -135,6 +136,7 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         self._published = False  # the outcome is visible to awaiters and get() (set last)
         self._retrieved = False  # get() consumed the outcome: asyncio need not warn about it
         self._release_early = False  # a policy released it before the core recorded its hold
+        self._plan: Any = None  # the coordinator's hook plan for this function (set at submit)
         self.tags = guarded.tags
         self.operation_type = guarded.operation_type
         self.weight = guarded.weight

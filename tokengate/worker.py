@@ -59,11 +59,8 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
         return False
     token.worker_id = worker.worker_id
     token.core_id = worker.core_id
-    local = current._worker_local
-    outer = getattr(local, "token", None)  # set when a parent runs this child inline
-    outer_current = worker.current
-    local.token = token
-    worker.current = token
+    outer_current = worker.current  # set when a parent runs this child inline
+    worker.current = token  # also what current.running_token() reports
     started = token.started_at = _perf()
     # The outcome goes to the loop with the token, not into it: a timeout or a
     # stop may already have settled the token, and its outcome must not change.
@@ -80,7 +77,6 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
         is_error = True
         del exc
     finished = token.finished_at = _perf()
-    local.token = outer
     worker.current = outer_current
     if outer_current is None:  # nested inline runs are already inside the parent's busy time
         worker.busy_time += finished - started

@@ -160,7 +160,7 @@ def current_seed() -> str | None:
 
     Thread: any; outside a worker thread (or for a call in no domain) it is None.
     """
-    token = getattr(current._worker_local, "token", None)
+    token = current.running_token()
     member = None if token is None else _member(token)
     return None if member is None else member.seed_domain.seed
 
@@ -179,6 +179,7 @@ class ConductorPolicy(Policy):
 
     name = "conductor"
     route_marked_only = True  # only leads and members of a domain are routed by us
+    follows_marked_parent = True  # children of a lead need no tag
 
     def __init__(self, *, max_listed: int = 100) -> None:
         if isinstance(max_listed, bool) or not isinstance(max_listed, int) or max_listed < 0:
@@ -211,8 +212,8 @@ class ConductorPolicy(Policy):
             logger.error("conductor: %d domains still open after stop (a bug; please report it)", left)
 
     def interested(self, guarded: GuardedFunction[..., Any]) -> bool:
-        """Every function: a child of a lead needs no tag."""
-        return True
+        """Leads only; calls made inside a domain reach us through ``follows_marked_parent``."""
+        return "external_calls" in guarded.tags
 
     @staticmethod
     def seed_of(token: TaskToken[Any]) -> str | None:
@@ -231,7 +232,7 @@ class ConductorPolicy(Policy):
         if data is not None and _SLOT in data:
             return  # a retry: already a member
         calls: tuple[str, ...] | None = token.tags.get("external_calls")
-        parent: TaskToken[Any] | None = getattr(current._worker_local, "token", None)
+        parent: TaskToken[Any] | None = current.running_token()
         parent_domain = None
         parent_core = None
         if parent is not None:

@@ -370,7 +370,7 @@ class StickyPolicy(Policy):
 
     @staticmethod
     def _is_running_active(pin: _Pin) -> bool:
-        parent = getattr(current._worker_local, "token", None)
+        parent = current.running_token()
         active = pin.active
         return parent is not None and active is not None and active.token is parent
 
