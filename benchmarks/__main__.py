@@ -69,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--probes", type=int, default=None, help="light probes per phase, spread over its window (default 300)")
     g.add_argument("--e2e-requests", type=int, default=None, help="max requests in the rps phase (default 6000)")
     g.add_argument("--e2e-seconds", type=float, default=None, help="max seconds of the rps phase (default 8)")
+    g.add_argument("--lifespan", choices=["auto", "own", "tokengate_fastapi"], default=None,
+                   help="how the TokenGate app starts its coordinator (default auto: tokengate_fastapi if importable)")
     return p
 
 
 def options_from(ns: argparse.Namespace) -> BenchOptions:
     keys = ("contenders", "batches", "calls", "profile", "max_wave", "large_wave", "tokens", "batch_size",
             "features_n", "workers_per_core", "clients", "heavy_ms", "flood_seconds", "probes",
-            "e2e_requests", "e2e_seconds")
+            "e2e_requests", "e2e_seconds", "lifespan")
     sizes: dict[str, Any] = {k: getattr(ns, k) for k in keys if getattr(ns, k) not in (None, False)}
     return BenchOptions(out=ns.out, quick=ns.quick, repeats=ns.repeats, progress=not ns.no_progress, sizes=sizes)
 

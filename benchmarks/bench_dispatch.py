@@ -6,9 +6,10 @@ Two measurements, all contenders interleaved (A B C D, A B C D, ...):
   for n in 1,000 / 20,000 / 100,000; the timer covers submission *and* the
   gather (the seeds started their timer after submitting, which hides the
   submit cost). Reported as calls per second, median over repeats.
-* **round trip**: a sequential loop ``await noop()`` (5,000 calls), each call
-  timed alone; median and p99 in µs (median over repeats of each repeat's
-  percentile).
+* **round trip**: a sequential loop ``await noop()`` (5,000 calls per
+  contender and repeat, interleaved across contenders in blocks of 250), each
+  call timed alone; median and p99 in µs (median over repeats of each
+  repeat's percentile).
 
 Targets (reported, never asserted): ≥ 5× ``run_in_executor`` throughput at
 20,000; round-trip median no slower than ``run_in_executor``'s.
@@ -44,6 +45,7 @@ __all__ = ["run"]
 NAME = "dispatch"
 _perf = time.perf_counter
 DEFAULT_MAX_PENDING = 65_536
+RTT_BLOCK = 250
 
 
 async def _fan_out(c: Contender, n: int) -> float:
@@ -100,10 +102,22 @@ async def _measure(options: BenchOptions, names: Sequence[str], batches: Sequenc
                     settle_gc()
                     tput[n][name].append(n / await _fan_out(by_name[name], n))
                     advance(1)
-            for _r, name in interleave(repeats, names):
+            # Round trips are interleaved in small blocks (A B C D E, A B C D E, ...
+            # 250 calls each): a round trip's cost depends on where the OS puts
+            # the two threads, and that changes over a run.
+            block = max(1, min(RTT_BLOCK, calls // 10))
+            for _r in range(repeats):
                 settle_gc()
-                rtt[name].append(await _round_trips(by_name[name], calls))
-                advance(1)
+                samples: dict[str, list[float]] = {name: [] for name in names}
+                done = 0
+                while done < calls:
+                    k = min(block, calls - done)
+                    for name in names:
+                        samples[name] += await _round_trips(by_name[name], k)
+                    done += k
+                for name in names:
+                    rtt[name].append(samples[name])
+                advance(len(names))
         if options.sizes.get("profile"):
             n = 20_000 if 20_000 in batches else max(batches)
             text, top = await _profile_tokengate(by_name["tokengate"], n)
@@ -150,6 +164,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
         f"max_pending raised to {kwargs['max_pending']} so the largest burst is accepted (default 65,536 "
         "per weight class refuses more with Overloaded)",
         "noop is inferred 'light': on 2 domains it runs on domain 2's workers only (see routing)",
+        "tokengate runs with its default policy set (policies=None), as a user gets it; see features for its cost",
     ]
     targets = _targets(result, batches)
     final = finish(result, targets)

@@ -98,7 +98,7 @@ class DrainReport:
 class _Plan:
     """The hooks that apply to one decorated function, computed once per coordinator."""
 
-    __slots__ = HOOKS + ("pick_core_marked", "on_routed_marked", "slow", "marked_routes")
+    __slots__ = HOOKS + ("pick_core_marked", "on_routed_marked", "slow", "marked_routes", "on_settle_for")
     before_submit: tuple[Policy, ...]
     admit: tuple[Policy, ...]
     pick_core: tuple[Policy, ...]
@@ -110,6 +110,8 @@ class _Plan:
     on_routed_marked: tuple[Policy, ...]
     slow: bool
     marked_routes: bool
+    # on_settle hooks per terminal state (policies may narrow with settle_states).
+    on_settle_for: dict[TokenState, tuple[Policy, ...]]
 
     def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any], nested: bool = False) -> None:
         interested = [p for p in policies if p.interested(guarded) or (nested and p.follows_marked_parent)]
@@ -123,6 +125,10 @@ class _Plan:
             setattr(self, hook, tuple(chosen))
         # Precomputed for submit(): does admission need the general path?
         self.slow = bool(self.admit or self.pick_core or self.on_routed)
+        self.on_settle_for = {
+            state: tuple(p for p in self.on_settle if p.settle_states is None or state in p.settle_states)
+            for state in TERMINAL_STATES
+        }
         self.marked_routes = bool(self.pick_core_marked or self.on_routed_marked)
 
     def routes(self, token: TaskToken[Any]) -> bool:
@@ -699,9 +705,18 @@ class OperationsCoordinator:
                 token._outcome = outcome
                 token._is_error = is_error
                 plan = token._plan
-                if plan.after_run and self._phase == "running":
-                    delay = self._after_run(token, plan)
-                    if delay is not None and token._transition(_S.WAITING, frozenset({_S.EXECUTING})):
+                if plan.after_run:
+                    delay = None
+                    for p in plan.after_run:
+                        try:
+                            d = p.after_run(token)
+                        except Exception:
+                            logger.exception("policy %s failed in after_run", p.name)
+                            continue
+                        if d is not None and delay is None:
+                            delay = d
+                    if (delay is not None and self._phase == "running"
+                            and token._transition(_S.WAITING, frozenset({_S.EXECUTING}))):
                         self._schedule_retry(token, plan, delay)
                         continue
                 # Once EXECUTING, a token's state is changed only on this (the
@@ -711,18 +726,6 @@ class OperationsCoordinator:
             self._finalize(token)
         if n:
             self._rate.add(n)
-
-    def _after_run(self, token: TaskToken[Any], plan: _Plan) -> float | None:
-        delay: float | None = None
-        for p in plan.after_run:
-            try:
-                d = p.after_run(token)
-            except Exception:
-                logger.exception("policy %s failed in after_run", p.name)
-                continue
-            if d is not None and delay is None:
-                delay = d
-        return delay
 
     def _schedule_retry(self, token: TaskToken[Any], plan: _Plan, delay: float) -> None:
         self._retries += 1
@@ -753,7 +756,7 @@ class OperationsCoordinator:
             return
         token._finalized = True
         state = token._tstate
-        token.settled_at = now = _perf()
+        now = _perf()
         self._settled += 1
         self._by_state[state] += 1
         if token.timer is not None:
@@ -775,8 +778,10 @@ class OperationsCoordinator:
             token.attempt, now, type(token._outcome).__name__ if token._is_error else None,
         ))
         plan = token._plan
-        if plan is not None and plan.on_settle:
-            self._run_settle_hooks(token, plan)
+        if plan is not None:
+            hooks = plan.on_settle_for[state]
+            if hooks:
+                self._run_settle_hooks(token, plan)
         self._live.pop(token._seq, None)
         token._guarded = token._args = token._kwargs = token._context = None
         if token._loop is self._loop:
@@ -798,7 +803,7 @@ class OperationsCoordinator:
             self._idle_waiters.clear()
 
     def _run_settle_hooks(self, token: TaskToken[Any], plan: _Plan) -> None:
-        for p in plan.on_settle:
+        for p in plan.on_settle_for[token._tstate]:
             try:
                 p.on_settle(token)
             except Exception:

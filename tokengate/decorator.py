@@ -64,7 +64,8 @@ class GuardedFunction(Generic[P, R]):
         return f"{self.module}:{self.qualname}"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
-        coordinator = _current.for_this_thread()
+        # Inlined current.for_this_thread(): the worker's own coordinator, else the newest.
+        coordinator = _current._worker_local.coordinator or (_current._stack[-1] if _current._stack else None)
         if coordinator is None:
             raise CoordinatorNotRunning(
                 f"{self.qualname}() was called but no OperationsCoordinator is running; "

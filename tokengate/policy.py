@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .states import TokenState
+
 if TYPE_CHECKING:
     from .coordinator import OperationsCoordinator
     from .decorator import GuardedFunction
@@ -61,6 +63,10 @@ class Policy:
     #: ``policy_data``) runs there. The conductor uses this to follow call
     #: chains without costing anything on calls made outside them.
     follows_marked_parent: ClassVar[bool] = False
+
+    #: The terminal states ``on_settle`` is called for (None: every state).
+    #: Narrowing it keeps the hook off the common COMPLETED path.
+    settle_states: ClassVar[frozenset[TokenState] | None] = None
 
     def on_start(self, coordinator: OperationsCoordinator) -> None:
         """Called once on the loop thread when the coordinator starts."""
@@ -90,7 +96,10 @@ class Policy:
         """Called when the token was placed in a mailbox of *core*."""
 
     def after_run(self, token: TaskToken[Any]) -> float | None:
-        """Called after an attempt ran; return a delay in seconds to retry it, else None."""
+        """Called after every attempt that ran; return a delay in seconds to retry it, else None.
+
+        While the coordinator is stopping it is still called, but retries are not scheduled.
+        """
         return None
 
     def on_settle(self, token: TaskToken[Any]) -> None:

@@ -105,7 +105,6 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         "admitted_at",
         "started_at",
         "finished_at",
-        "settled_at",
         "kill_reason",
         "timer",
         "policy_data",
@@ -147,7 +146,6 @@ class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
         self.admitted_at: float | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
-        self.settled_at: float | None = None
         self.kill_reason: str | None = None
         self.timer: asyncio.TimerHandle | None = None
         # Per-token scratch space for policies (routing keys, tier slots...).

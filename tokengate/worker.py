@@ -55,8 +55,11 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
     context = token._context
     if guarded is None or args is None or kwargs is None or context is None:
         return False
-    if not token._transition(_EXECUTING, claimable):
-        return False
+    # The claim: atomic under the state lock, so a concurrent kill and a claim never both win.
+    with token._coordinator._state_lock:
+        if token._tstate not in claimable:
+            return False
+        token._tstate = _EXECUTING
     token.worker_id = worker.worker_id
     token.core_id = worker.core_id
     outer_current = worker.current  # set when a parent runs this child inline

@@ -213,7 +213,9 @@ class ReputationPolicy(Policy):
             self._record(token.operation_type, failed, error_type, token.run_time)
         else:
             unfolded = self._unfolded
-            unfolded.append((token.operation_type, failed, error_type, token.run_time))
+            started, finished = token.started_at, token.finished_at
+            run_time = None if started is None or finished is None else finished - started
+            unfolded.append((token.operation_type, failed, error_type, run_time))
             if len(unfolded) >= _FOLD_EVERY:
                 self._fold()
         return None
@@ -228,6 +230,10 @@ class ReputationPolicy(Policy):
                 return
             self._record(op, failed, error_type, run_time)
 
+    # Completed and failed attempts are recorded by after_run (called for every
+    # attempt, even while stopping); only these outcomes never reach it.
+    settle_states = frozenset({TokenState.TIMEOUT, TokenState.KILLED})
+
     def on_settle(self, token: TaskToken[Any]) -> None:
         """Record outcomes that never reach after_run: TIMEOUT (an attempt) and KILLED. Thread: loop."""
         state = token.state
@@ -236,9 +242,6 @@ class ReputationPolicy(Policy):
         elif state is TokenState.KILLED:
             with self._lock:
                 self._entry(token.operation_type).kills += 1
-        elif state in _RAN and self._coordinator is not None and not self._coordinator.running:
-            # While stopping, the coordinator settles finished attempts without calling after_run.
-            self.after_run(token)
 
     # -- recording ---------------------------------------------------------------
 
