@@ -1022,6 +1022,29 @@ class OperationsCoordinator:
         """How many workers of a domain currently take new tokens."""
         return self._router.cores[core_id].active
 
+    def unblock(self, operation_type: str) -> bool:
+        """Lift a reputation block of *operation_type*; True if it was blocked.
+
+        Raises:
+            ConfigurationError: if no ``ReputationPolicy`` is installed.
+        """
+        return bool(self._require_policy("reputation", "ReputationPolicy").unblock(operation_type))  # type: ignore[attr-defined]
+
+    def hold(self, operation_type: str) -> None:
+        """Send every new call of *operation_type* to the quarantine for review (``QuarantinePolicy``)."""
+        self._require_policy("quarantine", "QuarantinePolicy").hold(operation_type)  # type: ignore[attr-defined]
+
+    def unhold(self, operation_type: str) -> None:
+        """Let new calls of *operation_type* run again (held records stay in the quarantine)."""
+        self._require_policy("quarantine", "QuarantinePolicy").unhold(operation_type)  # type: ignore[attr-defined]
+
+    def _require_policy(self, name: str, cls_name: str) -> Policy:
+        found = self.policy(name)
+        if found is None:
+            raise ConfigurationError(
+                f"no {name!r} policy is installed; pass policies=[..., {cls_name}(), ...] to OperationsCoordinator")
+        return found
+
     def policy(self, name: str) -> Policy | None:
         """The installed policy with this name, or None."""
         for p in self.policies:

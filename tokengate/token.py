@@ -52,7 +52,7 @@ _future_set_result = asyncio.Future.set_result
 _future_set_exception = asyncio.Future.set_exception
 
 
-class TaskToken(asyncio.Future, Generic[R]):  # type: ignore[type-arg]
+class TaskToken(asyncio.Future[R], Generic[R]):
     """The awaitable handle of one call of a decorated function.
 
     Calling a decorated function submits the call at once and returns its
