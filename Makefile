@@ -29,6 +29,7 @@ typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
 bench: $(STAMP)
+	bash scripts/ensure-wrk.sh
 	$(BIN)/python -m benchmarks standard
 
 clean:

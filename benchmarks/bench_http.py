@@ -13,7 +13,9 @@ this process times. Per repeat, interleaved (tokengate, plain):
    and the probes run again over a fixed flood window (flood p50/p99); heavy
    completions in that window give heavy throughput. The flood is then
    stopped and we wait (bounded) until the server reports its pool idle.
-2. **end-to-end req/s**: ``concurrency`` httpx clients hammer ``/trivial``
+2. **end-to-end req/s**: ``concurrency`` connections hammer ``/trivial`` — with wrk
+   (a native load generator, installed by ``make bench``) when it is on PATH, else
+   httpx clients, whose own CPU cost caps what they can measure
    (TokenGate: awaits a trivial token; plain: a ``def`` endpoint), bounded in
    count and time; also server CPU per request and the client's CPU share
    (a share near 1.0 means the Python load generator, not the server, is the
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
+import shutil
 import ssl
 import time
 from typing import Any
@@ -176,6 +180,34 @@ async def _rps(server: Server, cfg: dict[str, Any]) -> dict[str, Any]:
             "client_cpu_share": (pc1 - pc0) / elapsed}
 
 
+async def _rps_wrk(server: Server, cfg: dict[str, Any], wrk: str) -> dict[str, Any]:
+    """End-to-end req/s with wrk, a native load generator, so the server (not the client) is measured.
+
+    The Python client spends ~1 ms of its own CPU per request and saturates a core
+    before either server does; wrk costs a few µs per request.
+    """
+    seconds = max(2, int(round(cfg["e2e_seconds"])))
+    args = [wrk, "-t1", f"-c{cfg['concurrency']}", f"-d{seconds}s", f"{server.url}/trivial"]
+    warm = await asyncio.create_subprocess_exec(*args[:3], "-d1s", args[-1], stdout=asyncio.subprocess.DEVNULL)
+    await asyncio.wait_for(warm.wait(), 30)
+    cpu0, pc0, t0 = server.cpu_seconds(), time.process_time(), _perf()
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+    elapsed = _perf() - t0
+    cpu1, pc1 = server.cpu_seconds(), time.process_time()
+    text = out.decode(errors="replace")
+    total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", text)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    sock_err = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    requests = int(total.group(1)) if total else 0
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(int(g) for g in sock_err.groups()) if sock_err else 0)
+    return {"requests": requests - errors, "errors": errors, "elapsed_s": elapsed,
+            "rps": float(rps.group(1)) if rps else 0.0, "load_generator": "wrk",
+            "server_cpu_us_per_request": (cpu1 - cpu0) / max(1, requests) * 1e6,
+            "client_cpu_share": (pc1 - pc0) / elapsed}
+
+
 async def _measure(options: BenchOptions, cfg: dict[str, Any], repeats: int, result: dict[str, Any]) -> None:
     servers = {k: Server(k, cfg, options.out) for k in KINDS}
     iso: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
@@ -191,7 +223,8 @@ async def _measure(options: BenchOptions, cfg: dict[str, Any], repeats: int, res
                     iso[k].append(await _isolation(servers[k], cfg))
                     advance(1)
                 for k in KINDS:
-                    rps[k].append(await _rps(servers[k], cfg))
+                    wrk = shutil.which("wrk")
+                    rps[k].append(await (_rps_wrk(servers[k], cfg, wrk) if wrk else _rps(servers[k], cfg)))
                     advance(1)
     finally:
         for s in servers.values():
@@ -216,6 +249,7 @@ async def _measure(options: BenchOptions, cfg: dict[str, Any], repeats: int, res
         out_iso[k]["ping_p99_flood_vs_idle"] = ratio(out_iso[k]["flood_ping"]["p99_ms"],
                                                      out_iso[k]["idle_ping"]["p99_ms"])
     out_rps: dict[str, dict[str, Any]] = {k: {"rps": median(r["rps"] for r in rps[k]), "runs": rps[k],
+                   "load_generator": rps[k][0].get("load_generator", "httpx") if rps[k] else None,
                    "server_cpu_us_per_request": median(r["server_cpu_us_per_request"] for r in rps[k]),
                    "client_cpu_share": median(r["client_cpu_share"] for r in rps[k])} for k in KINDS}
     tg, plain = out_iso["tokengate"], out_iso["plain"]
