@@ -341,7 +341,8 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
                i["probe_errors"] + i["heavy_errors"], i["idle_ping"]["p99_ms"], i["flood_ping"]["p99_ms"])
     t1.caption = ("light = /light, a thread hop (the bulkhead under test); ping = /ping, async def without a "
                   "thread: the server's event loop alone (a control for the loop's own HTTP work)")
-    t2 = TableData(f"http end-to-end: /trivial with {cfg['concurrency']} concurrent httpx clients",
+    generator = e2e["tokengate"].get("load_generator") or "httpx"
+    t2 = TableData(f"http end-to-end: /trivial with {cfg['concurrency']} concurrent {generator} connections",
                    ["app", "req/s", "server CPU µs/req", "client CPU share", "requests"])
     for k in KINDS:
         e = e2e[k]
