@@ -45,7 +45,7 @@ from .errors import (
 )
 from .metrics import ExecutionRecord, RateMeter, Reservoir
 from .policy import HOOKS, Policy
-from .routing import IN_POLICY, NOWHERE, Router
+from .routing import IN_CORE_PENDING, IN_PENDING, IN_POLICY, NOWHERE, Router
 from .states import TERMINAL_STATES, TokenState
 from .tags import WEIGHTS
 from .token import TaskToken
@@ -819,8 +819,14 @@ class OperationsCoordinator:
 
     # -- blocking get() support ------------------------------------------------
 
-    def _before_blocking_get(self, token: TaskToken[Any]) -> None:
-        """Refuse a deadlocking get(); run a not-yet-started token inline on a worker thread."""
+    def _before_blocking_get(self, token: TaskToken[Any]) -> bool:
+        """Refuse a deadlocking get(); on a worker thread, run a not-yet-started token inline.
+
+        Returns True when the caller is one of this coordinator's worker threads:
+        get() then keeps retrying the inline run while it waits, because a token
+        held by a policy (an ordered key, a tier slot) or waiting for a retry may
+        become runnable later and land behind this very worker.
+        """
         if threading.get_ident() == self._loop_thread_id:
             raise WouldDeadlock(
                 f"token.get() on the coordinator's event-loop thread would deadlock; use `await token` "
@@ -828,16 +834,24 @@ class OperationsCoordinator:
         running = _get_running_loop()
         if running is not None and running is token.get_loop() and running is self._loop:
             raise WouldDeadlock("token.get() inside the coordinator's running loop would deadlock; use `await token`")
-        worker: Worker | None = getattr(current._worker_local, "worker", None)
+        worker: Worker | None = _worker_local.worker
         if worker is None or worker.coordinator is not self:
-            return
+            return False
+        self._try_run_inline(token, worker)
+        return True
+
+    def _try_run_inline(self, token: TaskToken[Any], worker: Worker) -> None:
+        """Run *token* on this worker if it sits in a mailbox or a pending queue (not held, not paused)."""
         # A worker waiting on a token that has not started runs it itself, so
-        # a parent blocking on its children can never exhaust the pool.
-        if token._where == IN_POLICY:
-            return
+        # a parent blocking on its children can never exhaust the pool. Tokens
+        # a policy holds, a paused operation holds, or a retry backoff delays
+        # are left alone: running them would break that promise.
         with self._router.lock:
-            if token._tstate is _S.WAITING:
+            state = token._tstate
+            if state is _S.WAITING and token._where in (IN_PENDING, IN_CORE_PENDING):
                 self._router.forget_waiting(token)
+            elif state is not _S.ADMITTED:
+                return
         run_token(token, worker, _STEALABLE)
         del token  # see run_token: frames kept by a traceback must not pin the token
 

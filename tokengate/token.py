@@ -26,6 +26,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, TypeVar
 
+from . import current
 from .errors import InvalidTransition, TokengateError, TokenKilled, WouldDeadlock
 from .states import TRANSITIONS, TokenState
 
@@ -300,8 +301,9 @@ class TaskToken(asyncio.Future[R], Generic[R]):
             WouldDeadlock: when called on the event-loop thread that must settle
                 the token; use ``await token`` there.
         """
+        on_worker = False
         if self._tstate not in _TERMINAL:
-            self._coordinator._before_blocking_get(self)
+            on_worker = self._coordinator._before_blocking_get(self)
         self._retrieved = True
         if not self._published:
             event = threading.Event()
@@ -309,9 +311,26 @@ class TaskToken(asyncio.Future[R], Generic[R]):
             # The settler sets _published before it looks at _waiters, and skips
             # the waiter lock when it sees none; re-checking _published after
             # registering closes that window (sequentially consistent under the GIL).
-            if not self._published and not event.wait(timeout):
+            if not self._published and not self._wait(event, timeout, on_worker):
                 raise TimeoutError(f"token {self.token_id} ({self.operation_type}) did not settle within {timeout}s")
         return self._result_now()
+
+    def _wait(self, event: threading.Event, timeout: float | None, on_worker: bool) -> bool:
+        if not on_worker:
+            return event.wait(timeout)
+        # On a worker thread: wake up now and then to run the token inline if it
+        # has become runnable (released by a policy, back from a retry backoff).
+        deadline = None if timeout is None else time.monotonic() + timeout
+        coordinator = self._coordinator
+        while True:
+            step = 0.005 if deadline is None else min(0.005, deadline - time.monotonic())
+            if step <= 0:
+                return event.is_set()
+            if event.wait(step):
+                return True
+            worker = current._worker_local.worker
+            if worker is not None and not self._finalized:
+                coordinator._try_run_inline(self, worker)
 
     def _result_now(self) -> R:
         if self._is_error:
