@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(BIN)/python -m example_app
 
 test: $(STAMP)
-	bash scripts/ensure-browser.sh $(BIN)/python
+	bash scripts/ensure-debian-package.sh chromium chromium "the browser test (Playwright drives Debian's chromium)"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The default suite minus the slow and browser tests, for quick local runs.
@@ -29,7 +29,7 @@ typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
 bench: $(STAMP)
-	bash scripts/ensure-wrk.sh
+	bash scripts/ensure-debian-package.sh wrk wrk "the http benchmark's end-to-end load generator"
 	$(BIN)/python -m benchmarks standard
 
 clean:

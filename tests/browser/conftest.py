@@ -75,7 +75,7 @@ def chromium_path() -> str:
     path = _find_chromium()
     if path is None:
         reason = ("chromium not found: install Debian's package (apt-get install chromium, "
-                  "or run scripts/ensure-browser.sh) to run the browser tests")
+                  "or run `bash scripts/ensure-debian-package.sh chromium chromium browser-tests`) to run the browser tests")
         if os.environ.get("TOKENGATE_REQUIRE_BROWSER") == "1":
             pytest.fail(reason + " (TOKENGATE_REQUIRE_BROWSER=1 makes this a failure)")
         pytest.skip(reason)
