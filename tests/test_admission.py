@@ -294,3 +294,21 @@ def test_each_call_runs_in_a_copy_of_its_callers_context(run: Any) -> None:
             assert await read_context() == "none"  # worker threads start from an empty context
 
     run(main())
+
+
+def test_token_kill_method(run: Any) -> None:
+    async def main() -> None:
+        async with one_worker() as c:
+            running = blocker("r")
+            assert started.acquire(timeout=5)
+            queued = quick(7)
+            result = queued.kill("no longer needed")
+            assert result.killed and queued.state is TokenState.KILLED
+            with pytest.raises(TokenKilled, match="no longer needed"):
+                await queued
+            assert not running.kill().killed  # executing: cannot be interrupted
+            gate.set()
+            assert await running == "r"
+            assert c.stats()["counts"]["killed"] == 1
+
+    run(main())

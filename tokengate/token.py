@@ -31,7 +31,7 @@ from .errors import InvalidTransition, TokengateError, TokenKilled, WouldDeadloc
 from .states import TRANSITIONS, TokenState
 
 if TYPE_CHECKING:
-    from .coordinator import OperationsCoordinator
+    from .coordinator import KillResult, OperationsCoordinator
     from .decorator import GuardedFunction
 
 __all__ = ["TaskToken"]
@@ -255,6 +255,15 @@ class TaskToken(asyncio.Future[R], Generic[R]):
         cancelled = bool(_future_cancel(self, msg))
         self._coordinator._abandon(self)
         return cancelled
+
+    def kill(self, reason: str = "killed by caller") -> KillResult:
+        """Kill this token if it has not started: it settles as KILLED and awaiters get ``TokenKilled``.
+
+        An executing token cannot be interrupted; the returned
+        :class:`~tokengate.KillResult` says so (``killed`` is False) and the call
+        runs to completion. Thread: any.
+        """
+        return self._coordinator.kill(self._seq, reason=reason)
 
     def set_result(self, result: Any) -> None:
         """Not allowed: tokens are settled by their coordinator."""
