@@ -13,10 +13,10 @@ Two modes:
 * **standalone** (``start()`` from sync code, or from inside a running loop as
   the seeds do): the coordinator runs its own event loop in a thread.
 
-Where threads meet the loop (the whole list): ``_complete`` (a worker hands a
-finished token over; one ``call_soon_threadsafe`` per batch, not per token),
-``_post_settle`` (a kill or timeout from another thread), and foreign-loop
-awaiters (``_resolve_foreign``).
+The class is assembled from three modules, one concept each: admission and
+routing (:mod:`tokengate._admission`), settlement, where worker threads meet
+the loop (:mod:`tokengate._settlement`), and this one: construction,
+lifecycle, control and statistics.
 """
 
 from __future__ import annotations
@@ -28,29 +28,27 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Iterable, Sequence
+from typing import Any, Deque, Iterable
 
 from . import current
-from .current import _worker_local
 from .decorator import GuardedFunction
 from .errors import (
     ConfigurationError,
     CoordinatorNotRunning,
     CoordinatorStopped,
-    GateClosed,
-    Rejected,
     TokenKilled,
-    TokenTimeout,
     WouldDeadlock,
 )
 from .metrics import ExecutionRecord, RateMeter, Reservoir
-from .policy import HOOKS, Policy
-from .routing import IN_CORE_PENDING, IN_PENDING, IN_POLICY, NOWHERE, Router
+from .policy import Policy
+from .routing import IN_POLICY, Router
 from .states import TERMINAL_STATES, TokenState
 from .tags import WEIGHTS
 from .token import TaskToken
 from .topology import Topology, detect_topology, routing_table
-from .worker import Worker, run_token
+from ._admission import AdmissionMixin
+from ._plan import _Plan
+from ._settlement import SettlementMixin
 
 __all__ = ["OperationsCoordinator", "KillResult", "DrainReport"]
 
@@ -95,50 +93,7 @@ class DrainReport:
                 "remaining": self.remaining, "elapsed": round(self.elapsed, 6)}
 
 
-class _Plan:
-    """The hooks that apply to one decorated function, computed once per coordinator."""
-
-    __slots__ = HOOKS + ("pick_core_marked", "on_routed_marked", "slow", "marked_routes", "on_settle_for")
-    before_submit: tuple[Policy, ...]
-    admit: tuple[Policy, ...]
-    pick_core: tuple[Policy, ...]
-    on_routed: tuple[Policy, ...]
-    after_run: tuple[Policy, ...]
-    on_settle: tuple[Policy, ...]
-    # Routing hooks of policies that asked for them only on tokens they marked.
-    pick_core_marked: tuple[Policy, ...]
-    on_routed_marked: tuple[Policy, ...]
-    slow: bool
-    marked_routes: bool
-    # on_settle hooks per terminal state (policies may narrow with settle_states).
-    on_settle_for: dict[TokenState, tuple[Policy, ...]]
-
-    def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any], nested: bool = False) -> None:
-        interested = [p for p in policies if p.interested(guarded) or (nested and p.follows_marked_parent)]
-        for hook in HOOKS:
-            chosen = [p for p in interested if getattr(type(p), hook) is not getattr(Policy, hook)]
-            if hook in ("after_run", "on_settle"):
-                chosen.reverse()
-            if hook in ("pick_core", "on_routed"):
-                setattr(self, hook + "_marked", tuple(p for p in chosen if p.route_marked_only))
-                chosen = [p for p in chosen if not p.route_marked_only]
-            setattr(self, hook, tuple(chosen))
-        # Precomputed for submit(): does admission need the general path?
-        self.slow = bool(self.admit or self.pick_core or self.on_routed)
-        self.on_settle_for = {
-            state: tuple(p for p in self.on_settle if p.settle_states is None or state in p.settle_states)
-            for state in TERMINAL_STATES
-        }
-        self.marked_routes = bool(self.pick_core_marked or self.on_routed_marked)
-
-    def routes(self, token: TaskToken[Any]) -> bool:
-        """True when some routing hook applies to *token* (marked tokens: see Policy.route_marked_only)."""
-        if self.pick_core or self.on_routed:
-            return True
-        return token.policy_data is not None and bool(self.pick_core_marked or self.on_routed_marked)
-
-
-class OperationsCoordinator:
+class OperationsCoordinator(AdmissionMixin, SettlementMixin):
     """Runs decorated calls on per-core worker domains and settles their tokens.
 
     Args:
@@ -434,427 +389,6 @@ class OperationsCoordinator:
             asyncio.get_running_loop().call_soon(asyncio.get_running_loop().stop)
         logger.info("coordinator %s stopped", self.name)
 
-    # -- submission (any thread) ---------------------------------------------
-
-    def submit(self, guarded: GuardedFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskToken[Any]:
-        """Submit one call of *guarded* and return its token. Decorated functions call this.
-
-        Raises:
-            CoordinatorNotRunning: before start or after stop.
-            GateClosed: while draining or stopping.
-            Overloaded, OperationBlocked, TokenQuarantined: refused by admission or a policy.
-        """
-        if not self._accepting:
-            raise self._gate_refusal(guarded)
-        loop = _get_running_loop() or self._loop
-        token: TaskToken[Any] = TaskToken(loop, self, guarded, args, kwargs, _copy_context())  # type: ignore[arg-type]
-        plans = self._plans.get(guarded) or self._plan_for(guarded)
-        plan = plans[0]
-        if plans[1] is not None:
-            # Called inside a token some policy marked (a conductor domain)?
-            worker = _worker_local.worker
-            if worker is not None:
-                parent = worker.current
-                if parent is not None and parent.policy_data is not None:
-                    plan = plans[1]
-        token._plan = plan
-        if plan.before_submit:
-            for p in plan.before_submit:
-                try:
-                    p.before_submit(token)
-                except Rejected as exc:
-                    self._refuse_at_submit(token, plan, exc)
-                    raise
-                except Exception:
-                    logger.exception("policy %s failed in before_submit; call admitted anyway", p.name)
-        if plan.slow or (plan.marked_routes and token.policy_data is not None):
-            self._admit(token, plan, refuse=True)
-        else:
-            # Fast path: no policy takes part in admission or routing.
-            router = self._router
-            refusal: Rejected | None = None
-            with router.lock:
-                try:
-                    router.route(token, None, refuse=True)
-                except Rejected as exc:
-                    self._refused[_REJECTED] += 1
-                    refusal = exc
-                else:
-                    self._accepted += 1
-                    self._live[token._seq] = token
-            if refusal is not None:
-                token._tstate = _S.REJECTED  # still private to this thread: no lock needed
-                token._outcome, token._is_error = refusal, True
-                if plan.on_settle:
-                    self._run_settle_hooks(token, plan)
-                token._drop_call()
-                token._finalized = token._published = True
-                raise refusal
-        if guarded.timeout is not None:
-            self._arm_timeout(token, guarded.timeout)
-        return token
-
-    def _gate_refusal(self, guarded: GuardedFunction[..., Any]) -> Exception:
-        if self._phase == "running":
-            return GateClosed(
-                f"coordinator {self.name!r} is draining; {guarded.operation_type!r} refused "
-                "(call resume() to reopen the gate)", operation_type=guarded.operation_type)
-        if self._phase == "stopping":
-            return GateClosed(f"coordinator {self.name!r} is stopping; no new calls are accepted",
-                              operation_type=guarded.operation_type)
-        return CoordinatorNotRunning(
-            f"coordinator {self.name!r} is {self._phase}; start it before calling {guarded.qualname}()")
-
-    def _plan_for(self, guarded: GuardedFunction[..., Any]) -> tuple[_Plan, _Plan | None]:
-        nested = _Plan(self.policies, guarded, nested=True) if any(
-            p.follows_marked_parent and not p.interested(guarded) for p in self.policies) else None
-        plans = (_Plan(self.policies, guarded), nested)
-        self._plans[guarded] = plans
-        return plans
-
-    def _admit(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None:
-        """Run admit hooks, then route. Raises a refusal only when *refuse* (first submission)."""
-        router = self._router
-        for p in plan.admit:
-            try:
-                admitted = p.admit(token)
-            except Rejected as exc:
-                if refuse:
-                    self._refuse_at_submit(token, plan, exc)
-                    raise
-                self._settle_refused(token, exc)
-                return
-            except Exception:
-                logger.exception("policy %s failed in admit; call admitted anyway", p.name)
-                continue
-            if not admitted:
-                with router.lock:
-                    if token._tstate is _S.CREATED:
-                        token._force_transition(_S.WAITING)
-                        self._accepted += 1
-                        self._live[token._seq] = token
-                    # The policy may already have released it from another thread
-                    # (between its admit() returning False and this lock).
-                    early, token._release_early = token._release_early, False
-                    if not early:
-                        token._where = IN_POLICY
-                if not early:
-                    return
-                return self._admit(token, plan, refuse=False)
-        self._route_with_hooks(token, plan, refuse=refuse)
-
-    def _route_with_hooks(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None:
-        """pick_core hooks, then place or queue the token, then on_routed hooks."""
-        router = self._router
-        pin = None
-        marked = token.policy_data is not None
-        pickers = plan.pick_core + plan.pick_core_marked if marked else plan.pick_core
-        routed_hooks = plan.on_routed + plan.on_routed_marked if marked else plan.on_routed
-        with router.lock:
-            for p in pickers:
-                try:
-                    pin = p.pick_core(token)
-                except Exception:
-                    logger.exception("policy %s failed in pick_core", p.name)
-                    pin = None
-                if pin is not None:
-                    if pin not in router.cores:
-                        logger.error("policy %s picked unknown core %r; ignoring", p.name, pin)
-                        pin = None
-                    else:
-                        break
-            first = token._tstate is _S.CREATED
-            try:
-                worker = router.route(token, pin, refuse=refuse and first)
-            except Rejected as exc:
-                self._refused[_S.REJECTED] += 1
-                refusal: Rejected | None = exc
-                worker = None
-            else:
-                refusal = None
-                if first:
-                    self._accepted += 1
-                    self._live[token._seq] = token
-                if worker is not None:
-                    for p in routed_hooks:
-                        try:
-                            p.on_routed(token, worker.core_id)
-                        except Exception:
-                            logger.exception("policy %s failed in on_routed", p.name)
-        if refusal is not None:
-            token._force_transition(_S.REJECTED)
-            token._outcome, token._is_error = refusal, True
-            self._run_settle_hooks(token, plan)
-            token._drop_call()
-            token._finalized = token._published = True
-            raise refusal
-
-    def _refuse_at_submit(self, token: TaskToken[Any], plan: _Plan, exc: Rejected) -> None:
-        """A call refused before acceptance: record it, release policy holds, drop it. Submitting thread."""
-        from .errors import TokenQuarantined
-
-        state = _S.QUARANTINED if isinstance(exc, TokenQuarantined) else _S.REJECTED
-        token._transition(state)
-        token._outcome, token._is_error = exc, True
-        with self._router.lock:
-            self._refused[state] += 1
-        self._run_settle_hooks(token, plan)
-        token._drop_call()
-        token._finalized = token._published = True
-
-    def _settle_refused(self, token: TaskToken[Any], exc: Rejected) -> None:
-        """An accepted token refused on re-admission (a retry or a release): settle it for its awaiter."""
-        from .errors import TokenQuarantined
-
-        state = _S.QUARANTINED if isinstance(exc, TokenQuarantined) else _S.REJECTED
-        with self._router.lock:
-            ok = token._transition(state)
-            if ok:
-                self._router.forget_waiting(token)
-        if ok:
-            token._outcome, token._is_error = exc, True
-            self._post_settle(token)
-
-    def release_held(self, token: TaskToken[Any]) -> None:
-        """Hand back a token a policy held in ``admit``; it continues to routing. Thread: any."""
-        with self._router.lock:
-            state = token._tstate
-            if state is _S.CREATED or (state is _S.WAITING and token._where != IN_POLICY):
-                # Released before the core recorded the hold: _admit will see this.
-                token._release_early = True
-                return
-            if state is not _S.WAITING:
-                return
-            token._where = NOWHERE
-        plan = token._plan
-        if plan is None or token._guarded is None:
-            return
-        # Continue after the policy that held it: re-run only hooks after it is simpler
-        # and safe because admit() must be idempotent for a token it already holds.
-        self._admit(token, plan, refuse=False)
-
-    def _arm_timeout(self, token: TaskToken[Any], seconds: float) -> None:
-        loop = self._loop
-        assert loop is not None
-        if threading.get_ident() == self._loop_thread_id:
-            token.timer = loop.call_later(seconds, self._expire, token, seconds)
-        else:
-            loop.call_soon_threadsafe(self._arm_on_loop, token, seconds)
-
-    def _arm_on_loop(self, token: TaskToken[Any], seconds: float) -> None:
-        if not token._finalized:
-            elapsed = _perf() - token.created_at
-            token.timer = self._loop.call_later(max(0.0, seconds - elapsed), self._expire, token, seconds)  # type: ignore[union-attr]
-
-    def _expire(self, token: TaskToken[Any], seconds: float) -> None:
-        """A token's timeout fired. Thread: loop."""
-        token.timer = None
-        started = token._tstate is _S.EXECUTING
-        exc = TokenTimeout(
-            f"{token.operation_type} token {token.token_id} did not finish within {seconds}s"
-            + (" (still running on its worker; its result will be discarded)" if started else " (never started)"),
-            token_id=token.token_id, timeout=seconds, started=started)
-        with self._router.lock:
-            ok = token._transition(_S.TIMEOUT)
-            if ok:
-                self._router.forget_waiting(token)
-        if ok:
-            token._outcome, token._is_error = exc, True
-            self._finalize(token)
-
-    # -- completion (worker threads → loop) ------------------------------------
-
-    def _complete(self, token: TaskToken[Any], outcome: Any = None, is_error: bool | None = None) -> None:
-        """A worker finished running *token*. Thread: a worker.
-
-        Completions are batched: only the first one after a drain schedules
-        another drain, so a burst costs one call_soon_threadsafe, not one per token.
-        """
-        self._done.append((token, outcome, is_error))
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            try:
-                self._loop.call_soon_threadsafe(self._drain_done)  # type: ignore[union-attr]
-            except RuntimeError:  # loop closed: the coordinator is gone; nobody can await
-                self._drain_scheduled = False
-
-    def _post_settle(self, token: TaskToken[Any]) -> None:
-        """Finalize a token that some thread just moved to a terminal state."""
-        if threading.get_ident() == self._loop_thread_id:
-            self._finalize(token)
-        else:
-            self._complete(token)
-
-    def _drain_done(self) -> None:
-        """Settle every completed token. Thread: loop."""
-        # Reset the flag before popping: a worker that appends after our last
-        # pop sees False and schedules another drain (see _complete).
-        self._drain_scheduled = False
-        pop = self._done.popleft
-        n = 0
-        while True:
-            try:
-                token, outcome, is_error = pop()
-            except IndexError:
-                break
-            if token._finalized:
-                if is_error is not None:
-                    self._abandoned += 1  # a late completion after a timeout or stop
-                continue
-            if token._tstate is _S.EXECUTING and is_error is not None:
-                token._outcome = outcome
-                token._is_error = is_error
-                plan = token._plan
-                if plan.after_run:
-                    delay = None
-                    for p in plan.after_run:
-                        try:
-                            d = p.after_run(token)
-                        except Exception:
-                            logger.exception("policy %s failed in after_run", p.name)
-                            continue
-                        if d is not None and delay is None:
-                            delay = d
-                    if (delay is not None and self._phase == "running"
-                            and token._transition(_S.WAITING, frozenset({_S.EXECUTING}))):
-                        self._schedule_retry(token, plan, delay)
-                        continue
-                # Once EXECUTING, a token's state is changed only on this (the
-                # loop) thread, so no lock is needed for this last move.
-                token._tstate = _S.FAILED if token._is_error else _S.COMPLETED
-            n += 1
-            self._finalize(token)
-        if n:
-            self._rate.add(n)
-
-    def _schedule_retry(self, token: TaskToken[Any], plan: _Plan, delay: float) -> None:
-        self._retries += 1
-        token.attempt += 1
-        token._outcome, token._is_error = None, False
-        token.started_at = token.finished_at = None
-        loop = self._loop
-        assert loop is not None
-        loop.call_later(max(0.0, delay), self._readmit, token, plan)
-
-    def _readmit(self, token: TaskToken[Any], plan: _Plan) -> None:
-        """A retry goes back through admission: policies may refuse or hold it. Thread: loop."""
-        if token._tstate is not _S.WAITING or self._phase != "running":
-            return
-        for p in plan.before_submit:
-            try:
-                p.before_submit(token)
-            except Rejected as exc:
-                self._settle_refused(token, exc)
-                return
-            except Exception:
-                logger.exception("policy %s failed in before_submit (retry)", p.name)
-        self._admit(token, plan, refuse=False)
-
-    def _finalize(self, token: TaskToken[Any]) -> None:
-        """Record and publish a terminal token exactly once. Thread: loop."""
-        if token._finalized:
-            return
-        token._finalized = True
-        state = token._tstate
-        now = _perf()
-        self._settled += 1
-        self._by_state[state] += 1
-        if token.timer is not None:
-            token.timer.cancel()
-            token.timer = None
-        started = token.started_at
-        qw: float | None = None
-        rt: float | None = None
-        if started is not None:
-            qw = started - token.created_at
-            self._qw_samples(qw)
-            self._timed += 1
-            finished = token.finished_at
-            if finished is not None:
-                rt = finished - started
-                self._rt_samples(rt)
-        self._history.append((
-            token._seq, token.operation_type, state, token.weight, qw, rt, token.core_id, token.worker_id,
-            token.attempt, now, type(token._outcome).__name__ if token._is_error else None,
-        ))
-        plan = token._plan
-        if plan is not None:
-            hooks = plan.on_settle_for[state]
-            if hooks:
-                self._run_settle_hooks(token, plan)
-        self._live.pop(token._seq, None)
-        token._guarded = token._args = token._kwargs = token._context = None
-        if token._loop is self._loop:
-            if not token.done():  # the awaiter may have cancelled it
-                if token._is_error:
-                    token._resolve_future()
-                else:
-                    _future_set_result(token, token._outcome)
-        else:
-            self._resolve_foreign(token)
-        # Published last: get() returns only after hooks ran and the future is resolved.
-        token._published = True
-        if token._waiters is not None:
-            token._wake_waiters()
-        if self._idle_waiters and self._accepted == self._settled:
-            for fut in self._idle_waiters:
-                if not fut.done():
-                    fut.set_result(None)
-            self._idle_waiters.clear()
-
-    def _run_settle_hooks(self, token: TaskToken[Any], plan: _Plan) -> None:
-        for p in plan.on_settle_for[token._tstate]:
-            try:
-                p.on_settle(token)
-            except Exception:
-                logger.exception("policy %s failed in on_settle", p.name)
-
-    def _resolve_foreign(self, token: TaskToken[Any]) -> None:
-        # The token was created on another event loop (standalone mode called
-        # from async code): its future must be resolved on that loop's thread.
-        try:
-            token.get_loop().call_soon_threadsafe(token._resolve_future)
-        except RuntimeError:  # that loop is closed; no one can await the token there
-            pass
-
-    # -- blocking get() support ------------------------------------------------
-
-    def _before_blocking_get(self, token: TaskToken[Any]) -> bool:
-        """Refuse a deadlocking get(); on a worker thread, run a not-yet-started token inline.
-
-        Returns True when the caller is one of this coordinator's worker threads:
-        get() then keeps retrying the inline run while it waits, because a token
-        held by a policy (an ordered key, a tier slot) or waiting for a retry may
-        become runnable later and land behind this very worker.
-        """
-        if threading.get_ident() == self._loop_thread_id:
-            raise WouldDeadlock(
-                f"token.get() on the coordinator's event-loop thread would deadlock; use `await token` "
-                f"(token {token.token_id}, {token.operation_type})")
-        running = _get_running_loop()
-        if running is not None and running is token.get_loop() and running is self._loop:
-            raise WouldDeadlock("token.get() inside the coordinator's running loop would deadlock; use `await token`")
-        worker: Worker | None = _worker_local.worker
-        if worker is None or worker.coordinator is not self:
-            return False
-        self._try_run_inline(token, worker)
-        return True
-
-    def _try_run_inline(self, token: TaskToken[Any], worker: Worker) -> None:
-        """Run *token* on this worker if it sits in a mailbox or a pending queue (not held, not paused)."""
-        # A worker waiting on a token that has not started runs it itself, so
-        # a parent blocking on its children can never exhaust the pool. Tokens
-        # a policy holds, a paused operation holds, or a retry backoff delays
-        # are left alone: running them would break that promise.
-        with self._router.lock:
-            state = token._tstate
-            if state is _S.WAITING and token._where in (IN_PENDING, IN_CORE_PENDING):
-                self._router.forget_waiting(token)
-            elif state is not _S.ADMITTED:
-                return
-        run_token(token, worker, _STEALABLE)
-        del token  # see run_token: frames kept by a traceback must not pin the token
-
     # -- control ---------------------------------------------------------------
 
     def pause(self, operation_type: str | None = None) -> None:
@@ -900,12 +434,6 @@ class OperationsCoordinator:
             self._reroute(token)
         for worker in router.workers:
             worker.wake()
-
-    def _reroute(self, token: TaskToken[Any]) -> None:
-        guarded = token._guarded
-        if guarded is None:
-            return
-        self._route_with_hooks(token, token._plan, refuse=False)
 
     @property
     def paused(self) -> bool:
@@ -1007,24 +535,6 @@ class OperationsCoordinator:
                     count += 1
         return count
 
-    def _kill_token(self, token: TaskToken[Any], exc: TokenKilled, *, any_state: bool = False) -> bool:
-        token.kill_reason = exc.reason
-        with self._router.lock:
-            ok = token._transition(_S.KILLED, None if any_state else _NOT_STARTED)
-            if ok:
-                self._router.forget_waiting(token)
-        if ok:
-            token._outcome, token._is_error = exc, True
-            self._post_settle(token)
-        return ok
-
-    def _abandon(self, token: TaskToken[Any]) -> None:
-        """The awaiter of *token* was cancelled: kill it if it has not started."""
-        if token._tstate in _NOT_STARTED and self._phase != "stopped":
-            self._kill_token(token, TokenKilled(
-                f"token {token.token_id} ({token.operation_type}) was killed: its awaiter was cancelled",
-                token_id=token.token_id, reason="awaiter cancelled"))
-
     def set_active_workers(self, core_id: int, active: int) -> None:
         """Set how many workers of a domain take new tokens (used by convergence)."""
         if core_id not in self._router.cores:
@@ -1065,41 +575,6 @@ class OperationsCoordinator:
             if p.name == name:
                 return p
         return None
-
-    # -- refill (worker threads) ------------------------------------------------
-
-    def _refill(self, worker: Worker) -> bool:
-        """Move pending tokens into an empty mailbox, or steal from a stuck sibling. Thread: that worker."""
-        router = self._router
-        if router.paused:
-            return False
-        if not router.pending_total:
-            # Cheap unlocked look first: only take the lock if a sibling looks stuck.
-            now = _perf()
-            for sibling in router.cores[worker.core_id].workers:
-                running = sibling.current
-                if sibling is not worker and sibling.mailbox and running is not None:
-                    started = running.started_at
-                    if started is not None and now - started >= self._steal_after:
-                        break
-            else:
-                return False
-            with router.lock:
-                return router.steal(worker, self._steal_after) is not None
-        with router.lock:
-            placed = router.take_pending(worker, self._refill_batch)
-            if placed:
-                for token in placed:
-                    plan = token._plan
-                    if plan is not None and plan.routes(token):
-                        hooks = plan.on_routed + plan.on_routed_marked if token.policy_data is not None \
-                            else plan.on_routed
-                        for p in hooks:
-                            try:
-                                p.on_routed(token, worker.core_id)
-                            except Exception:
-                                logger.exception("policy %s failed in on_routed", p.name)
-        return bool(placed)
 
     # -- statistics ---------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, TypeVar
 
 from . import current
-from .errors import InvalidTransition, TokengateError, TokenKilled, WouldDeadlock
+from .errors import InvalidTransition, TokengateError, TokenKilled
 from .states import TRANSITIONS, TokenState
 
 if TYPE_CHECKING:

@@ -1,0 +1,307 @@
+"""Admission: a call becomes a token, passes the policies, and is routed (or refused).
+
+Part of :class:`~tokengate.OperationsCoordinator` (a mixin, so the hot path
+stays plain attribute access). Thread: any thread may submit; routing state is
+guarded by the router's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+import time
+from typing import Any
+
+from ._coordinator_base import CoordinatorBase
+from ._plan import _Plan
+from .current import _worker_local
+from .decorator import GuardedFunction
+from .errors import CoordinatorNotRunning, GateClosed, Rejected, TokenQuarantined, WouldDeadlock
+from .routing import IN_CORE_PENDING, IN_PENDING, IN_POLICY, NOWHERE
+from .states import TokenState
+from .token import TaskToken
+from .worker import Worker, run_token
+
+logger = logging.getLogger("tokengate.coordinator")
+
+_S = TokenState
+_get_running_loop = asyncio._get_running_loop
+_perf = time.perf_counter
+_future_set_result = asyncio.Future.set_result
+_REJECTED = TokenState.REJECTED
+_STEALABLE = frozenset({_S.ADMITTED, _S.WAITING})
+_copy_context = contextvars.copy_context
+
+
+class AdmissionMixin(CoordinatorBase):
+    """Submission, policy admission, routing, refills and inline runs."""
+
+    def submit(self, guarded: GuardedFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskToken[Any]:
+        """Submit one call of *guarded* and return its token. Decorated functions call this.
+
+        Raises:
+            CoordinatorNotRunning: before start or after stop.
+            GateClosed: while draining or stopping.
+            Overloaded, OperationBlocked, TokenQuarantined: refused by admission or a policy.
+        """
+        if not self._accepting:
+            raise self._gate_refusal(guarded)
+        loop = _get_running_loop() or self._loop
+        token: TaskToken[Any] = TaskToken(loop, self, guarded, args, kwargs, _copy_context())  # type: ignore[arg-type]
+        plans = self._plans.get(guarded) or self._plan_for(guarded)
+        plan = plans[0]
+        if plans[1] is not None:
+            # Called inside a token some policy marked (a conductor domain)?
+            worker = _worker_local.worker
+            if worker is not None:
+                parent = worker.current
+                if parent is not None and parent.policy_data is not None:
+                    plan = plans[1]
+        token._plan = plan
+        if plan.before_submit:
+            for p in plan.before_submit:
+                try:
+                    p.before_submit(token)
+                except Rejected as exc:
+                    self._refuse_at_submit(token, plan, exc)
+                    raise
+                except Exception:
+                    logger.exception("policy %s failed in before_submit; call admitted anyway", p.name)
+        if plan.slow or (plan.marked_routes and token.policy_data is not None):
+            self._admit(token, plan, refuse=True)
+        else:
+            # Fast path: no policy takes part in admission or routing.
+            router = self._router
+            refusal: Rejected | None = None
+            with router.lock:
+                try:
+                    router.route(token, None, refuse=True)
+                except Rejected as exc:
+                    self._refused[_REJECTED] += 1
+                    refusal = exc
+                else:
+                    self._accepted += 1
+                    self._live[token._seq] = token
+            if refusal is not None:
+                token._tstate = _S.REJECTED  # still private to this thread: no lock needed
+                token._outcome, token._is_error = refusal, True
+                if plan.on_settle:
+                    self._run_settle_hooks(token, plan)
+                token._drop_call()
+                token._finalized = token._published = True
+                raise refusal
+        if guarded.timeout is not None:
+            self._arm_timeout(token, guarded.timeout)
+        return token
+
+    def _gate_refusal(self, guarded: GuardedFunction[..., Any]) -> Exception:
+        if self._phase == "running":
+            return GateClosed(
+                f"coordinator {self.name!r} is draining; {guarded.operation_type!r} refused "
+                "(call resume() to reopen the gate)", operation_type=guarded.operation_type)
+        if self._phase == "stopping":
+            return GateClosed(f"coordinator {self.name!r} is stopping; no new calls are accepted",
+                              operation_type=guarded.operation_type)
+        return CoordinatorNotRunning(
+            f"coordinator {self.name!r} is {self._phase}; start it before calling {guarded.qualname}()")
+
+    def _plan_for(self, guarded: GuardedFunction[..., Any]) -> tuple[_Plan, _Plan | None]:
+        nested = _Plan(self.policies, guarded, nested=True) if any(
+            p.follows_marked_parent and not p.interested(guarded) for p in self.policies) else None
+        plans = (_Plan(self.policies, guarded), nested)
+        self._plans[guarded] = plans
+        return plans
+
+    def _admit(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None:
+        """Run admit hooks, then route. Raises a refusal only when *refuse* (first submission)."""
+        router = self._router
+        for p in plan.admit:
+            try:
+                admitted = p.admit(token)
+            except Rejected as exc:
+                if refuse:
+                    self._refuse_at_submit(token, plan, exc)
+                    raise
+                self._settle_refused(token, exc)
+                return
+            except Exception:
+                logger.exception("policy %s failed in admit; call admitted anyway", p.name)
+                continue
+            if not admitted:
+                with router.lock:
+                    if token._tstate is _S.CREATED:
+                        token._force_transition(_S.WAITING)
+                        self._accepted += 1
+                        self._live[token._seq] = token
+                    # The policy may already have released it from another thread
+                    # (between its admit() returning False and this lock).
+                    early, token._release_early = token._release_early, False
+                    if not early:
+                        token._where = IN_POLICY
+                if not early:
+                    return
+                return self._admit(token, plan, refuse=False)
+        self._route_with_hooks(token, plan, refuse=refuse)
+
+    def _route_with_hooks(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None:
+        """pick_core hooks, then place or queue the token, then on_routed hooks."""
+        router = self._router
+        pin = None
+        marked = token.policy_data is not None
+        pickers = plan.pick_core + plan.pick_core_marked if marked else plan.pick_core
+        routed_hooks = plan.on_routed + plan.on_routed_marked if marked else plan.on_routed
+        with router.lock:
+            for p in pickers:
+                try:
+                    pin = p.pick_core(token)
+                except Exception:
+                    logger.exception("policy %s failed in pick_core", p.name)
+                    pin = None
+                if pin is not None:
+                    if pin not in router.cores:
+                        logger.error("policy %s picked unknown core %r; ignoring", p.name, pin)
+                        pin = None
+                    else:
+                        break
+            first = token._tstate is _S.CREATED
+            try:
+                worker = router.route(token, pin, refuse=refuse and first)
+            except Rejected as exc:
+                self._refused[_S.REJECTED] += 1
+                refusal: Rejected | None = exc
+                worker = None
+            else:
+                refusal = None
+                if first:
+                    self._accepted += 1
+                    self._live[token._seq] = token
+                if worker is not None:
+                    for p in routed_hooks:
+                        try:
+                            p.on_routed(token, worker.core_id)
+                        except Exception:
+                            logger.exception("policy %s failed in on_routed", p.name)
+        if refusal is not None:
+            token._force_transition(_S.REJECTED)
+            token._outcome, token._is_error = refusal, True
+            self._run_settle_hooks(token, plan)
+            token._drop_call()
+            token._finalized = token._published = True
+            raise refusal
+
+    def _refuse_at_submit(self, token: TaskToken[Any], plan: _Plan, exc: Rejected) -> None:
+        """A call refused before acceptance: record it, release policy holds, drop it. Submitting thread."""
+        state = _S.QUARANTINED if isinstance(exc, TokenQuarantined) else _S.REJECTED
+        token._transition(state)
+        token._outcome, token._is_error = exc, True
+        with self._router.lock:
+            self._refused[state] += 1
+        self._run_settle_hooks(token, plan)
+        token._drop_call()
+        token._finalized = token._published = True
+
+    def _settle_refused(self, token: TaskToken[Any], exc: Rejected) -> None:
+        """An accepted token refused on re-admission (a retry or a release): settle it for its awaiter."""
+        state = _S.QUARANTINED if isinstance(exc, TokenQuarantined) else _S.REJECTED
+        with self._router.lock:
+            ok = token._transition(state)
+            if ok:
+                self._router.forget_waiting(token)
+        if ok:
+            token._outcome, token._is_error = exc, True
+            self._post_settle(token)
+
+    def release_held(self, token: TaskToken[Any]) -> None:
+        """Hand back a token a policy held in ``admit``; it continues to routing. Thread: any."""
+        with self._router.lock:
+            state = token._tstate
+            if state is _S.CREATED or (state is _S.WAITING and token._where != IN_POLICY):
+                # Released before the core recorded the hold: _admit will see this.
+                token._release_early = True
+                return
+            if state is not _S.WAITING:
+                return
+            token._where = NOWHERE
+        plan = token._plan
+        if plan is None or token._guarded is None:
+            return
+        # Continue after the policy that held it: re-run only hooks after it is simpler
+        # and safe because admit() must be idempotent for a token it already holds.
+        self._admit(token, plan, refuse=False)
+
+    def _reroute(self, token: TaskToken[Any]) -> None:
+        guarded = token._guarded
+        if guarded is None:
+            return
+        self._route_with_hooks(token, token._plan, refuse=False)
+
+    def _refill(self, worker: Worker) -> bool:
+        """Move pending tokens into an empty mailbox, or steal from a stuck sibling. Thread: that worker."""
+        router = self._router
+        if router.paused:
+            return False
+        if not router.pending_total:
+            # Cheap unlocked look first: only take the lock if a sibling looks stuck.
+            now = _perf()
+            for sibling in router.cores[worker.core_id].workers:
+                running = sibling.current
+                if sibling is not worker and sibling.mailbox and running is not None:
+                    started = running.started_at
+                    if started is not None and now - started >= self._steal_after:
+                        break
+            else:
+                return False
+            with router.lock:
+                return router.steal(worker, self._steal_after) is not None
+        with router.lock:
+            placed = router.take_pending(worker, self._refill_batch)
+            if placed:
+                for token in placed:
+                    plan = token._plan
+                    if plan is not None and plan.routes(token):
+                        hooks = plan.on_routed + plan.on_routed_marked if token.policy_data is not None \
+                            else plan.on_routed
+                        for p in hooks:
+                            try:
+                                p.on_routed(token, worker.core_id)
+                            except Exception:
+                                logger.exception("policy %s failed in on_routed", p.name)
+        return bool(placed)
+
+    def _before_blocking_get(self, token: TaskToken[Any]) -> bool:
+        """Refuse a deadlocking get(); on a worker thread, run a not-yet-started token inline.
+
+        Returns True when the caller is one of this coordinator's worker threads:
+        get() then keeps retrying the inline run while it waits, because a token
+        held by a policy (an ordered key, a tier slot) or waiting for a retry may
+        become runnable later and land behind this very worker.
+        """
+        if threading.get_ident() == self._loop_thread_id:
+            raise WouldDeadlock(
+                f"token.get() on the coordinator's event-loop thread would deadlock; use `await token` "
+                f"(token {token.token_id}, {token.operation_type})")
+        running = _get_running_loop()
+        if running is not None and running is token.get_loop() and running is self._loop:
+            raise WouldDeadlock("token.get() inside the coordinator's running loop would deadlock; use `await token`")
+        worker: Worker | None = _worker_local.worker
+        if worker is None or worker.coordinator is not self:
+            return False
+        self._try_run_inline(token, worker)
+        return True
+
+    def _try_run_inline(self, token: TaskToken[Any], worker: Worker) -> None:
+        """Run *token* on this worker if it sits in a mailbox or a pending queue (not held, not paused)."""
+        # A worker waiting on a token that has not started runs it itself, so
+        # a parent blocking on its children can never exhaust the pool. Tokens
+        # a policy holds, a paused operation holds, or a retry backoff delays
+        # are left alone: running them would break that promise.
+        with self._router.lock:
+            state = token._tstate
+            if state is _S.WAITING and token._where in (IN_PENDING, IN_CORE_PENDING):
+                self._router.forget_waiting(token)
+            elif state is not _S.ADMITTED:
+                return
+        run_token(token, worker, _STEALABLE)
+        del token  # see run_token: frames kept by a traceback must not pin the token

@@ -1,0 +1,61 @@
+"""The hook plan: which policy hooks apply to calls of one decorated function.
+
+Computed once per (coordinator, function) so that the hot path only checks a
+few precomputed tuples and flags, and a hook no policy overrides costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .policy import HOOKS, Policy
+from .states import TERMINAL_STATES, TokenState
+
+if TYPE_CHECKING:
+    from .decorator import GuardedFunction
+    from .token import TaskToken
+
+__all__ = ["_Plan"]
+
+
+class _Plan:
+    """The hooks that apply to one decorated function, computed once per coordinator."""
+
+    __slots__ = HOOKS + ("pick_core_marked", "on_routed_marked", "slow", "marked_routes", "on_settle_for")
+    before_submit: tuple[Policy, ...]
+    admit: tuple[Policy, ...]
+    pick_core: tuple[Policy, ...]
+    on_routed: tuple[Policy, ...]
+    after_run: tuple[Policy, ...]
+    on_settle: tuple[Policy, ...]
+    # Routing hooks of policies that asked for them only on tokens they marked.
+    pick_core_marked: tuple[Policy, ...]
+    on_routed_marked: tuple[Policy, ...]
+    slow: bool
+    marked_routes: bool
+    # on_settle hooks per terminal state (policies may narrow with settle_states).
+    on_settle_for: dict[TokenState, tuple[Policy, ...]]
+
+    def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any], nested: bool = False) -> None:
+        interested = [p for p in policies if p.interested(guarded) or (nested and p.follows_marked_parent)]
+        for hook in HOOKS:
+            chosen = [p for p in interested if getattr(type(p), hook) is not getattr(Policy, hook)]
+            if hook in ("after_run", "on_settle"):
+                chosen.reverse()
+            if hook in ("pick_core", "on_routed"):
+                setattr(self, hook + "_marked", tuple(p for p in chosen if p.route_marked_only))
+                chosen = [p for p in chosen if not p.route_marked_only]
+            setattr(self, hook, tuple(chosen))
+        # Precomputed for submit(): does admission need the general path?
+        self.slow = bool(self.admit or self.pick_core or self.on_routed)
+        self.on_settle_for = {
+            state: tuple(p for p in self.on_settle if p.settle_states is None or state in p.settle_states)
+            for state in TERMINAL_STATES
+        }
+        self.marked_routes = bool(self.pick_core_marked or self.on_routed_marked)
+
+    def routes(self, token: TaskToken[Any]) -> bool:
+        """True when some routing hook applies to *token* (marked tokens: see Policy.route_marked_only)."""
+        if self.pick_core or self.on_routed:
+            return True
+        return token.policy_data is not None and bool(self.pick_core_marked or self.on_routed_marked)

@@ -1,0 +1,234 @@
+"""Settlement: finished tokens come back to the event loop and settle exactly once.
+
+Part of :class:`~tokengate.OperationsCoordinator`. This is where worker threads
+meet the loop: ``_complete`` batches completions (one ``call_soon_threadsafe``
+per burst), ``_post_settle`` hands over kills and timeouts from other threads,
+and ``_resolve_foreign`` resolves futures that belong to another event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from ._coordinator_base import CoordinatorBase
+from ._plan import _Plan
+from .errors import Rejected, TokenKilled, TokenTimeout
+from .states import TokenState
+from .token import TaskToken
+
+logger = logging.getLogger("tokengate.coordinator")
+
+_S = TokenState
+_get_running_loop = asyncio._get_running_loop
+_perf = time.perf_counter
+_future_set_result = asyncio.Future.set_result
+_REJECTED = TokenState.REJECTED
+_NOT_STARTED = frozenset({_S.CREATED, _S.WAITING, _S.ADMITTED})
+
+
+class SettlementMixin(CoordinatorBase):
+    """Timeouts, completion batching, retries, finalization, kills."""
+
+    def _arm_timeout(self, token: TaskToken[Any], seconds: float) -> None:
+        loop = self._loop
+        assert loop is not None
+        if threading.get_ident() == self._loop_thread_id:
+            token.timer = loop.call_later(seconds, self._expire, token, seconds)
+        else:
+            loop.call_soon_threadsafe(self._arm_on_loop, token, seconds)
+
+    def _arm_on_loop(self, token: TaskToken[Any], seconds: float) -> None:
+        if not token._finalized:
+            elapsed = _perf() - token.created_at
+            token.timer = self._loop.call_later(max(0.0, seconds - elapsed), self._expire, token, seconds)  # type: ignore[union-attr]
+
+    def _expire(self, token: TaskToken[Any], seconds: float) -> None:
+        """A token's timeout fired. Thread: loop."""
+        token.timer = None
+        started = token._tstate is _S.EXECUTING
+        exc = TokenTimeout(
+            f"{token.operation_type} token {token.token_id} did not finish within {seconds}s"
+            + (" (still running on its worker; its result will be discarded)" if started else " (never started)"),
+            token_id=token.token_id, timeout=seconds, started=started)
+        with self._router.lock:
+            ok = token._transition(_S.TIMEOUT)
+            if ok:
+                self._router.forget_waiting(token)
+        if ok:
+            token._outcome, token._is_error = exc, True
+            self._finalize(token)
+
+    def _complete(self, token: TaskToken[Any], outcome: Any = None, is_error: bool | None = None) -> None:
+        """A worker finished running *token*. Thread: a worker.
+
+        Completions are batched: only the first one after a drain schedules
+        another drain, so a burst costs one call_soon_threadsafe, not one per token.
+        """
+        self._done.append((token, outcome, is_error))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain_done)  # type: ignore[union-attr]
+            except RuntimeError:  # loop closed: the coordinator is gone; nobody can await
+                self._drain_scheduled = False
+
+    def _post_settle(self, token: TaskToken[Any]) -> None:
+        """Finalize a token that some thread just moved to a terminal state."""
+        if threading.get_ident() == self._loop_thread_id:
+            self._finalize(token)
+        else:
+            self._complete(token)
+
+    def _drain_done(self) -> None:
+        """Settle every completed token. Thread: loop."""
+        # Reset the flag before popping: a worker that appends after our last
+        # pop sees False and schedules another drain (see _complete).
+        self._drain_scheduled = False
+        pop = self._done.popleft
+        n = 0
+        while True:
+            try:
+                token, outcome, is_error = pop()
+            except IndexError:
+                break
+            if token._finalized:
+                if is_error is not None:
+                    self._abandoned += 1  # a late completion after a timeout or stop
+                continue
+            if token._tstate is _S.EXECUTING and is_error is not None:
+                token._outcome = outcome
+                token._is_error = is_error
+                plan = token._plan
+                if plan.after_run:
+                    delay = None
+                    for p in plan.after_run:
+                        try:
+                            d = p.after_run(token)
+                        except Exception:
+                            logger.exception("policy %s failed in after_run", p.name)
+                            continue
+                        if d is not None and delay is None:
+                            delay = d
+                    if (delay is not None and self._phase == "running"
+                            and token._transition(_S.WAITING, frozenset({_S.EXECUTING}))):
+                        self._schedule_retry(token, plan, delay)
+                        continue
+                # Once EXECUTING, a token's state is changed only on this (the
+                # loop) thread, so no lock is needed for this last move.
+                token._tstate = _S.FAILED if token._is_error else _S.COMPLETED
+            n += 1
+            self._finalize(token)
+        if n:
+            self._rate.add(n)
+
+    def _schedule_retry(self, token: TaskToken[Any], plan: _Plan, delay: float) -> None:
+        self._retries += 1
+        token.attempt += 1
+        token._outcome, token._is_error = None, False
+        token.started_at = token.finished_at = None
+        loop = self._loop
+        assert loop is not None
+        loop.call_later(max(0.0, delay), self._readmit, token, plan)
+
+    def _readmit(self, token: TaskToken[Any], plan: _Plan) -> None:
+        """A retry goes back through admission: policies may refuse or hold it. Thread: loop."""
+        if token._tstate is not _S.WAITING or self._phase != "running":
+            return
+        for p in plan.before_submit:
+            try:
+                p.before_submit(token)
+            except Rejected as exc:
+                self._settle_refused(token, exc)
+                return
+            except Exception:
+                logger.exception("policy %s failed in before_submit (retry)", p.name)
+        self._admit(token, plan, refuse=False)
+
+    def _finalize(self, token: TaskToken[Any]) -> None:
+        """Record and publish a terminal token exactly once. Thread: loop."""
+        if token._finalized:
+            return
+        token._finalized = True
+        state = token._tstate
+        now = _perf()
+        self._settled += 1
+        self._by_state[state] += 1
+        if token.timer is not None:
+            token.timer.cancel()
+            token.timer = None
+        started = token.started_at
+        qw: float | None = None
+        rt: float | None = None
+        if started is not None:
+            qw = started - token.created_at
+            self._qw_samples(qw)
+            self._timed += 1
+            finished = token.finished_at
+            if finished is not None:
+                rt = finished - started
+                self._rt_samples(rt)
+        self._history.append((
+            token._seq, token.operation_type, state, token.weight, qw, rt, token.core_id, token.worker_id,
+            token.attempt, now, type(token._outcome).__name__ if token._is_error else None,
+        ))
+        plan = token._plan
+        if plan is not None:
+            hooks = plan.on_settle_for[state]
+            if hooks:
+                self._run_settle_hooks(token, plan)
+        self._live.pop(token._seq, None)
+        token._guarded = token._args = token._kwargs = token._context = None
+        if token._loop is self._loop:
+            if not token.done():  # the awaiter may have cancelled it
+                if token._is_error:
+                    token._resolve_future()
+                else:
+                    _future_set_result(token, token._outcome)
+        else:
+            self._resolve_foreign(token)
+        # Published last: get() returns only after hooks ran and the future is resolved.
+        token._published = True
+        if token._waiters is not None:
+            token._wake_waiters()
+        if self._idle_waiters and self._accepted == self._settled:
+            for fut in self._idle_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._idle_waiters.clear()
+
+    def _run_settle_hooks(self, token: TaskToken[Any], plan: _Plan) -> None:
+        for p in plan.on_settle_for[token._tstate]:
+            try:
+                p.on_settle(token)
+            except Exception:
+                logger.exception("policy %s failed in on_settle", p.name)
+
+    def _resolve_foreign(self, token: TaskToken[Any]) -> None:
+        # The token was created on another event loop (standalone mode called
+        # from async code): its future must be resolved on that loop's thread.
+        try:
+            token.get_loop().call_soon_threadsafe(token._resolve_future)
+        except RuntimeError:  # that loop is closed; no one can await the token there
+            pass
+
+    def _kill_token(self, token: TaskToken[Any], exc: TokenKilled, *, any_state: bool = False) -> bool:
+        token.kill_reason = exc.reason
+        with self._router.lock:
+            ok = token._transition(_S.KILLED, None if any_state else _NOT_STARTED)
+            if ok:
+                self._router.forget_waiting(token)
+        if ok:
+            token._outcome, token._is_error = exc, True
+            self._post_settle(token)
+        return ok
+
+    def _abandon(self, token: TaskToken[Any]) -> None:
+        """The awaiter of *token* was cancelled: kill it if it has not started."""
+        if token._tstate in _NOT_STARTED and self._phase != "stopped":
+            self._kill_token(token, TokenKilled(
+                f"token {token.token_id} ({token.operation_type}) was killed: its awaiter was cancelled",
+                token_id=token.token_id, reason="awaiter cancelled"))
