@@ -35,24 +35,29 @@ Concurrency:
 
 from __future__ import annotations
 
-import base64
 import builtins
 import contextlib
-import enum
 import logging
 import os
 import pickle
-import reprlib
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sized
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
-from tokengate.errors import ConfigurationError, TokengateError
+from tokengate.errors import ConfigurationError
+
+from .quarantine_record import (
+    QuarantineRecord,
+    QuarantineStateError,
+    QuarantineStatus,
+    QuarantineStoreError,
+    _clip,
+    summarize_args,
+)
 
 __all__ = [
     "QuarantineRecord",
@@ -70,209 +75,6 @@ DEFAULT_PATH = "tokengate-quarantine.sqlite3"
 MAX_LIST_LIMIT = 1000
 DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 _OUTCOME_SUMMARY_LIMIT = 2000
-_ELLIPSIS = "…"
-
-
-class QuarantineStoreError(TokengateError, RuntimeError):
-    """Raised when the quarantine database fails (wraps :class:`sqlite3.Error`).
-
-    Also raised when the store is used after :meth:`QuarantineStore.close`,
-    when the database file cannot be prepared, or when the database was
-    written by a newer, incompatible schema version.
-    """
-
-
-class QuarantineStateError(TokengateError, ValueError):
-    """Raised when a release or discard targets a record that is not PENDING."""
-
-
-class QuarantineStatus(str, enum.Enum):
-    """Lifecycle of a quarantined call: PENDING until released or discarded."""
-
-    PENDING = "pending"
-    RELEASED = "released"
-    DISCARDED = "discarded"
-
-
-@dataclass(frozen=True)
-class QuarantineRecord:
-    """One quarantined call as stored in the database.
-
-    ``payload`` is the pickled ``(args, kwargs)`` or ``None`` when the
-    arguments could not be pickled (``payload_error`` then says why) or were
-    larger than the store's ``max_payload_bytes``. ``outcome_ok`` and
-    ``outcome_summary`` are set when the call is released.
-    """
-
-    id: str
-    operation_type: str
-    func_module: str
-    func_qualname: str
-    trigger: str
-    reason: str
-    args_summary: str
-    kwargs_summary: str
-    payload: bytes | None
-    payload_error: str | None
-    created_at: float
-    updated_at: float
-    status: QuarantineStatus
-    outcome_summary: str | None
-    outcome_ok: bool | None
-
-    @property
-    def has_payload(self) -> bool:
-        """True when the call's arguments were stored and can be replayed."""
-        return self.payload is not None
-
-    def to_dict(self, include_payload: bool = False) -> dict[str, Any]:
-        """Return a JSON-serialisable dict; never contains raw payload bytes.
-
-        With ``include_payload=True`` the payload is added as base64 text under
-        ``payload_b64`` (still a pickle -- see the module's trust boundary).
-        """
-        data: dict[str, Any] = {
-            "id": self.id,
-            "operation_type": self.operation_type,
-            "func_module": self.func_module,
-            "func_qualname": self.func_qualname,
-            "trigger": self.trigger,
-            "reason": self.reason,
-            "args_summary": self.args_summary,
-            "kwargs_summary": self.kwargs_summary,
-            "has_payload": self.has_payload,
-            "payload_size": len(self.payload) if self.payload is not None else 0,
-            "payload_error": self.payload_error,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "status": self.status.value,
-            "outcome_summary": self.outcome_summary,
-            "outcome_ok": self.outcome_ok,
-        }
-        if include_payload:
-            data["payload_b64"] = (
-                base64.b64encode(self.payload).decode("ascii") if self.payload is not None else None
-            )
-        return data
-
-
-# --------------------------------------------------------------------------
-# Argument summaries
-# --------------------------------------------------------------------------
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: max(0, limit - 1)] + _ELLIPSIS
-
-
-class _SummaryRepr(reprlib.Repr):
-    """reprlib with small limits that marks truncation with an ellipsis."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel = 2
-        self.maxtuple = 5
-        self.maxlist = 5
-        self.maxarray = 5
-        self.maxdict = 4
-        self.maxset = 5
-        self.maxfrozenset = 5
-        self.maxdeque = 5
-        self.maxstring = 40
-        self.maxlong = 40
-        self.maxother = 60
-        # Used for elided container items on 3.11+; 3.10 hardcodes "...".
-        self.fillvalue = _ELLIPSIS
-
-    def _quoted_prefix(self, x: str | bytes) -> str:
-        if len(x) <= self.maxstring:
-            return builtins.repr(x)
-        # Keep the opening of the value (the useful part for an operator) and
-        # put the ellipsis inside the quotes: 'abc…'.
-        text = builtins.repr(x[: self.maxstring])
-        return text[:-1] + _ELLIPSIS + text[-1]
-
-    def repr_str(self, x: str, level: int) -> str:
-        return self._quoted_prefix(x)
-
-    def repr_bytes(self, x: bytes, level: int) -> str:
-        return self._quoted_prefix(x)
-
-    def repr_int(self, x: int, level: int) -> str:
-        try:
-            return super().repr_int(x, level)
-        except ValueError:
-            # 3.11+ refuses str() of ints past sys.get_int_max_str_digits().
-            return f"<int with {x.bit_length()} bits>"
-
-    def repr_instance(self, x: object, level: int) -> str:
-        try:
-            text = builtins.repr(x)
-        except Exception:
-            return f"<unrepresentable {type(x).__name__}>"
-        return _clip(text, self.maxother)
-
-
-_REPR = _SummaryRepr()
-
-
-def _summarize_value(value: object) -> str:
-    cls = type(value)
-    name = cls.__name__
-    try:
-        if cls.__repr__ is object.__repr__:
-            # Default reprs only add a memory address; the type says it all.
-            return name
-        text = _REPR.repr(value)
-        if text == f"<unrepresentable {name}>":
-            return text  # the type name is already in the marker
-        if isinstance(value, (str, bytes, bytearray)):
-            if len(value) > _REPR.maxstring:
-                return f"{name}[len={len(value)}] {text}"
-            return f"{name} {text}"
-        length: int | None = None
-        if isinstance(value, Sized):
-            try:
-                length = len(value)
-            except Exception:  # a broken __len__ only costs the length
-                length = None
-        if length is not None:
-            return f"{name}[len={length}] {text}"
-        return f"{name} {text}"
-    except Exception:
-        return f"<unrepresentable {name}>"
-
-
-def summarize_args(
-    args: tuple[Any, ...], kwargs: Mapping[str, Any], limit: int = 200
-) -> tuple[str, str]:
-    """Return human-readable ``(args_summary, kwargs_summary)`` for display.
-
-    Positional items look like ``"0: list[len=3] [1, 2, 3]"``, keyword items
-    like ``"name: int 5"``; objects with the default ``object.__repr__`` show
-    only their type name. Each value's repr is truncated by small reprlib
-    limits, and each summary string is capped at ``limit`` characters (the
-    last one replaced by "…"). Never raises: a ``__repr__`` that raises
-    becomes ``"<unrepresentable TypeName>"``, and a non-positive ``limit`` is
-    treated as 1.
-    """
-    limit = max(1, limit) if isinstance(limit, int) else 200
-    try:
-        arg_parts = [f"{i}: {_summarize_value(v)}" for i, v in enumerate(args)]
-        args_text = _clip(", ".join(arg_parts), limit)
-    except Exception:  # e.g. args is not iterable; summaries are best effort
-        args_text = f"<unrepresentable {type(args).__name__}>"
-    try:
-        kw_parts = [f"{k}: {_summarize_value(v)}" for k, v in kwargs.items()]
-        kwargs_text = _clip(", ".join(kw_parts), limit)
-    except Exception:
-        kwargs_text = f"<unrepresentable {type(kwargs).__name__}>"
-    return args_text, kwargs_text
-
-
-# --------------------------------------------------------------------------
-# Store
-# --------------------------------------------------------------------------
 
 _COLUMNS = (
     "id, operation_type, func_module, func_qualname, trigger, reason, "
@@ -304,6 +106,7 @@ _CREATE_INDEX = """
 CREATE INDEX IF NOT EXISTS quarantine_status_op_created
     ON quarantine (status, operation_type, created_at)
 """
+
 
 
 def _row_to_record(row: tuple[Any, ...]) -> QuarantineRecord:
