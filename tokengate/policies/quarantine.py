@@ -47,19 +47,17 @@ from __future__ import annotations
 
 import builtins
 import collections
-import itertools
 import logging
-import math
 import os
 import reprlib
-import sys
 import threading
-from typing import TYPE_CHECKING, Any, Deque, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..decorator import resolve_guarded
 from ..errors import ConfigurationError, CoordinatorNotRunning, TokenQuarantined
 from ..fingerprint import DigestPolicy, HashPolicy, digest, routing_key
 from ..policy import Policy
+from .footprint import Footprints as _Footprints, footprint
 from ..quarantine_store import (
     DEFAULT_PATH,
     QuarantineStateError,
@@ -82,95 +80,6 @@ TRIGGERS = (SPIKE, POISON, HELD)
 
 _RELEASE_KEY = "quarantine.release_id"  # policy_data: this token is a released record
 _FP_KEY = "quarantine.fingerprint"  # policy_data: the call's fingerprint digest, once computed
-_RECOMPUTE_EVERY = 32  # accepted samples between p99 refreshes (sorting the window is the cost)
-_SAMPLE = 4  # items sampled from a container argument
-_MAX_TOP = 64  # top-level arguments measured (the rest extrapolated)
-
-_getsizeof = sys.getsizeof
-_FLAT = frozenset({str, bytes, bytearray, int, float, bool, complex, type(None)})
-_CONTAINERS = (list, tuple, dict, set, frozenset, collections.deque)
-
-
-def _size(value: object) -> int:
-    """Estimated bytes of one argument: its own size plus a sampled size of its items."""
-    tp = type(value)
-    if tp in _FLAT:
-        return _getsizeof(value)
-    try:
-        size = _getsizeof(value)
-        if isinstance(value, _CONTAINERS):
-            n = len(value)
-            if n:
-                if isinstance(value, dict):
-                    items = [_getsizeof(k) + _getsizeof(v) for k, v in itertools.islice(value.items(), _SAMPLE)]
-                else:
-                    items = [_getsizeof(v) for v in itertools.islice(value, _SAMPLE)]
-                size += sum(items) * n // len(items)
-        elif isinstance(value, memoryview):
-            size += value.nbytes
-        elif getattr(tp, "nbytes", None) is not None:  # numpy/torch views; looked up on the type only
-            nbytes = getattr(value, "nbytes")
-            if isinstance(nbytes, int) and nbytes > size:
-                size = nbytes
-        return size
-    except Exception:  # a broken __sizeof__ / __len__ / __iter__ costs only accuracy
-        return 64
-
-
-def footprint(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
-    """A cheap estimate of a call's argument size in bytes; never raises.
-
-    ``sys.getsizeof`` of each top-level argument plus, for list, tuple, dict,
-    set and deque, its length times the mean size of its first few items; for
-    objects with an ``nbytes`` (numpy, torch, memoryview) their buffer size. The
-    work is O(number of top-level arguments), capped at 64 of them (the rest
-    are extrapolated): nested structures are never walked, so objects whose
-    bulk hides deeper down are underestimated.
-    """
-    total = 0
-    if len(args) <= _MAX_TOP:
-        for value in args:
-            # Hot path: plain scalars skip the general estimate.
-            total += _getsizeof(value) if type(value) in _FLAT else _size(value)
-    else:
-        total += sum(_size(v) for v in itertools.islice(args, _MAX_TOP)) * len(args) // _MAX_TOP
-    if kwargs:
-        if len(kwargs) <= _MAX_TOP:
-            for value in kwargs.values():
-                total += _getsizeof(value) if type(value) in _FLAT else _size(value)
-        else:
-            part = sum(_size(v) for v in itertools.islice(kwargs.values(), _MAX_TOP))
-            total += part * len(kwargs) // _MAX_TOP
-    return total
-
-
-class _Footprints:
-    """Recent accepted footprints of one operation and the spike limit derived from them.
-
-    ``limit`` is the footprint above which a call is a spike: infinite until
-    ``min_samples`` were seen, then ``max(factor x p99, min_bytes)``, refreshed
-    every ``_RECOMPUTE_EVERY`` samples (sorting the window is the cost, so the
-    hot path is one comparison and an append). Caller holds the policy's lock.
-    """
-
-    __slots__ = ("samples", "countdown", "limit", "p99")
-
-    def __init__(self, window: int, min_samples: int) -> None:
-        self.samples: Deque[int] = collections.deque(maxlen=window)
-        self.countdown = min_samples
-        self.limit = math.inf
-        self.p99 = 0
-
-    def add(self, size: int, policy: QuarantinePolicy) -> None:
-        self.samples.append(size)
-        self.countdown -= 1
-        if self.countdown <= 0:
-            n = len(self.samples)
-            self.p99 = sorted(self.samples)[math.ceil(0.99 * n) - 1]
-            self.limit = max(policy.spike_factor * self.p99, policy.spike_min_bytes)
-            self.countdown = _RECOMPUTE_EVERY
-
-
 _OUTCOME_REPR = reprlib.Repr()
 _OUTCOME_REPR.maxstring = 200
 _OUTCOME_REPR.maxother = 200
@@ -346,7 +255,7 @@ class QuarantinePolicy(Policy):
             if window is None:
                 window = self._footprints[op] = _Footprints(self.spike_window, self.spike_min_samples)
             if size <= window.limit:
-                window.add(size, self)
+                window.add(size, self.spike_factor, self.spike_min_bytes)
                 return
             p99 = window.p99
         self._quarantine(token, SPIKE, (
