@@ -147,7 +147,13 @@ class Router:
         return best
 
     def place(self, token: TaskToken[Any], worker: Worker) -> bool:
-        """Put *token* in *worker*'s mailbox (→ ADMITTED). False if the token was settled meanwhile."""
+        """Put *token* in *worker*'s mailbox (→ ADMITTED). False if the token was settled meanwhile.
+
+        This is the single hand-off point from routing to an executor: a routed
+        token goes to a worker's mailbox here, and only ``worker.run_token``
+        runs it. A lane whose workers are processes (or a remote cluster) would
+        provide its own ``Worker`` with the same mailbox/claim/complete contract.
+        """
         if token._tstate is _CREATED:
             # Not yet published to any other thread: no kill can race with us.
             token._tstate = _ADMITTED
