@@ -64,6 +64,7 @@ def test_overloaded_past_max_pending_and_nothing_lost(run: Any) -> None:
             assert "max_pending" in str(info.value)
             stats = c.stats()
             assert stats["pending"]["light"] == 3 and stats["counts"]["rejected_at_submit"] == 1
+            assert stats["counts"]["rejected"] == 1  # counted by its terminal state too
             gate.set()
             assert await first == "first"
             assert await asyncio.gather(*queued) == list(range(5))  # every accepted call ran

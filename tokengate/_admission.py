@@ -85,12 +85,7 @@ class AdmissionMixin(CoordinatorBase):
                     self._accepted += 1
                     self._live[token._seq] = token
             if refusal is not None:
-                token._tstate = _S.REJECTED  # still private to this thread: no lock needed
-                token._outcome, token._is_error = refusal, True
-                if plan.on_settle:
-                    self._run_settle_hooks(token, plan)
-                token._drop_call()
-                token._finalized = token._published = True
+                self._refuse_at_submit(token, plan, refusal, counted=True)
                 raise refusal
         if guarded.timeout is not None:
             self._arm_timeout(token, guarded.timeout)
@@ -184,20 +179,20 @@ class AdmissionMixin(CoordinatorBase):
                         except Exception:
                             logger.exception("policy %s failed in on_routed", p.name)
         if refusal is not None:
-            token._force_transition(_S.REJECTED)
-            token._outcome, token._is_error = refusal, True
-            self._run_settle_hooks(token, plan)
-            token._drop_call()
-            token._finalized = token._published = True
+            self._refuse_at_submit(token, plan, refusal, counted=True)
             raise refusal
 
-    def _refuse_at_submit(self, token: TaskToken[Any], plan: _Plan, exc: Rejected) -> None:
-        """A call refused before acceptance: record it, release policy holds, drop it. Submitting thread."""
+    def _refuse_at_submit(self, token: TaskToken[Any], plan: _Plan, exc: Rejected, *, counted: bool = False) -> None:
+        """A call refused before acceptance: record it, release policy holds, drop it. Submitting thread.
+
+        *counted* says the router already counted the refusal under its lock.
+        """
         state = _S.QUARANTINED if isinstance(exc, TokenQuarantined) else _S.REJECTED
-        token._transition(state)
+        token._force_transition(state)
         token._outcome, token._is_error = exc, True
-        with self._router.lock:
-            self._refused[state] += 1
+        if not counted:
+            with self._router.lock:
+                self._refused[state] += 1
         self._run_settle_hooks(token, plan)
         token._drop_call()
         token._finalized = token._published = True

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import logging
 import threading
 import time
@@ -55,13 +54,7 @@ __all__ = ["OperationsCoordinator", "KillResult", "DrainReport"]
 logger = logging.getLogger(__name__)
 
 _S = TokenState
-_get_running_loop = asyncio._get_running_loop
-_copy_context = contextvars.copy_context
 _perf = time.perf_counter
-_future_set_result = asyncio.Future.set_result
-_REJECTED = TokenState.REJECTED
-_NOT_STARTED = frozenset({_S.CREATED, _S.WAITING, _S.ADMITTED})
-_STEALABLE = frozenset({_S.ADMITTED, _S.WAITING})
 
 
 @dataclass(frozen=True)

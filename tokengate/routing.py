@@ -23,6 +23,7 @@ independent of how many tokens are queued.
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Deque
 
@@ -67,8 +68,6 @@ class Router:
     """Routing state of one coordinator (cores, pending queues, holds)."""
 
     def __init__(self, coordinator: OperationsCoordinator, table: RoutingTable, mailbox_size: int, max_pending: int):
-        import threading
-
         self.coordinator = coordinator
         self.table = table
         self.mailbox_size = mailbox_size

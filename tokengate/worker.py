@@ -135,11 +135,6 @@ class Worker:
         self._park.acquire()
         self.thread: threading.Thread | None = None
 
-    @property
-    def load(self) -> int:
-        """Tokens in the mailbox plus the one executing (a racy but monotone-safe estimate)."""
-        return self.routed - self.finished
-
     def start(self, name_prefix: str) -> None:
         self.thread = threading.Thread(target=self._main, name=f"{name_prefix}-{self.worker_id}", daemon=True)
         self.thread.start()
