@@ -33,7 +33,7 @@ from ._common import (
     new_result,
     percentile,
     ratio,
-    settle_gc,
+    settle,
     write_result,
 )
 from ._contenders import Contender, make_contenders, parse_contenders, started
@@ -99,7 +99,7 @@ async def _measure(options: BenchOptions, names: Sequence[str], batches: Sequenc
         with progress(options.progress, total, "dispatch") as advance:
             for n in batches:
                 for _r, name in interleave(repeats, names):
-                    settle_gc()
+                    await settle()
                     tput[n][name].append(n / await _fan_out(by_name[name], n))
                     advance(1)
             # Round trips are interleaved in small blocks (A B C D E, A B C D E, ...
@@ -107,7 +107,7 @@ async def _measure(options: BenchOptions, names: Sequence[str], batches: Sequenc
             # the two threads, and that changes over a run.
             block = max(1, min(RTT_BLOCK, calls // 10))
             for _r in range(repeats):
-                settle_gc()
+                await settle()
                 samples: dict[str, list[float]] = {name: [] for name in names}
                 done = 0
                 while done < calls:

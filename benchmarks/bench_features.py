@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from tokengate import OperationsCoordinator
 
-from ._common import BenchOptions, Target, finish, interleave, median, new_result, percentile, ratio, settle_gc
+from ._common import BenchOptions, Target, finish, interleave, median, new_result, percentile, ratio, settle
 from ._common import write_result
 from ._report import TableData, fmt, new_figure, progress, render, save_figure, targets_table
 from ._workloads import noop
@@ -73,7 +73,7 @@ async def _policies(options: BenchOptions, n: int, calls: int, repeats: int) -> 
             await _round_trips(c, 100)
         with progress(options.progress, repeats * len(VARIANTS), "features: policies") as advance:
             for _r, variant in interleave(repeats, list(VARIANTS)):
-                settle_gc()
+                await settle()
                 fan[variant].append(await _fan_out(coords[variant], n))
                 advance(1)
         for r in range(repeats):

@@ -27,7 +27,6 @@ benchmark framework calls :func:`run`. Dependency-free (stdlib + tokengate).
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ import sys
 import time
 from typing import Any, Awaitable, Callable
 
+from benchmarks._common import settle
 from tokengate import OperationsCoordinator, Policy, TaskToken, task_token_guard
 from tokengate.policies.conductor import ConductorPolicy
 from tokengate.policies.sticky import StickyPolicy
@@ -100,7 +100,7 @@ async def _measure(scenario: str, n: int, keys: int, children: int, num_cores: i
     coordinator = OperationsCoordinator(num_cores=num_cores, workers_per_core=workers_per_core,
                                         policies=policies, name=f"bench-{scenario}")
     async with coordinator:
-        gc.collect()
+        await settle()  # the previous scenario's tokens are freed here, not in this one's timing
         cpu = time.process_time()  # all threads: far less sensitive to other processes than wall time
         start = time.perf_counter()
         done = await _fan_out(n, keys, children, scenario)

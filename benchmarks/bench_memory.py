@@ -26,7 +26,7 @@ import psutil
 
 from tokengate import TaskToken
 
-from ._common import BenchOptions, Target, finish, new_result, write_result
+from ._common import BenchOptions, Target, finish, new_result, settle, write_result
 from ._contenders import Contender, make_contenders, parse_contenders, started
 from ._report import TableData, new_figure, progress, render, save_figure, targets_table
 from ._workloads import noop
@@ -77,11 +77,7 @@ async def _one(c: Contender, tokens: int, size: int, warm_batches: int, options:
 
             await _batches(c, batches, size, sample)
         elapsed = _perf() - t0
-        # The loop's handle that woke us still references the last gather's
-        # future (and through it the last batch) until this step ends: yield.
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        gc.collect()
+        await settle()  # frees the last batch (see settle)
         rss_end = proc.memory_info().rss
         kind = TaskToken if c.name == "tokengate" else asyncio.Future
         alive_running = count_alive(kind)

@@ -39,7 +39,7 @@ from ._common import (
     new_result,
     percentile,
     ratio,
-    settle_gc,
+    settle,
     write_result,
 )
 from ._contenders import Contender, make_contenders, parse_contenders, started
@@ -72,7 +72,7 @@ async def _wave(c: Contender, jobs: Sequence[tuple[Any, tuple[Any, ...]]]) -> di
     starts = [0.0] * n
     futures: list[asyncio.Future[Any]] = []
     is_tg = c.name == "tokengate"
-    settle_gc()
+    await settle()
     cpu0, wall0, calls0 = meter_totals()
     pcpu0 = time.process_time()
     t0 = _perf()
