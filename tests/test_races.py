@@ -120,3 +120,30 @@ def test_timeouts_racing_completions_settle_once(run: Any) -> None:
 
     run(main())
     assert len(recorder.settled) == 400 and set(recorder.settled.values()) == {1}
+
+
+@task_token_guard(operation_type="race.noop", tags={"weight": "light"})
+def race_noop() -> None:
+    return None
+
+
+def test_bursts_under_rapid_gil_switching_never_strand_queued_tokens(run: Any) -> None:
+    # Regression: routing decided to queue a token on load figures the workers
+    # update without the routing lock; by the time it was queued every worker
+    # had drained its mailbox, found the queue empty and parked, and nothing
+    # woke them (all later tokens queued behind it). A tiny switch interval
+    # makes the GIL change hands between those steps many times per burst.
+    import sys
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
+    try:
+        async def main() -> None:
+            async with OperationsCoordinator(policies=[], num_cores=2, workers_per_core=4, mailbox_size=8) as c:
+                for _ in range(25):
+                    await asyncio.wait_for(asyncio.gather(*[race_noop() for _ in range(4000)]), 10)
+                assert c.inflight == 0
+
+        run(main())
+    finally:
+        sys.setswitchinterval(old)

@@ -183,3 +183,28 @@ def test_idle_worker_takes_tokens_queued_behind_a_stuck_sibling(run: Any) -> Non
     run(main())
     gate.set()
     short_gate.set()
+
+
+def test_token_queued_while_every_worker_parks_is_still_run(run: Any) -> None:
+    # The router decides to queue on load figures workers change without its
+    # lock: every mailbox may look full when it decides, and be empty, with its
+    # worker parked, when the token lands in the pending queue. Replay exactly
+    # that: all workers parked, and the router's look says "all full".
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=2) as c:
+            router = c._router
+            for _ in range(1000):
+                if all(w.idle for w in router.workers):
+                    break
+                await asyncio.sleep(0.005)
+            assert all(w.idle for w in router.workers)
+            real_choose = router.choose
+            router.choose = lambda weight, pin: None  # type: ignore[method-assign]
+            try:
+                token = light_quick()
+                assert token.state.value == "waiting"
+            finally:
+                router.choose = real_choose  # type: ignore[method-assign]
+            assert await asyncio.wait_for(token, 5)
+
+    run(main())

@@ -198,6 +198,42 @@ class Router:
         self.pending_total += 1
         if self.pending_total > self.peak_pending:
             self.peak_pending = self.pending_total
+        if not self.paused:
+            self._wake_one_idle(weight, pin)
+
+    def _wake_one_idle(self, weight: str, pin: int | None) -> None:
+        # The decision to queue was made on load figures that workers update
+        # without this lock: by now every worker that may take the token can
+        # have emptied its mailbox, found the queue empty and gone idle. Wake
+        # one. (A worker re-checks the queues after setting ``idle``, see
+        # has_work_for, so either it sees the token or we see it idle.)
+        if pin is None:
+            for core in self.class_cores[weight]:
+                for worker in core.usable[weight]:
+                    if worker.idle:
+                        worker.idle = False
+                        worker.wake()
+                        return
+        else:
+            core = self.cores[pin]
+            for worker in core.workers[: core.active]:
+                if worker.idle:
+                    worker.idle = False
+                    worker.wake()
+                    return
+
+    def has_work_for(self, worker: Worker) -> bool:
+        """Is a queued token waiting that *worker* may take? A lock-free look, made before parking."""
+        if self.paused or not self.pending_total:
+            return False
+        core = self.cores[worker.core_id]
+        if core.pending and worker.index < core.active:
+            return True
+        counts = self.pending_count
+        for weight in worker.classes:
+            if counts[weight]:
+                return True
+        return False
 
     def forget_waiting(self, token: TaskToken[Any]) -> None:
         """Fix counts for a WAITING token that was just killed or timed out. Caller holds the lock."""

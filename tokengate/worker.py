@@ -4,7 +4,12 @@ This module and ``OperationsCoordinator._complete`` / ``_drain_done`` are the
 only places where worker threads and the event loop meet:
 
 * a router (any thread, under the coordinator's routing lock) appends a token
-  to ``mailbox`` and, if the worker is parked, wakes it;
+  to ``mailbox`` and, if the worker is idle, wakes it; a token it queues in a
+  pending queue instead wakes one idle worker that may take it;
+* before parking, a worker sets ``idle`` and then looks again at its mailbox
+  and the pending queues it serves, so a token is either seen by the worker
+  or the router sees the worker idle and wakes it: no token waits while every
+  worker that could run it sleeps;
 * the worker pops tokens, claims each one (ADMITTED → EXECUTING, atomic under
   the state lock so a concurrent kill and a claim never both win), runs the
   function in a copy of the caller's context, and hands the finished token to
@@ -158,6 +163,7 @@ class Worker:
         mailbox = self.mailbox
         pop = mailbox.popleft
         refill = coordinator._refill
+        has_work = coordinator._router.has_work_for
         while True:
             try:
                 token = pop()
@@ -166,11 +172,12 @@ class Worker:
                     continue
                 if self.stopping:
                     return
-                # Park. Set `idle` before re-checking the mailbox: a router that
-                # appends and then reads idle == False is guaranteed we will see
-                # its token in this re-check (see the module docstring).
+                # Park. Set `idle` before re-checking the mailbox and the pending
+                # queues: a router that appends or queues and then reads
+                # idle == False is guaranteed we see its token in this re-check
+                # (see the module docstring).
                 self.idle = True
-                if mailbox or self.stopping:
+                if mailbox or self.stopping or has_work(self):
                     self.idle = False
                     continue
                 self._park.acquire()
