@@ -145,16 +145,22 @@ class Router:
             best_core.position += 1
         return best
 
-    def place(self, token: TaskToken[Any], worker: Worker) -> bool:
+    def place(self, token: TaskToken[Any], worker: Worker, *, from_pending: bool = False) -> bool:
         """Put *token* in *worker*'s mailbox (→ ADMITTED). False if the token was settled meanwhile.
+
+        *from_pending*: the caller just took the WAITING token off a pending
+        queue under the routing lock; every other move of a queued token (kill,
+        timeout, refusal, an inline run) also happens under that lock, so the
+        state needs no state-lock round trip.
 
         This is the single hand-off point from routing to an executor: a routed
         token goes to a worker's mailbox here, and only ``worker.run_token``
         runs it. A lane whose workers are processes (or a remote cluster) would
         provide its own ``Worker`` with the same mailbox/claim/complete contract.
         """
-        if token._tstate is _CREATED:
-            # Not yet published to any other thread: no kill can race with us.
+        if from_pending or token._tstate is _CREATED:
+            # Not yet published to any other thread, or only reachable under
+            # the routing lock we hold: no kill can race with us.
             token._tstate = _ADMITTED
         elif not token._transition(_ADMITTED, _ENTRY):
             return False
@@ -292,8 +298,8 @@ class Router:
                 self.pending_count[token.weight] -= 1
                 self.pending_total -= 1
                 token._where = NOWHERE
-                if self.place(token, worker):
-                    placed.append(token)
+                self.place(token, worker, from_pending=True)
+                placed.append(token)
             if len(placed) >= batch:
                 break
         return placed

@@ -221,14 +221,39 @@ class ReputationPolicy(Policy):
         return None
 
     def _fold(self) -> None:
-        """Apply the attempts recorded lock-free since the last fold (any thread)."""
+        """Apply the attempts recorded lock-free since the last fold (any thread).
+
+        One lock and one row lookup per operation type in the batch, not per
+        attempt: a fold usually covers hundreds of attempts of a few operations.
+        Passive mode never blocks, so no block check is needed here.
+        """
         pop = self._unfolded.popleft
+        by_op: dict[str, list[tuple[str, bool, str | None, float | None]]] = {}
+        last_seen: dict[str, int] = {}
+        i = 0
         while True:
             try:
-                op, failed, error_type, run_time = pop()
+                record = pop()
             except IndexError:
-                return
-            self._record(op, failed, error_type, run_time)
+                break
+            op = record[0]
+            rows = by_op.get(op)
+            if rows is None:
+                by_op[op] = [record]
+            else:
+                rows.append(record)
+            last_seen[op] = i
+            i += 1
+        if not by_op:
+            return
+        with self._lock:
+            # Rows are touched in order of each operation's latest attempt, so
+            # the LRU eviction order is what attempt-by-attempt recording gives.
+            for op in sorted(by_op, key=last_seen.__getitem__):
+                rows = by_op[op]
+                entry = self._entry(op)
+                for _op, failed, error_type, run_time in rows:
+                    self._apply(entry, failed, error_type, run_time)
 
     # Completed and failed attempts are recorded by after_run (called for every
     # attempt, even while stopping); only these outcomes never reach it.
@@ -265,23 +290,7 @@ class ReputationPolicy(Policy):
         blocked_now: str | None = None
         with self._lock:
             entry = self._entry(op)
-            entry.attempts += 1
-            if timeout:
-                entry.timeouts += 1
-            elif failed:
-                entry.failures += 1
-                errors = entry.errors
-                key = error_type or "<unknown>"
-                if key not in errors and len(errors) >= _MAX_ERROR_TYPES:
-                    key = "<other>"
-                errors[key] = errors.get(key, 0) + 1
-            else:
-                entry.successes += 1
-            if run_time is not None:
-                entry.run_time.add(run_time)
-                if entry.min_run is None or run_time < entry.min_run:
-                    entry.min_run = run_time
-            entry.push(failed)
+            self._apply(entry, failed, error_type, run_time, timeout=timeout)
             if self.auto_block and op not in self._blocked:
                 seen = len(entry.window)
                 rate = entry.window_failures / seen
@@ -292,6 +301,28 @@ class ReputationPolicy(Policy):
         if blocked_now is not None:
             logger.warning("reputation: operation %r %s; new calls are refused until unblock(%r)",
                            op, blocked_now, op)
+
+    @staticmethod
+    def _apply(entry: _Operation, failed: bool, error_type: str | None, run_time: float | None,
+               *, timeout: bool = False) -> None:
+        """Count one attempt in *entry*. Caller holds the lock."""
+        entry.attempts += 1
+        if timeout:
+            entry.timeouts += 1
+        elif failed:
+            entry.failures += 1
+            errors = entry.errors
+            key = error_type or "<unknown>"
+            if key not in errors and len(errors) >= _MAX_ERROR_TYPES:
+                key = "<other>"
+            errors[key] = errors.get(key, 0) + 1
+        else:
+            entry.successes += 1
+        if run_time is not None:
+            entry.run_time.add(run_time)
+            if entry.min_run is None or run_time < entry.min_run:
+                entry.min_run = run_time
+        entry.push(failed)
 
     # -- control -----------------------------------------------------------------
 
