@@ -151,7 +151,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
     """Run the dispatch benchmark; print its tables, write JSON, Markdown and PNG; return the result."""
     batches = [int(b) for b in options.size("batches", [1000, 20_000, 100_000], [200, 2000])]
     calls = int(options.size("calls", 5000, 300))
-    repeats = options.reps(3, 1)
+    repeats = options.reps(5, 1)
     names = parse_contenders(options.sizes.get("contenders"))
     # The default max_pending (65,536 per weight class) refuses a 100,000-call
     # burst with Overloaded, by design; raise it so the burst is measurable.
