@@ -255,14 +255,16 @@ class AdmissionMixin(CoordinatorBase):
             if placed:
                 for token in placed:
                     plan = token._plan
-                    if plan is not None and plan.routes(token):
-                        hooks = plan.on_routed + plan.on_routed_marked if token.policy_data is not None \
-                            else plan.on_routed
-                        for p in hooks:
-                            try:
-                                p.on_routed(token, worker.core_id)
-                            except Exception:
-                                logger.exception("policy %s failed in on_routed", p.name)
+                    if plan is None:
+                        continue
+                    hooks = plan.on_routed
+                    if plan.on_routed_marked and token.policy_data is not None:
+                        hooks = hooks + plan.on_routed_marked
+                    for p in hooks:
+                        try:
+                            p.on_routed(token, worker.core_id)
+                        except Exception:
+                            logger.exception("policy %s failed in on_routed", p.name)
         return bool(placed)
 
     def _before_blocking_get(self, token: TaskToken[Any]) -> bool:

@@ -13,7 +13,6 @@ from .states import TERMINAL_STATES, TokenState
 
 if TYPE_CHECKING:
     from .decorator import GuardedFunction
-    from .token import TaskToken
 
 __all__ = ["_Plan"]
 
@@ -53,9 +52,3 @@ class _Plan:
             for state in TERMINAL_STATES
         }
         self.marked_routes = bool(self.pick_core_marked or self.on_routed_marked)
-
-    def routes(self, token: TaskToken[Any]) -> bool:
-        """True when some routing hook applies to *token* (marked tokens: see Policy.route_marked_only)."""
-        if self.pick_core or self.on_routed:
-            return True
-        return token.policy_data is not None and bool(self.pick_core_marked or self.on_routed_marked)
