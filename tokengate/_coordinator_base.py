@@ -44,7 +44,7 @@ class CoordinatorBase:
     _own_thread: threading.Thread | None
     _plans: dict[GuardedFunction[..., Any], tuple[_Plan, _Plan | None]]
     _live: dict[int, TaskToken[Any]]
-    _done: Deque[tuple[TaskToken[Any], Any, bool | None]]
+    _done: Deque[TaskToken[Any]]
     _drain_scheduled: bool
     _accepted: int
     _settled: int
@@ -75,5 +75,5 @@ class CoordinatorBase:
     def _kill_token(self, token: TaskToken[Any], exc: TokenKilled, *, any_state: bool = False) -> bool:
         raise NotImplementedError
     def _finalize(self, token: TaskToken[Any]) -> None: ...
-    def _complete(self, token: TaskToken[Any], outcome: Any = None, is_error: bool | None = None) -> None: ...
+    def _complete(self, token: TaskToken[Any]) -> None: ...
     def _drain_done(self) -> None: ...

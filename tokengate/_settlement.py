@@ -62,13 +62,15 @@ class SettlementMixin(CoordinatorBase):
             token._outcome, token._is_error = exc, True
             self._finalize(token)
 
-    def _complete(self, token: TaskToken[Any], outcome: Any = None, is_error: bool | None = None) -> None:
-        """A worker finished running *token*. Thread: a worker.
+    def _complete(self, token: TaskToken[Any]) -> None:
+        """Hand *token* to the loop for settling. Thread: any (a worker, after setting the run slots).
 
-        Completions are batched: only the first one after a drain schedules
-        another drain, so a burst costs one call_soon_threadsafe, not one per token.
+        A worker sets ``token._run_outcome`` / ``_run_error`` first; a kill or
+        timeout from another thread just moves the state. Completions are
+        batched: only the first one after a drain schedules another drain, so a
+        burst costs one call_soon_threadsafe, not one per token.
         """
-        self._done.append((token, outcome, is_error))
+        self._done.append(token)
         if not self._drain_scheduled:
             self._drain_scheduled = True
             try:
@@ -92,16 +94,19 @@ class SettlementMixin(CoordinatorBase):
         n = 0
         while True:
             try:
-                token, outcome, is_error = pop()
+                token = pop()
             except IndexError:
                 break
+            is_error = token._run_error
             if token._finalized:
                 if is_error is not None:
                     self._abandoned += 1  # a late completion after a timeout or stop
+                    token._run_outcome = token._run_error = None
                 continue
             if token._tstate is _S.EXECUTING and is_error is not None:
-                token._outcome = outcome
+                token._outcome = token._run_outcome
                 token._is_error = is_error
+                token._run_outcome = token._run_error = None
                 plan = token._plan
                 if plan.after_run:
                     delay = None
@@ -181,7 +186,7 @@ class SettlementMixin(CoordinatorBase):
             if hooks:
                 self._run_settle_hooks(token, plan)
         self._live.pop(token._seq, None)
-        token._guarded = token._args = token._kwargs = token._context = None
+        token._guarded = token._args = token._kwargs = token._context = token._run_outcome = None
         if token._loop is self._loop:
             if not token.done():  # the awaiter may have cancelled it
                 if token._is_error:

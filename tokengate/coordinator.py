@@ -176,7 +176,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._live: dict[int, TaskToken[Any]] = {}
         # Completed tokens on their way back to the loop, and whether a drain is scheduled.
         # (token, outcome, is_error); is_error None means "already settled elsewhere".
-        self._done: Deque[tuple[TaskToken[Any], Any, bool | None]] = collections.deque()
+        self._done: Deque[TaskToken[Any]] = collections.deque()
         self._drain_scheduled = False
         self._accepted = 0  # written under the routing lock
         self._settled = 0  # written on the loop thread only

@@ -84,6 +84,9 @@ class Router:
         self.held: dict[str, Deque[TaskToken[Any]]] = {}
         self.paused = False
         self.paused_ops: set[str] = set()
+        # Per class: may some worker of the class be idle? Set by workers going
+        # idle, cleared by a wake-up scan that found none (see _wake_one_idle).
+        self.idle_hint: dict[str, bool] = {w: True for w in WEIGHTS}
         self._rebuild()
 
     @property
@@ -109,6 +112,8 @@ class Router:
                     if w not in owners and core.core_id in table.allowed[w] and worker in core.usable[w]
                 ]
                 worker.classes = tuple(owners + others)
+        for w in WEIGHTS:
+            self.idle_hint[w] = True  # classes moved between workers: look again
 
     def set_active(self, core_id: int, active: int) -> None:
         """Set how many workers of *core_id* take new tokens (1..workers_per_core)."""
@@ -214,12 +219,18 @@ class Router:
         # one. (A worker re-checks the queues after setting ``idle``, see
         # has_work_for, so either it sees the token or we see it idle.)
         if pin is None:
+            if not self.idle_hint[weight]:
+                return
             for core in self.class_cores[weight]:
                 for worker in core.usable[weight]:
                     if worker.idle:
                         worker.idle = False
                         worker.wake()
                         return
+            # Nobody of this class is idle: skip the scan until a worker of the
+            # class goes idle again (it sets the hint before its re-check, so a
+            # token queued before this point is seen by that re-check).
+            self.idle_hint[weight] = False
         else:
             core = self.cores[pin]
             for worker in core.workers[: core.active]:

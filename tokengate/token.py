@@ -40,6 +40,10 @@ R = TypeVar("R")
 
 _S = TokenState
 _ids = itertools.count(1)  # process-wide, so ids never collide across coordinators
+# Stored instead of a call's own empty ``**kwargs`` dict, which is then freed at
+# once instead of living (and being scanned by the garbage collector) until the
+# token settles. Never mutated: the run passes it as ``**NO_KWARGS`` (a copy).
+NO_KWARGS: dict[str, Any] = {}
 
 # Guards TaskToken._waiters on every token: registration by get()/foreign
 # awaiters and the one-time swap to _SETTLED when the token settles.
@@ -90,6 +94,8 @@ class TaskToken(asyncio.Future[R], Generic[R]):
         "_tstate",
         "_outcome",
         "_is_error",
+        "_run_outcome",
+        "_run_error",
         "_waiters",
         "_finalized",
         "_published",
@@ -131,6 +137,10 @@ class TaskToken(asyncio.Future[R], Generic[R]):
         self._tstate = _S.CREATED
         self._outcome: Any = None
         self._is_error = False
+        # A worker's run result on its way to the loop (see _settlement._drain_done);
+        # _run_error is None when no run result is waiting.
+        self._run_outcome: Any = None
+        self._run_error: bool | None = None
         self._waiters: list[Callable[[], None]] | None = None
         self._finalized = False  # the coordinator took charge of settling it (loop thread)
         self._published = False  # the outcome is visible to awaiters and get() (set last)
@@ -178,7 +188,10 @@ class TaskToken(asyncio.Future[R], Generic[R]):
     @property
     def kwargs(self) -> dict[str, Any] | None:
         """The call's keyword arguments; ``None`` once settled."""
-        return self._kwargs
+        kwargs = self._kwargs
+        if kwargs is NO_KWARGS:
+            return {}  # never hand out the shared empty dict
+        return kwargs
 
     @property
     def guarded(self) -> GuardedFunction[..., R] | None:

@@ -70,8 +70,9 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
     outer_current = worker.current  # set when a parent runs this child inline
     worker.current = token  # also what current.running_token() reports
     started = token.started_at = _perf()
-    # The outcome goes to the loop with the token, not into it: a timeout or a
-    # stop may already have settled the token, and its outcome must not change.
+    # The outcome goes to the loop beside the token's own, not into it: a
+    # timeout or a stop may already have settled the token, and its outcome
+    # must not change.
     outcome: Any
     try:
         outcome = context.run(guarded.func, *args, **kwargs)
@@ -90,8 +91,12 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
         worker.busy_time += finished - started
     worker.executed += 1
     del args, kwargs, context, guarded
+    # The outcome rides on the token in its own slots (not a tuple per call:
+    # a burst would keep thousands alive for the collector to scan).
+    token._run_outcome = outcome
+    token._run_error = is_error
     coordinator = token._coordinator
-    coordinator._complete(token, outcome, is_error)
+    coordinator._complete(token)
     # A failing function's frame keeps its caller's frame (this one) alive via
     # f_back, with the locals it had on exit: drop them so a traceback never
     # pins the token or the outcome.
@@ -164,6 +169,7 @@ class Worker:
         pop = mailbox.popleft
         refill = coordinator._refill
         has_work = coordinator._router.has_work_for
+        idle_hint = coordinator._router.idle_hint
         while True:
             try:
                 token = pop()
@@ -177,6 +183,8 @@ class Worker:
                 # idle == False is guaranteed we see its token in this re-check
                 # (see the module docstring).
                 self.idle = True
+                for weight in self.classes:
+                    idle_hint[weight] = True
                 if mailbox or self.stopping or has_work(self):
                     self.idle = False
                     continue
