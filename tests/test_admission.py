@@ -297,6 +297,21 @@ def test_each_call_runs_in_a_copy_of_its_callers_context(run: Any) -> None:
     run(main())
 
 
+def test_calls_from_an_empty_context_stay_isolated_from_each_other() -> None:
+    # A caller with no context variables set gets a fresh empty context per
+    # run (the copy is not kept): what one call sets must not reach the next
+    # call on the same worker thread.
+    def main() -> list[str]:
+        async def inner() -> list[str]:
+            assert len(contextvars.copy_context()) == 0
+            async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1):
+                return [await read_context() for _ in range(5)]
+
+        return asyncio.run(inner())
+
+    assert contextvars.Context().run(main) == ["none"] * 5
+
+
 def test_token_kill_method(run: Any) -> None:
     async def main() -> None:
         async with one_worker() as c:

@@ -21,7 +21,7 @@ from .decorator import GuardedFunction
 from .errors import CoordinatorNotRunning, GateClosed, Rejected, TokenQuarantined, WouldDeadlock
 from .routing import IN_CORE_PENDING, IN_PENDING, IN_POLICY, NOWHERE
 from .states import TokenState
-from .token import NO_KWARGS, TaskToken
+from .token import EMPTY_CONTEXT, NO_KWARGS, TaskToken
 from .worker import Worker, run_token
 
 logger = logging.getLogger("tokengate.coordinator")
@@ -49,8 +49,9 @@ class AdmissionMixin(CoordinatorBase):
         if not self._accepting:
             raise self._gate_refusal(guarded)
         loop = _get_running_loop() or self._loop
+        context = _copy_context()
         token: TaskToken[Any] = TaskToken(loop, self, guarded, args, kwargs or NO_KWARGS,  # type: ignore[arg-type]
-                                          _copy_context())
+                                          context if context else EMPTY_CONTEXT)
         plans = self._plans.get(guarded) or self._plan_for(guarded)
         plan = plans[0]
         if plans[1] is not None:

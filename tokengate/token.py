@@ -44,6 +44,10 @@ _ids = itertools.count(1)  # process-wide, so ids never collide across coordinat
 # once instead of living (and being scanned by the garbage collector) until the
 # token settles. Never mutated: the run passes it as ``**NO_KWARGS`` (a copy).
 NO_KWARGS: dict[str, Any] = {}
+# Stored instead of a copy of an empty caller context (the common case outside
+# web frameworks): the copy is freed at once, and the run gets a fresh empty
+# context of its own (see worker.run_token). Never entered.
+EMPTY_CONTEXT = contextvars.Context()
 
 # Guards TaskToken._waiters on every token: registration by get()/foreign
 # awaiters and the one-time swap to _SETTLED when the token settles.

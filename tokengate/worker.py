@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Deque
 
 from . import current
 from .states import TokenState
+from .token import EMPTY_CONTEXT
 
 if TYPE_CHECKING:
     from .coordinator import OperationsCoordinator
@@ -45,6 +46,7 @@ _WAITING = TokenState.WAITING
 _EXECUTING = TokenState.EXECUTING
 _CLAIMABLE = frozenset({_ADMITTED})
 _perf = time.perf_counter
+_new_context = contextvars.Context
 
 
 def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenState] = _CLAIMABLE) -> bool:
@@ -74,6 +76,8 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
     # timeout or a stop may already have settled the token, and its outcome
     # must not change.
     outcome: Any
+    if context is EMPTY_CONTEXT:
+        context = _new_context()  # isolated like a copy: what the call sets stays with it
     try:
         outcome = context.run(guarded.func, *args, **kwargs)
         is_error = False
