@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("waves")
     g.add_argument("--max-wave", type=int, default=None, help="largest wave (default 65536; --quick 1024)")
     g.add_argument("--large-wave", type=int, default=None,
-                   help="waves above this size run once per contender (default 8192)")
+                   help="waves above this size run once per contender, for a shorter run (default: none; --quick 8192)")
     g = p.add_argument_group("memory")
     g.add_argument("--tokens", type=int, default=None, help="trivial tokens in total (default 1,000,000)")
     g.add_argument("--batch-size", type=int, default=None, help="tokens per sustained batch (default 1000)")
