@@ -269,6 +269,33 @@ class AdmissionMixin(CoordinatorBase):
                             logger.exception("policy %s failed in on_routed", p.name)
         return bool(placed)
 
+    def _steal_wait(self, worker: Worker) -> float | None:
+        """How long a parking *worker* may sleep before a sibling could count as stuck. Thread: that worker.
+
+        None (sleep until woken) unless a sibling on the same domain has tokens
+        queued behind a running call; then the time until that call has run
+        ``steal_after`` seconds, or ``steal_after`` again if it already has (the
+        refill just found nothing it may take).
+        """
+        core = self._router.cores[worker.core_id]
+        if worker.index >= core.active:
+            return None  # inactive workers do not steal (see Router.steal)
+        now = _perf()
+        soonest: float | None = None
+        for sibling in core.workers:
+            if sibling is worker or not sibling.mailbox:
+                continue
+            running = sibling.current
+            started = running.started_at if running is not None else None
+            if started is None:
+                continue
+            left = self._steal_after - (now - started)
+            if left <= 0:
+                left = self._steal_after
+            if soonest is None or left < soonest:
+                soonest = left
+        return soonest
+
     def _before_blocking_get(self, token: TaskToken[Any]) -> bool:
         """Refuse a deadlocking get(); on a worker thread, run a not-yet-started token inline.
 

@@ -174,6 +174,7 @@ class Worker:
         refill = coordinator._refill
         has_work = coordinator._router.has_work_for
         idle_hint = coordinator._router.idle_hint
+        steal_wait = coordinator._steal_wait
         while True:
             try:
                 token = pop()
@@ -192,7 +193,13 @@ class Worker:
                 if mailbox or self.stopping or has_work(self):
                     self.idle = False
                     continue
-                self._park.acquire()
+                # Sleep until woken, or until a sibling's running call would
+                # count as stuck (then the refill above may take its queue).
+                wait = steal_wait(self)
+                if wait is None:
+                    self._park.acquire()
+                else:
+                    self._park.acquire(timeout=wait)
                 self.idle = False
                 continue
             try:
