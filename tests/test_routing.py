@@ -6,6 +6,8 @@ import asyncio
 import threading
 from typing import Any
 
+import pytest
+
 from tokengate import OperationsCoordinator, task_token_guard
 
 gate = threading.Event()
@@ -158,12 +160,18 @@ def light_short() -> str:
     return threading.current_thread().name
 
 
-def test_idle_worker_takes_tokens_queued_behind_a_stuck_sibling(run: Any) -> None:
+@pytest.mark.parametrize("steal_after", [None, 0.3], ids=["frees-up-after-threshold", "parked-before-threshold"])
+def test_idle_worker_takes_tokens_queued_behind_a_stuck_sibling(run: Any, steal_after: float | None) -> None:
+    # With the default 5 ms threshold the free worker finds its sibling stuck as
+    # soon as it frees up; with 0.3 s it runs its own queue and parks first, and
+    # must wake up by itself once the sibling counts as stuck.
     gate.clear()
     short_gate.clear()
 
     async def main() -> None:
         async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=2, mailbox_size=8) as c:
+            if steal_after is not None:
+                c._steal_after = steal_after
             # Given both workers busy, so new tokens queue in both mailboxes,
             stuck = light_block()
             short = light_short()
@@ -208,31 +216,3 @@ def test_token_queued_while_every_worker_parks_is_still_run(run: Any) -> None:
             assert await asyncio.wait_for(token, 5)
 
     run(main())
-
-
-def test_parked_worker_wakes_to_take_tokens_behind_a_sibling_that_becomes_stuck(run: Any) -> None:
-    gate.clear()
-    short_gate.clear()
-
-    async def main() -> None:
-        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=2, mailbox_size=8) as c:
-            c._steal_after = 0.3  # "stuck" only after 0.3 s, so the free worker parks first
-            # Given both workers busy, so new tokens queue in both mailboxes,
-            stuck = light_block()
-            short = light_short()
-            await _wait_executing(c, 2)
-            queued = [light_quick() for _ in range(6)]
-            # when one worker frees up, runs its own queue and parks before its
-            # sibling has been busy long enough to count as stuck,
-            short_gate.set()
-            await short
-            # it still wakes up once the sibling is stuck and takes what is queued behind it.
-            names = await asyncio.wait_for(asyncio.gather(*queued), 5)
-            assert stuck.state.value == "executing"
-            assert all(n.endswith(short.worker_id or "?") for n in names)
-            gate.set()
-            await stuck
-
-    run(main())
-    gate.set()
-    short_gate.set()
