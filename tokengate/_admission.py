@@ -241,14 +241,8 @@ class AdmissionMixin(CoordinatorBase):
             return False
         if not router.pending_total:
             # Cheap unlocked look first: only take the lock if a sibling looks stuck.
-            now = _perf()
-            for sibling in router.cores[worker.core_id].workers:
-                running = sibling.current
-                if sibling is not worker and sibling.mailbox and running is not None:
-                    started = running.started_at
-                    if started is not None and now - started >= self._steal_after:
-                        break
-            else:
+            left = router.stuck_in(worker, self._steal_after)
+            if left is None or left > 0:
                 return False
             with router.lock:
                 return router.steal(worker, self._steal_after) is not None
@@ -277,24 +271,10 @@ class AdmissionMixin(CoordinatorBase):
         ``steal_after`` seconds, or ``steal_after`` again if it already has (the
         refill just found nothing it may take).
         """
-        core = self._router.cores[worker.core_id]
-        if worker.index >= core.active:
-            return None  # inactive workers do not steal (see Router.steal)
-        now = _perf()
-        soonest: float | None = None
-        for sibling in core.workers:
-            if sibling is worker or not sibling.mailbox:
-                continue
-            running = sibling.current
-            started = running.started_at if running is not None else None
-            if started is None:
-                continue
-            left = self._steal_after - (now - started)
-            if left <= 0:
-                left = self._steal_after
-            if soonest is None or left < soonest:
-                soonest = left
-        return soonest
+        left = self._router.stuck_in(worker, self._steal_after)
+        if left is None:
+            return None
+        return left if left > 0 else self._steal_after
 
     def _before_blocking_get(self, token: TaskToken[Any]) -> bool:
         """Refuse a deadlocking get(); on a worker thread, run a not-yet-started token inline.

@@ -49,6 +49,16 @@ _perf = time.perf_counter
 NOWHERE, IN_PENDING, IN_CORE_PENDING, IN_HELD, IN_POLICY = 0, 1, 2, 3, 4
 
 
+def _wake_first_idle(workers: list[Worker]) -> bool:
+    """Wake the first idle worker of *workers*; False if none is idle. Caller holds the routing lock."""
+    for worker in workers:
+        if worker.idle:
+            worker.idle = False
+            worker.wake()
+            return True
+    return False
+
+
 class Core:
     """A worker domain: its workers, active pattern, position counter and routed counts."""
 
@@ -222,22 +232,39 @@ class Router:
             if not self.idle_hint[weight]:
                 return
             for core in self.class_cores[weight]:
-                for worker in core.usable[weight]:
-                    if worker.idle:
-                        worker.idle = False
-                        worker.wake()
-                        return
+                if _wake_first_idle(core.usable[weight]):
+                    return
             # Nobody of this class is idle: skip the scan until a worker of the
             # class goes idle again (it sets the hint before its re-check, so a
             # token queued before this point is seen by that re-check).
             self.idle_hint[weight] = False
         else:
             core = self.cores[pin]
-            for worker in core.workers[: core.active]:
-                if worker.idle:
-                    worker.idle = False
-                    worker.wake()
-                    return
+            _wake_first_idle(core.workers[: core.active])
+
+    def stuck_in(self, worker: Worker, stuck_after: float) -> float | None:
+        """Seconds until a sibling of *worker* with tokens queued behind its running call counts as stuck.
+
+        ``<= 0`` when one already does; None when no sibling has such a queue
+        (or *worker* is inactive: inactive workers do not steal). A lock-free
+        look: callers re-check under the lock (see steal).
+        """
+        core = self.cores[worker.core_id]
+        if worker.index >= core.active:
+            return None
+        now = _perf()
+        soonest: float | None = None
+        for sibling in core.workers:
+            if sibling is worker or not sibling.mailbox:
+                continue
+            running = sibling.current
+            started = running.started_at if running is not None else None
+            if started is None:
+                continue
+            left = stuck_after - (now - started)
+            if soonest is None or left < soonest:
+                soonest = left
+        return soonest
 
     def has_work_for(self, worker: Worker) -> bool:
         """Is a queued token waiting that *worker* may take? A lock-free look, made before parking."""
@@ -325,7 +352,7 @@ class Router:
         whose current call has run longer than *stuck_after* seconds.
         """
         core = self.cores[worker.core_id]
-        if worker not in core.workers[: core.active]:
+        if worker.index >= core.active:
             return None
         now = _perf()
         for sibling in core.workers:
