@@ -18,10 +18,19 @@ The workload is the seeds' (``_workloads.wave_job``): 15 doubling waves of
   time. It counts time a thread spends waiting for the GIL as work, so it
   grows with the thread count, not with useful parallelism.
 
-Contenders are interleaved per wave (A B C D, A B C D, ...). Waves above
-``large_wave`` tokens (``--large-wave``; by default none) run once per
-contender, to shorten a run; the others at least ``repeats`` times and until
-about 2,048 tokens per contender (at most 25 times), medians reported.
+Trials are arranged in *passes*: each pass runs every wave once, smallest
+first, as the seeds did, and the run makes ``repeats`` passes (default 3).
+Within a pass the contenders are interleaved per wave (A B C D, A B C D, ...),
+and waves small enough to end in milliseconds repeat inside the pass until
+about 2,048 tokens per contender (at most 25 times in all). Medians over every
+trial are reported. The passes matter on a shared machine: a slow stretch of
+the host lasts seconds to tens of seconds, and when all trials of one wave ran
+back to back, one such stretch could slow every trial of that wave and become
+the max/min figure; spread over passes, it lands on different waves each time
+and the median leaves it out. ``trial_spread`` (max/min over a wave's trials)
+shows how noisy each point was. Waves above ``large_wave`` tokens
+(``--large-wave``; by default none) run in the first pass only, for a shorter
+run.
 """
 
 from __future__ import annotations
@@ -112,6 +121,29 @@ async def _wave(c: Contender, jobs: Sequence[tuple[Any, tuple[Any, ...]]]) -> di
     }
 
 
+def pass_schedule(sizes: Sequence[int], passes: int, large_wave: int,
+                  min_tokens: int) -> list[list[tuple[int, int]]]:
+    """The trial plan: *passes* lists of ``(wave size, trials in this pass)``, sizes ascending.
+
+    Every wave gets at least one trial per pass; a wave of *n* tokens gets
+    ``ceil(min_tokens / n)`` trials in all (at most ``MAX_SMALL_REPEATS``),
+    spread as evenly as the passes allow. Waves above *large_wave* run in the
+    first pass only.
+    """
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes!r}")
+    plan: list[list[tuple[int, int]]] = [[] for _ in range(passes)]
+    for n in sizes:
+        if n > large_wave:
+            plan[0].append((n, 1))
+            continue
+        trials = max(passes, min(MAX_SMALL_REPEATS, -(-min_tokens // n)))
+        base, extra = divmod(trials, passes)
+        for p in range(passes):
+            plan[p].append((n, base + (1 if p < extra else 0)))
+    return plan
+
+
 _METRICS = ("tokens_per_s", "latency_p50_ms", "latency_p99_ms", "queue_wait_p50_ms", "queue_wait_p99_ms",
             "parallelism", "process_cpu", "overlap_seeds")
 
@@ -121,25 +153,21 @@ async def _measure(options: BenchOptions, names: Sequence[str], sizes: Sequence[
     contenders = make_contenders(names, kwargs)
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {c: {n: [] for n in sizes} for c in names}
 
-    def reps(n: int) -> int:
-        # Tiny waves take a millisecond, so one noisy scheduler tick decides them:
-        # repeat them until ~2,048 tokens per contender (at most 25x) and take medians.
-        if n > large_wave:
-            return 1
-        return max(repeats, min(MAX_SMALL_REPEATS, -(-min_tokens // n)))
-
-    total = sum(reps(n) * n for n in sizes) * len(names)
+    schedule = pass_schedule(sizes, repeats, large_wave, min_tokens)
+    total = sum(n * k for plan in schedule for n, k in plan) * len(names)
     async with started(contenders):
         warm = [wave_job(i) for i in range(256)]  # the seeds' warm-up size; not recorded
         for c in contenders:
             await _wave(c, warm)
         with progress(options.progress, total, "waves (tokens)") as advance:
-            for n in sizes:
-                jobs = [wave_job(i) for i in range(n)]
-                for _r in range(reps(n)):
-                    for c in contenders:
-                        runs[c.name][n].append(await _wave(c, jobs))
-                        advance(n)
+            for plan in schedule:
+                for n, k in plan:
+                    jobs = [wave_job(i) for i in range(n)]
+                    for _r in range(k):
+                        for c in contenders:
+                            runs[c.name][n].append(await _wave(c, jobs))
+                            advance(n)
+                    del jobs
         result["contenders"] = {c.name: c.describe() for c in contenders}
 
     waves: dict[str, list[dict[str, Any]]] = {}
@@ -147,9 +175,11 @@ async def _measure(options: BenchOptions, names: Sequence[str], sizes: Sequence[
         rows = []
         for idx, n in enumerate(sizes, start=1):
             trials = runs[name][n]
+            tps = [t["tokens_per_s"] for t in trials]
             row: dict[str, Any] = {"wave": idx, "tokens": n, "trials": len(trials),
                                    "failures": sum(t["failures"] for t in trials),
-                                   "runs_tokens_per_s": [t["tokens_per_s"] for t in trials]}
+                                   "runs_tokens_per_s": tps,
+                                   "trial_spread": max(tps) / min(tps)}
             row.update({m: median(t[m] for t in trials) for m in _METRICS})
             rows.append(row)
         waves[name] = rows
@@ -197,8 +227,10 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "process_cpu = time.process_time() delta (all threads, event loop included) ÷ wave wall time",
         "overlap_seeds = the seeds' definition: Σ per-call wall run time ÷ wave time; it counts waiting for the "
         "GIL as work, so it is NOT parallelism",
-        f"waves above {large_wave} tokens run once per contender; smaller ones at least {repeats}x and until "
-        f"~{min_tokens} tokens per contender (max {MAX_SMALL_REPEATS}x); medians reported",
+        f"{repeats} passes, each running every wave once, smallest first (contenders interleaved per wave); "
+        f"small waves repeat until ~{min_tokens} tokens per contender (max {MAX_SMALL_REPEATS}x in all); waves "
+        f"above {large_wave} tokens run in the first pass only; medians over all trials reported",
+        "trial_spread = max/min tokens/s over one wave's trials: how noisy the machine was for that point",
     ]
     final = finish(result, _targets(result))
     write_result(final, options.out)
@@ -218,16 +250,18 @@ def _targets(result: dict[str, Any]) -> list[Target]:
 def _report(result: dict[str, Any], options: BenchOptions) -> None:
     waves = result["results"]["waves"]
     names = list(waves)
-    cols = ["wave", "tokens", "tok/s", "× rie", "lat p50 ms", "lat p99 ms", "wait p50 ms", "wait p99 ms",
+    cols = ["wave", "tokens", "trials", "tok/s", "spread", "× rie", "lat p50 ms", "lat p99 ms", "wait p50 ms", "wait p99 ms",
             "fail", "CPU par.", "proc CPU", "overlap (seeds)"]
     tables = []
     for name in ("tokengate", "run_in_executor"):
         t = TableData(f"waves: {name} per wave", cols)
         for r in waves[name]:
-            t.add(r["wave"], r["tokens"], r["tokens_per_s"], r["ratio_vs_run_in_executor"], r["latency_p50_ms"],
+            t.add(r["wave"], r["tokens"], r["trials"], r["tokens_per_s"], r["trial_spread"],
+                  r["ratio_vs_run_in_executor"], r["latency_p50_ms"],
                   r["latency_p99_ms"], r["queue_wait_p50_ms"], r["queue_wait_p99_ms"], r["failures"],
                   r["parallelism"], r["process_cpu"], r["overlap_seeds"])
-        t.caption = ("CPU par. = Σ thread CPU ÷ wall (real parallelism); overlap (seeds) = Σ per-call wall ÷ "
+        t.caption = ("tok/s = median over the trials; spread = max/min tok/s over them (machine noise); "
+                     "CPU par. = Σ thread CPU ÷ wall (real parallelism); overlap (seeds) = Σ per-call wall ÷ "
                      "wall, counts GIL waits as work")
         tables.append(t)
     comp = TableData("waves: tokens/s by contender (median)", ["wave", "tokens", *names])

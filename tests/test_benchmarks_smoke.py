@@ -89,6 +89,29 @@ def test_waves_smoke(tmp_path: Path) -> None:
     assert result["results"]["summary"]["tokengate"]["failures"] == 0
 
 
+def test_waves_pass_schedule_spreads_trials_over_passes() -> None:
+    # Given the default sizes, 3 passes, ~2,048 tokens per small point, and waves above 8,192 run once
+    from benchmarks.bench_waves import MAX_SMALL_REPEATS, pass_schedule
+
+    sizes = [4, 128, 1024, 2048, 8192, 65536]
+
+    # When the trial plan is built
+    plan = pass_schedule(sizes, 3, 8192, 2048)
+
+    # Then each pass runs every wave at most once in ascending order (the large one in pass 1 only),
+    # and each wave gets its total trial count spread as evenly as possible
+    assert len(plan) == 3
+    assert [n for n, _ in plan[0]] == sizes
+    assert [n for n, _ in plan[1]] == [n for n, _ in plan[2]] == sizes[:-1]
+    totals = {n: sum(k for p in plan for m, k in p if m == n) for n in sizes}
+    assert totals == {4: MAX_SMALL_REPEATS, 128: 16, 1024: 3, 2048: 3, 8192: 3, 65536: 1}
+    for n in sizes[:-1]:
+        per_pass = [k for p in plan for m, k in p if m == n]
+        assert max(per_pass) - min(per_pass) <= 1 and min(per_pass) >= 1
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+        pass_schedule(sizes, 0, 8192, 2048)
+
+
 def test_memory_smoke(tmp_path: Path) -> None:
     # Given a few thousand trivial calls in batches
     from benchmarks import bench_memory

@@ -276,7 +276,7 @@ def test_persistence_across_reopen(tmp_path: Path) -> None:
         assert s.stats()["path"] == str(path)
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = [r[1] for r in conn.execute("PRAGMA index_list(quarantine)")]
         assert "quarantine_status_op_created" in indexes
@@ -440,3 +440,184 @@ def test_summarize_args_never_raises() -> None:
 def test_summarize_huge_int() -> None:
     args_s, _ = summarize_args((10**5000,), {})
     assert args_s.startswith("0: int ")
+
+
+# -- release claims across processes ------------------------------------------
+
+
+def _live_process() -> Iterator[Any]:
+    """A real other process on this host that stays alive until the generator is closed."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def other_process() -> Iterator[Any]:
+    yield from _live_process()
+
+
+def _identity_of(pid: int) -> str:
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()}:{pid}:{psutil.Process(pid).create_time():.2f}"
+
+
+def _set_claim(path: Path, id: str, owner: str | None) -> None:
+    # What another process's claim() leaves in the file.
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE quarantine SET claimed_by = ?, claimed_at = 1.0 WHERE id = ?", (owner, id))
+
+
+def test_claim_names_this_process_and_unclaim_ends_it(file_store: QuarantineStore) -> None:
+    from tokengate.quarantine_store import process_identity
+
+    rec = _add(file_store)
+    claimed = file_store.claim(rec.id)
+    assert claimed.claimed_by == process_identity() and claimed.claimed_at is not None
+    assert claimed.status is QuarantineStatus.PENDING
+    assert claimed.to_dict()["claimed_by"] == process_identity()
+    # a claim of this same process is taken again (the policy refuses in-process doubles itself)
+    assert file_store.claim(rec.id).claimed_by == process_identity()
+    assert file_store.unclaim(rec.id) is True
+    assert file_store.unclaim(rec.id) is False
+    assert file_store.get(rec.id).claimed_by is None  # type: ignore[union-attr]
+
+
+def test_a_live_claim_of_another_process_refuses_claim_release_and_discard(
+        file_store: QuarantineStore, tmp_path: Path, other_process: Any) -> None:
+    # Given a record claimed by another process that is still running
+    rec = _add(file_store)
+    owner = _identity_of(other_process.pid)
+    _set_claim(tmp_path / "q.sqlite3", rec.id, owner)
+
+    # Then this process can neither claim, mark released nor discard it
+    with pytest.raises(QuarantineStateError, match=f"being released by process {owner}"):
+        file_store.claim(rec.id)
+    with pytest.raises(QuarantineStateError, match="claimed by process"):
+        file_store.mark_released(rec.id, True, "ok")
+    with pytest.raises(QuarantineStateError, match="cannot be discarded"):
+        file_store.mark_discarded(rec.id)
+    assert file_store.unclaim(rec.id) is False  # not ours to end
+    assert file_store.get(rec.id).claimed_by == owner  # type: ignore[union-attr]
+
+    # And a forced take-over moves the claim here (logged)
+    from tokengate.quarantine_store import process_identity
+
+    assert file_store.claim(rec.id, take_over=True).claimed_by == process_identity()
+
+
+def test_the_claim_of_a_process_that_exited_is_taken_over(file_store: QuarantineStore, tmp_path: Path) -> None:
+    # Given a record claimed by a process that has since exited
+    rec = _add(file_store)
+    gen = _live_process()
+    proc = next(gen)
+    owner = _identity_of(proc.pid)
+    gen.close()  # the process exits
+    _set_claim(tmp_path / "q.sqlite3", rec.id, owner)
+
+    # Then the stale claim does not block: discard and claim both work
+    from tokengate.quarantine_store import claim_is_live, process_identity
+
+    assert not claim_is_live(owner)
+    assert file_store.claim(rec.id).claimed_by == process_identity()
+
+
+@pytest.mark.parametrize("owner", ["build-host-7:1:1700000000.00", "not a claim"])
+def test_a_claim_from_another_host_or_unknown_format_counts_as_live(
+        file_store: QuarantineStore, tmp_path: Path, owner: str) -> None:
+    from tokengate.quarantine_store import claim_is_live
+
+    rec = _add(file_store)
+    _set_claim(tmp_path / "q.sqlite3", rec.id, owner)
+    assert claim_is_live(owner)
+    with pytest.raises(QuarantineStateError, match="being released by process"):
+        file_store.claim(rec.id)
+
+
+def test_the_same_pid_started_at_another_time_is_a_stale_claim() -> None:
+    import socket
+
+    from tokengate.quarantine_store import claim_is_live
+
+    # pid reuse: our pid, but a start time that is not ours
+    assert not claim_is_live(f"{socket.gethostname()}:{os.getpid()}:12.00")
+
+
+def test_released_records_keep_who_released_them(file_store: QuarantineStore) -> None:
+    from tokengate.quarantine_store import process_identity
+
+    rec = _add(file_store)
+    file_store.claim(rec.id)
+    done = file_store.mark_released(rec.id, True, "completed")
+    assert done.status is QuarantineStatus.RELEASED and done.claimed_by == process_identity()
+    with pytest.raises(QuarantineStateError, match="released, not pending"):
+        file_store.claim(rec.id)
+    discarded = file_store.mark_discarded(_add(file_store).id)
+    assert discarded.claimed_by is None
+
+
+def test_only_one_of_several_processes_wins_the_claim(file_store: QuarantineStore, tmp_path: Path) -> None:
+    # Given four processes that open the same file and claim the same record at once
+    import subprocess
+
+    rec = _add(file_store)
+    go = tmp_path / "go"
+    script = (
+        "import os, sys, time\n"
+        "from tokengate.quarantine_store import QuarantineStore, QuarantineStateError\n"
+        "s = QuarantineStore(sys.argv[1])\n"
+        "while not os.path.exists(sys.argv[3]): time.sleep(0.001)\n"
+        "try:\n"
+        "    s.claim(sys.argv[2]); print('won', flush=True)\n"
+        "except QuarantineStateError:\n"
+        "    print('lost', flush=True)\n"
+        "sys.stdin.read()  # stay alive so the winner's claim stays live\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "q.sqlite3"), rec.id, str(go)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        go.touch()
+        # Then exactly one wins, and its claim refuses this process too
+        answers = [p.stdout.readline().strip() for p in procs]  # type: ignore[union-attr]
+        assert sorted(answers) == ["lost", "lost", "lost", "won"]
+        with pytest.raises(QuarantineStateError, match="being released by process"):
+            file_store.claim(rec.id)
+    finally:
+        for p in procs:
+            p.stdin.close()  # type: ignore[union-attr]
+            p.wait(timeout=30)
+            p.stdout.close()  # type: ignore[union-attr]
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    # Given a database written by schema version 1 (no claim columns) with one record
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE quarantine (id TEXT PRIMARY KEY, operation_type TEXT NOT NULL, func_module TEXT NOT NULL,"
+            " func_qualname TEXT NOT NULL, trigger TEXT NOT NULL, reason TEXT NOT NULL, args_summary TEXT NOT NULL,"
+            " kwargs_summary TEXT NOT NULL, payload BLOB, payload_error TEXT, created_at REAL NOT NULL,"
+            " updated_at REAL NOT NULL, status TEXT NOT NULL CHECK (status IN ('pending', 'released', 'discarded')),"
+            " outcome_summary TEXT, outcome_ok INTEGER)")
+        conn.execute("INSERT INTO quarantine VALUES ('old1', 'op', 'm', 'f', 't', 'r', '()', '{}', NULL, 'x',"
+                     " 1.0, 1.0, 'pending', NULL, NULL)")
+        conn.execute("PRAGMA user_version = 1")
+    os.chmod(path, 0o600)
+
+    # When this version opens it
+    with QuarantineStore(path) as s:
+        # Then the record is intact, unclaimed, and can be claimed
+        record = s.get("old1")
+        assert record is not None and record.status is QuarantineStatus.PENDING and record.claimed_by is None
+        assert s.claim("old1").claimed_by is not None
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2

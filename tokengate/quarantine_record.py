@@ -57,7 +57,9 @@ class QuarantineRecord:
     ``payload`` is the pickled ``(args, kwargs)`` or ``None`` when the
     arguments could not be pickled (``payload_error`` then says why) or were
     larger than the store's ``max_payload_bytes``. ``outcome_ok`` and
-    ``outcome_summary`` are set when the call is released.
+    ``outcome_summary`` are set when the call is released. ``claimed_by``
+    (``"host:pid:start"`` of a process) and ``claimed_at`` name the process
+    that is re-running a PENDING record, or that re-ran a RELEASED one.
     """
 
     id: str
@@ -75,6 +77,8 @@ class QuarantineRecord:
     status: QuarantineStatus
     outcome_summary: str | None
     outcome_ok: bool | None
+    claimed_by: str | None = None
+    claimed_at: float | None = None
 
     @property
     def has_payload(self) -> bool:
@@ -104,6 +108,8 @@ class QuarantineRecord:
             "status": self.status.value,
             "outcome_summary": self.outcome_summary,
             "outcome_ok": self.outcome_ok,
+            "claimed_by": self.claimed_by,
+            "claimed_at": self.claimed_at,
         }
         if include_payload:
             data["payload_b64"] = (

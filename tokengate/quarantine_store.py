@@ -7,6 +7,19 @@ Each call becomes a :class:`QuarantineRecord` in a SQLite database (stdlib
 :mod:`sqlite3`). An operator can later *release* it (re-run it and record the
 outcome) or *discard* it; both transitions are only allowed from PENDING.
 
+Release claims:
+    Re-running a record takes a while, and several processes may share one
+    database (the workers of one web app, an operator CLI). Before a release
+    re-runs a call, :meth:`QuarantineStore.claim` marks the record as taken by
+    this process (``claimed_by`` = ``"host:pid:start time"``) in one IMMEDIATE
+    transaction, so a second process cannot release the same record while the
+    first one runs it. The claim ends when the record is marked RELEASED (it
+    then says who released it), or with :meth:`QuarantineStore.unclaim` when
+    the call settled without running. A claim left by a process that died is
+    recognised on the same host (that pid no longer runs, or runs a newer
+    process) and taken over; a claim from another host is respected unless
+    the caller forces a take-over.
+
 Trust boundary -- read this before pointing the store at a file:
     The payload column holds a **pickle** of the call's ``(args, kwargs)``.
     Unpickling (:meth:`QuarantineStore.load_payload`) executes code chosen by
@@ -40,6 +53,7 @@ import contextlib
 import logging
 import os
 import pickle
+import socket
 import sqlite3
 import threading
 import time
@@ -47,6 +61,8 @@ import uuid
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
+
+import psutil
 
 from tokengate.errors import ConfigurationError
 
@@ -65,12 +81,14 @@ __all__ = [
     "QuarantineStatus",
     "QuarantineStore",
     "QuarantineStoreError",
+    "claim_is_live",
+    "process_identity",
     "summarize_args",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: claimed_by / claimed_at (release claims across processes)
 DEFAULT_PATH = "tokengate-quarantine.sqlite3"
 MAX_LIST_LIMIT = 1000
 DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
@@ -79,7 +97,7 @@ _OUTCOME_SUMMARY_LIMIT = 2000
 _COLUMNS = (
     "id, operation_type, func_module, func_qualname, trigger, reason, "
     "args_summary, kwargs_summary, payload, payload_error, created_at, "
-    "updated_at, status, outcome_summary, outcome_ok"
+    "updated_at, status, outcome_summary, outcome_ok, claimed_by, claimed_at"
 )
 
 _CREATE_TABLE = """
@@ -98,9 +116,14 @@ CREATE TABLE IF NOT EXISTS quarantine (
     updated_at      REAL NOT NULL,
     status          TEXT NOT NULL CHECK (status IN ('pending', 'released', 'discarded')),
     outcome_summary TEXT,
-    outcome_ok      INTEGER
+    outcome_ok      INTEGER,
+    claimed_by      TEXT,
+    claimed_at      REAL
 )
 """
+
+# Columns added after schema version 1, with their declarations (see _init_schema).
+_ADDED_COLUMNS = (("claimed_by", "TEXT"), ("claimed_at", "REAL"))
 
 _CREATE_INDEX = """
 CREATE INDEX IF NOT EXISTS quarantine_status_op_created
@@ -127,7 +150,53 @@ def _row_to_record(row: tuple[Any, ...]) -> QuarantineRecord:
         status=QuarantineStatus(row[12]),
         outcome_summary=row[13],
         outcome_ok=None if outcome_ok is None else bool(outcome_ok),
+        claimed_by=row[15],
+        claimed_at=None if row[16] is None else float(row[16]),
     )
+
+
+_HOST = socket.gethostname()
+_identity: tuple[int, str] | None = None  # (pid, identity): recomputed after a fork
+
+
+def process_identity() -> str:
+    """``"host:pid:start"`` of this process: what a release claim records as its owner.
+
+    The start time (seconds since the epoch, from the OS) tells this process
+    apart from a later one that reuses its pid.
+    """
+    global _identity
+    pid = os.getpid()
+    if _identity is None or _identity[0] != pid:
+        try:
+            start = psutil.Process(pid).create_time()
+        except psutil.Error:
+            start = 0.0
+        _identity = (pid, f"{_HOST}:{pid}:{start:.2f}")
+    return _identity[1]
+
+
+def claim_is_live(owner: str) -> bool:
+    """Whether the process named by a claim may still be running (True when it cannot be told).
+
+    On this host a claim is dead once its pid is gone or belongs to a process
+    started at another time. A claim from another host, or in a format this
+    version does not know, counts as live: only its owner (or a forced
+    take-over) may end it.
+    """
+    try:
+        host, pid_text, start_text = owner.rsplit(":", 2)
+        pid, start = int(pid_text), float(start_text)
+    except ValueError:
+        return True
+    if host != _HOST:
+        return True
+    try:
+        return abs(psutil.Process(pid).create_time() - start) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # access denied, zombie: it exists
+        return True
 
 
 def _coerce_status(status: QuarantineStatus | str | None) -> QuarantineStatus | None:
@@ -248,6 +317,11 @@ class QuarantineStore:
                     )
                 conn.execute(_CREATE_TABLE)
                 conn.execute(_CREATE_INDEX)
+                # A version-1 table lacks the claim columns; adding them keeps its records.
+                present = {str(r[1]) for r in conn.execute("PRAGMA table_info(quarantine)")}
+                for column, declaration in _ADDED_COLUMNS:
+                    if column not in present:
+                        conn.execute(f"ALTER TABLE quarantine ADD COLUMN {column} {declaration}")
                 if version < SCHEMA_VERSION:
                     # PRAGMA cannot take bound parameters; the value is our constant.
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
@@ -374,7 +448,7 @@ class QuarantineStore:
             with self._write("add") as conn:
                 conn.execute(
                     f"INSERT INTO quarantine ({_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.id,
                         record.operation_type,
@@ -389,6 +463,8 @@ class QuarantineStore:
                         record.created_at,
                         record.updated_at,
                         record.status.value,
+                        None,
+                        None,
                         None,
                         None,
                     ),
@@ -495,56 +571,112 @@ class QuarantineStore:
             raise ValueError(f"payload of quarantined call {id} is not an (args, kwargs) pair")
         return value[0], value[1]
 
-    def _transition(
-        self,
-        id: str,
-        target: QuarantineStatus,
-        outcome_ok: bool | None,
-        outcome_summary: str | None,
-    ) -> QuarantineRecord:
-        with self._write(f"mark {target.value}") as conn:
-            # The status check and the update are one statement inside one
-            # IMMEDIATE transaction, so two operators cannot both release it.
-            cur = conn.execute(
-                "UPDATE quarantine SET status = ?, outcome_ok = ?, outcome_summary = ?, "
-                "updated_at = ? WHERE id = ? AND status = ?",
-                (
-                    target.value,
-                    None if outcome_ok is None else int(outcome_ok),
-                    outcome_summary,
-                    time.time(),
-                    id,
-                    QuarantineStatus.PENDING.value,
-                ),
-            )
-            record = self._fetch(conn, id)
-            if record is None:
-                raise KeyError(f"no quarantined call with id {id!r}")
-            if cur.rowcount != 1:
-                raise QuarantineStateError(
-                    f"quarantined call {id} is {record.status.value}, not pending; "
-                    f"it cannot be marked {target.value}"
-                )
+    @staticmethod
+    def _pending_or_raise(record: QuarantineRecord | None, id: str, action: str) -> QuarantineRecord:
+        if record is None:
+            raise KeyError(f"no quarantined call with id {id!r}")
+        if record.status is not QuarantineStatus.PENDING:
+            raise QuarantineStateError(
+                f"quarantined call {id} is {record.status.value}, not pending; it cannot be {action}")
         return record
+
+    @staticmethod
+    def _foreign_claim(record: QuarantineRecord, me: str) -> str | None:
+        """The owner of a live claim on *record* by another process, else None."""
+        owner = record.claimed_by
+        if owner is None or owner == me or not claim_is_live(owner):
+            return None
+        return owner
+
+    def claim(self, id: str, *, take_over: bool = False) -> QuarantineRecord:
+        """Mark a PENDING record as being released by this process and return it.
+
+        Succeeds when the record is unclaimed, claimed by this process (within
+        one process the quarantine policy refuses a second release itself),
+        or claimed by a process that is no longer running on this host. A live
+        claim by another process raises :class:`QuarantineStateError` unless
+        ``take_over=True`` (for a claim left by a crashed process on another
+        host; the take-over is logged).
+
+        Raises:
+            KeyError: no record has this id.
+            QuarantineStateError: the record is not pending, or another process holds it.
+            QuarantineStoreError: the database failed.
+        """
+        me = process_identity()
+        with self._write("claim") as conn:
+            record = self._pending_or_raise(self._fetch(conn, id), id, "released")
+            owner = self._foreign_claim(record, me)
+            if owner is not None and not take_over:
+                raise QuarantineStateError(
+                    f"quarantined call {id} is being released by process {owner} "
+                    f"(claimed at {record.claimed_at}); wait for it, or force a take-over if that "
+                    f"process is gone")
+            now = time.time()
+            conn.execute("UPDATE quarantine SET claimed_by = ?, claimed_at = ?, updated_at = ? WHERE id = ?",
+                         (me, now, now, id))
+            claimed = self._fetch(conn, id)
+        if owner is not None:
+            logger.warning("quarantined call %s: took over the release claim of process %s", id, owner)
+        elif record.claimed_by not in (None, me):
+            logger.info("quarantined call %s: took over the stale release claim of %s", id, record.claimed_by)
+        assert claimed is not None
+        return claimed
+
+    def unclaim(self, id: str) -> bool:
+        """End this process's claim on a PENDING record (its release did not run); True if it held one."""
+        with self._write("unclaim") as conn:
+            cur = conn.execute(
+                "UPDATE quarantine SET claimed_by = NULL, claimed_at = NULL, updated_at = ? "
+                "WHERE id = ? AND status = ? AND claimed_by = ?",
+                (time.time(), id, QuarantineStatus.PENDING.value, process_identity()))
+            return cur.rowcount == 1
 
     def mark_released(self, id: str, outcome_ok: bool, outcome_summary: str) -> QuarantineRecord:
         """Mark a PENDING record RELEASED with the outcome of re-running it.
 
         ``outcome_summary`` (a short description of the result or error) is
-        capped at 2000 characters. Raises :class:`KeyError` for an unknown
-        ``id`` and :class:`QuarantineStateError` if it is not PENDING.
+        capped at 2000 characters. The record keeps ``claimed_by``: this
+        process, which re-ran it. Raises :class:`KeyError` for an unknown
+        ``id`` and :class:`QuarantineStateError` if it is not PENDING or
+        another live process claimed it.
         """
         summary = _clip(str(outcome_summary), _OUTCOME_SUMMARY_LIMIT)
-        return self._transition(id, QuarantineStatus.RELEASED, bool(outcome_ok), summary)
+        me = process_identity()
+        with self._write("mark released") as conn:
+            record = self._pending_or_raise(self._fetch(conn, id), id, "marked released")
+            owner = self._foreign_claim(record, me)
+            if owner is not None:
+                raise QuarantineStateError(
+                    f"quarantined call {id} is claimed by process {owner}; it cannot be marked released here")
+            now = time.time()
+            conn.execute(
+                "UPDATE quarantine SET status = ?, outcome_ok = ?, outcome_summary = ?, updated_at = ?, "
+                "claimed_by = ?, claimed_at = COALESCE(claimed_at, ?) WHERE id = ?",
+                (QuarantineStatus.RELEASED.value, int(bool(outcome_ok)), summary, now, me, now, id))
+            released = self._fetch(conn, id)
+        assert released is not None
+        return released
 
     def mark_discarded(self, id: str) -> QuarantineRecord:
         """Mark a PENDING record DISCARDED (it will never run).
 
         Raises :class:`KeyError` for an unknown ``id`` and
-        :class:`QuarantineStateError` if it is not PENDING. The payload is
-        kept for audit.
+        :class:`QuarantineStateError` if it is not PENDING or another live
+        process is releasing it. The payload is kept for audit.
         """
-        return self._transition(id, QuarantineStatus.DISCARDED, None, None)
+        with self._write("mark discarded") as conn:
+            record = self._pending_or_raise(self._fetch(conn, id), id, "discarded")
+            owner = self._foreign_claim(record, process_identity())
+            if owner is not None:
+                raise QuarantineStateError(
+                    f"quarantined call {id} is being released by process {owner}; it cannot be discarded")
+            conn.execute(
+                "UPDATE quarantine SET status = ?, updated_at = ?, claimed_by = NULL, claimed_at = NULL "
+                "WHERE id = ?", (QuarantineStatus.DISCARDED.value, time.time(), id))
+            discarded = self._fetch(conn, id)
+        assert discarded is not None
+        return discarded
 
     def stats(self) -> dict[str, Any]:
         """Return ``{"path", "total", "by_status": {status: count}}`` (all statuses present)."""

@@ -131,14 +131,20 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
                  name=name("quarantine.release"), dependencies=deps,
                  responses=error_responses(401, 404, 409, 422, 500, 503),
                  summary="Re-run a quarantined call")
-    async def release_quarantine(coordinator: CoordinatorDep, quarantine_id: QuarantineId) -> dict[str, Any]:
+    async def release_quarantine(
+        coordinator: CoordinatorDep,
+        quarantine_id: QuarantineId,
+        force: Annotated[bool, Query(description="take over a release claim held by another process "
+                                                 "(only when that process is known to be gone)")] = False,
+    ) -> dict[str, Any]:
         """Submit the held call again as a new token and answer at once (no waiting for its outcome).
 
-        409 ``quarantine_conflict`` when it is not pending (released, discarded, being released) or cannot be replayed.
+        409 ``quarantine_conflict`` when it is not pending (released, discarded, being released here
+        or by another process sharing the database) or cannot be replayed.
         """
         quarantine = quarantine_policy(coordinator)
         try:
-            token = quarantine.release(quarantine_id)
+            token = quarantine.release(quarantine_id, force=force)
         except KeyError:
             raise _not_found(quarantine_id) from None
         except ValueError as exc:  # includes QuarantineStateError: not pending any more

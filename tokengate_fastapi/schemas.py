@@ -254,6 +254,9 @@ class QuarantineRecord(_Open):
     updated_at: float | None = None
     outcome_summary: str | None = None
     outcome_ok: bool | None = None
+    claimed_by: str | None = Field(default=None, description="host:pid:start of the process releasing "
+                                                             "(pending) or that released (released) it")
+    claimed_at: float | None = None
 
 
 class QuarantineReleaseResult(BaseModel):

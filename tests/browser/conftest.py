@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +17,7 @@ from typing import Iterator
 import httpx
 import pytest
 from playwright.sync_api import Browser, sync_playwright
+from server_process import free_port, server_process
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -82,60 +80,19 @@ def chromium_path() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    last_error = "no attempt"
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {proc.returncode} before {url} answered:\n"
-                                   + log.read_text(errors="replace"))
-            try:
-                if client.get(url).status_code == 200:
-                    return
-                last_error = "not 200 yet"
-            except httpx.TransportError as exc:
-                last_error = repr(exc)
-            time.sleep(0.1)  # polling an external process: there is no event to wait on
-    raise RuntimeError(f"{url} did not answer 200 within {STARTUP_TIMEOUT} s ({last_error}):\n"
-                       + log.read_text(errors="replace"))
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_TIMEOUT)
-
-
 @pytest.fixture(scope="module")
 def dash_server(chromium_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DashServer]:
     """A real uvicorn process on a free 127.0.0.1 port; terminated when the module's tests finish."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("dash-server") / "uvicorn.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TOKENGATE_ADMIN_TOKEN", None)  # the app passes its token explicitly
     env.update(DASH_ADMIN_TOKEN=ADMIN_TOKEN, DASH_PREFIX=PREFIX, DASH_XSS_MARKUP=XSS_MARKUP)
     cmd = [sys.executable, "-m", "uvicorn", "_dash_app:app", "--app-dir", str(HERE),
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        base_url = f"http://127.0.0.1:{port}"
-        _wait_healthy(proc, f"{base_url}{PREFIX}/health", log)
+    with server_process(cmd, cwd=REPO, env=env, log=log, health_path=f"{PREFIX}/health", port=port,
+                        startup_timeout=STARTUP_TIMEOUT, stop_timeout=STOP_TIMEOUT) as base_url:
         yield DashServer(base_url=base_url, prefix=PREFIX, token=ADMIN_TOKEN)
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")

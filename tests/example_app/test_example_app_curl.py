@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import httpx
 import pytest
 
 from example_app.app import create_app
+from server_process import free_port, python_path_with, server_process
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "example_app" / "README.md"
@@ -248,49 +248,17 @@ def _send(client: httpx.Client, argv: list[str]) -> Answer:
     return Answer(response.status_code, response.text)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, deadline: float) -> None:
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"example_app exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-            try:
-                if client.get(url).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)  # polling another process: there is no event to wait on
-    raise AssertionError(f"{url} did not answer 200 within {STARTUP_TIMEOUT} s:\n{log.read_text(errors='replace')}")
-
-
 @pytest.fixture
 def example_server(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     """``python -m example_app`` on a free 127.0.0.1 port, in a temp CWD; always stopped. Yields (base, cwd, log)."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     env = {**os.environ, "TOKENGATE_ADMIN_TOKEN": ADMIN_TOKEN, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "example_app", "--port", str(port), "--log-level", "warning"],
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_healthy(proc, f"{base}/tokengate/health", log, time.monotonic() + STARTUP_TIMEOUT)
+           "PYTHONPATH": python_path_with(REPO)}
+    with server_process([sys.executable, "-m", "example_app", "--port", str(port), "--log-level", "warning"],
+                        cwd=tmp_path, env=env, log=log, health_path="/tokengate/health", port=port,
+                        startup_timeout=STARTUP_TIMEOUT, stop_timeout=STOP_TIMEOUT) as base:
         yield base, tmp_path, log
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
 
 
 @pytest.mark.slow

@@ -144,6 +144,7 @@ class FakeQuarantine(Policy):
         self.records: dict[str, dict[str, Any]] = {}
         self._held: set[str] = set()
         self._coordinator: OperationsCoordinator | None = None
+        self.release_calls: list[tuple[str, bool]] = []
 
     def on_start(self, coordinator: OperationsCoordinator) -> None:
         self._coordinator = coordinator
@@ -162,7 +163,8 @@ class FakeQuarantine(Policy):
         record = self.records.get(id)
         return None if record is None else dict(record)
 
-    def release(self, id: str) -> TaskToken[Any]:
+    def release(self, id: str, *, force: bool = False) -> TaskToken[Any]:
+        self.release_calls.append((id, force))
         record = self.records[id]  # KeyError for an unknown id, like the real policy
         if record["status"] != "pending":
             raise QuarantineStateError(f"quarantined call {id} is {record['status']}, not pending")

@@ -270,6 +270,10 @@ async def test_quarantine_routes(make_app: Callable[..., FastAPI], serve: Callab
         again = await client.post(f"{P}/quarantine/q1/release", headers=auth)
         assert again.status_code == 409 and again.json()["error"] == "quarantine_conflict"
         assert (await client.post(f"{P}/quarantine/nope/release", headers=auth)).status_code == 404
+        # force=true reaches the policy (a take-over of another process's claim); the default is False
+        forced = await client.post(f"{P}/quarantine/q3/release", params={"force": "true"}, headers=auth)
+        assert forced.status_code == 200
+        assert fake_quarantine.release_calls[0] == ("q1", False) and fake_quarantine.release_calls[-1] == ("q3", True)
         # discard
         assert (await client.delete(f"{P}/quarantine/q2", headers=auth)).json()["status"] == "discarded"
         assert (await client.delete(f"{P}/quarantine/q2", headers=auth)).status_code == 409

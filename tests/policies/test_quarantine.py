@@ -564,8 +564,75 @@ def test_release_refused_by_another_policy_stays_pending(db: str) -> None:
             add(1, 1)
         with pytest.raises(OperationBlocked):
             policy.release(info.value.quarantine_id)
-        assert policy.get(info.value.quarantine_id)["status"] == "pending"  # type: ignore[index]
+        record = policy.get(info.value.quarantine_id)
+        assert record is not None and record["status"] == "pending"
+        assert record["claimed_by"] is None  # the claim ended: any process may release it again
         assert policy.stats()["releases_in_flight"] == 0
+
+
+def test_a_release_killed_before_it_ran_ends_its_claim(db: str) -> None:
+    # Given a release submitted while the coordinator is paused
+    policy = QuarantinePolicy(db)
+    with running(policy) as coordinator:
+        policy.hold("q.add")
+        with pytest.raises(TokenQuarantined) as info:
+            add(1, 1)
+        qid = info.value.quarantine_id
+        coordinator.pause()
+        token = policy.release(qid)
+        assert policy.get(qid)["claimed_by"] is not None  # type: ignore[index]
+
+        # When it is killed before a worker took it
+        token.kill()
+        settle(token)
+
+        # Then the record is pending and unclaimed, and can be released again
+        record = policy.get(qid)
+        assert record is not None and record["status"] == "pending" and record["claimed_by"] is None
+        coordinator.resume()
+        again = policy.release(qid)
+        assert again.get(timeout=10) == 2
+        settle(again)
+        assert policy.get(qid)["status"] == "released"  # type: ignore[index]
+
+
+def test_a_release_claimed_by_another_live_process_is_refused_unless_forced(db: str, tmp_path: Path) -> None:
+    # Given a pending record that another running process has claimed in the shared file
+    import sqlite3
+
+    import psutil
+
+    from tokengate.quarantine_store import _HOST
+
+    policy = QuarantinePolicy(db)
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        with running(policy):
+            policy.hold("q.add")
+            with pytest.raises(TokenQuarantined) as info:
+                add(2, 3)
+            qid = info.value.quarantine_id
+            owner = f"{_HOST}:{other.pid}:{psutil.Process(other.pid).create_time():.2f}"
+            with sqlite3.connect(db) as conn:
+                conn.execute("UPDATE quarantine SET claimed_by = ?, claimed_at = 1.0 WHERE id = ?", (owner, qid))
+
+            # Then release and discard are refused, and nothing is left in flight here
+            with pytest.raises(QuarantineStateError, match=f"being released by process {owner}"):
+                policy.release(qid)
+            with pytest.raises(QuarantineStateError, match="cannot be discarded"):
+                policy.discard(qid)
+            assert policy.stats()["releases_in_flight"] == 0
+
+            # And force=True takes the claim over and runs the call once
+            token = policy.release(qid, force=True)
+            assert token.get(timeout=10) == 5
+            settle(token)
+            record = policy.get(qid)
+            assert record is not None and record["status"] == "released" and record["claimed_by"] != owner
+    finally:
+        assert other.stdin is not None
+        other.stdin.close()
+        other.wait(timeout=30)
 
 
 def test_release_needs_a_running_coordinator(db: str) -> None:

@@ -381,6 +381,7 @@ class QuarantinePolicy(Policy):
             # Never ran (refused, killed or timed out before a worker took it): keep it pending.
             logger.warning("released quarantined call %s settled as %s without running; it stays pending",
                            record_id, token.state.value)
+            self._unclaim(record_id)
             return
         ok = token.state is TokenState.COMPLETED
         store = self._open_store()
@@ -391,6 +392,17 @@ class QuarantinePolicy(Policy):
         except (KeyError, QuarantineStateError, QuarantineStoreError) as exc:
             logger.error("released quarantined call %s ran (%s) but its record could not be updated: %s",
                          record_id, token.state.value, exc)
+
+    def _unclaim(self, record_id: str) -> None:
+        # The call did not run: let any process release it again. Never raises
+        # (it runs on settle paths); a claim left behind is logged, and it ends
+        # by itself once this process exits.
+        store = self._open_store()
+        try:
+            if store is not None:
+                store.unclaim(record_id)
+        except QuarantineStoreError as exc:
+            logger.error("quarantined call %s: could not end this process's release claim: %s", record_id, exc)
 
     # -- operator API ------------------------------------------------------------------
 
@@ -432,7 +444,7 @@ class QuarantinePolicy(Policy):
         record = self._require_store().get(id)
         return None if record is None else record.to_dict()
 
-    def release(self, id: str) -> TaskToken[Any]:
+    def release(self, id: str, *, force: bool = False) -> TaskToken[Any]:
         """Re-run a pending quarantined call through the normal path and return its token.
 
         The call is submitted to the running coordinator like a new one: every
@@ -442,10 +454,17 @@ class QuarantinePolicy(Policy):
         timed out first) the record stays PENDING. Works after a restart as long
         as the decorated function can be imported.
 
+        Before submitting, the record is claimed in the database, so another
+        process sharing the file cannot release it at the same time (see
+        :meth:`QuarantineStore.claim`). ``force=True`` takes over a claim held
+        by another process: use it only when that process is known to be gone
+        (a claim of a dead process on this host is taken over without it).
+
         Raises:
             KeyError: no record has this id.
-            QuarantineStateError: the record is not pending, is being released,
-                has no replayable payload, or its function cannot be found.
+            QuarantineStateError: the record is not pending, is being released
+                (here or by another process), has no replayable payload, or
+                its function cannot be found.
             CoordinatorNotRunning: the policy's coordinator is not running.
             Rejected: another policy refused the call (the record stays pending).
         """
@@ -476,6 +495,13 @@ class QuarantinePolicy(Policy):
             if id in self._releasing:
                 raise QuarantineStateError(f"quarantined call {id} is already being released")
             self._releasing.add(id)
+        try:
+            store.claim(id, take_over=force)  # refuses while another process releases it
+        except BaseException:
+            with self._lock:
+                self._releasing.discard(id)
+            raise
+        with self._lock:
             self._releases_submitting += 1
         self._local.release_id = id
         try:
@@ -483,6 +509,7 @@ class QuarantinePolicy(Policy):
         except BaseException:
             with self._lock:
                 self._releasing.discard(id)
+            self._unclaim(id)
             raise
         finally:
             self._local.release_id = None
