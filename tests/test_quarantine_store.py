@@ -477,16 +477,17 @@ def _set_claim(path: Path, id: str, owner: str | None) -> None:
         conn.execute("UPDATE quarantine SET claimed_by = ?, claimed_at = 1.0 WHERE id = ?", (owner, id))
 
 
-def test_claim_names_this_process_and_unclaim_ends_it(file_store: QuarantineStore) -> None:
+def test_claim_names_this_store_and_unclaim_ends_it(file_store: QuarantineStore) -> None:
     from tokengate.quarantine_store import process_identity
 
     rec = _add(file_store)
     claimed = file_store.claim(rec.id)
-    assert claimed.claimed_by == process_identity() and claimed.claimed_at is not None
+    assert claimed.claimed_by == file_store.claimant and claimed.claimed_at is not None
+    assert file_store.claimant.startswith(process_identity() + "/")
     assert claimed.status is QuarantineStatus.PENDING
-    assert claimed.to_dict()["claimed_by"] == process_identity()
-    # a claim of this same process is taken again (the policy refuses in-process doubles itself)
-    assert file_store.claim(rec.id).claimed_by == process_identity()
+    assert claimed.to_dict()["claimed_by"] == file_store.claimant
+    # a claim of this same store is taken again (the policy refuses its own doubles itself)
+    assert file_store.claim(rec.id).claimed_by == file_store.claimant
     assert file_store.unclaim(rec.id) is True
     assert file_store.unclaim(rec.id) is False
     assert file_store.get(rec.id).claimed_by is None  # type: ignore[union-attr]
@@ -510,9 +511,7 @@ def test_a_live_claim_of_another_process_refuses_claim_release_and_discard(
     assert file_store.get(rec.id).claimed_by == owner  # type: ignore[union-attr]
 
     # And a forced take-over moves the claim here (logged)
-    from tokengate.quarantine_store import process_identity
-
-    assert file_store.claim(rec.id, take_over=True).claimed_by == process_identity()
+    assert file_store.claim(rec.id, take_over=True).claimed_by == file_store.claimant
 
 
 def test_the_claim_of_a_process_that_exited_is_taken_over(file_store: QuarantineStore, tmp_path: Path) -> None:
@@ -525,10 +524,30 @@ def test_the_claim_of_a_process_that_exited_is_taken_over(file_store: Quarantine
     _set_claim(tmp_path / "q.sqlite3", rec.id, owner)
 
     # Then the stale claim does not block: discard and claim both work
-    from tokengate.quarantine_store import claim_is_live, process_identity
+    from tokengate.quarantine_store import claim_is_live
 
     assert not claim_is_live(owner)
-    assert file_store.claim(rec.id).claimed_by == process_identity()
+    assert file_store.claim(rec.id).claimed_by == file_store.claimant
+
+
+def test_two_stores_of_one_process_respect_each_others_claims(tmp_path: Path) -> None:
+    # Given two stores on one file in this process (two coordinators sharing a quarantine database)
+    first = QuarantineStore(tmp_path / "q.sqlite3")
+    second = QuarantineStore(tmp_path / "q.sqlite3")
+    try:
+        rec = _add(first)
+        first.claim(rec.id)
+        # Then the second cannot release or discard what the first is releasing
+        with pytest.raises(QuarantineStateError, match="being released by process"):
+            second.claim(rec.id)
+        with pytest.raises(QuarantineStateError, match="cannot be discarded"):
+            second.mark_discarded(rec.id)
+        # And once the first store is closed, its claim is stale and the second takes it
+        first.close()
+        assert second.claim(rec.id).claimed_by == second.claimant
+    finally:
+        first.close()
+        second.close()
 
 
 @pytest.mark.parametrize("owner", ["build-host-7:1:1700000000.00", "not a claim"])
@@ -553,12 +572,10 @@ def test_the_same_pid_started_at_another_time_is_a_stale_claim() -> None:
 
 
 def test_released_records_keep_who_released_them(file_store: QuarantineStore) -> None:
-    from tokengate.quarantine_store import process_identity
-
     rec = _add(file_store)
     file_store.claim(rec.id)
     done = file_store.mark_released(rec.id, True, "completed")
-    assert done.status is QuarantineStatus.RELEASED and done.claimed_by == process_identity()
+    assert done.status is QuarantineStatus.RELEASED and done.claimed_by == file_store.claimant
     with pytest.raises(QuarantineStateError, match="released, not pending"):
         file_store.claim(rec.id)
     discarded = file_store.mark_discarded(_add(file_store).id)

@@ -58,8 +58,8 @@ class QuarantineRecord:
     arguments could not be pickled (``payload_error`` then says why) or were
     larger than the store's ``max_payload_bytes``. ``outcome_ok`` and
     ``outcome_summary`` are set when the call is released. ``claimed_by``
-    (``"host:pid:start"`` of a process) and ``claimed_at`` name the process
-    that is re-running a PENDING record, or that re-ran a RELEASED one.
+    (``"host:pid:start/store id"``) and ``claimed_at`` name the store (and
+    its process) re-running a PENDING record, or that re-ran a RELEASED one.
     """
 
     id: str

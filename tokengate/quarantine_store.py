@@ -11,14 +11,15 @@ Release claims:
     Re-running a record takes a while, and several processes may share one
     database (the workers of one web app, an operator CLI). Before a release
     re-runs a call, :meth:`QuarantineStore.claim` marks the record as taken by
-    this process (``claimed_by`` = ``"host:pid:start time"``) in one IMMEDIATE
-    transaction, so a second process cannot release the same record while the
-    first one runs it. The claim ends when the record is marked RELEASED (it
-    then says who released it), or with :meth:`QuarantineStore.unclaim` when
-    the call settled without running. A claim left by a process that died is
-    recognised on the same host (that pid no longer runs, or runs a newer
-    process) and taken over; a claim from another host is respected unless
-    the caller forces a take-over.
+    this store (``claimed_by`` = ``"host:pid:start time/store id"``) in one
+    IMMEDIATE transaction, so no other process, and no other store of this
+    process, can release the same record while the first one runs it. The
+    claim ends when the record is marked RELEASED (it then says who released
+    it), or with :meth:`QuarantineStore.unclaim` when the call settled
+    without running. A claim left by a store that is gone is recognised and
+    taken over: closed in this process, or of a process that died on this host
+    (that pid no longer runs, or runs a newer process). A claim from another
+    host is respected unless the caller forces a take-over.
 
 Trust boundary -- read this before pointing the store at a file:
     The payload column holds a **pickle** of the call's ``(args, kwargs)``.
@@ -157,6 +158,10 @@ def _row_to_record(row: tuple[Any, ...]) -> QuarantineRecord:
 
 _HOST = socket.gethostname()
 _identity: tuple[int, str] | None = None  # (pid, identity): recomputed after a fork
+# Claimants of the stores open in this process. A claim made here by a store
+# that has since been closed is stale even though the process lives on (two
+# coordinators of one process may share a file, each with its own store).
+_open_claimants: set[str] = set()
 
 
 def process_identity() -> str:
@@ -177,15 +182,19 @@ def process_identity() -> str:
 
 
 def claim_is_live(owner: str) -> bool:
-    """Whether the process named by a claim may still be running (True when it cannot be told).
+    """Whether the store that made a claim may still be using it (True when it cannot be told).
 
-    On this host a claim is dead once its pid is gone or belongs to a process
-    started at another time. A claim from another host, or in a format this
-    version does not know, counts as live: only its owner (or a forced
-    take-over) may end it.
+    A claim is ``"host:pid:start/store"``. Made in this process, it is live
+    while that store is open. On this host it is dead once its pid is gone or
+    belongs to a process started at another time. A claim from another host,
+    or in a format this version does not know, counts as live: only its
+    owner (or a forced take-over) may end it.
     """
+    process, _, _store = owner.partition("/")
+    if process == process_identity():
+        return owner in _open_claimants
     try:
-        host, pid_text, start_text = owner.rsplit(":", 2)
+        host, pid_text, start_text = process.rsplit(":", 2)
         pid, start = int(pid_text), float(start_text)
     except ValueError:
         return True
@@ -274,6 +283,7 @@ class QuarantineStore:
             raise ConfigurationError(f"timeout must be a non-negative number, got {timeout!r}")
         self._path = os.fspath(path)
         self._in_memory = self._path == ":memory:"
+        self._claimant = f"{process_identity()}/{uuid.uuid4().hex[:12]}"
         self._max_payload_bytes = max_payload_bytes
         # Guards self._conn: the sqlite3 connection object is not safe for
         # concurrent use, and BEGIN/COMMIT pairs from two threads on one
@@ -297,6 +307,7 @@ class QuarantineStore:
             conn.close()
             self._conn = None
             raise
+        _open_claimants.add(self._claimant)
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         try:
@@ -340,6 +351,11 @@ class QuarantineStore:
     def path(self) -> str:
         """The database path as given (``":memory:"`` for in-memory stores)."""
         return self._path
+
+    @property
+    def claimant(self) -> str:
+        """What this store writes as ``claimed_by``: ``"host:pid:start/<store id>"``."""
+        return self._claimant
 
     @property
     def closed(self) -> bool:
@@ -582,7 +598,7 @@ class QuarantineStore:
 
     @staticmethod
     def _foreign_claim(record: QuarantineRecord, me: str) -> str | None:
-        """The owner of a live claim on *record* by another process, else None."""
+        """The owner of a live claim on *record* by another store, else None."""
         owner = record.claimed_by
         if owner is None or owner == me or not claim_is_live(owner):
             return None
@@ -591,19 +607,20 @@ class QuarantineStore:
     def claim(self, id: str, *, take_over: bool = False) -> QuarantineRecord:
         """Mark a PENDING record as being released by this process and return it.
 
-        Succeeds when the record is unclaimed, claimed by this process (within
-        one process the quarantine policy refuses a second release itself),
-        or claimed by a process that is no longer running on this host. A live
-        claim by another process raises :class:`QuarantineStateError` unless
-        ``take_over=True`` (for a claim left by a crashed process on another
-        host; the take-over is logged).
+        Succeeds when the record is unclaimed, claimed by this store (the
+        quarantine policy refuses a second release of its own), or claimed by
+        a store that is gone: closed in this process, or of a process no longer
+        running on this host. A live claim by another store (another process,
+        or another coordinator's store in this one) raises
+        :class:`QuarantineStateError` unless ``take_over=True`` (for a claim
+        left by a crashed process on another host; the take-over is logged).
 
         Raises:
             KeyError: no record has this id.
             QuarantineStateError: the record is not pending, or another process holds it.
             QuarantineStoreError: the database failed.
         """
-        me = process_identity()
+        me = self._claimant
         with self._write("claim") as conn:
             record = self._pending_or_raise(self._fetch(conn, id), id, "released")
             owner = self._foreign_claim(record, me)
@@ -624,12 +641,12 @@ class QuarantineStore:
         return claimed
 
     def unclaim(self, id: str) -> bool:
-        """End this process's claim on a PENDING record (its release did not run); True if it held one."""
+        """End this store's claim on a PENDING record (its release did not run); True if it held one."""
         with self._write("unclaim") as conn:
             cur = conn.execute(
                 "UPDATE quarantine SET claimed_by = NULL, claimed_at = NULL, updated_at = ? "
                 "WHERE id = ? AND status = ? AND claimed_by = ?",
-                (time.time(), id, QuarantineStatus.PENDING.value, process_identity()))
+                (time.time(), id, QuarantineStatus.PENDING.value, self._claimant))
             return cur.rowcount == 1
 
     def mark_released(self, id: str, outcome_ok: bool, outcome_summary: str) -> QuarantineRecord:
@@ -637,12 +654,12 @@ class QuarantineStore:
 
         ``outcome_summary`` (a short description of the result or error) is
         capped at 2000 characters. The record keeps ``claimed_by``: this
-        process, which re-ran it. Raises :class:`KeyError` for an unknown
+        store's process, which re-ran it. Raises :class:`KeyError` for an unknown
         ``id`` and :class:`QuarantineStateError` if it is not PENDING or
         another live process claimed it.
         """
         summary = _clip(str(outcome_summary), _OUTCOME_SUMMARY_LIMIT)
-        me = process_identity()
+        me = self._claimant
         with self._write("mark released") as conn:
             record = self._pending_or_raise(self._fetch(conn, id), id, "marked released")
             owner = self._foreign_claim(record, me)
@@ -667,7 +684,7 @@ class QuarantineStore:
         """
         with self._write("mark discarded") as conn:
             record = self._pending_or_raise(self._fetch(conn, id), id, "discarded")
-            owner = self._foreign_claim(record, process_identity())
+            owner = self._foreign_claim(record, self._claimant)
             if owner is not None:
                 raise QuarantineStateError(
                     f"quarantined call {id} is being released by process {owner}; it cannot be discarded")
@@ -695,6 +712,7 @@ class QuarantineStore:
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
+            _open_claimants.discard(self._claimant)
             conn.close()
 
     def __enter__(self) -> QuarantineStore:
