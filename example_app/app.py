@@ -13,7 +13,8 @@ What is wired, in the order a call meets it:
 * policies: reputation (auto-block) → quarantine → sticky → conductor →
   convergence → storage tiers → retries;
 * ``CancelOnDisconnectMiddleware``: a client that leaves kills its queued call;
-* ``add_exception_handlers``: refusals become 503/409/504 JSON answers;
+* ``add_exception_handlers``: refusals become 503/409/504 JSON answers, and
+  malformed input a 422 ``invalid_argument`` in the same body shape;
 * ``admin_router`` under ``/tokengate``: the authenticated admin API and dashboard.
 """
 
@@ -25,6 +26,7 @@ import os
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -43,6 +45,7 @@ from tokengate_fastapi import (
     admin_router,
     tokengate_lifespan,
 )
+from tokengate_fastapi.errors import request_validation_exception_handler
 
 from . import work
 
@@ -156,6 +159,8 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
                   lifespan=tokengate_lifespan(coordinator_factory=new_coordinator, drain_timeout=DRAIN_TIMEOUT))
     app.add_middleware(CancelOnDisconnectMiddleware)
     add_exception_handlers(app)
+    # The admin routes answer malformed input this way by themselves; the app's endpoints too.
+    app.add_exception_handler(RequestValidationError, request_validation_exception_handler)
     app.include_router(admin_router(token=admin_token), prefix=ADMIN_PREFIX)
     request_numbers = itertools.count(1)  # per app: /fail passes a fresh number to every call
 

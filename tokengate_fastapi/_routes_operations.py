@@ -29,6 +29,8 @@ __all__ = ["add_operation_routes"]
 
 OperationType = Annotated[str, Path(min_length=1, max_length=300, description="An operation type.")]
 QuarantineId = Annotated[str, Path(min_length=1, max_length=200, description="A quarantine record id.")]
+#: The largest page offset: a store keeps it as a 64-bit integer (SQLite's INTEGER); beyond it is a 422, not a 500.
+MAX_OFFSET = 2**63 - 1
 
 
 def _consume_outcome(token: "asyncio.Future[Any]") -> None:
@@ -109,7 +111,7 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         status: Annotated[Literal["pending", "released", "discarded"] | None, Query()] = None,
         operation: Annotated[str | None, Query(min_length=1, max_length=300)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> list[dict[str, Any]]:
         """Records newest first, filtered by status and operation type; ``[]`` without the policy."""
         quarantine = find_quarantine(coordinator)

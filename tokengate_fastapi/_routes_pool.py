@@ -4,11 +4,14 @@ Part of :func:`tokengate_fastapi.admin_router`; every handler is ``async def``
 and protected by the router's auth dependency.
 """
 
+import json
 import os
 from typing import Annotated, Any, Callable, Sequence
 
-from fastapi import APIRouter, Body, Path, Query
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends
+from pydantic import ValidationError
 
 from tokengate import OperationsCoordinator, TokenState
 
@@ -47,6 +50,37 @@ def _token_record(record: dict[str, Any]) -> dict[str, Any]:
     state = str(record.get("state"))
     settled = state in {s.value for s in TokenState if s.is_terminal}
     return {**record, "settled": settled}
+
+
+async def _drain_body(request: Request) -> DrainRequest | None:
+    """The JSON body of ``POST /drain`` (None when empty or ``null``), validated as :class:`DrainRequest`.
+
+    Read in the handler, not declared as a FastAPI body parameter: FastAPI
+    parses a declared body before any dependency runs, so a malformed body
+    would answer 422 to a client the auth dependency should have refused.
+
+    Raises:
+        RequestValidationError: for invalid JSON or invalid options (422).
+    """
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are no text
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": str(exc)}}]) from None
+    if data is None:
+        return None
+    try:
+        return DrainRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**error, "loc": ("body", *error["loc"])}
+                                      for error in exc.errors(include_url=False)]) from None
+
+
+_DRAIN_BODY_SCHEMA = {"requestBody": {"required": False, "content": {
+    "application/json": {"schema": DrainRequest.model_json_schema()}}}}
 
 
 def add_pool_routes(router: APIRouter, *, name: Callable[[str], str], protected: Sequence[Depends]) -> None:
@@ -127,25 +161,28 @@ def add_pool_routes(router: APIRouter, *, name: Callable[[str], str], protected:
                          "can be killed", token_id=token_id, state=state)
 
     @router.post("/drain", response_model=DrainReport, name=name("drain"), dependencies=deps,
-                 responses=error_responses(401, 422, 503), summary="Close the gate and wait for work to finish")
+                 responses=error_responses(401, 422, 503), summary="Close the gate and wait for work to finish",
+                 openapi_extra=_DRAIN_BODY_SCHEMA)
     async def drain(
         coordinator: CoordinatorDep,
-        body: Annotated[DrainRequest | None, Body()] = None,
+        request: Request,
         wait: Annotated[bool | None, Query(description="Wait for in-flight work (default true).")] = None,
         timeout: Annotated[float | None, Query(ge=0, le=300, description="Seconds to wait (default 30).")] = None,
     ) -> DrainReport:
         """New calls are refused (``GateClosed`` → 503) until ``POST /resume``; readiness turns 503.
 
         Options come as a JSON body ``{"wait": bool, "timeout": seconds}`` or as
-        query parameters (the body wins). With ``wait=false`` it answers at once.
+        query parameters (an option in both: the body wins). With ``wait=false``
+        it answers at once.
         """
         options = DrainRequest()
         if wait is not None:
             options.wait = wait
         if timeout is not None:
             options.timeout = timeout
+        body = await _drain_body(request)  # only now: the auth dependency has accepted the caller
         if body is not None:
-            options = body
+            options = options.model_copy(update={field: getattr(body, field) for field in body.model_fields_set})
         report = await coordinator.drain(options.timeout if options.wait else 0.0)
         return DrainReport(**report.to_dict())
 

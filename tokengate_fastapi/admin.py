@@ -19,9 +19,10 @@ Routes, relative to the prefix ([auth] = needs ``Authorization: Bearer <token>``
 * ``GET /dashboard``: open on purpose (the page holds no data and asks for the token)
 
 Errors use the body ``{"error": <ErrorCode>, "detail": ...}``: unknown ids 404,
-malformed input 422, a kill of a running token 409 saying why. Answers carry
-``pid`` where it matters: with ``--workers N`` every process has its own
-coordinator, so aggregate across processes in Prometheus, not here.
+malformed input 422, a method the route does not serve 405, a kill of a running
+token 409 saying why. Credentials are checked before a request body is parsed.
+Answers carry ``pid`` where it matters: with ``--workers N`` every process has
+its own coordinator, so aggregate across processes in Prometheus, not here.
 """
 
 from __future__ import annotations

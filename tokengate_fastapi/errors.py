@@ -16,6 +16,11 @@ error vocabulary. Every answer has the same JSON body::
   its subclass ``CoordinatorStopped`` → 503 ``coordinator_stopped`` with ``Retry-After``;
 * ``CoordinatorNotRunning`` → 503 ``coordinator_not_running`` with ``Retry-After``.
 
+Malformed input is not a tokengate error: the admin routes answer it with 422
+``invalid_argument`` themselves, and an app can give its own endpoints the
+same body with ``app.add_exception_handler(RequestValidationError,
+request_validation_exception_handler)``.
+
 Why 409 and not 202 for a quarantined call: 202 Accepted promises the request
 "will be processed", and the client would have nothing to poll. A quarantined
 call was *not* run and runs only if an operator releases it (as a new token the
@@ -41,6 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 from tokengate.errors import (
     ConfigurationError,
@@ -62,6 +68,7 @@ __all__ = [
     "AdminRoute",
     "add_exception_handlers",
     "error_response",
+    "request_validation_exception_handler",
     "retry_after_header",
     "tokengate_exception_handler",
 ]
@@ -89,6 +96,7 @@ class ErrorCode(str, enum.Enum):
     UNAUTHORIZED = "unauthorized"
     ADMIN_TOKEN_NOT_CONFIGURED = "admin_token_not_configured"
     INVALID_ARGUMENT = "invalid_argument"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     TOKEN_NOT_FOUND = "token_not_found"
     TOKEN_EXECUTING = "token_executing"
     TOKEN_ALREADY_SETTLED = "token_already_settled"
@@ -212,20 +220,56 @@ def add_exception_handlers(app: Starlette) -> None:
         app.add_exception_handler(exc_class, tokengate_exception_handler)
 
 
+def _json_safe(value: Any) -> Any:
+    # JSON has no inf or nan, but Python's parser accepts them (`1e999`, `NaN`) and pydantic
+    # echoes them back as the invalid input: send those as strings, not a 500 from the encoder.
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _invalid_request(exc: RequestValidationError) -> JSONResponse:
-    errors = jsonable_encoder(exc.errors())
+    errors = _json_safe(jsonable_encoder(exc.errors()))
     where = "; ".join(f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)
     return _json(422, ErrorCode.INVALID_ARGUMENT, f"invalid request: {where}", errors=errors)
+
+
+async def request_validation_exception_handler(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler answering malformed input with 422 ``invalid_argument``.
+
+    The body is the common ``{"error", "detail"}`` shape plus FastAPI's
+    ``errors`` list (what the admin routes answer). Register it with
+    ``app.add_exception_handler(RequestValidationError, request_validation_exception_handler)``.
+    Thread: the server's event loop.
+    """
+    if not isinstance(exc, RequestValidationError):
+        raise exc
+    return _invalid_request(exc)
 
 
 class AdminRoute(APIRoute):
     """Route class of the admin router: renders its errors with the common body.
 
-    Admin routes answer ``AdminError``, the mapped tokengate errors, and
-    malformed input (422 ``invalid_argument``, with FastAPI's ``errors`` list)
-    in the ``{"error", "detail"}`` shape even if the app never called
-    :func:`add_exception_handlers`.
+    Admin routes answer ``AdminError``, the mapped tokengate errors, malformed
+    input (422 ``invalid_argument``, with FastAPI's ``errors`` list) and a
+    method the route does not serve (405 ``method_not_allowed`` with
+    ``Allow``) in the ``{"error", "detail"}`` shape even if the app never
+    called :func:`add_exception_handlers`.
     """
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the request, or answer 405 in the common body when the method is not this route's."""
+        if self.methods and scope["method"] not in self.methods:
+            allow = ", ".join(sorted(self.methods))
+            response = _json(405, ErrorCode.METHOD_NOT_ALLOWED,
+                             f"{scope['method']} is not allowed on this route; use {allow}", {"Allow": allow})
+            await response(scope, receive, send)
+            return
+        await super().handle(scope, receive, send)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

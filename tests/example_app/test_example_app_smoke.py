@@ -236,3 +236,24 @@ def test_admin_token_comes_from_the_environment_or_is_generated() -> None:
     assert admin_token({}) != (generated, True)  # a new one each run
     text = banner("http://127.0.0.1:8000", generated, True, "/tmp/q.sqlite3")
     assert f"admin token:   {generated}" in text and f"export TOKENGATE_ADMIN_TOKEN={generated}" in text
+
+
+async def test_malformed_input_is_a_typed_422_and_the_app_keeps_working(serve: Client) -> None:
+    async with serve() as client:
+        # Given: bodies and parameters the endpoints refuse, including numbers JSON cannot encode back
+        json_header = {"content-type": "application/json"}
+        answers = [
+            await client.post("/process", content=b'{"items": [NaN]}', headers=json_header),
+            await client.post("/process", content=b'{"items": 1e999}', headers=json_header),
+            await client.post("/process", content=b"{bad", headers=json_header),
+            await client.get("/light", params={"n": -1}),
+            await client.get("/slow", params={"seconds": "inf"}),
+        ]
+        # Then: each is a 422 with the body shape of every other error, never a 500
+        for response in answers:
+            assert response.status_code == 422, response.request.url
+            body = response.json()
+            assert body["error"] == "invalid_argument" and body["detail"].startswith("invalid request"), body
+            assert isinstance(body["errors"], list) and body["errors"], body
+        # and the app still answers
+        assert (await client.post("/process", json={"items": [3, 1, 2]})).json()["result"]["median"] == 2

@@ -342,3 +342,46 @@ async def test_coordinator_missing_answers_503(serve: Callable[..., Any], auth: 
     assert response.status_code == 503 and response.json()["error"] == "coordinator_not_running"
     assert "tokengate_lifespan" in response.json()["detail"]
     assert ready.status_code == 503
+
+
+async def test_drain_non_finite_numbers_are_422_not_500(app: FastAPI, serve: Callable[..., Any],
+                                                        auth: dict[str, str]) -> None:
+    # Given: JSON bodies with numbers Python parses as inf / nan (httpx refuses to encode them: raw bytes)
+    async with serve(app) as client:
+        for raw in (b'{"timeout": 1e999}', b'{"timeout": NaN}', b'{"timeout": -Infinity}'):
+            # When: they are sent as drain options
+            response = await client.post(f"{P}/drain", content=raw, headers={**auth, "content-type": "application/json"})
+            # Then: a typed 422 (the error list is still valid JSON), not a 500
+            assert response.status_code == 422, raw
+            assert response.json()["error"] == "invalid_argument", raw
+        # and the pool was never drained, the API still answers
+        assert (await client.get(f"{P}/ready")).status_code == 200
+        assert (await client.get(f"{P}/stats", headers=auth)).status_code == 200
+
+
+async def test_drain_query_options_survive_a_partial_body(app: FastAPI, serve: Callable[..., Any],
+                                                          auth: dict[str, str], gate: threading.Event) -> None:
+    async with serve(app) as client:
+        running = await _busy_worker(gate)
+        # Given: the timeout as a query parameter, `wait` in a body that does not mention the timeout
+        drain = client.post(f"{P}/drain", params={"timeout": 0.01}, json={"wait": True}, headers=auth)
+        # When: it drains (the bound only guards against the pre-fix hang: 30 s instead of 0.01 s)
+        report = (await asyncio.wait_for(drain, 5)).json()
+        # Then: the query's timeout applied (the blocked call is still running), the body's wait too
+        assert report["drained"] is False and report["remaining"] == 1
+        gate.set()
+        assert await running == "done"
+        await client.post(f"{P}/resume", headers=auth)
+
+
+async def test_method_not_allowed_has_the_error_body(app: FastAPI, serve: Callable[..., Any],
+                                                     auth: dict[str, str]) -> None:
+    async with serve(app) as client:
+        for method, path, allow in (("DELETE", "/stats", "GET"), ("GET", "/drain", "POST"),
+                                    ("POST", "/health", "GET"), ("PUT", "/tokens/1/kill", "POST")):
+            response = await client.request(method, P + path, headers=auth)
+            assert response.status_code == 405, (method, path)
+            assert response.headers["allow"] == allow, (method, path)
+            body = response.json()
+            assert body["error"] == "method_not_allowed", (method, path)
+            assert method in body["detail"] and allow in body["detail"], (method, path)

@@ -201,3 +201,31 @@ def test_a_rejected_token_is_never_echoed() -> None:
     with pytest.raises(ConfigurationError) as caught:
         admin_router(token="almost secret value")
     assert "almost" not in str(caught.value) and "19 characters" in str(caught.value)
+
+
+MALFORMED_BODIES = [b"{bad", b"\xff\xfe", b'{"timeout": 1e999}', b'{"wait": "maybe"}']
+
+
+async def test_a_malformed_body_without_credentials_is_401_not_422(make_app: Callable[..., FastAPI],
+                                                                   serve: Callable[..., Any]) -> None:
+    # Given: a token is configured, and a client without it sends a malformed drain body
+    async with serve(make_app()) as client:
+        for raw in MALFORMED_BODIES:
+            for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}):
+                response = await client.post(f"{P}/drain", content=raw,
+                                             headers={**headers, "content-type": "application/json"})
+                # Then: credentials are checked before the body is even parsed
+                assert response.status_code == 401, (raw, headers)
+                assert response.json()["error"] == "unauthorized", (raw, headers)
+                assert response.headers["www-authenticate"].startswith("Bearer"), (raw, headers)
+
+
+async def test_a_malformed_body_with_no_token_configured_is_503(make_app: Callable[..., FastAPI],
+                                                                serve: Callable[..., Any]) -> None:
+    app = make_app(router={"token": None})
+    async with serve(app) as client:
+        for raw in MALFORMED_BODIES:
+            response = await client.post(f"{P}/drain", content=raw, headers={"content-type": "application/json"})
+            assert response.status_code == 503, raw
+            assert response.json()["error"] == "admin_token_not_configured", raw
+        assert not app.state.tokengate.draining

@@ -62,3 +62,21 @@ async def test_hold_quarantine_release_block_unblock(make_app: Callable[..., Fas
         assert rows[0]["successes"] >= 1
         assert (await client.post(f"{P}/operations/real.square/unblock", headers=auth)).json()["blocked"] is False
         assert (await client.post("/square/3")).json() == {"result": 9}
+
+
+async def test_quarantine_offset_beyond_the_store_range_is_422(make_app: Callable[..., FastAPI],
+                                                               serve: Callable[..., Any],
+                                                               auth: dict[str, str]) -> None:
+    # Given: the real quarantine (SQLite stores offsets as 64-bit integers)
+    app = make_app(policies=[QuarantinePolicy(":memory:")])
+    async with serve(app) as client:
+        for offset in (2**63, 10**30):
+            # When: a page far beyond any store is asked for
+            response = await client.get(f"{P}/quarantine", params={"offset": offset}, headers=auth)
+            # Then: a typed 422, not a 500 from the database driver
+            assert response.status_code == 422, offset
+            assert response.json()["error"] == "invalid_argument", offset
+        # the largest accepted offset is simply an empty page, and the route keeps working
+        page = await client.get(f"{P}/quarantine", params={"offset": 2**63 - 1}, headers=auth)
+        assert page.status_code == 200 and page.json() == []
+        assert (await client.get(f"{P}/quarantine", headers=auth)).json() == []
