@@ -13,6 +13,7 @@ from tokengate import (
     GateClosed,
     OperationsCoordinator,
     Overloaded,
+    Policy,
     TokenKilled,
     TokenState,
     TokenTimeout,
@@ -117,6 +118,47 @@ def test_pause_one_operation_does_not_block_others(run: Any) -> None:
     run(main())
 
 
+def test_pausing_an_operation_also_holds_its_calls_already_pending(run: Any) -> None:
+    async def main() -> None:
+        async with one_worker(mailbox_size=1) as c:
+            running = blocker("r")
+            assert started.acquire(timeout=5)
+            in_mailbox = quick(0)  # the worker's mailbox (size 1) runs it after `running`
+            pending = quick(1)  # waits in the light pending queue for a mailbox
+            assert pending.state is TokenState.WAITING and c.stats()["pending_total"] == 1
+            # When the operation is paused after its call was queued
+            c.pause("quick")
+            gate.set()
+            assert await running == "r"
+            assert await in_mailbox == 0  # calls already in a mailbox still run
+            await blocker("after")  # the same worker has passed the pending queue by now
+            # Then the pending call waits with the held ones until resume
+            assert pending.state is TokenState.WAITING and "quick1" not in ran
+            assert c.stats()["held"] == {"quick": 1} and c.stats()["pending_total"] == 0
+            c.resume("quick")
+            assert await pending == 1
+
+    run(main())
+
+
+def test_a_paused_operation_holds_at_most_max_pending_calls(run: Any) -> None:
+    async def main() -> None:
+        async with one_worker(max_pending=3) as c:
+            c.pause("quick")
+            held = [quick(i) for i in range(3)]
+            # Past max_pending a paused operation refuses new calls too, instead of
+            # holding an unbounded number of them.
+            with pytest.raises(Overloaded) as info:
+                quick(99)
+            assert info.value.limit == 3 and info.value.pending == 3 and "paused" in str(info.value)
+            assert c.stats()["held"] == {"quick": 3} and c.stats()["counts"]["rejected_at_submit"] == 1
+            c.resume("quick")
+            assert await asyncio.gather(*held) == [0, 1, 2]
+            assert "quick99" not in ran
+
+    run(main())
+
+
 def test_drain_refuses_new_calls_finishes_accepted_and_resume_reopens(run: Any) -> None:
     async def main() -> None:
         async with one_worker() as c:
@@ -170,6 +212,53 @@ def test_kill_a_queued_token_and_report_an_executing_one(run: Any) -> None:
             assert await running == "running"
             assert "quick1" not in ran  # the killed token never ran
             assert c.stats()["counts"]["killed"] == 1
+
+    run(main())
+
+
+def test_killed_tokens_left_in_a_mailbox_are_not_counted_as_admitted(run: Any) -> None:
+    async def main() -> None:
+        async with one_worker() as c:
+            running = blocker("r")
+            assert started.acquire(timeout=5)
+            queued = [quick(i) for i in range(3)]  # in the busy worker's mailbox
+            assert c.stats()["counts"]["admitted"] == 3
+            assert c.kill_operation("quick") == 3
+            # The worker skips them when it gets there; until then the stats must not
+            # report them twice (as killed and as admitted).
+            stats = c.stats()
+            counts = stats["counts"]
+            assert counts["killed"] == 3 and counts["admitted"] == 0
+            assert counts["waiting"] + counts["admitted"] + counts["executing"] == counts["inflight"] == 1
+            assert stats["cores"][0]["queue_depth"] == 0 and stats["cores"][0]["workers"][0]["queue_depth"] == 0
+            gate.set()
+            assert await running == "r"
+            await asyncio.gather(*queued, return_exceptions=True)
+
+    run(main())
+
+
+def test_killed_tokens_left_in_a_pinned_queue_are_not_counted_as_pending(run: Any) -> None:
+    class PinToCoreOne(Policy):
+        name = "pin_to_core_one"
+
+        def pick_core(self, token: Any) -> int | None:
+            return 1 if token.operation_type == "quick" else None
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[PinToCoreOne()], num_cores=1, workers_per_core=1,
+                                         mailbox_size=1, stop_timeout=5) as c:
+            running = blocker("r")
+            assert started.acquire(timeout=5)
+            queued = [quick(i) for i in range(4)]  # 1 in the mailbox, 3 in core 1's pinned queue
+            other = blocker("other")  # keeps pending_total above zero (light class queue)
+            assert c.stats()["cores"][0]["pinned_pending"] == 3
+            assert c.kill_operation("quick") == 4
+            stats = c.stats()
+            assert stats["cores"][0]["pinned_pending"] == 0 and stats["pending_total"] == 1
+            gate.set()
+            assert await running == "r" and await other == "other"
+            await asyncio.gather(*queued, return_exceptions=True)
 
     run(main())
 
@@ -228,6 +317,27 @@ def test_timeout_of_an_executing_token_releases_the_awaiter(run: Any) -> None:
             gate.set()
             await quick(0)  # the worker finished the slow call; its late result was discarded
             assert c.stats()["counts"]["late_completions_discarded"] == 1
+
+    run(main())
+
+
+def test_run_time_statistics_count_only_calls_that_finished(run: Any) -> None:
+    @task_token_guard(operation_type="slow2", tags={"weight": "light", "timeout": 0.05})
+    def slow2() -> str:
+        gate.wait(10)
+        return "finished"
+
+    async def main() -> None:
+        async with one_worker() as c:
+            with pytest.raises(TokenTimeout):
+                await slow2()  # started, then settled at its timeout: no run time to report
+            stats = c.stats()
+            assert stats["queue_wait"]["count"] == 1 and stats["queue_wait"]["window"] == 1
+            assert stats["run_time"]["count"] == 0 and stats["run_time"]["window"] == 0
+            gate.set()
+            assert await quick(0) == 0
+            stats = c.stats()
+            assert stats["queue_wait"]["count"] == 2 and stats["run_time"]["count"] == 1
 
     run(main())
 

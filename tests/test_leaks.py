@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tokengate import OperationsCoordinator, TaskToken, task_token_guard
+from tokengate import OperationsCoordinator, TaskToken, TokenKilled, task_token_guard
 
 
 class Payload:
@@ -77,5 +77,27 @@ def test_settled_tokens_are_garbage_collected(run: Any) -> None:
             assert alive == []
             assert not [o for o in gc.get_objects() if isinstance(o, TaskToken)]
             assert len(c.history(10)) == 10  # the history is bounded
+
+    run(main())
+
+
+def test_tokens_killed_while_queued_are_garbage_collected(run: Any) -> None:
+    # A killed or timed-out WAITING token stays in its pending deque as a stale
+    # entry; once no live token is queued, nothing pops those entries any more.
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1) as c:
+            c.pause()
+            tokens = [consume(Payload()) for _ in range(20)]
+            assert c.kill_operation("consume") == 20
+            c.resume()
+            results = await asyncio.gather(*tokens, return_exceptions=True)
+            assert all(isinstance(r, TokenKilled) for r in results)
+            assert await consume(Payload()) == 1  # the class queue is usable again
+            refs = [weakref.ref(t) for t in tokens]
+            del tokens, results
+            await asyncio.sleep(0)
+            gc.collect()
+            assert [r for r in refs if r() is not None] == [], "the pending queue still holds killed tokens"
+            assert c.stats()["pending_total"] == 0
 
     run(main())

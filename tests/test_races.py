@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from typing import Any
+
+import pytest
 
 from tokengate import OperationsCoordinator, Policy, TaskToken, TokenKilled, TokenState, task_token_guard
 
@@ -147,3 +150,75 @@ def test_bursts_under_rapid_gil_switching_never_strand_queued_tokens(run: Any) -
         run(main())
     finally:
         sys.setswitchinterval(old)
+
+
+def test_an_inline_run_never_claims_a_token_that_went_back_to_a_retry_backoff(monkeypatch: Any) -> None:
+    # A worker blocked in get() saw its child ADMITTED in a sibling's mailbox and
+    # is about to claim it. Meanwhile the sibling claims and runs the child, the
+    # attempt fails and the child waits out a retry backoff (WAITING). The inline
+    # claim must not take it from there: the child would run early, and its backoff
+    # timer would later admit it a second time.
+    import random
+
+    from tokengate import _admission
+    from tokengate.policies.retries import RetryPolicy
+
+    class LongestDelay(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    release_blocker = threading.Event()
+    attempts: list[int] = []
+
+    @task_token_guard(operation_type="race.sibling_busy", tags={"weight": "light"})
+    def sibling_busy() -> None:
+        release_blocker.wait(10)
+
+    @task_token_guard(operation_type="race.child", tags={"weight": "light", "retries": 1,
+                                                          "retry_backoff": {"base": 60, "cap": 60}})
+    def child() -> int:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) == 1:
+            raise ValueError("first attempt fails")
+        return len(attempts)
+
+    @task_token_guard(operation_type="race.parent", tags={"weight": "light"})
+    def parent() -> int:
+        token = child()
+        children.append(token)
+        return token.get(10)
+
+    children: list[TaskToken[int]] = []
+    inline_claims: list[bool] = []
+    real_run_token = _admission.run_token
+
+    def run_token_after_the_sibling_ran_it(token: Any, worker: Any, claimable: Any) -> bool:
+        # The window between the routing-lock check and the claim, made wide.
+        release_blocker.set()
+        deadline = time.monotonic() + 10
+        while not (token.attempt == 2 and token.state is TokenState.WAITING):
+            assert time.monotonic() < deadline, "the child never reached its retry backoff"
+            time.sleep(0.001)
+        claimed = real_run_token(token, worker, claimable)
+        inline_claims.append(claimed)
+        return claimed
+
+    monkeypatch.setattr(_admission, "run_token", run_token_after_the_sibling_ran_it)
+    c = OperationsCoordinator(policies=[RetryPolicy(rng=LongestDelay())], num_cores=1, workers_per_core=2,
+                              stop_timeout=5).start()
+    try:
+        busy = sibling_busy()  # worker 0 (the child lands behind this call)
+        outer = parent()  # worker 1: waits on its child
+        deadline = time.monotonic() + 10
+        while not inline_claims:
+            assert time.monotonic() < deadline, "the parent never tried to run its child inline"
+            time.sleep(0.001)
+        assert inline_claims == [False], "the inline run claimed a token waiting out its retry backoff"
+        assert attempts == [1] and children[0].state is TokenState.WAITING
+        assert c.kill(children[0].token_id).killed
+        with pytest.raises(TokenKilled):
+            outer.get(10)
+        busy.get(10)
+    finally:
+        release_blocker.set()
+        c.stop()

@@ -100,3 +100,38 @@ def test_many_coordinators_started_and_stopped_leave_no_threads() -> None:
         with OperationsCoordinator(policies=[], num_cores=2, workers_per_core=2):
             assert held.__wrapped__(1) == 1
     assert not [t for t in threading.enumerate() if "-core" in t.name or "-loop" in t.name]
+
+
+@pytest.mark.parametrize("bad", ["soon", -1, True, float("nan")])
+def test_a_bad_stop_timeout_is_refused_before_the_stop_begins(bad: Any) -> None:
+    # A bad value used to fail inside the stop after the phase moved to
+    # "stopping": the coordinator was wedged and every later stop() hung.
+    from tokengate import ConfigurationError
+
+    coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1).start()
+    try:
+        with pytest.raises(ConfigurationError, match="timeout must be"):
+            coordinator.stop(timeout=bad)
+        assert coordinator.running and held.__wrapped__ is not None
+        gate.set()
+        assert held(3).get(timeout=5) == 3  # still accepting work
+    finally:
+        stopper = threading.Thread(target=coordinator.stop, kwargs={"timeout": 5}, daemon=True)
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive(), "stop() hung"
+    assert not coordinator.running
+
+
+def test_a_bad_drain_timeout_is_refused_before_the_gate_closes(run: Any) -> None:
+    from tokengate import ConfigurationError
+
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1) as coordinator:
+            with pytest.raises(ConfigurationError, match="timeout must be"):
+                await coordinator.drain(timeout="soon")  # type: ignore[arg-type]
+            assert not coordinator.draining
+            gate.set()
+            assert await held(4) == 4
+
+    run(main())

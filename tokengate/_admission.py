@@ -31,7 +31,11 @@ _get_running_loop = asyncio._get_running_loop
 _perf = time.perf_counter
 _future_set_result = asyncio.Future.set_result
 _REJECTED = TokenState.REJECTED
-_STEALABLE = frozenset({_S.ADMITTED, _S.WAITING})
+# What an inline run may claim: only the state it found under the routing lock.
+# (Between that look and the claim, a mailbox token may be run by its worker and
+# go back to WAITING for a retry backoff, which must not be claimed.)
+_CLAIM_ADMITTED = frozenset({_S.ADMITTED})
+_CLAIM_WAITING = frozenset({_S.WAITING})
 _copy_context = contextvars.copy_context
 
 
@@ -306,8 +310,12 @@ class AdmissionMixin(CoordinatorBase):
         with self._router.lock:
             state = token._tstate
             if state is _S.WAITING and token._where in (IN_PENDING, IN_CORE_PENDING):
+                # Out of the queue now: until the claim only a kill or timeout can move it.
                 self._router.forget_waiting(token)
-            elif state is not _S.ADMITTED:
+                claimable = _CLAIM_WAITING
+            elif state is _S.ADMITTED:
+                claimable = _CLAIM_ADMITTED
+            else:
                 return
-        run_token(token, worker, _STEALABLE)
+        run_token(token, worker, claimable)
         del token  # see run_token: frames kept by a traceback must not pin the token

@@ -58,6 +58,7 @@ class CoordinatorBase:
     _rate: RateMeter
     _history: Deque[tuple[Any, ...]]
     _timed: int
+    _run_timed: int
 
     # Bound appends of the latency reservoirs (set in __init__).
     _qw_samples: Callable[[float], None]

@@ -141,7 +141,9 @@ class SettlementMixin(CoordinatorBase):
 
     def _readmit(self, token: TaskToken[Any], plan: _Plan) -> None:
         """A retry goes back through admission: policies may refuse or hold it. Thread: loop."""
-        if token._tstate is not _S.WAITING or self._phase != "running":
+        # Also while stopping: the retry was scheduled before the stop began, and a
+        # graceful stop waits for accepted work (no new retries are scheduled then).
+        if token._tstate is not _S.WAITING or self._phase == "stopped":
             return
         for p in plan.before_submit:
             try:
@@ -176,6 +178,7 @@ class SettlementMixin(CoordinatorBase):
             if finished is not None:
                 rt = finished - started
                 self._rt_samples(rt)
+                self._run_timed += 1
         self._history.append((
             token._seq, token.operation_type, state, token.weight, qw, rt, token.core_id, token.worker_id,
             token.attempt, now, type(token._outcome).__name__ if token._is_error else None,

@@ -192,6 +192,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._qw_samples = self._queue_wait.samples.append
         self._rt_samples = self._run_time.samples.append
         self._timed = 0
+        self._run_timed = 0  # fewer than _timed: a call settled while running (timeout, stop) has no run time
         self._rate = RateMeter(10)
         self._history: Deque[tuple[Any, ...]] = collections.deque(maxlen=history_size)
         self._started_at: float | None = None
@@ -299,7 +300,11 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
 
         Thread: any thread except the coordinator's own loop thread; in
         attached mode use ``await aclose()`` on the loop.
+
+        Raises:
+            ConfigurationError: if *timeout* is not None or a number of seconds >= 0.
         """
+        _check_timeout(timeout)  # before the stop begins: a bad value must not leave it half-stopped
         if self._phase in ("new", "stopped"):
             self._phase = "stopped"
             return
@@ -318,6 +323,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
 
     async def aclose(self, timeout: float | None = None) -> None:
         """The async form of :meth:`stop`; callable from any event loop. Idempotent."""
+        _check_timeout(timeout)
         if self._phase in ("new", "stopped"):
             self._phase = "stopped"
             return
@@ -388,6 +394,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         """Hold admission: new and pending calls wait (globally, or for one operation type).
 
         Calls already in a worker's mailbox still run. ``resume()`` releases them.
+        A paused operation holds at most ``max_pending`` calls; past that new
+        calls are refused with ``Overloaded``.
         """
         with self._router.lock:
             if operation_type is None:
@@ -449,7 +457,11 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         New calls are refused with ``GateClosed`` until ``resume()``. Returns a
         report; ``drained`` is False if *timeout* seconds passed first (the
         work keeps running). Awaitable from any event loop.
+
+        Raises:
+            ConfigurationError: if *timeout* is not None or a number of seconds >= 0.
         """
+        _check_timeout(timeout)  # before the gate closes
         if self._phase != "running":
             return DrainReport(self._phase == "stopped", 0, self.inflight, 0.0)
         self._gate_open = False
@@ -595,7 +607,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         router = self._router
         snap = router.snapshot()
         executing = sum(1 for w in router.workers if w.current is not None)
-        admitted = sum(len(w.mailbox) for w in router.workers)
+        admitted = sum(core["queue_depth"] for core in snap["cores"])
         uptime = 0.0 if self._started_at is None else _perf() - self._started_at
         held_by_policies = sum(1 for t in list(self._live.values()) if t._where == IN_POLICY)
         counts = {
@@ -627,7 +639,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             "counts": counts,
             "throughput_per_s": self._rate.rate(),
             "queue_wait": self._queue_wait.summary(self._timed),
-            "run_time": self._run_time.summary(self._timed),
+            "run_time": self._run_time.summary(self._run_timed),
             "pending": snap["pending"],
             "pending_total": snap["pending_total"],
             "peak_pending": snap["peak_pending"],
@@ -650,6 +662,12 @@ def _safe_stats(policy: Policy) -> dict[str, Any]:
     except Exception:
         logger.exception("policy %s failed in stats()", policy.name)
         return {"error": "stats unavailable"}
+
+
+def _check_timeout(value: object) -> None:
+    # `not value >= 0` also refuses NaN.
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+        raise ConfigurationError(f"timeout must be None or a number of seconds >= 0, got {value!r}")
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

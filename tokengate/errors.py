@@ -69,7 +69,7 @@ class Rejected(TokengateError):
 
 
 class Overloaded(Rejected):
-    """Raised when a weight class's pending queue is at ``max_pending``.
+    """Raised when a weight class's pending queue, or a paused operation's held calls, are at ``max_pending``.
 
     Back off and retry later; ``retry_after`` is a hint in seconds.
     """

@@ -49,6 +49,15 @@ _perf = time.perf_counter
 NOWHERE, IN_PENDING, IN_CORE_PENDING, IN_HELD, IN_POLICY = 0, 1, 2, 3, 4
 
 
+def _queued(worker: Worker) -> int:
+    """Tokens in *worker*'s mailbox that are still to run, for statistics.
+
+    A token killed, timed out or run inline while in a mailbox stays there until
+    the worker pops and skips it; it must not be counted as queued meanwhile.
+    """
+    return sum(1 for token in list(worker.mailbox) if token._tstate is _ADMITTED)
+
+
 def _wake_first_idle(workers: list[Worker]) -> bool:
     """Wake the first idle worker of *workers*; False if none is idle. Caller holds the routing lock."""
     for worker in workers:
@@ -285,6 +294,7 @@ class Router:
         if where in (IN_PENDING, IN_CORE_PENDING):
             self.pending_count[token.weight] -= 1
             self.pending_total -= 1
+            self._drop_stale()
         elif where == IN_HELD:
             held = self.held.get(token.operation_type)
             if held is not None:
@@ -298,9 +308,23 @@ class Router:
         """Place or queue *token*; return the worker it went to (None if it waits)."""
         op = token.operation_type
         if op in self.paused_ops:
+            held = self.held.get(op)
+            # Bounded like a pending queue: a paused operation must not grow memory without limit.
+            count = 0 if held is None else len(held)
+            if refuse and count >= self.max_pending:
+                raise Overloaded(
+                    f"operation {op!r} is paused and already holds {count} calls (max_pending={self.max_pending}); "
+                    f"retry later, or resume({op!r})",
+                    operation_type=op,
+                    weight=token.weight,
+                    pending=count,
+                    limit=self.max_pending,
+                )
             if token._tstate is not _WAITING:
                 token._force_transition(_WAITING)
-            self.held.setdefault(op, collections.deque()).append(token)
+            if held is None:
+                held = self.held[op] = collections.deque()
+            held.append(token)
             token._where = IN_HELD
             return None
         if self.paused or (pin is None and self.pending_count[token.weight]):
@@ -328,6 +352,7 @@ class Router:
         for weight in worker.classes:
             if self.pending_count[weight]:
                 sources.append(self.pending[weight])
+        paused_ops = self.paused_ops
         for queue in sources:
             while queue and len(placed) < batch:
                 token = queue.popleft()
@@ -335,12 +360,35 @@ class Router:
                     continue  # killed or timed out while waiting: already uncounted
                 self.pending_count[token.weight] -= 1
                 self.pending_total -= 1
+                if paused_ops and token.operation_type in paused_ops:
+                    # Paused after it was queued: it waits with the operation's held calls.
+                    self.held.setdefault(token.operation_type, collections.deque()).append(token)
+                    token._where = IN_HELD
+                    continue
                 token._where = NOWHERE
                 self.place(token, worker, from_pending=True)
                 placed.append(token)
             if len(placed) >= batch:
                 break
+        self._drop_stale()
         return placed
+
+    def _drop_stale(self) -> None:
+        """Clear pending deques that hold no queued token any more. Caller holds the lock.
+
+        A WAITING token that is killed, times out or runs inline is uncounted at
+        once but left in its deque, to be skipped when popped. A deque whose
+        class (or, for pinned deques, the whole router) has nothing queued is
+        never popped again, so those entries would keep settled tokens alive.
+        """
+        counts = self.pending_count
+        for weight, queue in self.pending.items():
+            if queue and not counts[weight]:
+                queue.clear()
+        if not self.pending_total:
+            for core in self.cores.values():
+                if core.pending:
+                    core.pending.clear()
 
     def steal(self, worker: Worker, stuck_after: float) -> TaskToken[Any] | None:
         """Take one queued token from a sibling stuck on a long call. Caller holds the lock.
@@ -394,14 +442,17 @@ class Router:
         cores = []
         for core in self.cores.values():
             workers = []
+            depth = 0
             for w in core.workers:
                 running = w.current
+                queued = _queued(w)
+                depth += queued
                 workers.append(
                     {
                         "worker_id": w.worker_id,
                         "index": w.index,
                         "active": w.index < core.active,
-                        "queue_depth": len(w.mailbox),
+                        "queue_depth": queued,
                         "busy": running is not None,
                         "running_operation": running.operation_type if running is not None else None,
                         "executed": w.executed,
@@ -415,8 +466,10 @@ class Router:
                     "core_id": core.core_id,
                     "owners": sorted(self.table.owners[core.core_id]),
                     "active_workers": core.active,
-                    "queue_depth": sum(len(w.mailbox) for w in core.workers),
-                    "pinned_pending": len(core.pending),
+                    "queue_depth": depth,
+                    # Live entries only: killed or timed-out ones stay until popped (see _drop_stale).
+                    "pinned_pending": sum(1 for t in list(core.pending)
+                                          if t._tstate is _WAITING and t._where == IN_CORE_PENDING),
                     "busy_workers": sum(1 for w in core.workers if w.current is not None),
                     "routed": dict(core.routed),
                     "routed_total": sum(core.routed.values()),

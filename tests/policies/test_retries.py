@@ -14,6 +14,7 @@ import pytest
 from tokengate import (
     OperationBlocked,
     OperationsCoordinator,
+    Policy,
     TokenKilled,
     TokenState,
     task_token_guard,
@@ -218,6 +219,38 @@ def test_a_token_killed_during_backoff_never_runs_again() -> None:
         assert policy.stats()["ended_in_retry"] == 1
     finally:
         c.stop()
+
+
+def test_a_retry_whose_backoff_ends_while_stopping_still_runs() -> None:
+    # Given a retry scheduled just before stop() begins (a policy starts the
+    # stop from after_run, so the stop is under way when the backoff ends)
+    behaviour = Failing(ValueError("boom"))
+    flaky = guard(behaviour, "retry.stopping", retries=3, **NO_WAIT)
+    closing: list[asyncio.Task[None]] = []
+
+    class StopAfterFirstAttempt(Policy):
+        name = "stop_after_first_attempt"
+
+        def after_run(self, token: Any) -> float | None:
+            if not closing:
+                closing.append(asyncio.ensure_future(c.aclose()))
+            return None
+
+    c = OperationsCoordinator(num_cores=1, workers_per_core=2, stop_timeout=2.0,
+                              policies=[StopAfterFirstAttempt(), RetryPolicy(rng=random.Random(1))])
+
+    async def main() -> tuple[int, int, TokenState]:
+        await c.astart()
+        token = flaky()
+        # When the retry comes back to admission during the graceful stop
+        value = await token
+        await closing[0]
+        return value, token.attempt, token.state
+
+    # Then it runs (accepted work finishes) instead of waiting out stop_timeout
+    # and settling as CoordinatorStopped
+    assert asyncio.run(main()) == (2, 2, TokenState.COMPLETED)
+    assert behaviour.calls == 2
 
 
 # ---------------------------------------------------------------------------
