@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tokengate import OperationsCoordinator, task_token_guard
+from tokengate import ConfigurationError, OperationsCoordinator, task_token_guard
 
 gate = threading.Event()
 
@@ -130,6 +130,17 @@ def test_affinity_counts_match_what_ran(run: Any) -> None:
             assert cores[2]["medium"] + cores[3]["medium"] == 20
 
     run(main())
+
+
+@pytest.mark.parametrize("core_id", [True, 0, 3, "1", 1.0])
+def test_active_workers_refuse_a_core_that_is_not_one_of_ours(core_id: Any) -> None:
+    # Given a coordinator with cores 1 and 2 (not started: the check needs no threads)
+    c = OperationsCoordinator(policies=[], num_cores=2, workers_per_core=2)
+    # Then a bool, an out-of-range or a non-int core id is a typed error naming the valid cores
+    with pytest.raises(ConfigurationError, match=r"unknown core .*cores are the integers 1\.\.2"):
+        c.set_active_workers(core_id, 1)
+    with pytest.raises(ConfigurationError, match="unknown core"):
+        c.active_workers(core_id)
 
 
 def test_shrinking_a_cores_active_workers_takes_effect(run: Any) -> None:

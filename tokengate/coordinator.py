@@ -541,15 +541,24 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         return count
 
     def set_active_workers(self, core_id: int, active: int) -> None:
-        """Set how many workers of a domain take new tokens (used by convergence)."""
-        if core_id not in self._router.cores:
-            raise ConfigurationError(f"unknown core {core_id!r}; cores are 1..{self.num_cores}")
+        """Set how many workers of a domain take new tokens (used by convergence).
+
+        Raises:
+            ConfigurationError: for an unknown core or an *active* outside 1..workers_per_core.
+        """
+        self._check_core(core_id)
         _check_int("active", active, 1, self.workers_per_core)
         self._router.set_active(core_id, active)
 
     def active_workers(self, core_id: int) -> int:
-        """How many workers of a domain currently take new tokens."""
+        """How many workers of a domain currently take new tokens (ConfigurationError for an unknown core)."""
+        self._check_core(core_id)
         return self._router.cores[core_id].active
+
+    def _check_core(self, core_id: object) -> None:
+        # True and 1.0 equal 1 as dict keys: refuse them rather than read them as core 1.
+        if not isinstance(core_id, int) or isinstance(core_id, bool) or core_id not in self._router.cores:
+            raise ConfigurationError(f"unknown core {core_id!r}; cores are the integers 1..{self.num_cores}")
 
     def unblock(self, operation_type: str) -> bool:
         """Lift a reputation block of *operation_type*; True if it was blocked.
