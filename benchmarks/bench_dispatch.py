@@ -129,8 +129,12 @@ async def _measure(options: BenchOptions, names: Sequence[str], batches: Sequenc
     throughput: dict[str, Any] = {}
     for n in batches:
         base = median(tput[n]["run_in_executor"])
+        best_base = max(tput[n]["run_in_executor"])
         throughput[str(n)] = {
-            name: {"median_per_s": median(v), "runs_per_s": v, "ratio_vs_run_in_executor": ratio(median(v), base)}
+            name: {"median_per_s": median(v), "runs_per_s": v, "ratio_vs_run_in_executor": ratio(median(v), base),
+                   # timeit's rule: interference only ever slows a trial, so the best trial of each
+                   # contender is the noise-robust view (reported beside the median, never instead).
+                   "best_per_s": max(v), "ratio_best_vs_run_in_executor": ratio(max(v), best_base)}
             for name, v in tput[n].items()
         }
     round_trip: dict[str, Any] = {}
@@ -176,10 +180,13 @@ def run(options: BenchOptions) -> dict[str, Any]:
 def _targets(result: dict[str, Any], batches: Sequence[int]) -> list[Target]:
     res = result["results"]
     n = 20_000 if 20_000 in batches else max(batches)
-    tg = res["throughput"][str(n)]["tokengate"]["ratio_vs_run_in_executor"]
+    tg = res["throughput"][str(n)]["tokengate"]
     rt = res["round_trip"]["tokengate"]["ratio_p50_vs_run_in_executor"]
     return [
-        Target(f"fan-out throughput at {n:,} vs run_in_executor", tg, 5.0, ">="),
+        Target(f"fan-out throughput at {n:,} vs run_in_executor", tg["ratio_vs_run_in_executor"], 5.0, ">="),
+        Target(f"fan-out at {n:,} vs run_in_executor, best trial of each (noise-robust view)",
+               tg["ratio_best_vs_run_in_executor"], 5.0, ">=",
+               note="the best of the interleaved trials of each contender; the median row above is the target"),
         Target("round-trip median vs run_in_executor (lower is better)", rt, 1.0, "<="),
     ]
 

@@ -179,6 +179,7 @@ async def _measure(options: BenchOptions, names: Sequence[str], sizes: Sequence[
             row: dict[str, Any] = {"wave": idx, "tokens": n, "trials": len(trials),
                                    "failures": sum(t["failures"] for t in trials),
                                    "runs_tokens_per_s": tps,
+                                   "best_tokens_per_s": max(tps),
                                    "trial_spread": max(tps) / min(tps)}
             row.update({m: median(t[m] for t in trials) for m in _METRICS})
             rows.append(row)
@@ -190,11 +191,15 @@ async def _measure(options: BenchOptions, names: Sequence[str], sizes: Sequence[
     summary = {}
     for name in names:
         tput = [r["tokens_per_s"] for r in waves[name] if r["wave"] >= FLAT_FROM_WAVE]
+        best = [r["best_tokens_per_s"] for r in waves[name] if r["wave"] >= FLAT_FROM_WAVE]
         total_tokens = sum(r["tokens"] for r in waves[name])
         summary[name] = {
             "total_tokens_per_wave_set": total_tokens,
             "failures": sum(r["failures"] for r in waves[name]),
             "flatness_from_wave_6": (max(tput) / min(tput)) if len(tput) >= 2 else None,
+            # The same max/min over each wave's best trial: interference only ever slows a
+            # trial (timeit's rule), so this view is robust to a noisy host.
+            "flatness_best_trials_from_wave_6": (max(best) / min(best)) if len(best) >= 2 else None,
             "min_ratio_vs_run_in_executor": min(r["ratio_vs_run_in_executor"] for r in waves[name]),
             "peak_overlap_seeds": max(r["overlap_seeds"] for r in waves[name]),
             "peak_parallelism": max(r["parallelism"] for r in waves[name]),
@@ -244,6 +249,9 @@ def _targets(result: dict[str, Any]) -> list[Target]:
         Target("tokengate failures (all waves)", float(s["failures"]), 0, "<=", unit=""),
         Target("worst wave tokens/s vs run_in_executor", s["min_ratio_vs_run_in_executor"], 0.8, ">="),
         Target(f"tokens/s max/min from wave {FLAT_FROM_WAVE} on", s["flatness_from_wave_6"], 1.5, "<="),
+        Target(f"max/min from wave {FLAT_FROM_WAVE} on, best trial per wave (noise-robust view)",
+               s["flatness_best_trials_from_wave_6"], 1.5, "<=",
+               note="each wave's best trial; the median row above is the target"),
     ]
 
 
@@ -268,10 +276,11 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
     for i, row in enumerate(waves["tokengate"]):
         comp.add(row["wave"], row["tokens"], *[waves[n][i]["tokens_per_s"] for n in names])
     summ = TableData("waves: summary", ["contender", "failures", f"max/min tok/s (wave ≥ {FLAT_FROM_WAVE})",
-                                        "worst × rie", "peak CPU par.", "peak overlap (seeds)"])
+                                        "same, best trials", "worst × rie", "peak CPU par.",
+                                        "peak overlap (seeds)"])
     for name, s in result["results"]["summary"].items():
-        summ.add(name, s["failures"], s["flatness_from_wave_6"], s["min_ratio_vs_run_in_executor"],
-                 s["peak_parallelism"], s["peak_overlap_seeds"])
+        summ.add(name, s["failures"], s["flatness_from_wave_6"], s["flatness_best_trials_from_wave_6"],
+                 s["min_ratio_vs_run_in_executor"], s["peak_parallelism"], s["peak_overlap_seeds"])
     tables += [comp, summ, targets_table("waves targets", result["targets"])]
     render(tables, options.out, NAME, result["machine"], console=options.console)
 
