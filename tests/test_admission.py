@@ -193,6 +193,24 @@ def test_drain_timeout_reports_remaining_work(run: Any) -> None:
     run(main())
 
 
+def test_a_drain_does_not_lift_a_pause_and_its_held_calls_run_after_resume(run: Any) -> None:
+    async def main() -> None:
+        async with one_worker() as c:
+            # Given a global pause holding one accepted call
+            c.pause()
+            held = quick(7)
+            # When the coordinator drains
+            report = await c.drain(timeout=0.05)
+            # Then the held call did not run and the report says it is still there
+            assert not report.drained and report.remaining == 1
+            assert held.state is TokenState.WAITING and "quick7" not in ran
+            # And resume() (which reopens the gate and lifts the pause) lets it run
+            c.resume()
+            assert await held == 7
+
+    run(main())
+
+
 def test_kill_a_queued_token_and_report_an_executing_one(run: Any) -> None:
     async def main() -> None:
         async with one_worker() as c:

@@ -456,7 +456,9 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
 
         New calls are refused with ``GateClosed`` until ``resume()``. Returns a
         report; ``drained`` is False if *timeout* seconds passed first (the
-        work keeps running). Awaitable from any event loop.
+        work keeps running). Awaitable from any event loop. A pause is not
+        lifted: calls it holds do not progress, so a drain during a pause
+        reports ``drained=False`` after *timeout* unless they are resumed.
 
         Raises:
             ConfigurationError: if *timeout* is not None or a number of seconds >= 0.
