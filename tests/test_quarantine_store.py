@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -473,7 +474,7 @@ def _identity_of(pid: int) -> str:
 
 def _set_claim(path: Path, id: str, owner: str | None) -> None:
     # What another process's claim() leaves in the file.
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE quarantine SET claimed_by = ?, claimed_at = 1.0 WHERE id = ?", (owner, id))
 
 
@@ -618,7 +619,7 @@ def test_only_one_of_several_processes_wins_the_claim(file_store: QuarantineStor
 def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     # Given a database written by schema version 1 (no claim columns) with one record
     path = tmp_path / "old.sqlite3"
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(
             "CREATE TABLE quarantine (id TEXT PRIMARY KEY, operation_type TEXT NOT NULL, func_module TEXT NOT NULL,"
             " func_qualname TEXT NOT NULL, trigger TEXT NOT NULL, reason TEXT NOT NULL, args_summary TEXT NOT NULL,"
@@ -636,5 +637,5 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
         record = s.get("old1")
         assert record is not None and record.status is QuarantineStatus.PENDING and record.claimed_by is None
         assert s.claim("old1").claimed_by is not None
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -613,7 +614,7 @@ def test_a_release_claimed_by_another_live_process_is_refused_unless_forced(db: 
                 add(2, 3)
             qid = info.value.quarantine_id
             owner = f"{_HOST}:{other.pid}:{psutil.Process(other.pid).create_time():.2f}"
-            with sqlite3.connect(db) as conn:
+            with contextlib.closing(sqlite3.connect(db)) as conn, conn:
                 conn.execute("UPDATE quarantine SET claimed_by = ?, claimed_at = 1.0 WHERE id = ?", (owner, qid))
 
             # Then release and discard are refused, and nothing is left in flight here
