@@ -625,10 +625,11 @@ class QuarantineStore:
             record = self._pending_or_raise(self._fetch(conn, id), id, "released")
             owner = self._foreign_claim(record, me)
             if owner is not None and not take_over:
+                since = "an unknown time" if record.claimed_at is None else time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.claimed_at))
                 raise QuarantineStateError(
-                    f"quarantined call {id} is being released by process {owner} "
-                    f"(claimed at {record.claimed_at}); wait for it, or force a take-over if that "
-                    f"process is gone")
+                    f"quarantined call {id} is being released by process {owner} (claimed at {since}); "
+                    f"wait for it, or force a take-over if that process is gone")
             now = time.time()
             conn.execute("UPDATE quarantine SET claimed_by = ?, claimed_at = ?, updated_at = ? WHERE id = ?",
                          (me, now, now, id))
