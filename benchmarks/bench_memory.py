@@ -1,10 +1,11 @@
 """memory: sustained trivial load must not grow the process or leave tokens behind.
 
 For each contender (TokenGate, then ``run_in_executor``; one after the other,
-because RSS is a whole-process number): warm up, ``gc.collect()``, note RSS;
-then run *tokens* trivial calls in batches of *batch_size* (each batch gathered
-before the next), sampling RSS as it goes; then ``gc.collect()`` and note RSS
-again. Growth = end − after warm-up.
+because RSS is a whole-process number): warm up, ``settle()`` (yields, then
+``gc.collect()``), note RSS; then run *tokens* trivial calls in batches of
+*batch_size* (each batch gathered before the next), sampling RSS as it goes;
+then ``settle()`` and note RSS again. Growth = end − after warm-up, both taken
+once every earlier call has been freed (``alive_at_baseline`` checks the first).
 
 After settling, the live objects are counted with ``gc``: ``TaskToken``
 instances for TokenGate, ``asyncio.Future`` instances for the anchor (the
@@ -61,9 +62,11 @@ async def _one(c: Contender, tokens: int, size: int, warm_batches: int, options:
     batches = max(1, tokens // size)
     every = max(1, batches // 100)
     samples: list[tuple[int, float]] = []
+    kind = TaskToken if c.name == "tokengate" else asyncio.Future
     async with started([c]):
         await _batches(c, warm_batches, size)
-        gc.collect()
+        await settle()  # frees the last warm-up batch too: gc.collect() alone leaves it alive (see settle)
+        alive_baseline = count_alive(kind)  # before the RSS reading: the scan's own allocation is baseline
         rss_warm = proc.memory_info().rss
         samples.append((0, rss_warm / MB))
 
@@ -79,7 +82,6 @@ async def _one(c: Contender, tokens: int, size: int, warm_batches: int, options:
         elapsed = _perf() - t0
         await settle()  # frees the last batch (see settle)
         rss_end = proc.memory_info().rss
-        kind = TaskToken if c.name == "tokengate" else asyncio.Future
         alive_running = count_alive(kind)
         inflight = None
         if c.name == "tokengate":
@@ -98,6 +100,7 @@ async def _one(c: Contender, tokens: int, size: int, warm_batches: int, options:
         "rss_growth_mb": (rss_end - rss_warm) / MB,
         "rss_peak_sampled_mb": max(s[1] for s in samples),
         "alive_kind": kind.__name__,
+        "alive_at_baseline": alive_baseline,
         "alive_after_settle": alive_running,
         "alive_after_stop": alive_stopped,
         "inflight_after_settle": inflight,
@@ -130,7 +133,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
     asyncio.run(_measure(options, names, tokens, size, warm, kwargs, result))
     result["notes"] += [
         "contenders run one after the other in one process (RSS is per process); TokenGate first",
-        "growth = RSS after the run - RSS after warm-up, both after gc.collect()",
+        "growth = RSS after the run - RSS after warm-up, both after settle() (yields, then gc.collect())",
         "alive_after_settle counts TaskToken (tokengate) or asyncio.Future (anchors; Tasks excluded) objects "
         "seen by gc "
         "while the coordinator/pool still runs; alive_after_stop after it stopped",

@@ -137,6 +137,9 @@ def test_memory_smoke(tmp_path: Path) -> None:
     assert tg["alive_after_settle"] == 0
     assert tg["alive_after_stop"] == 0
     assert tg["inflight_after_settle"] == 0
+    # And the RSS baseline was taken with the warm-up's last batch freed, like the end reading (see settle)
+    for name, per in result["results"]["per_contender"].items():
+        assert per["alive_at_baseline"] == 0, name
     assert _positive(tg["rss_after_warmup_mb"]) and isinstance(tg["rss_growth_mb"], float)
     assert "run_in_executor" in result["results"]["per_contender"]
 
@@ -175,6 +178,7 @@ def test_http_smoke(tmp_path: Path) -> None:
         assert iso["idle"]["n"] > 0 and iso["flood"]["n"] > 0
         assert _positive(iso["heavy_per_s"])
         assert _positive(result["results"]["e2e"][kind]["rps"])
+        assert all(run["errors"] == 0 for run in result["results"]["e2e"][kind]["runs"])
     assert result["contenders"]["plain"]["limiter_total_tokens"] == result["contenders"]["plain"]["threads"]
     assert len(result["targets"]) == 4
     # And the servers' logs were written (the processes ran and were stopped)
@@ -211,3 +215,44 @@ def test_helpers_percentile_interleave_and_target_verdicts() -> None:
     assert Target("t", 5.1, 5.0, ">=").verdict == "PASS"
     assert Target("t", 1.2, 1.0, "<=").verdict == "FAIL"
     assert Target("t", None, 1.0, "<=").verdict == "n/a"
+
+
+_FAKE_WRK = '''#!{python}
+import sys, time
+t = time.process_time()
+while time.process_time() - t < 0.3:  # the load generator's own CPU work
+    pass
+print("Running 2s test @ " + sys.argv[-1])
+print("  4362 requests in 2.00s, 580.00KB read")
+print("  Non-2xx or 3xx responses: 362")
+print("Requests/sec:   2180.12")
+'''
+
+
+def test_http_wrk_client_cpu_share_is_the_load_generators(tmp_path: Path) -> None:
+    # Given a stand-in for wrk that burns 0.3 s of its own CPU and prints wrk's summary lines, 362 of
+    # its 4,362 responses errors
+    import asyncio
+    import sys
+
+    from benchmarks import bench_http
+
+    wrk = tmp_path / "wrk"
+    wrk.write_text(_FAKE_WRK.format(python=sys.executable), encoding="utf-8")
+    wrk.chmod(0o755)
+
+    class _Server:
+        url = "http://127.0.0.1:9"
+
+        def cpu_seconds(self) -> float:
+            return 0.0
+
+    # When the wrk end-to-end phase runs against it
+    server: Any = _Server()
+    out = asyncio.run(bench_http._rps_wrk(server, {"concurrency": 32, "e2e_seconds": 2.0}, str(wrk)))
+
+    # Then req/s counts successful responses only (as the httpx path does), and client_cpu_share is the
+    # generator's CPU (a child process), not this one's
+    assert out["load_generator"] == "wrk" and out["requests"] == 4000 and out["errors"] == 362
+    assert out["rps"] == pytest.approx(2180.12 * 4000 / 4362)
+    assert 0.1 < out["client_cpu_share"] <= 1.5
