@@ -137,9 +137,12 @@ def test_memory_smoke(tmp_path: Path) -> None:
     assert tg["alive_after_settle"] == 0
     assert tg["alive_after_stop"] == 0
     assert tg["inflight_after_settle"] == 0
-    # And the RSS baseline was taken with the warm-up's last batch freed, like the end reading (see settle)
+    # And the RSS baseline was taken with the warm-up's last batch (500 calls) freed, like the end
+    # reading (see settle). TaskTokens are TokenGate's alone, so none may be left; the anchor counts
+    # every asyncio.Future in the process, and the loop's own can be alive (seen: 2), never a batch.
+    assert tg["alive_at_baseline"] == 0
     for name, per in result["results"]["per_contender"].items():
-        assert per["alive_at_baseline"] == 0, name
+        assert per["alive_at_baseline"] < 50, name
     assert _positive(tg["rss_after_warmup_mb"]) and isinstance(tg["rss_growth_mb"], float)
     assert "run_in_executor" in result["results"]["per_contender"]
 

@@ -243,6 +243,7 @@ def test_step_needs_a_target() -> None:
     [
         {"interval": 0},
         {"interval": "1"},
+        {"interval": float("inf")},  # the cycle would never run
         {"min_active": 0},
         {"hysteresis": 0},
         {"history": 0},

@@ -249,6 +249,8 @@ class ConvergencePolicy(Policy):
         history: int = 256,
     ) -> None:
         _check_number("interval", interval, 0.0, None, open_low=True)
+        if math.isinf(interval):  # asyncio.sleep(inf): the cycle would silently never run
+            raise ConfigurationError(f"interval must be a finite number of seconds, got {interval!r}")
         _check_number("scale_up_wait", scale_up_wait, 0.0, None)
         _check_number("scale_up_busy", scale_up_busy, 0.0, 1.0)
         _check_number("scale_down_busy", scale_down_busy, 0.0, 1.0)

@@ -381,6 +381,7 @@ def test_block_needs_an_operation_type(bad: Any) -> None:
         ({"block_window": 5, "block_min_attempts": 10}, "block_min_attempts must be an integer from 1 to 5, got 10"),
         ({"max_operations": 0}, "max_operations"),
         ({"reservoir_size": 2}, "reservoir_size must be an integer from 16"),
+        ({"clock": 5}, "clock must be a callable returning seconds"),
     ],
 )
 def test_bad_configuration_is_rejected(kwargs: dict[str, Any], fragment: str) -> None:

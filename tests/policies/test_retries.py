@@ -253,6 +253,45 @@ def test_a_retry_whose_backoff_ends_while_stopping_still_runs() -> None:
     assert behaviour.calls == 2
 
 
+def test_a_retry_refused_by_the_stop_is_not_counted_as_scheduled() -> None:
+    # Given a call whose first retry runs while the coordinator is stopping
+    behaviour = Failing(ValueError("first"), ValueError("second"))
+    flaky = guard(behaviour, "retry.stopped", retries=3, **NO_WAIT)
+    closing: list[asyncio.Task[None]] = []
+    retries = RetryPolicy(rng=random.Random(1))
+
+    class StopAfterFirstAttempt(Policy):
+        name = "stop_after_first_attempt"
+
+        def after_run(self, token: Any) -> float | None:
+            if not closing:
+                closing.append(asyncio.ensure_future(c.aclose()))
+            return None
+
+    c = OperationsCoordinator(num_cores=1, workers_per_core=2, stop_timeout=2.0,
+                              policies=[StopAfterFirstAttempt(), retries])
+
+    async def main() -> tuple[BaseException | None, int, TokenState]:
+        await c.astart()
+        token = flaky()
+        try:
+            await token
+        except ValueError as exc:
+            error: BaseException | None = exc
+        else:
+            error = None
+        await closing[0]
+        return error, token.attempt, token.state
+
+    # When that retry fails too: the stop schedules no further attempt
+    error, attempt, state = asyncio.run(main())
+    assert (str(error), attempt, state, behaviour.calls) == ("second", 2, TokenState.FAILED, 2)
+    # Then the statistics count only the retry that really ran
+    stats = retries.stats()
+    assert (stats["scheduled"], stats["exhausted"]) == (1, 0)
+    assert stats["operations"]["retry.stopped"]["scheduled"] == 1
+
+
 # ---------------------------------------------------------------------------
 # after_run decisions (no coordinator)
 

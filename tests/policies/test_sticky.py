@@ -731,3 +731,98 @@ def test_settled_calls_waiting_for_the_pin_are_skipped() -> None:
     # Then only the third is released, and it follows the pin
     assert coordinator.released == [third]
     assert policy.admit(tokens[2]) and policy.pick_core(tokens[2]) == 2
+
+
+def test_calls_settled_in_an_ordered_queue_do_not_pile_up() -> None:
+    """Regression: killed calls queued behind a long-running call stayed in the key's deque until the head."""
+    policy, coordinator = stub_policy()
+    head, first = StubToken(stubbed), StubToken(stubbed)
+    any_head: Any = head
+    any_first: Any = first
+    policy.before_submit(any_head)
+    assert policy.admit(any_head)
+    policy.on_routed(any_head, 1)
+    policy.before_submit(any_first)
+    assert not policy.admit(any_first)
+    # Given a running call that never ends and a stream of callers that give up (cancelled awaiters)
+    for _ in range(1000):
+        t: Any = StubToken(stubbed)
+        policy.before_submit(t)
+        assert not policy.admit(t)
+        t.state = TokenState.KILLED
+        policy.on_settle(t)
+    # Then the key holds O(live calls) entries, not one per call ever queued
+    (pin,) = policy._pins.values()
+    assert pin.queued == 1 and policy.stats()["inflight"] == 2
+    assert len(pin.queue) <= 2 * pin.queued + 64 + 1
+    # And the order still holds: the live queued call is next
+    head.state = TokenState.COMPLETED
+    first.state = TokenState.WAITING
+    policy.on_settle(any_head)
+    assert coordinator.released == [first]
+
+
+def test_first_call_run_inline_from_pending_still_pins_its_key(standalone: Factory) -> None:
+    """Regression: a key's first call run inline by a waiting worker never got on_routed, so the key
+    stayed unpinned while it ran and a same-key call it waited on was held for ever (a deadlock)."""
+    c, recorder = start(standalone, num_cores=1, workers_per_core=1, mailbox_size=1)
+
+    @task_token_guard(operation_type="filler", tags={"weight": "light"})
+    def filler() -> int:
+        return 0
+
+    @task_token_guard(operation_type="nest", tags={"weight": "light", "sticky_anchor": "nest",
+                                                   "hash_policy": "none"})
+    def nest(depth: int) -> int:
+        if depth == 0:
+            return here()[0]
+        return nest(depth - 1).get(WAIT)
+
+    @task_token_guard(operation_type="outer", tags={"weight": "light"})
+    def outer() -> tuple[int, int]:
+        # Given the only mailbox full, so the key's first call waits in the pending queue
+        queued = filler()
+        first = nest(1)
+        assert first.state is TokenState.WAITING
+        # When this worker waits on it (running it inline) and it waits on a call of its own key
+        return first.get(WAIT), queued.get(WAIT)
+
+    # Then the inner call follows the pin the inline run set, and everything settles
+    assert outer().get(WAIT) == (1, 0)
+    wait_until(lambda: c.inflight == 0)
+    assert sticky_stats(c)["pins"] == 0
+    recorder.assert_each_settled_once()
+
+
+def test_calls_settled_while_waiting_for_the_pin_do_not_pile_up() -> None:
+    """Regression: killed calls waiting for an unplaced first call stayed in the key's deque until it was placed."""
+    policy, coordinator = stub_policy()
+
+    @task_token_guard(operation_type="unplaced_stub", tags={"sticky_anchor": "p", "hash_policy": "none"})
+    def unplaced_stub() -> None:
+        return None
+
+    placer, live = StubToken(unplaced_stub), StubToken(unplaced_stub)
+    any_placer: Any = placer
+    any_live: Any = live
+    policy.before_submit(any_placer)
+    assert policy.admit(any_placer)
+    policy.before_submit(any_live)
+    assert not policy.admit(any_live)
+    # Given a first call that is never placed (say, waiting for a full storage tier) and callers that give up
+    for _ in range(1000):
+        t: Any = StubToken(unplaced_stub)
+        policy.before_submit(t)
+        assert not policy.admit(t)
+        t.state = TokenState.KILLED
+        policy.on_settle(t)
+    # Then the key holds O(live calls) entries
+    (pin,) = policy._pins.values()
+    assert policy.stats()["waiting_for_pin"] == 1
+    assert len(pin.waiting) <= 2 * 1 + 64 + 1
+    # And the live one still follows the pin once it is known
+    live.state = TokenState.WAITING
+    policy.on_routed(any_placer, 3)
+    coordinator.run_scheduled()
+    assert coordinator.released == [live]
+    assert policy.admit(any_live) and policy.pick_core(any_live) == 3

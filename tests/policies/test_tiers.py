@@ -473,6 +473,13 @@ def test_bad_limits_are_rejected_at_construction(limits: Any, fragment: str) -> 
     assert fragment in str(info.value)
 
 
+def test_a_clock_that_is_not_callable_is_rejected_at_construction() -> None:
+    # Otherwise the first full tier raises in admit, which is logged and admits the call: no cap at all
+    with pytest.raises(ConfigurationError) as info:
+        StorageTierPolicy(clock=5)  # type: ignore[arg-type]
+    assert "clock must be a callable returning seconds" in str(info.value)
+
+
 def test_tag_is_normalized_case_insensitively() -> None:
     @task_token_guard(operation_type="tiers.norm", tags={"storage_speed": "  InSaNe "})
     def f() -> None: ...

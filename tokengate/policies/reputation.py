@@ -157,6 +157,8 @@ class ReputationPolicy(Policy):
         _check_int("block_min_attempts", block_min_attempts, 1, block_window)
         _check_int("max_operations", max_operations, 1, 10_000_000)
         _check_int("reservoir_size", reservoir_size, 16, 100_000)
+        if not callable(clock):  # else every recorded attempt fails later, far from the cause
+            raise ConfigurationError(f"clock must be a callable returning seconds, got {clock!r}")
         self.auto_block = auto_block
         self.block_threshold = float(block_threshold)
         self.block_window = block_window

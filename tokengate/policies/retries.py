@@ -45,6 +45,7 @@ from ..states import TokenState
 from ..tags import declare_tag
 
 if TYPE_CHECKING:
+    from ..coordinator import OperationsCoordinator
     from ..decorator import GuardedFunction
     from ..token import TaskToken
 
@@ -191,6 +192,10 @@ class RetryPolicy(Policy):
         self._total = _Counts()
         self._ops: collections.OrderedDict[str, _Counts] = collections.OrderedDict()
         self._evicted = 0
+        self._coordinator: OperationsCoordinator | None = None
+
+    def on_start(self, coordinator: OperationsCoordinator) -> None:
+        self._coordinator = coordinator
 
     def interested(self, guarded: GuardedFunction[..., Any]) -> bool:
         tags = guarded.tags
@@ -221,6 +226,10 @@ class RetryPolicy(Policy):
                 data = token.policy_data = {}
             data[EXHAUSTED] = True
             self._count(token.operation_type, "exhausted")
+            return None
+        coordinator = self._coordinator
+        if coordinator is not None and not coordinator.running:
+            # Stopping: the coordinator schedules no retry now, so none is counted; the failure is final.
             return None
         backoff: Backoff = tags.get("retry_backoff", DEFAULT_BACKOFF)
         self._count(token.operation_type, "scheduled")

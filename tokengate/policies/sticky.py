@@ -36,8 +36,9 @@ What a user sees:
   ordered key (that is logged as a warning: it can only start after the
   waiting call ends).
 * **Exceptions to the pin**, by design: a call run inline by a waiting worker
-  runs on that worker's domain (deadlock freedom beats locality), and a pin
-  from a policy earlier in the list wins.
+  runs on that worker's domain (deadlock freedom beats locality; if it is the
+  key's first call, that domain becomes the pin), and a pin from a policy
+  earlier in the list wins.
 
 Thread: ``before_submit`` and ``admit`` on the submitting thread (or the loop
 for releases and retries), ``pick_core``/``on_routed`` under the coordinator's
@@ -77,6 +78,7 @@ _SLOT = "sticky.ticket"  # token.policy_data key: this call's _Ticket (removed a
 _CACHE = "tokengate.sticky"  # guarded.policy_cache key: the function's _Config, or None
 _NOT_HELD, _HELD_ORDER, _HELD_CORE = 0, 1, 2
 _CREATED = TokenState.CREATED
+_EXECUTING = TokenState.EXECUTING
 _SUMMARY_CHARS = 80
 
 
@@ -130,7 +132,7 @@ def _config(guarded: GuardedFunction[..., Any]) -> _Config | None:
 class _Pin:
     """One live sticky key. Every field is guarded by the policy's lock."""
 
-    __slots__ = ("key", "core", "inflight", "placer", "waiting", "queue", "queued", "active")
+    __slots__ = ("key", "core", "inflight", "placer", "waiting", "held", "queue", "queued", "active")
 
     def __init__(self, key: Hashable) -> None:
         self.key = key
@@ -138,6 +140,7 @@ class _Pin:
         self.inflight = 0  # calls of this key submitted and not yet settled
         self.placer: _Ticket | None = None  # the one call allowed to route while core is None
         self.waiting: Deque[_Ticket] = collections.deque()  # held until core is known
+        self.held = 0  # live (not settled) tickets in waiting
         self.queue: Deque[_Ticket] = collections.deque()  # ordered calls not yet started, FIFO
         self.queued = 0  # live (not settled) tickets in queue
         self.active: _Ticket | None = None  # the ordered call currently allowed to run
@@ -257,7 +260,8 @@ class StickyPolicy(Policy):
         ticket = _ticket(token)
         if ticket is None:
             return True
-        reentrant = False
+        reentrant = passed = False
+        adopted: list[TaskToken[Any]] = []
         with self._lock:
             if ticket.done:
                 return True
@@ -273,14 +277,27 @@ class StickyPolicy(Policy):
                     self._activate(pin, ticket)
             if ticket.held != _HELD_ORDER:
                 if pin.core is None and pin.placer is not None and pin.placer is not ticket:
+                    core = self._running_core(pin.placer)
+                    if core is not None:
+                        # The placer was run inline from a pending queue, so on_routed never came:
+                        # it pins where it runs. Holding here would deadlock a placer that waits on us.
+                        pin.core = core
+                        pin.placer = None
+                        adopted = [t for t in self._unblock(pin) if t is not token]
+                if pin.core is None and pin.placer is not None and pin.placer is not ticket:
                     if ticket.held != _HELD_CORE:
                         ticket.held = _HELD_CORE
                         self._held_core += 1
+                        pin.held += 1
                         pin.waiting.append(ticket)
                     return False
                 if pin.core is None:
                     pin.placer = ticket
-                return True
+                passed = True
+        if adopted:
+            self._release_now(adopted)
+        if passed:
+            return True
         if reentrant:
             logger.warning("ordered key %s: %r was submitted by the running call of the same key; it starts only "
                            "after that call finishes, so waiting on it there would deadlock", _summary(pin.key), token)
@@ -337,10 +354,17 @@ class StickyPolicy(Policy):
                 self._held_order -= 1
             elif ticket.held == _HELD_CORE:
                 self._held_core -= 1
+                pin.held -= 1  # its entry is skipped lazily when the pin is known
+                if len(pin.waiting) > 2 * pin.held + 64:
+                    # An unplaced first call (say, in a full storage tier) must not collect cancelled callers.
+                    pin.waiting = collections.deque(t for t in pin.waiting if not t.done)
             if pin.active is ticket:
                 pin.active = None
             elif ticket.queued:
                 pin.queued -= 1  # skipped lazily when it reaches the head of the queue
+                if len(pin.queue) > 2 * pin.queued + 64:
+                    # Behind a long-running call, cancelled callers would otherwise pile up here.
+                    pin.queue = collections.deque(t for t in pin.queue if not t.done)
             if pin.placer is ticket:
                 pin.placer = None
             pin.inflight -= 1
@@ -369,6 +393,14 @@ class StickyPolicy(Policy):
         pin.active = ticket
 
     @staticmethod
+    def _running_core(placer: _Ticket) -> int | None:
+        """The domain *placer*'s call runs on, if it already started (it can without being routed)."""
+        token = placer.token
+        if token is None or token.state is not _EXECUTING:
+            return None
+        return token.core_id
+
+    @staticmethod
     def _is_running_active(pin: _Pin) -> bool:
         parent = current.running_token()
         active = pin.active
@@ -392,6 +424,7 @@ class StickyPolicy(Policy):
                 continue
             ticket.held = _NOT_HELD
             self._held_core -= 1
+            pin.held -= 1
             if pin.core is None:
                 pin.placer = ticket  # the next call to decide the pin
             if ticket.token is not None:

@@ -126,7 +126,8 @@ class StorageTierPolicy(Policy):
         clock: Monotonic seconds, used for wait times (injectable for tests).
 
     Raises:
-        ConfigurationError: for an unknown tier or a bad limit, at construction.
+        ConfigurationError: for an unknown tier, a bad limit or a clock that is
+            not callable, at construction.
     """
 
     name: ClassVar[str] = "storage_tiers"
@@ -151,6 +152,8 @@ class StorageTierPolicy(Policy):
                     raise ConfigurationError(
                         f"limits[{tier.value!r}] must be an integer from 1 to {_MAX_LIMIT}, got {value!r}")
                 merged[tier] = value
+        if not callable(clock):  # else the first full tier fails in admit, which admits the call: no cap
+            raise ConfigurationError(f"clock must be a callable returning seconds, got {clock!r}")
         self._clock = clock
         self._lock = threading.Lock()  # guards every _Tier and the _SLOT/_SINCE keys of held tokens
         self._tiers: dict[StorageSpeed, _Tier] = {t: _Tier(merged[t]) for t in StorageSpeed}
