@@ -221,30 +221,40 @@ def test_a_token_killed_during_backoff_never_runs_again() -> None:
         c.stop()
 
 
+class StopAfterFirstAttempt(Policy):
+    """Starts the coordinator's graceful stop from the first after_run, so a retry meets the stop."""
+
+    name = "stop_after_first_attempt"
+
+    def __init__(self) -> None:
+        self.coordinator: OperationsCoordinator | None = None
+        self.closing: asyncio.Task[None] | None = None
+
+    def on_start(self, coordinator: OperationsCoordinator) -> None:
+        self.coordinator = coordinator
+
+    def after_run(self, token: Any) -> float | None:
+        if self.closing is None and self.coordinator is not None:
+            self.closing = asyncio.ensure_future(self.coordinator.aclose())
+        return None
+
+
 def test_a_retry_whose_backoff_ends_while_stopping_still_runs() -> None:
     # Given a retry scheduled just before stop() begins (a policy starts the
     # stop from after_run, so the stop is under way when the backoff ends)
     behaviour = Failing(ValueError("boom"))
     flaky = guard(behaviour, "retry.stopping", retries=3, **NO_WAIT)
-    closing: list[asyncio.Task[None]] = []
-
-    class StopAfterFirstAttempt(Policy):
-        name = "stop_after_first_attempt"
-
-        def after_run(self, token: Any) -> float | None:
-            if not closing:
-                closing.append(asyncio.ensure_future(c.aclose()))
-            return None
-
+    stopper = StopAfterFirstAttempt()
     c = OperationsCoordinator(num_cores=1, workers_per_core=2, stop_timeout=2.0,
-                              policies=[StopAfterFirstAttempt(), RetryPolicy(rng=random.Random(1))])
+                              policies=[stopper, RetryPolicy(rng=random.Random(1))])
 
     async def main() -> tuple[int, int, TokenState]:
         await c.astart()
         token = flaky()
         # When the retry comes back to admission during the graceful stop
         value = await token
-        await closing[0]
+        assert stopper.closing is not None
+        await stopper.closing
         return value, token.attempt, token.state
 
     # Then it runs (accepted work finishes) instead of waiting out stop_timeout
@@ -257,19 +267,10 @@ def test_a_retry_refused_by_the_stop_is_not_counted_as_scheduled() -> None:
     # Given a call whose first retry runs while the coordinator is stopping
     behaviour = Failing(ValueError("first"), ValueError("second"))
     flaky = guard(behaviour, "retry.stopped", retries=3, **NO_WAIT)
-    closing: list[asyncio.Task[None]] = []
     retries = RetryPolicy(rng=random.Random(1))
-
-    class StopAfterFirstAttempt(Policy):
-        name = "stop_after_first_attempt"
-
-        def after_run(self, token: Any) -> float | None:
-            if not closing:
-                closing.append(asyncio.ensure_future(c.aclose()))
-            return None
-
+    stopper = StopAfterFirstAttempt()
     c = OperationsCoordinator(num_cores=1, workers_per_core=2, stop_timeout=2.0,
-                              policies=[StopAfterFirstAttempt(), retries])
+                              policies=[stopper, retries])
 
     async def main() -> tuple[BaseException | None, int, TokenState]:
         await c.astart()
@@ -280,7 +281,8 @@ def test_a_retry_refused_by_the_stop_is_not_counted_as_scheduled() -> None:
             error: BaseException | None = exc
         else:
             error = None
-        await closing[0]
+        assert stopper.closing is not None
+        await stopper.closing
         return error, token.attempt, token.state
 
     # When that retry fails too: the stop schedules no further attempt

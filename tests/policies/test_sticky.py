@@ -733,6 +733,16 @@ def test_settled_calls_waiting_for_the_pin_are_skipped() -> None:
     assert policy.admit(tokens[2]) and policy.pick_core(tokens[2]) == 2
 
 
+def _held_then_abandoned(policy: StickyPolicy, guarded: Any, n: int) -> None:
+    """Submit *n* calls of *guarded* that the policy holds, and settle each as killed (an awaiter gave up)."""
+    for _ in range(n):
+        t: Any = StubToken(guarded)
+        policy.before_submit(t)
+        assert not policy.admit(t)
+        t.state = TokenState.KILLED
+        policy.on_settle(t)
+
+
 def test_calls_settled_in_an_ordered_queue_do_not_pile_up() -> None:
     """Regression: killed calls queued behind a long-running call stayed in the key's deque until the head."""
     policy, coordinator = stub_policy()
@@ -745,12 +755,7 @@ def test_calls_settled_in_an_ordered_queue_do_not_pile_up() -> None:
     policy.before_submit(any_first)
     assert not policy.admit(any_first)
     # Given a running call that never ends and a stream of callers that give up (cancelled awaiters)
-    for _ in range(1000):
-        t: Any = StubToken(stubbed)
-        policy.before_submit(t)
-        assert not policy.admit(t)
-        t.state = TokenState.KILLED
-        policy.on_settle(t)
+    _held_then_abandoned(policy, stubbed, 1000)
     # Then the key holds O(live calls) entries, not one per call ever queued
     (pin,) = policy._pins.values()
     assert pin.queued == 1 and policy.stats()["inflight"] == 2
@@ -810,12 +815,7 @@ def test_calls_settled_while_waiting_for_the_pin_do_not_pile_up() -> None:
     policy.before_submit(any_live)
     assert not policy.admit(any_live)
     # Given a first call that is never placed (say, waiting for a full storage tier) and callers that give up
-    for _ in range(1000):
-        t: Any = StubToken(unplaced_stub)
-        policy.before_submit(t)
-        assert not policy.admit(t)
-        t.state = TokenState.KILLED
-        policy.on_settle(t)
+    _held_then_abandoned(policy, unplaced_stub, 1000)
     # Then the key holds O(live calls) entries
     (pin,) = policy._pins.values()
     assert policy.stats()["waiting_for_pin"] == 1
