@@ -322,10 +322,7 @@ class Router:
                 )
             if token._tstate is not _WAITING:
                 token._force_transition(_WAITING)
-            if held is None:
-                held = self.held[op] = collections.deque()
-            held.append(token)
-            token._where = IN_HELD
+            self._hold(token)
             return None
         if self.paused or (pin is None and self.pending_count[token.weight]):
             self.enqueue_pending(token, pin, refuse=refuse)
@@ -361,9 +358,7 @@ class Router:
                 self.pending_count[token.weight] -= 1
                 self.pending_total -= 1
                 if paused_ops and token.operation_type in paused_ops:
-                    # Paused after it was queued: it waits with the operation's held calls.
-                    self.held.setdefault(token.operation_type, collections.deque()).append(token)
-                    token._where = IN_HELD
+                    self._hold(token)  # paused after it was queued: it waits with the held calls
                     continue
                 token._where = NOWHERE
                 self.place(token, worker, from_pending=True)
@@ -372,6 +367,14 @@ class Router:
                 break
         self._drop_stale()
         return placed
+
+    def _hold(self, token: TaskToken[Any]) -> None:
+        """Add a WAITING *token* to its paused operation's held calls. Caller holds the lock."""
+        held = self.held.get(token.operation_type)
+        if held is None:
+            held = self.held[token.operation_type] = collections.deque()
+        held.append(token)
+        token._where = IN_HELD
 
     def _drop_stale(self) -> None:
         """Clear pending deques that hold no queued token any more. Caller holds the lock.
