@@ -232,3 +232,26 @@ def test_token_status_and_repr(run: Any) -> None:
                 token.set_result(1)
 
     run(main())
+
+
+def test_a_burst_of_completions_settles_in_chunks_so_other_callbacks_run_between(run: Any) -> None:
+    from tokengate._settlement import DRAIN_CHUNK
+
+    async def main() -> None:
+        async with OperationsCoordinator(num_cores=1, workers_per_core=2, policies=[]) as coordinator:
+            n = 3 * DRAIN_CHUNK + 10
+            coordinator.pause()
+            tokens = [square(i) for i in range(n)]
+            coordinator.resume()
+            # Hold the loop thread until every call ran: all completions wait for one drain.
+            deadline = asyncio.get_running_loop().time() + 10
+            while len(coordinator._done) < n and asyncio.get_running_loop().time() < deadline:
+                threading.Event().wait(0.005)
+            assert len(coordinator._done) == n
+            seen: list[int] = []
+            asyncio.get_running_loop().call_soon(lambda: seen.append(sum(t.done() for t in tokens)))
+            assert await asyncio.gather(*tokens) == [i * i for i in range(n)]
+            # The drain was scheduled first; it settled one chunk and yielded to our callback.
+            assert seen == [DRAIN_CHUNK]
+
+    run(main())

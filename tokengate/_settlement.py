@@ -27,7 +27,15 @@ _get_running_loop = asyncio._get_running_loop
 _perf = time.perf_counter
 _future_set_result = asyncio.Future.set_result
 _REJECTED = TokenState.REJECTED
+# Members bound once for the settling loop: an enum attribute look-up costs about 100 ns on CPython 3.11.
+_EXECUTING = TokenState.EXECUTING
+_COMPLETED = TokenState.COMPLETED
+_FAILED = TokenState.FAILED
 _NOT_STARTED = frozenset({_S.CREATED, _S.WAITING, _S.ADMITTED})
+# Completed tokens settled per loop callback (see _drain_done). Small enough that
+# other callbacks wait at most about a millisecond; large enough that the extra
+# callback per chunk costs nothing measurable.
+DRAIN_CHUNK = 256
 
 
 class SettlementMixin(CoordinatorBase):
@@ -86,13 +94,29 @@ class SettlementMixin(CoordinatorBase):
             self._complete(token)
 
     def _drain_done(self) -> None:
-        """Settle every completed token. Thread: loop."""
+        """Settle up to ``DRAIN_CHUNK`` completed tokens, then yield the loop if more wait. Thread: loop.
+
+        Scheduled by ``_complete``. A burst of thousands of completions is
+        settled in chunks, each its own loop callback: other tasks (an HTTP
+        request, a timer) run between chunks instead of waiting for the whole
+        burst, and the awaiters' callbacks of one chunk run (and free their
+        handles) before the next chunk is settled, which keeps the objects
+        alive at once, and so the garbage collector's work, small.
+        """
         # Reset the flag before popping: a worker that appends after our last
         # pop sees False and schedules another drain (see _complete).
         self._drain_scheduled = False
+        if self._settle_done(DRAIN_CHUNK) and not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain_done)  # type: ignore[union-attr]
+
+    def _settle_done(self, limit: int) -> bool:
+        """Settle up to *limit* completed tokens (0: all of them); return True if more are waiting. Thread: loop."""
         pop = self._done.popleft
         n = 0
-        while True:
+        budget = limit or -1  # counts down to 0; -1 never reaches it
+        while budget:
+            budget -= 1
             try:
                 token = pop()
             except IndexError:
@@ -103,7 +127,7 @@ class SettlementMixin(CoordinatorBase):
                     self._abandoned += 1  # a late completion after a timeout or stop
                     token._run_outcome = token._run_error = None
                 continue
-            if token._tstate is _S.EXECUTING and is_error is not None:
+            if token._tstate is _EXECUTING and is_error is not None:
                 token._outcome = token._run_outcome
                 token._is_error = is_error
                 token._run_outcome = token._run_error = None
@@ -124,11 +148,12 @@ class SettlementMixin(CoordinatorBase):
                         continue
                 # Once EXECUTING, a token's state is changed only on this (the
                 # loop) thread, so no lock is needed for this last move.
-                token._tstate = _S.FAILED if token._is_error else _S.COMPLETED
+                token._tstate = _FAILED if token._is_error else _COMPLETED
             n += 1
             self._finalize(token)
         if n:
             self._rate.add(n)
+        return not budget and bool(self._done)
 
     def _schedule_retry(self, token: TaskToken[Any], plan: _Plan, delay: float) -> None:
         self._retries += 1

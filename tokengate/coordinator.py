@@ -360,7 +360,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             self._kill_token(token, CoordinatorStopped(
                 f"coordinator {self.name!r} stopped before token {token.token_id} settled",
                 token_id=token.token_id, reason="coordinator stopped"), any_state=True)
-        self._drain_done()
+        self._settle_done(0)
         workers = self._router.workers
         for worker in workers:
             worker.stopping = True
@@ -371,7 +371,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         stuck = [w.worker_id for w in workers if w.thread is not None and w.thread.is_alive()]
         if stuck:
             logger.warning("coordinator %s: workers still running user code at stop: %s", self.name, stuck)
-        self._drain_done()
+        self._settle_done(0)
         for p in reversed(self.policies):
             try:
                 p.on_stop(self)

@@ -39,6 +39,8 @@ __all__ = ["TaskToken"]
 R = TypeVar("R")
 
 _S = TokenState
+# Members bound once: an enum attribute look-up costs about 100 ns on CPython 3.11.
+_CREATED = TokenState.CREATED
 _ids = itertools.count(1)  # process-wide, so ids never collide across coordinators
 # Stored instead of a call's own empty ``**kwargs`` dict, which is then freed at
 # once instead of living (and being scanned by the garbage collector) until the
@@ -55,6 +57,7 @@ _WAITERS_LOCK = threading.Lock()
 _SETTLED: list[Callable[[], None]] = []  # sentinel: "already settled, call nothing"
 
 _future_init = asyncio.Future.__init__
+_get_ident = threading.get_ident
 _future_await = asyncio.Future.__await__
 _future_cancel = asyncio.Future.cancel
 _future_set_result = asyncio.Future.set_result
@@ -138,7 +141,7 @@ class TaskToken(asyncio.Future[R], Generic[R]):
         self._args: tuple[Any, ...] | None = args
         self._kwargs: dict[str, Any] | None = kwargs
         self._context: contextvars.Context | None = context
-        self._tstate = _S.CREATED
+        self._tstate = _CREATED
         self._outcome: Any = None
         self._is_error = False
         # A worker's run result on its way to the loop (see _settlement._drain_done);
@@ -223,7 +226,12 @@ class TaskToken(asyncio.Future[R], Generic[R]):
     # -- the awaiter view ---------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, R]:
-        # Fast path: awaited on the loop the token is bound to (the caller's).
+        # Fast path: awaited on the coordinator's loop thread, where the running
+        # loop is the coordinator's (asyncio's own look-up costs a system call).
+        coordinator = self._coordinator
+        if _get_ident() == coordinator._loop_thread_id and self._loop is coordinator._loop:
+            return _future_await(self)
+        # Otherwise: awaited on the loop the token is bound to (the caller's)?
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -10,9 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokengate import OperationBlocked, OperationsCoordinator, TokenKilled, TokenTimeout, task_token_guard
 from tokengate.errors import ConfigurationError
+from tokengate.states import TokenState
 from tokengate.policies.reputation import Health, ReputationPolicy, classify_health
 
 WAIT = 5.0
@@ -388,3 +392,90 @@ def test_bad_configuration_is_rejected(kwargs: dict[str, Any], fragment: str) ->
     with pytest.raises(ConfigurationError) as info:
         ReputationPolicy(**kwargs)
     assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# Lock-free recording of successes: folds must equal attempt-by-attempt counting
+
+
+class _Ran:
+    """The fields after_run and on_settle read from a token that ran (or timed out)."""
+
+    def __init__(self, op: str, failed: bool, run_time: float | None, state: Any = None) -> None:
+        self.operation_type = op
+        self._is_error = failed
+        self._outcome = Boom("x") if failed else "ok"
+        self.started_at = None if run_time is None else 100.0
+        self.finished_at = None if run_time is None else 100.0 + run_time
+        self.run_time = run_time
+        self.state = state
+
+
+_EVENTS = st.lists(
+    st.one_of(
+        st.tuples(st.just("ok"), st.sampled_from(["a", "b"]), st.integers(1, 50)),
+        st.tuples(st.just("fail"), st.sampled_from(["a", "b"]), st.integers(1, 50)),
+        st.tuples(st.just("timeout"), st.sampled_from(["a", "b"]), st.just(0)),
+        st.tuples(st.just("read"), st.just(""), st.just(0)),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=_EVENTS, window=st.integers(1, 8))
+def test_folded_counts_equal_attempt_by_attempt_counting(events: list[tuple[str, str, int]], window: int) -> None:
+    # Given a policy fed successes, failures and timeouts of two operations, read at random points
+    policy = ReputationPolicy(block_window=window, block_min_attempts=1)
+    model: dict[str, dict[str, Any]] = {}
+    for kind, op, ms in events:
+        if kind == "read":
+            policy.stats()  # a fold from a reader
+            continue
+        m = model.setdefault(op, {"attempts": 0, "successes": 0, "failures": 0, "timeouts": 0,
+                                  "window": collections.deque(maxlen=window), "min": None, "samples": []})
+        m["attempts"] += 1
+        if kind == "timeout":
+            policy.on_settle(_Ran(op, True, None, TokenState.TIMEOUT))  # type: ignore[arg-type]
+            m["timeouts"] += 1
+            m["window"].append(True)
+            continue
+        run_time = ms / 1000
+        policy.after_run(_Ran(op, kind == "fail", run_time))  # type: ignore[arg-type]
+        m["successes" if kind == "ok" else "failures"] += 1
+        m["window"].append(kind == "fail")
+        m["samples"].append(run_time)
+        m["min"] = run_time if m["min"] is None else min(m["min"], run_time)
+    # Then every row is what counting each attempt in order gives
+    for op, m in model.items():
+        r = row(policy, op)
+        assert (r["attempts"], r["successes"], r["failures"], r["timeouts"]) == (
+            m["attempts"], m["successes"], m["failures"], m["timeouts"])
+        assert r["recent_attempts"] == len(m["window"])
+        expected_rate = sum(m["window"]) / len(m["window"])
+        assert r["recent_failure_rate"] == pytest.approx(expected_rate)
+        assert r["run_time"]["min"] == (None if m["min"] is None else pytest.approx(m["min"]))
+        assert r["run_time"]["samples"] == min(len(m["samples"]), 100)
+
+
+def test_successes_recorded_while_another_thread_reads_are_never_lost() -> None:
+    # Given the loop-thread writer recording successes while a reader thread folds in a tight loop
+    policy = ReputationPolicy()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            policy.stats()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(20_000):
+            policy.after_run(_Ran("a" if i % 3 else "b", False, 0.001))  # type: ignore[arg-type]
+    finally:
+        stop.set()
+        t.join()
+    # Then every attempt is counted once
+    rows = {r["operation_type"]: r for r in policy.reputation()}
+    assert rows["a"]["successes"] + rows["b"]["successes"] == 20_000
+    assert rows["b"]["successes"] == len(range(0, 20_000, 3))

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import itertools
 import logging
 import threading
 import time
@@ -61,7 +62,7 @@ _RAN = frozenset({TokenState.COMPLETED, TokenState.FAILED})
 _MAX_ERROR_TYPES = 32  # distinct exception type names kept per operation; the rest count as "<other>"
 
 
-_FOLD_EVERY = 1024  # passive mode: fold recorded attempts at least this often
+_FOLD_EVERY = 1024  # fold the successes recorded lock-free at least this often
 # One attempt as recorded: (operation_type, failed, error type name, run time, timed out).
 _Attempt = Tuple[str, bool, 'str | None', 'float | None', bool]
 
@@ -168,10 +169,15 @@ class ReputationPolicy(Policy):
         self._clock = clock
         # Guards _ops, _blocked and every _Operation. Never held while logging or calling user code.
         self._lock = threading.Lock()
-        # Passive mode records attempts here (a lock-free append on the loop
-        # thread) and folds them into the per-operation rows when read, or every
-        # _FOLD_EVERY attempts: the hot path stays a tuple and an append.
-        self._unfolded: collections.deque[_Attempt] = collections.deque()
+        # Successful attempts are recorded here without the lock: the loop
+        # thread (the only writer) appends the run time to its operation's
+        # deque. Folds apply them to the rows in bulk, under the lock: when a
+        # row is read, before a failure of the same operation is counted (so
+        # each operation's window keeps attempt order), and every _FOLD_EVERY
+        # successes. The hot path stays one dict lookup and one append.
+        self._unfolded: dict[str, Deque[float]] = {}
+        self._unfolded_count = 0
+        self._last_op: str | None = None  # the operation at the end of _unfolded
         self._ops: collections.OrderedDict[str, _Operation] = collections.OrderedDict()  # LRU order
         # operation_type -> why it is blocked. Read without the lock on the hot path (a dict lookup is atomic).
         self._blocked: dict[str, str] = {}
@@ -203,50 +209,78 @@ class ReputationPolicy(Policy):
 
     def after_run(self, token: TaskToken[Any]) -> float | None:
         """Record one attempt that ran (success or failure, with its run time). Thread: loop."""
-        failed = token._is_error
-        error_type = type(token._outcome).__name__ if failed else None
-        if self.auto_block:
-            self._record(token.operation_type, failed, error_type, token.run_time)
-        else:
-            unfolded = self._unfolded
-            started, finished = token.started_at, token.finished_at
+        op = token.operation_type
+        started, finished = token.started_at, token.finished_at
+        if token._is_error or started is None or finished is None:
+            error_type = type(token._outcome).__name__ if token._is_error else None
             run_time = None if started is None or finished is None else finished - started
-            unfolded.append((token.operation_type, failed, error_type, run_time, False))
-            if len(unfolded) >= _FOLD_EVERY:
-                self._fold()
+            self._record(op, token._is_error, error_type, run_time)
+            return None
+        # A success cannot block an operation, so it needs no lock and no check now.
+        unfolded = self._unfolded
+        if op is self._last_op:
+            unfolded[op].append(finished - started)
+        else:
+            # Move the operation to the end: the table stays in order of each
+            # operation's latest attempt, the LRU order the fold keeps.
+            runs = unfolded.pop(op, None)
+            if runs is None:
+                runs = collections.deque()
+            unfolded[op] = runs
+            self._last_op = op
+            runs.append(finished - started)
+        self._unfolded_count += 1
+        if self._unfolded_count >= _FOLD_EVERY:
+            self._fold(writer=True)
         return None
 
-    def _fold(self) -> None:
-        """Apply the attempts recorded lock-free since the last fold (any thread).
+    def _fold(self, writer: bool = False) -> None:
+        """Apply the successes recorded lock-free since the last fold. Thread: any.
 
-        One lock and one row lookup per operation type in the batch, not per
-        attempt: a fold usually covers hundreds of attempts of a few operations.
-        Passive mode never blocks, so no block check is needed here.
+        *writer*: called by the loop thread's ``after_run`` (the only thread
+        that appends), which may then swap in a fresh table, so operations no
+        longer called do not keep a deque. Another thread only pops what is
+        there: appends racing with it wait for the next fold, never get lost.
+        Operations are touched in the order of their latest attempt, so the
+        LRU order is what attempt-by-attempt recording gives.
         """
-        pop = self._unfolded.popleft
-        by_op: dict[str, list[_Attempt]] = {}
-        last_seen: dict[str, int] = {}
-        i = 0
-        while True:
-            try:
-                record = pop()
-            except IndexError:
-                break
-            op = record[0]
-            rows = by_op.get(op)
-            if rows is None:
-                by_op[op] = [record]
-            else:
-                rows.append(record)
-            last_seen[op] = i
-            i += 1
-        if not by_op:
-            return
         with self._lock:
-            # Rows are touched in order of each operation's latest attempt, so
-            # the LRU eviction order is what attempt-by-attempt recording gives.
-            for op in sorted(by_op, key=last_seen.__getitem__):
-                self._apply(self._entry(op), by_op[op])
+            if writer:
+                pending, self._unfolded = self._unfolded, {}
+                self._unfolded_count = 0
+                self._last_op = None
+            else:
+                pending = dict(self._unfolded)
+            for op, runs in pending.items():
+                if runs:
+                    self._apply_successes(self._entry(op), runs)
+
+    def _flush(self, op: str) -> None:
+        """Apply *op*'s unfolded successes before another of its attempts is counted. Caller holds the lock."""
+        runs = self._unfolded.get(op)
+        if runs:
+            self._apply_successes(self._entry(op), runs)
+
+    @staticmethod
+    def _apply_successes(entry: _Operation, runs: Deque[float]) -> None:
+        """Count the successful attempts whose run times wait in *runs*, oldest first. Caller holds the lock."""
+        pop = runs.popleft
+        taken = [pop() for _ in range(len(runs))]  # appends racing with this stay for the next fold
+        k = len(taken)
+        entry.attempts += k
+        entry.successes += k
+        entry.run_time.samples.extend(taken)
+        entry.run_time.count += k
+        fastest = min(taken)
+        if entry.min_run is None or fastest < entry.min_run:
+            entry.min_run = fastest
+        # The failure window gains k False entries; count the failures they push out.
+        window = entry.window
+        cap = window.maxlen or 0
+        evicted = min(len(window), len(window) + k - cap)
+        if evicted > 0:
+            entry.window_failures -= sum(itertools.islice(window, evicted))
+        window.extend(itertools.repeat(False, min(k, cap)))
 
     # Completed and failed attempts are recorded by after_run (called for every
     # attempt, even while stopping); only these outcomes never reach it.
@@ -282,6 +316,7 @@ class ReputationPolicy(Policy):
                 *, timeout: bool = False) -> None:
         blocked_now: str | None = None
         with self._lock:
+            self._flush(op)
             entry = self._entry(op)
             self._apply(entry, ((op, failed, error_type, run_time, timeout),))
             if self.auto_block and op not in self._blocked:
