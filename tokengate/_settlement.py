@@ -204,8 +204,11 @@ class SettlementMixin(CoordinatorBase):
                 rt = finished - started
                 self._rt_samples(rt)
                 self._run_timed += 1
+        # The state goes in as its string value: a row of plain strings and
+        # numbers is untracked by the garbage collector at its first pass,
+        # where an enum member would keep every row tracked and scanned.
         self._history.append((
-            token._seq, token.operation_type, state, token.weight, qw, rt, token.core_id, token.worker_id,
+            token._seq, token.operation_type, state._value_, token.weight, qw, rt, token.core_id, token.worker_id,
             token.attempt, now, type(token._outcome).__name__ if token._is_error else None,
         ))
         plan = token._plan

@@ -597,7 +597,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
     def _record(self, row: tuple[Any, ...]) -> ExecutionRecord:
         (seq, op, state, weight, qw, rt, core, worker, attempt, settled, error) = row
         offset = time.time() - _perf()
-        return ExecutionRecord(str(seq), op, state.value, state is _S.COMPLETED, weight, qw, rt, core, worker, attempt,
+        return ExecutionRecord(str(seq), op, state, state == _S.COMPLETED.value, weight, qw, rt, core, worker, attempt,
                                round(settled + offset, 6), error, "")
 
     def history(self, limit: int = 100) -> list[ExecutionRecord]:
