@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -45,7 +46,7 @@ from tokengate_fastapi import (
     admin_router,
     tokengate_lifespan,
 )
-from tokengate_fastapi.errors import request_validation_exception_handler
+from tokengate_fastapi.errors import http_exception_handler, request_validation_exception_handler
 
 from . import work
 
@@ -161,6 +162,8 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
     add_exception_handlers(app)
     # The admin routes answer malformed input this way by themselves; the app's endpoints too.
     app.add_exception_handler(RequestValidationError, request_validation_exception_handler)
+    # An unknown path or method gets the same body too (404 not_found, 405 method_not_allowed).
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.include_router(admin_router(token=admin_token), prefix=ADMIN_PREFIX)
     request_numbers = itertools.count(1)  # per app: /fail passes a fresh number to every call
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -135,3 +136,23 @@ def test_a_bad_drain_timeout_is_refused_before_the_gate_closes(run: Any) -> None
             assert await held(4) == 4
 
     run(main())
+
+
+def test_stop_with_a_function_that_never_returns_takes_about_the_timeout_not_twice() -> None:
+    # Given a call stuck in its function (it returns only when the test lets it)
+    stuck = threading.Event()
+    coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1).start()
+    token = held_until(stuck)
+    # When the coordinator stops with a 2 s grace
+    started = time.monotonic()
+    coordinator.stop(timeout=2.0)
+    took = time.monotonic() - started
+    stuck.set()
+    # Then the stop spends the grace once, plus the short wait for threads to leave (was 2 x grace)
+    assert token.state is TokenState.KILLED
+    assert 2.0 <= took < 3.5, took
+
+
+@task_token_guard(operation_type="held_until", tags={"weight": "light"})
+def held_until(event: threading.Event) -> None:
+    event.wait(30)

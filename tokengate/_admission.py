@@ -38,6 +38,8 @@ _REJECTED = TokenState.REJECTED
 _CLAIM_ADMITTED = frozenset({_S.ADMITTED})
 _CLAIM_WAITING = frozenset({_S.WAITING})
 _copy_context = contextvars.copy_context
+# How many holds a waiting worker follows (a call held behind a call held behind...).
+_HELD_CHAIN = 8
 
 
 class AdmissionMixin(CoordinatorBase):
@@ -313,20 +315,50 @@ class AdmissionMixin(CoordinatorBase):
         return True
 
     def _try_run_inline(self, token: TaskToken[Any], worker: Worker) -> None:
-        """Run *token* on this worker if it sits in a mailbox or a pending queue (not held, not paused)."""
+        """Run *token* on this worker if it sits in a mailbox or a pending queue (not held, not paused).
+
+        If a policy holds it behind another call (``held_behind``), run that
+        call instead, following such holds up to ``_HELD_CHAIN`` calls deep.
+        """
         # A worker waiting on a token that has not started runs it itself, so
         # a parent blocking on its children can never exhaust the pool. Tokens
         # a policy holds, a paused operation holds, or a retry backoff delays
-        # are left alone: running them would break that promise.
-        with self._router.lock:
-            state = token._tstate
-            if state is _S.WAITING and token._where in (IN_PENDING, IN_CORE_PENDING):
-                # Out of the queue now: until the claim only a kill or timeout can move it.
-                self._router.forget_waiting(token)
-                claimable = _CLAIM_WAITING
-            elif state is _S.ADMITTED:
-                claimable = _CLAIM_ADMITTED
-            else:
+        # are not run: that would break the promise of the hold. But the call a
+        # held token waits for may be run, as it must run first anyway.
+        for _ in range(_HELD_CHAIN):
+            with self._router.lock:
+                state = token._tstate
+                where = token._where
+                if state is _S.WAITING and where in (IN_PENDING, IN_CORE_PENDING):
+                    # Out of the queue now: until the claim only a kill or timeout can move it.
+                    self._router.forget_waiting(token)
+                    claimable = _CLAIM_WAITING
+                    break
+                if state is _S.ADMITTED:
+                    claimable = _CLAIM_ADMITTED
+                    break
+            if state is not _S.WAITING or where != IN_POLICY:
                 return
+            behind = self._held_behind(token)
+            if behind is None or behind is token:
+                return
+            token = behind
+        else:
+            return
         run_token(token, worker, claimable)
         del token  # see run_token: frames kept by a traceback must not pin the token
+
+    def _held_behind(self, token: TaskToken[Any]) -> TaskToken[Any] | None:
+        """The call a policy holds *token* behind, if one says so. Thread: a waiting worker."""
+        plan: _Plan | None = token._plan
+        if plan is None:
+            return None
+        for p in plan.held_behind:
+            try:
+                behind = p.held_behind(token)
+            except Exception:
+                logger.exception("policy %s failed in held_behind", p.name)
+                continue
+            if behind is not None:
+                return behind
+        return None

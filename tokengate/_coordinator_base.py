@@ -50,6 +50,7 @@ class CoordinatorBase:
     _settled: int
     _refused: dict[TokenState, int]
     _retries: int
+    _backoffs: dict[int, asyncio.TimerHandle]
     _abandoned: int
     _by_state: dict[TokenState, int]
     _idle_waiters: list[asyncio.Future[None]]

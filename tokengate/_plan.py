@@ -27,6 +27,7 @@ class _Plan:
     on_routed: tuple[Policy, ...]
     after_run: tuple[Policy, ...]
     on_settle: tuple[Policy, ...]
+    held_behind: tuple[Policy, ...]
     # Routing hooks of policies that asked for them only on tokens they marked.
     pick_core_marked: tuple[Policy, ...]
     on_routed_marked: tuple[Policy, ...]

@@ -162,10 +162,11 @@ class SettlementMixin(CoordinatorBase):
         token.started_at = token.finished_at = None
         loop = self._loop
         assert loop is not None
-        loop.call_later(max(0.0, delay), self._readmit, token, plan)
+        self._backoffs[token._seq] = loop.call_later(max(0.0, delay), self._readmit, token, plan)
 
     def _readmit(self, token: TaskToken[Any], plan: _Plan) -> None:
         """A retry goes back through admission: policies may refuse or hold it. Thread: loop."""
+        self._backoffs.pop(token._seq, None)
         # Also while stopping: the retry was scheduled before the stop began, and a
         # graceful stop waits for accepted work (no new retries are scheduled then).
         if token._tstate is not _S.WAITING or self._phase == "stopped":
@@ -192,6 +193,10 @@ class SettlementMixin(CoordinatorBase):
         if token.timer is not None:
             token.timer.cancel()
             token.timer = None
+        if self._backoffs:  # settled during a retry backoff: drop the timer's reference now
+            backoff = self._backoffs.pop(token._seq, None)
+            if backoff is not None:
+                backoff.cancel()
         started = token.started_at
         qw: float | None = None
         rt: float | None = None

@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 _S = TokenState
 _perf = time.perf_counter
+# Seconds stop() still waits for worker threads to leave once the grace is spent.
+_WORKER_EXIT_GRACE = 0.5
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,9 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         # Calls refused before acceptance, by terminal state; written under the routing lock.
         self._refused: dict[TokenState, int] = {_S.REJECTED: 0, _S.QUARANTINED: 0}
         self._retries = 0
+        # Retry backoff timers by token seq, so a token settled during its backoff
+        # (killed, timed out, stopped) is not kept alive by its timer.
+        self._backoffs: dict[int, asyncio.TimerHandle] = {}
         self._abandoned = 0
         self._by_state: dict[TokenState, int] = {s: 0 for s in TERMINAL_STATES}
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -350,6 +355,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._phase = "stopping"
         self._accepting = False
         grace = self.stop_timeout if timeout is None else max(0.0, float(timeout))
+        stop_by = _perf() + grace
         # Graceful means queued work finishes: lift pauses so nothing waits forever.
         self._resume_all()
         drained = await self._wait_idle(grace)
@@ -365,7 +371,10 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         for worker in workers:
             worker.stopping = True
             worker.wake()
-        deadline = _perf() + max(grace, 1.0)
+        # One budget for the whole stop: workers get what is left of the grace, and at
+        # least a moment to leave (an idle one exits at once; one still inside a
+        # function that never returns is abandoned, it is a daemon thread).
+        deadline = max(stop_by, _perf() + _WORKER_EXIT_GRACE)
         while any(w.thread is not None and w.thread.is_alive() for w in workers) and _perf() < deadline:
             await asyncio.sleep(0.002)
         stuck = [w.worker_id for w in workers if w.thread is not None and w.thread.is_alive()]

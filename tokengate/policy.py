@@ -24,6 +24,8 @@ Threads and locks:
 * ``after_run`` and ``on_settle`` run on the coordinator's event-loop thread,
   except ``on_settle`` for a call refused at submission, which runs on the
   submitting thread.
+* ``held_behind`` runs on a worker thread that waits (``get()``) on a call the
+  policy holds, without the routing lock.
 
 Because hooks run on several threads, a policy guards its own state with its
 own lock, and never calls user code while holding it. Any exception other than
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Policy", "HOOKS"]
 
-HOOKS = ("before_submit", "admit", "pick_core", "on_routed", "after_run", "on_settle")
+HOOKS = ("before_submit", "admit", "pick_core", "on_routed", "after_run", "on_settle", "held_behind")
 
 
 class Policy:
@@ -104,6 +106,17 @@ class Policy:
 
     def on_settle(self, token: TaskToken[Any]) -> None:
         """Called once when the token reached its terminal state."""
+
+    def held_behind(self, token: TaskToken[Any]) -> TaskToken[Any] | None:
+        """For a token this policy holds: the call that must make progress before it is released, or None.
+
+        A worker thread that waits on *token* runs that call itself if it has
+        not started (and follows its holds in turn), so a chain of held calls
+        cannot deadlock a pool whose workers are all waiting. Policies that
+        hold calls behind other calls (the sticky policy's ordered keys and
+        pins) override it.
+        """
+        return None
 
     def stats(self) -> dict[str, Any]:
         """A JSON-ready snapshot of this policy's state for ``coordinator.stats()``."""

@@ -57,7 +57,7 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         """Reputation rows (when the reputation policy is installed) with paused/held/blocked flags."""
         return operation_rows(coordinator)
 
-    @router.post("/operations/{operation_type}/pause", response_model=OperationState,
+    @router.post("/operations/{operation_type:path}/pause", response_model=OperationState,
                  name=name("operations.pause"), dependencies=deps, responses=auth_errors,
                  summary="Pause one operation")
     async def pause_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         coordinator.pause(operation_type)
         return operation_state(coordinator, operation_type)
 
-    @router.post("/operations/{operation_type}/resume", response_model=OperationState,
+    @router.post("/operations/{operation_type:path}/resume", response_model=OperationState,
                  name=name("operations.resume"), dependencies=deps, responses=auth_errors,
                  summary="Resume one operation")
     async def resume_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         coordinator.resume(operation_type)
         return operation_state(coordinator, operation_type)
 
-    @router.post("/operations/{operation_type}/unblock", response_model=OperationState,
+    @router.post("/operations/{operation_type:path}/unblock", response_model=OperationState,
                  name=name("operations.unblock"), dependencies=deps, responses=policy_errors,
                  summary="Lift a reputation block")
     async def unblock_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         reputation_policy(coordinator).unblock(operation_type)
         return operation_state(coordinator, operation_type)
 
-    @router.post("/operations/{operation_type}/hold", response_model=OperationState,
+    @router.post("/operations/{operation_type:path}/hold", response_model=OperationState,
                  name=name("operations.hold"), dependencies=deps, responses=policy_errors,
                  summary="Quarantine every new call of an operation")
     async def hold_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         quarantine_policy(coordinator).hold(operation_type)
         return operation_state(coordinator, operation_type)
 
-    @router.post("/operations/{operation_type}/unhold", response_model=OperationState,
+    @router.post("/operations/{operation_type:path}/unhold", response_model=OperationState,
                  name=name("operations.unhold"), dependencies=deps, responses=policy_errors,
                  summary="Stop quarantining an operation")
     async def unhold_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         quarantine_policy(coordinator).unhold(operation_type)
         return operation_state(coordinator, operation_type)
 
-    @router.post("/operations/{operation_type}/kill", response_model=OperationKillResult,
+    @router.post("/operations/{operation_type:path}/kill", response_model=OperationKillResult,
                  name=name("operations.kill"), dependencies=deps, responses=auth_errors,
                  summary="Kill every not-yet-started call of an operation")
     async def kill_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> OperationKillResult:

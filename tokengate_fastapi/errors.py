@@ -19,7 +19,11 @@ error vocabulary. Every answer has the same JSON body::
 Malformed input is not a tokengate error: the admin routes answer it with 422
 ``invalid_argument`` themselves, and an app can give its own endpoints the
 same body with ``app.add_exception_handler(RequestValidationError,
-request_validation_exception_handler)``.
+request_validation_exception_handler)``. Starlette's own HTTP errors (an
+unknown path, a method the route does not serve) get it with
+``app.add_exception_handler(HTTPException, http_exception_handler)``: 404
+``not_found``, 405 ``method_not_allowed`` (with ``Allow``), any other status
+``http_error``.
 
 Why 409 and not 202 for a quarantined call: 202 Accepted promises the request
 "will be processed", and the client would have nothing to poll. A quarantined
@@ -46,6 +50,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from tokengate.errors import (
@@ -68,6 +73,7 @@ __all__ = [
     "AdminRoute",
     "add_exception_handlers",
     "error_response",
+    "http_exception_handler",
     "request_validation_exception_handler",
     "retry_after_header",
     "tokengate_exception_handler",
@@ -97,6 +103,9 @@ class ErrorCode(str, enum.Enum):
     ADMIN_TOKEN_NOT_CONFIGURED = "admin_token_not_configured"
     INVALID_ARGUMENT = "invalid_argument"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    # Starlette's own HTTP errors (http_exception_handler)
+    NOT_FOUND = "not_found"
+    HTTP_ERROR = "http_error"
     TOKEN_NOT_FOUND = "token_not_found"
     TOKEN_EXECUTING = "token_executing"
     TOKEN_ALREADY_SETTLED = "token_already_settled"
@@ -249,6 +258,35 @@ async def request_validation_exception_handler(request: Request, exc: Exception)
     if not isinstance(exc, RequestValidationError):
         raise exc
     return _invalid_request(exc)
+
+
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler answering HTTP errors in the common ``{"error", "detail"}`` body.
+
+    An unknown path is 404 ``not_found``, a method the route does not serve
+    405 ``method_not_allowed`` (with Starlette's ``Allow`` header), any other
+    status ``http_error`` with the exception's own detail. Register it with
+    ``app.add_exception_handler(HTTPException, http_exception_handler)``
+    (Starlette's ``HTTPException``; FastAPI's is a subclass). Thread: the
+    server's event loop.
+    """
+    if not isinstance(exc, StarletteHTTPException):
+        raise exc
+    headers = dict(exc.headers or {})
+    if exc.status_code in (204, 304):  # no body allowed
+        return Response(status_code=exc.status_code, headers=headers)
+    code = _HTTP_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    # Starlette's router says only "Not Found" / "Method Not Allowed": say what was asked.
+    if code is ErrorCode.NOT_FOUND and detail == "Not Found":
+        detail = f"no route serves {request.url.path}"
+    elif code is ErrorCode.METHOD_NOT_ALLOWED and detail == "Method Not Allowed":
+        allow = next((v for k, v in headers.items() if k.lower() == "allow"), "another method")
+        detail = f"{request.method} is not allowed on {request.url.path}; use {allow}"
+    return _json(exc.status_code, code, detail, headers)
 
 
 class AdminRoute(APIRoute):

@@ -257,3 +257,19 @@ async def test_malformed_input_is_a_typed_422_and_the_app_keeps_working(serve: C
             assert isinstance(body["errors"], list) and body["errors"], body
         # and the app still answers
         assert (await client.post("/process", json={"items": [3, 1, 2]})).json()["result"]["median"] == 2
+
+
+async def test_unknown_paths_and_methods_answer_in_the_common_error_body(serve: Client) -> None:
+    async with serve() as client:
+        # Given a path nobody serves, When it is asked for, Then 404 not_found says which path
+        missing = await client.get("/no/such/page")
+        assert missing.status_code == 404
+        assert missing.json() == {"error": "not_found", "detail": "no route serves /no/such/page"}
+        # Given an app route asked with a method it does not serve, Then 405 with Allow
+        wrong = await client.delete("/process")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        assert wrong.json() == {"error": "method_not_allowed",
+                                "detail": "DELETE is not allowed on /process; use POST"}
+        # and an unknown admin path is the same 404 shape
+        admin_missing = await client.get(f"{P}/nope", headers=AUTH)
+        assert admin_missing.status_code == 404 and admin_missing.json()["error"] == "not_found"

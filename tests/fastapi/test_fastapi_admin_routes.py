@@ -225,6 +225,29 @@ async def test_operations_without_policies(app: FastAPI, serve: Callable[..., An
         assert await running == "done"
 
 
+
+@task_token_guard(operation_type="admin/images/resize", tags={"weight": "light"})
+def slashed(x: int) -> int:
+    return -x
+
+
+async def test_operation_types_with_slashes_are_addressable(app: FastAPI, serve: Callable[..., Any],
+                                                            auth: dict[str, str]) -> None:
+    async with serve(app) as client:
+        # Given an operation type with "/" in it, written plainly or percent-encoded in the path
+        for path in ("admin/images/resize", "admin%2Fimages%2Fresize"):
+            # When it is paused, Then that operation (not a prefix of it) is paused
+            state = (await client.post(f"{P}/operations/{path}/pause", headers=auth)).json()
+            assert state == {"operation_type": "admin/images/resize", "paused": True, "held": False, "blocked": False}
+            waiting = slashed(3)
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            # and resume releases its held call
+            resumed = (await client.post(f"{P}/operations/{path}/resume", headers=auth)).json()
+            assert resumed["paused"] is False
+            assert await waiting == -3
+
+
 async def test_operations_with_reputation_and_quarantine(make_app: Callable[..., FastAPI],
                                                          serve: Callable[..., Any], auth: dict[str, str],
                                                          fake_reputation: Any, fake_quarantine: Any) -> None:

@@ -8,7 +8,8 @@ from typing import Any, Callable
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokengate import (
     ConfigurationError,
@@ -24,7 +25,7 @@ from tokengate import (
     task_token_guard,
 )
 from tokengate_fastapi import ErrorCode, add_exception_handlers, error_response, tokengate_lifespan
-from tokengate_fastapi.errors import retry_after_header
+from tokengate_fastapi.errors import http_exception_handler, retry_after_header
 
 pytestmark = pytest.mark.anyio
 
@@ -90,6 +91,39 @@ async def test_unmapped_tokengate_errors_stay_500() -> None:
     # Then: it is not disguised as a refusal
     assert response.status_code == 500
     assert error_response(ConfigurationError("x")) is None
+
+
+async def test_http_errors_answer_in_the_common_body_keeping_an_endpoints_own_detail() -> None:
+    # Given an app with http_exception_handler and endpoints raising HTTP errors of their own
+    app = FastAPI()
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+
+    @app.get("/job/{job_id}")
+    async def job(job_id: str) -> None:
+        raise HTTPException(404, detail=f"no job {job_id}")
+
+    @app.get("/teapot")
+    async def teapot() -> None:
+        raise HTTPException(418, detail="short and stout", headers={"X-Why": "tea"})
+
+    @app.get("/unchanged")
+    async def unchanged() -> None:
+        raise HTTPException(304)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        # Then the router's own 404 and 405 say what was asked
+        assert (await client.get("/nowhere")).json() == {"error": "not_found", "detail": "no route serves /nowhere"}
+        wrong = await client.post("/teapot")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
+        assert wrong.json() == {"error": "method_not_allowed", "detail": "POST is not allowed on /teapot; use GET"}
+        # an endpoint's own detail and headers are kept; other statuses are http_error
+        assert (await client.get("/job/7")).json() == {"error": "not_found", "detail": "no job 7"}
+        tea = await client.get("/teapot")
+        assert (tea.status_code, tea.headers["x-why"], tea.json()) == (
+            418, "tea", {"error": "http_error", "detail": "short and stout"})
+        # and a status that allows no body gets none
+        bare = await client.get("/unchanged")
+        assert (bare.status_code, bare.content) == (304, b"")
 
 
 @pytest.mark.parametrize("seconds, header", [

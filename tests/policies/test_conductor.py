@@ -401,6 +401,8 @@ def test_timed_out_lead_still_running_reopens_its_domain(standalone: Factory) ->
     assert child_seed == seed and core == lead.core_id
     stats = conductor_stats(c)
     assert stats["revived_total"] == 1 and stats["domains"] == 0
+    # closings are counted per closing: the revived domain closed twice
+    assert stats["opened_total"] + stats["revived_total"] - stats["closed_total"] == stats["domains"]
     recorder.assert_each_settled_once()
 
 

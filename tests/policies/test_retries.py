@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -217,6 +219,11 @@ def test_a_token_killed_during_backoff_never_runs_again() -> None:
             token.get(WAIT)
         assert behaviour.calls == 1
         assert policy.stats()["ended_in_retry"] == 1
+        # and the 60 s backoff timer no longer keeps the settled token alive
+        ref = weakref.ref(token)
+        del token
+        gc.collect()
+        assert ref() is None
     finally:
         c.stop()
 

@@ -826,3 +826,40 @@ def test_calls_settled_while_waiting_for_the_pin_do_not_pile_up() -> None:
     coordinator.run_scheduled()
     assert coordinator.released == [live]
     assert policy.admit(any_live) and policy.pick_core(any_live) == 3
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["held-in-order", "held-for-the-pin"])
+def test_a_worker_waiting_on_a_held_call_runs_the_call_it_is_held_behind(standalone: Factory, ordered: bool) -> None:
+    """Regression: the only worker waited (get) on a key's second call, held behind the first call, which
+    sat unstarted in that same worker's queue: nobody could run it, so the wait never ended."""
+    c, recorder = start(standalone, num_cores=1, workers_per_core=1, mailbox_size=1)
+    order: list[int] = []
+    tags: dict[str, Any] = {"weight": "light", "sticky_anchor": "held-behind", "hash_policy": "none"}
+    if ordered:
+        tags["ordered"] = True
+
+    @task_token_guard(operation_type=f"held_behind.{ordered}", tags=tags)
+    def step(i: int) -> int:
+        order.append(i)
+        return i
+
+    @task_token_guard(operation_type=f"held_behind.filler.{ordered}", tags={"weight": "light"})
+    def filler() -> int:
+        return 0
+
+    @task_token_guard(operation_type=f"held_behind.parent.{ordered}", tags={"weight": "light"})
+    def parent() -> list[int]:
+        # Given the only mailbox full, the key's first call queued behind this (the only) worker,
+        # and its second call held behind the first
+        queued = filler()
+        first, second = step(1), step(2)
+        assert first.state is TokenState.WAITING and second.state is TokenState.WAITING
+        # When this worker waits on the second call first
+        return [second.get(WAIT), first.get(WAIT), queued.get(WAIT)]
+
+    # Then it ran the first call inline, then the second: nothing hangs, the order is kept
+    assert parent().get(WAIT) == [2, 1, 0]
+    assert order == [1, 2]
+    wait_until(lambda: c.inflight == 0)
+    assert sticky_stats(c)["pins"] == 0
+    recorder.assert_each_settled_once()

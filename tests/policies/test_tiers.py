@@ -361,6 +361,7 @@ class StubCoordinator:
     def __init__(self, policy: StorageTierPolicy) -> None:
         self.released: list[StubToken] = []
         self.policy = policy
+        self.policies = (policy,)
 
     def release_held(self, token: StubToken) -> None:
         self.released.append(token)
@@ -502,3 +503,19 @@ def test_stats_are_json_ready() -> None:
     assert json.loads(json.dumps(stats)) == stats
     assert set(stats["tiers"]) == {"slow", "moderate", "fast", "insane"}
     assert set(stats["tiers"]["slow"]) >= {"limit", "active", "waiting", "total", "mean_wait"}
+
+
+def test_a_policy_that_may_hold_calls_after_the_tiers_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from tokengate.policies import default_policies
+    from tokengate.policies.sticky import StickyPolicy
+
+    # Given the tiers installed before the sticky policy (which holds ordered calls)
+    with caplog.at_level("WARNING", logger="tokengate.policies.tiers"):
+        OperationsCoordinator(num_cores=1, policies=[StorageTierPolicy(), StickyPolicy()]).start().stop()
+    # Then the start warns that a held call would keep its tier slot
+    assert any("installed before sticky" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    # and the default order (tiers after every policy that may hold) is quiet
+    with caplog.at_level("WARNING", logger="tokengate.policies.tiers"):
+        OperationsCoordinator(num_cores=1, policies=default_policies()).start().stop()
+    assert not [r for r in caplog.records if r.name == "tokengate.policies.tiers"]

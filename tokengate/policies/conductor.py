@@ -32,7 +32,9 @@ What a user sees:
   domain is released by its own count, so neither leaks.
 * A member that timed out keeps running on its thread; a call it makes after
   its domain closed re-opens the domain (same seed and core), counted as
-  ``revived_total``.
+  ``revived_total``. ``closed_total`` counts closings, so such a domain
+  closes twice and the open ones are always ``opened_total + revived_total
+  - closed_total``.
 * Waiting on children does not deadlock: a lead that blocks in
   ``child.get()`` on a worker runs a child that has not started inline (the
   coordinator does this), so leads can outnumber the domain's workers.

@@ -32,8 +32,10 @@ What a user sees:
   finishing.
 * **Held calls are not run inline.** A worker that waits (``get()``) on a call
   that has not started runs it inline, but not a call this policy holds: it
-  waits for its release. So a call must never wait on a later call of its own
-  ordered key (that is logged as a warning: it can only start after the
+  waits for its release, running the call it is held behind if that one has
+  not started yet (``held_behind``), so waiting on a key's later call before
+  its earlier one cannot hang. A call must never wait on a later call of its
+  own ordered key (that is logged as a warning: it can only start after the
   waiting call ends).
 * **Exceptions to the pin**, by design: a call run inline by a waiting worker
   runs on that worker's domain (deadlock freedom beats locality; if it is the
@@ -374,6 +376,23 @@ class StickyPolicy(Policy):
                 del self._pins[pin.key]
                 self._released += 1
         self._release_now(release)
+
+    def held_behind(self, token: TaskToken[Any]) -> TaskToken[Any] | None:
+        """The call *token* waits for: its ordered key's running (or next) call, or the call deciding its pin."""
+        ticket = _ticket(token)
+        if ticket is None:
+            return None
+        with self._lock:
+            if ticket.done:
+                return None
+            pin = ticket.pin
+            if ticket.held == _HELD_ORDER:
+                behind = pin.active if pin.active is not None else self._head(pin)
+            elif ticket.held == _HELD_CORE:
+                behind = pin.placer
+            else:
+                return None
+            return None if behind is None or behind is ticket else behind.token
 
     # -- helpers (caller holds the lock unless said otherwise) ------------------
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from ..token import TaskToken
 
 __all__ = ["StorageSpeed", "StorageTierPolicy", "DEFAULT_TIER_LIMITS", "parse_storage_speed"]
+
+logger = logging.getLogger(__name__)
 
 TAG = "storage_speed"
 # Keys in token.policy_data (shared with other policies, hence the prefix).
@@ -165,7 +168,16 @@ class StorageTierPolicy(Policy):
         return {t.value: tier.limit for t, tier in self._tiers.items()}
 
     def on_start(self, coordinator: OperationsCoordinator) -> None:
+        """Bind to *coordinator*; warn if a policy after this one may hold calls that took a slot."""
         self._coordinator = coordinator
+        policies = list(coordinator.policies)
+        later = policies[policies.index(self) + 1:] if self in policies else []
+        holders = [p.name for p in later if type(p).admit is not Policy.admit]
+        if holders:
+            # Such a call would keep its scarce slot while it waits there (say, behind an
+            # ordered key), and the tier's other calls would wait for nothing.
+            logger.warning("storage_tiers is installed before %s, which may hold a call after it took its tier "
+                           "slot; install storage_tiers after them (default_policies() does)", ", ".join(holders))
 
     def interested(self, guarded: GuardedFunction[..., Any]) -> bool:
         return TAG in guarded.tags
