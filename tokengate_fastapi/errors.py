@@ -41,6 +41,7 @@ only place that knows status codes.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from typing import Any, Callable, Coroutine, Mapping
 
@@ -49,6 +50,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi.utils import is_body_allowed_for_status_code
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
@@ -263,6 +265,23 @@ async def request_validation_exception_handler(request: Request, exc: Exception)
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 
 
+def _detail_text(detail: Any) -> str:
+    # The body's detail is a string: a structured one (dict, list) travels as JSON text, never a repr.
+    if isinstance(detail, str):
+        return detail
+    try:
+        return json.dumps(_json_safe(jsonable_encoder(detail)), ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(detail)
+
+
+def _no_route_matched(request: Request) -> bool:
+    # A router sets the scope's endpoint when a route matches; a (mounted) app's router that
+    # found none leaves it unset, or set to that app by the Mount that led to it.
+    endpoint = request.scope.get("endpoint")
+    return endpoint is None or endpoint is request.scope.get("app")
+
+
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     """Starlette exception handler answering HTTP errors in the common ``{"error", "detail"}`` body.
 
@@ -276,12 +295,13 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, StarletteHTTPException):
         raise exc
     headers = dict(exc.headers or {})
-    if exc.status_code in (204, 304):  # no body allowed
+    if not is_body_allowed_for_status_code(exc.status_code):  # 1xx, 204, 205, 304
         return Response(status_code=exc.status_code, headers=headers)
     code = _HTTP_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
-    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    detail = _detail_text(exc.detail)
     # Starlette's router says only "Not Found" / "Method Not Allowed": say what was asked.
-    if code is ErrorCode.NOT_FOUND and detail == "Not Found":
+    # (A bare 404 of an endpoint that did match keeps its own detail: the route exists.)
+    if code is ErrorCode.NOT_FOUND and detail == "Not Found" and _no_route_matched(request):
         detail = f"no route serves {request.url.path}"
     elif code is ErrorCode.METHOD_NOT_ALLOWED and detail == "Method Not Allowed":
         allow = next((v for k, v in headers.items() if k.lower() == "allow"), "another method")

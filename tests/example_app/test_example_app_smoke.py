@@ -273,3 +273,9 @@ async def test_unknown_paths_and_methods_answer_in_the_common_error_body(serve: 
         # and an unknown admin path is the same 404 shape
         admin_missing = await client.get(f"{P}/nope", headers=AUTH)
         assert admin_missing.status_code == 404 and admin_missing.json()["error"] == "not_found"
+        # and without a token an admin path is refused: a slashed operation path 401, an unknown one 404
+        anonymous = await client.post(f"{P}/operations/x/y/pause")
+        assert (anonymous.status_code, anonymous.json()["error"]) == (401, "unauthorized")
+        unknown = await client.get(f"{P}/nope")
+        assert unknown.json() == {"error": "not_found", "detail": f"no route serves {P}/nope"}
+        assert (await stats(client))["paused_operations"] == []

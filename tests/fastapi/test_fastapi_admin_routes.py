@@ -248,6 +248,31 @@ async def test_operation_types_with_slashes_are_addressable(app: FastAPI, serve:
             assert await waiting == -3
 
 
+async def test_slashed_operation_paths_shadow_no_other_route(app: FastAPI, serve: Callable[..., Any],
+                                                             auth: dict[str, str]) -> None:
+    async with serve(app) as client:
+        # Given an operation type that itself ends in an action's name, Then the last segment is the action
+        for action, paused in (("pause", True), ("resume", False)):
+            state = (await client.post(f"{P}/operations/x/pause/{action}", headers=auth)).json()
+            assert (state["operation_type"], state["paused"]) == ("x/pause", paused)
+        # the listing and the quarantine routes are not swallowed by {operation_type:path}
+        assert (await client.get(f"{P}/operations", headers=auth)).status_code == 200
+        assert (await client.get(f"{P}/quarantine", headers=auth)).json() == []
+        # another method on a slashed path is 405 (with Allow), a path without an action is 404
+        wrong = await client.get(f"{P}/operations/a/b/pause", headers=auth)
+        assert (wrong.status_code, wrong.headers["allow"], wrong.json()["error"]) == (405, "POST", "method_not_allowed")
+        assert (await client.post(f"{P}/operations/a/b", headers=auth)).status_code == 404
+        # a trailing slash is only redirected, never served
+        assert (await client.post(f"{P}/operations/a/pause/", headers=auth)).status_code == 307
+        # and the length bound counts the slashes: 300 characters pass, 301 and an empty type are 422
+        longest = "a/" * 150
+        assert (await client.post(f"{P}/operations/{longest}/kill", headers=auth)).json()["operation_type"] == longest
+        for too_long_or_empty in ("a/" * 150 + "a", ""):
+            bad = await client.post(f"{P}/operations/{too_long_or_empty}/kill", headers=auth)
+            assert (bad.status_code, bad.json()["error"]) == (422, "invalid_argument")
+        assert app.state.tokengate.stats()["paused_operations"] == []
+
+
 async def test_operations_with_reputation_and_quarantine(make_app: Callable[..., FastAPI],
                                                          serve: Callable[..., Any], auth: dict[str, str],
                                                          fake_reputation: Any, fake_quarantine: Any) -> None:

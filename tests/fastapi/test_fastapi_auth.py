@@ -33,6 +33,10 @@ PROTECTED: list[tuple[str, str, int]] = [
     ("POST", "/operations/auth.op/hold", 404),
     ("POST", "/operations/auth.op/unhold", 404),
     ("POST", "/operations/auth.op/kill", 200),
+    # operation types with "/" (plain or %2F) reach the same protected routes
+    ("POST", "/operations/auth/op/pause", 200),
+    ("POST", "/operations/auth%2Fop/resume", 200),
+    ("POST", "/operations/auth/op/pause/kill", 200),
     ("GET", "/quarantine", 200),
     ("GET", "/quarantine/q1", 404),
     ("POST", "/quarantine/q1/release", 404),

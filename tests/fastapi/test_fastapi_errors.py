@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any, Callable
 
@@ -124,6 +125,41 @@ async def test_http_errors_answer_in_the_common_body_keeping_an_endpoints_own_de
         # and a status that allows no body gets none
         bare = await client.get("/unchanged")
         assert (bare.status_code, bare.content) == (304, b"")
+
+
+async def test_http_errors_keep_structured_details_and_an_endpoints_bare_404() -> None:
+    # Given endpoints raising HTTP errors with a dict or list detail, a bare 404 and a bodiless status
+    app = FastAPI()
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+
+    @app.get("/form")
+    async def form() -> None:
+        raise HTTPException(400, detail={"field": "name", "problems": ["too short", "café"]})
+
+    @app.get("/clash")
+    async def clash() -> None:
+        raise HTTPException(409, detail=["a", "b"])
+
+    @app.get("/item/{item_id}")
+    async def item(item_id: str) -> None:
+        raise HTTPException(404)  # the route exists: the endpoint found no such item
+
+    @app.get("/reset")
+    async def reset() -> None:
+        raise HTTPException(205, headers={"X-Kept": "yes"})
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        # Then a structured detail stays recoverable as JSON text (never a Python repr)
+        form_body = (await client.get("/form")).json()
+        assert form_body["error"] == "http_error"
+        assert json.loads(form_body["detail"]) == {"field": "name", "problems": ["too short", "café"]}
+        assert json.loads((await client.get("/clash")).json()["detail"]) == ["a", "b"]
+        # an endpoint's own bare 404 is not called a missing route
+        missing_item = await client.get("/item/7")
+        assert missing_item.json() == {"error": "not_found", "detail": "Not Found"}
+        # and 205 Reset Content carries no body either, but keeps its headers
+        reset_answer = await client.get("/reset")
+        assert (reset_answer.status_code, reset_answer.content, reset_answer.headers["x-kept"]) == (205, b"", "yes")
 
 
 @pytest.mark.parametrize("seconds, header", [
