@@ -44,7 +44,7 @@ _CREATED = TokenState.CREATED
 _ids = itertools.count(1)  # process-wide, so ids never collide across coordinators
 # Stored instead of a call's own empty ``**kwargs`` dict, which is then freed at
 # once instead of living (and being scanned by the garbage collector) until the
-# token settles. Never mutated: the run passes it as ``**NO_KWARGS`` (a copy).
+# token settles. Never mutated: the run passes no keywords for it (see worker.run_token).
 NO_KWARGS: dict[str, Any] = {}
 # Stored instead of a copy of an empty caller context (the common case outside
 # web frameworks): the copy is freed at once, and the run gets a fresh empty

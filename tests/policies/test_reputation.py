@@ -479,3 +479,75 @@ def test_successes_recorded_while_another_thread_reads_are_never_lost() -> None:
     rows = {r["operation_type"]: r for r in policy.reputation()}
     assert rows["a"]["successes"] + rows["b"]["successes"] == 20_000
     assert rows["b"]["successes"] == len(range(0, 20_000, 3))
+
+
+def _record_event(policy: ReputationPolicy, kind: str, op: str) -> None:
+    """Feed one outcome of *op* to the policy as the coordinator would (loop thread)."""
+    if kind == "ok":
+        policy.after_run(_Ran(op, False, 0.001))  # type: ignore[arg-type]
+    elif kind == "fail":
+        policy.after_run(_Ran(op, True, 0.001))  # type: ignore[arg-type]
+    elif kind == "timeout":
+        policy.on_settle(_Ran(op, True, None, TokenState.TIMEOUT))  # type: ignore[arg-type]
+    else:
+        policy.on_settle(_Ran(op, True, None, TokenState.KILLED))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("other", ["fail", "timeout", "kill"])
+def test_an_operation_with_unfolded_successes_is_not_evicted_as_least_recently_seen(other: str) -> None:
+    """Regression: a failure, timeout or kill was counted at once while the successes of other operations
+    before it waited for a fold, so those operations looked older than they were: the LRU evicted one
+    seen a moment ago (and lost its counts) and kept one seen long before."""
+    # Given room for two operations, and `a` seen last just before `c` (b, then a, then c)
+    policy = ReputationPolicy(max_operations=2)
+    for kind, op in [("fail", "a"), ("ok", "a"), (other, "b"), ("ok", "a"), (other, "c")]:
+        _record_event(policy, kind, op)
+    # Then the least recently seen (b) is the one forgotten, and a keeps every attempt
+    stats = policy.stats()
+    assert [r["operation_type"] for r in policy.reputation()] == ["c", "a"]
+    assert stats["evicted_operations"] == 1
+    a = row(policy, "a")
+    assert (a["attempts"], a["successes"], a["failures"]) == (3, 2, 1)
+
+
+def test_a_fold_does_not_evict_an_operation_whose_successes_it_is_about_to_count() -> None:
+    """Regression: a fold counted `c` (new) before `b`, whose last success came later, and creating `c`
+    evicted `b`, the least recently seen row then: b's earlier success was lost with it, though b was
+    seen just before and after c."""
+    # Given room for two operations: b, then a, then b, c, b (those three still to fold)
+    policy = ReputationPolicy(max_operations=2)
+    for kind, op in [("ok", "b"), ("fail", "a"), ("ok", "b"), ("ok", "c"), ("ok", "b")]:
+        _record_event(policy, kind, op)
+    # When the policy is read (a fold)
+    stats = policy.stats()
+    # Then a, the least recently seen, is the one forgotten, and b keeps all three attempts
+    assert [r["operation_type"] for r in policy.reputation()] == ["b", "c"]
+    assert stats["evicted_operations"] == 1
+    assert row(policy, "b")["attempts"] == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(st.tuples(st.sampled_from(["ok", "fail", "timeout", "kill", "read"]),
+                                 st.sampled_from(["a", "b", "c"])), max_size=60))
+def test_the_lru_order_equals_attempt_by_attempt_recording(events: list[tuple[str, str]]) -> None:
+    # Given a policy with room for two of three operations, fed every outcome and read at random points
+    policy = ReputationPolicy(max_operations=2)
+    model: collections.OrderedDict[str, list[int]] = collections.OrderedDict()  # op -> [attempts, kills]
+    evicted: set[str] = set()
+    for kind, op in events:
+        if kind == "read":
+            policy.stats()
+            continue
+        _record_event(policy, kind, op)
+        counts = model.pop(op, [0, 0])
+        counts[1 if kind == "kill" else 0] += 1
+        model[op] = counts
+        if len(model) > 2:
+            evicted.add(model.popitem(last=False)[0])
+    # Then the tracked operations and their order are what recording each outcome in turn gives
+    stats = policy.stats()
+    assert [r["operation_type"] for r in policy.reputation()] == list(reversed(model))
+    # and so are the counts of every operation never evicted (successes folded in one batch are
+    # counted together, so one evicted between two of them may keep both: that is by design)
+    rows = {op: [r["attempts"], r["kills"]] for op, r in stats["operations"].items()}
+    assert {op: rows[op] for op in model if op not in evicted} == {op: c for op, c in model.items() if op not in evicted}

@@ -863,3 +863,37 @@ def test_a_worker_waiting_on_a_held_call_runs_the_call_it_is_held_behind(standal
     wait_until(lambda: c.inflight == 0)
     assert sticky_stats(c)["pins"] == 0
     recorder.assert_each_settled_once()
+
+
+def test_a_first_call_run_inline_can_wait_on_a_later_call_held_for_its_pin(standalone: Factory) -> None:
+    """Regression: the key's first call, run inline from a pending queue (so never routed), waited on a
+    later call of its key that was held until the pin is known: nobody set the pin, the wait never ended."""
+    c, recorder = start(standalone, num_cores=1, workers_per_core=1, mailbox_size=1)
+    later: list[TaskToken[int]] = []
+
+    @task_token_guard(operation_type="placer_waits.filler", tags={"weight": "light"})
+    def filler() -> int:
+        return 0
+
+    @task_token_guard(operation_type="placer_waits.step",
+                      tags={"weight": "light", "sticky_anchor": "placer-waits", "hash_policy": "none"})
+    def step(i: int) -> int:
+        if i == 1:
+            return 10 + later[0].get(WAIT)  # the first call waits on the second
+        return i
+
+    @task_token_guard(operation_type="placer_waits.parent", tags={"weight": "light"})
+    def parent() -> tuple[int, int]:
+        # Given the only mailbox full, the key's first call pending, its second held for the pin
+        queued = filler()
+        first = step(1)
+        later.append(step(2))
+        assert first.state is TokenState.WAITING and later[0].state is TokenState.WAITING
+        # When this worker runs the first inline and it waits on the second
+        return first.get(WAIT), queued.get(WAIT)
+
+    # Then the second is released on the first call's domain and everything settles
+    assert parent().get(WAIT) == (12, 0)
+    wait_until(lambda: c.inflight == 0)
+    assert sticky_stats(c)["pins"] == 0
+    recorder.assert_each_settled_once()

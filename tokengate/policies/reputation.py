@@ -172,10 +172,10 @@ class ReputationPolicy(Policy):
         # Successful attempts are recorded here without the lock: the loop
         # thread (the only writer) appends the run time to its operation's
         # deque. Folds apply them to the rows in bulk, under the lock: when a
-        # row is read, before a failure of the same operation is counted (so
-        # each operation's window keeps attempt order), and every _FOLD_EVERY
-        # successes. The hot path stays one dict lookup and one append.
-        self._unfolded: dict[str, Deque[float]] = {}
+        # row is read, before any other outcome is counted (so each window and
+        # the LRU order keep attempt order), and every _FOLD_EVERY successes.
+        # The hot path stays one dict lookup and one append.
+        self._unfolded: collections.OrderedDict[str, Deque[float]] = collections.OrderedDict()
         self._unfolded_count = 0
         self._last_op: str | None = None  # the operation at the end of _unfolded
         self._ops: collections.OrderedDict[str, _Operation] = collections.OrderedDict()  # LRU order
@@ -185,6 +185,14 @@ class ReputationPolicy(Policy):
         self._coordinator: OperationsCoordinator | None = None
 
     def on_start(self, coordinator: OperationsCoordinator) -> None:
+        """Bind to *coordinator* (loop thread). One instance serves one coordinator.
+
+        Its successes are recorded by one writer, the coordinator's loop thread:
+        an instance shared by two running coordinators would have two.
+        """
+        if self._coordinator is not None and self._coordinator is not coordinator and self._coordinator.running:
+            logger.error("ReputationPolicy instance is shared by coordinators %r and %r; give each its own "
+                         "(its counts are not safe with two writers)", self._coordinator.name, coordinator.name)
         self._coordinator = coordinator
 
     # -- hooks ------------------------------------------------------------------
@@ -221,12 +229,14 @@ class ReputationPolicy(Policy):
         if op is self._last_op:
             unfolded[op].append(finished - started)
         else:
-            # Move the operation to the end: the table stays in order of each
-            # operation's latest attempt, the LRU order the fold keeps.
-            runs = unfolded.pop(op, None)
+            # Move the operation to the end (one C call, so a reader's copy never
+            # misses it): the table stays in order of each operation's latest
+            # attempt, the LRU order the fold keeps.
+            runs = unfolded.get(op)
             if runs is None:
-                runs = collections.deque()
-            unfolded[op] = runs
+                runs = unfolded[op] = collections.deque()
+            else:
+                unfolded.move_to_end(op)
             self._last_op = op
             runs.append(finished - started)
         self._unfolded_count += 1
@@ -245,21 +255,23 @@ class ReputationPolicy(Policy):
         LRU order is what attempt-by-attempt recording gives.
         """
         with self._lock:
-            if writer:
-                pending, self._unfolded = self._unfolded, {}
-                self._unfolded_count = 0
-                self._last_op = None
-            else:
-                pending = dict(self._unfolded)
-            for op, runs in pending.items():
-                if runs:
-                    self._apply_successes(self._entry(op), runs)
+            self._fold_locked(writer)
 
-    def _flush(self, op: str) -> None:
-        """Apply *op*'s unfolded successes before another of its attempts is counted. Caller holds the lock."""
-        runs = self._unfolded.get(op)
-        if runs:
-            self._apply_successes(self._entry(op), runs)
+    def _fold_locked(self, writer: bool) -> None:
+        """The fold itself (see ``_fold``). Caller holds the lock."""
+        pending: dict[str, Deque[float]]
+        if writer:
+            pending, self._unfolded = self._unfolded, collections.OrderedDict()
+            self._unfolded_count = 0
+            self._last_op = None
+        else:
+            pending = dict(self._unfolded)
+        for op, runs in pending.items():
+            if runs:
+                # No eviction until the batch is in: a new operation of the batch must not
+                # evict one whose own successes (some older than it) are still to come.
+                self._apply_successes(self._entry(op, evict=False), runs)
+        self._evict()
 
     @staticmethod
     def _apply_successes(entry: _Operation, runs: Deque[float]) -> None:
@@ -293,30 +305,45 @@ class ReputationPolicy(Policy):
             self._record(token.operation_type, True, None, None, timeout=True)
         elif state is TokenState.KILLED:
             with self._lock:
+                self._fold_locked(writer=True)  # earlier successes first: see _record
                 self._entry(token.operation_type).kills += 1
 
     # -- recording ---------------------------------------------------------------
 
-    def _entry(self, op: str) -> _Operation:
-        """The counters of *op*, created if new, marked most recently seen. Caller holds the lock."""
+    def _entry(self, op: str, *, evict: bool = True) -> _Operation:
+        """The counters of *op*, created if new, marked most recently seen. Caller holds the lock.
+
+        *evict* False leaves the table over ``max_operations`` until ``_evict()`` (a fold).
+        """
         now = self._clock()
         ops = self._ops
         entry = ops.get(op)
         if entry is None:
             entry = ops[op] = _Operation(now, self.reservoir_size, self.block_window)
-            if len(ops) > self.max_operations:
-                ops.popitem(last=False)
-                self._evicted += 1
+            if evict:
+                self._evict()
         else:
             ops.move_to_end(op)
             entry.last_seen = now
         return entry
 
+    def _evict(self) -> None:
+        """Forget the least recently seen operations past ``max_operations``. Caller holds the lock."""
+        ops = self._ops
+        while len(ops) > self.max_operations:
+            ops.popitem(last=False)
+            self._evicted += 1
+
     def _record(self, op: str, failed: bool, error_type: str | None, run_time: float | None,
                 *, timeout: bool = False) -> None:
+        """Count one attempt at once (a failure, a timeout, a run without times) and check the block. Thread: loop."""
         blocked_now: str | None = None
         with self._lock:
-            self._flush(op)
+            # Every success recorded before this attempt is counted first, not only
+            # this operation's: else the rows touched now would look more recent
+            # than operations seen just before them, and the LRU would evict those
+            # (losing their counts). Thread: loop, the writer, so it may swap.
+            self._fold_locked(writer=True)
             entry = self._entry(op)
             self._apply(entry, ((op, failed, error_type, run_time, timeout),))
             if self.auto_block and op not in self._blocked:

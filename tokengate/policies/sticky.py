@@ -382,6 +382,7 @@ class StickyPolicy(Policy):
         ticket = _ticket(token)
         if ticket is None:
             return None
+        adopted: list[TaskToken[Any]] = []
         with self._lock:
             if ticket.done:
                 return None
@@ -390,9 +391,20 @@ class StickyPolicy(Policy):
                 behind = pin.active if pin.active is not None else self._head(pin)
             elif ticket.held == _HELD_CORE:
                 behind = pin.placer
+                core = None if behind is None or pin.core is not None else self._running_core(behind)
+                if core is not None:
+                    # The placer was run inline from a pending queue (so on_routed never came)
+                    # and may be the very call waiting here: it pins where it runs, and the
+                    # calls held for the pin go now (as admit() does for a newcomer).
+                    pin.core = core
+                    pin.placer = None
+                    adopted = self._unblock(pin)
+                    behind = None
             else:
                 return None
-            return None if behind is None or behind is ticket else behind.token
+        if adopted:
+            self._release_now(adopted)
+        return None if behind is None or behind is ticket else behind.token
 
     # -- helpers (caller holds the lock unless said otherwise) ------------------
 
