@@ -519,3 +519,32 @@ def test_a_policy_that_may_hold_calls_after_the_tiers_is_warned_about(caplog: py
     with caplog.at_level("WARNING", logger="tokengate.policies.tiers"):
         OperationsCoordinator(num_cores=1, policies=default_policies()).start().stop()
     assert not [r for r in caplog.records if r.name == "tokengate.policies.tiers"]
+
+
+def test_a_worker_waiting_on_a_call_queued_for_a_slot_runs_the_slot_holder() -> None:
+    """Regression: the only worker waited (get) on a call queued for the tier's one slot, whose holder
+    sat unstarted in that same worker's mailbox: nobody could run it, so the wait never ended."""
+    policy = StorageTierPolicy({"slow": 1})
+    c = start(policy, workers_per_core=1)
+    order: list[int] = []
+
+    @task_token_guard(operation_type="tier.held_behind", tags={"storage_speed": "slow", "weight": "light"})
+    def read(i: int) -> int:
+        order.append(i)
+        return i
+
+    @task_token_guard(operation_type="tier.held_behind.parent", tags={"weight": "light"})
+    def parent() -> list[int]:
+        # Given the slot taken by a call queued behind this (the only) worker, and a second call in the FIFO
+        first, second = read(1), read(2)
+        assert tier(policy)["waiting"] == 1
+        # When this worker waits on the second call first
+        return [second.get(5.0), first.get(5.0)]
+
+    try:
+        # Then it ran the slot holder inline, then the second: nothing hangs, the tier stays at one at a time
+        assert parent().get(10.0) == [2, 1]
+        assert order == [1, 2]
+        assert tier(policy)["peak_active"] == 1
+    finally:
+        c.stop()

@@ -26,7 +26,9 @@ the timeout, although its thread finishes the call later (threads cannot be
 interrupted), so the tier may briefly run more than its limit. And a call
 holding a slot that blocks on a child call of the same full tier waits for
 ever (like any nested semaphore): the child is not run inline because it is
-held here.
+held here. A worker waiting on a call in the FIFO does run a slot holder that
+has not started yet (``held_behind``), so a holder queued behind the waiting
+worker cannot hang it.
 
 Thread: ``admit`` runs on the submitting thread (or the loop), the other hooks
 on the loop; ``stats()`` from any thread. One lock guards every tier.
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Deque, Mapping
 
 from ..errors import ConfigurationError
 from ..policy import Policy
+from ..states import TokenState
 from ..tags import declare_tag
 
 if TYPE_CHECKING:
@@ -59,6 +62,7 @@ TAG = "storage_speed"
 # Keys in token.policy_data (shared with other policies, hence the prefix).
 _SLOT = "tier.slot"  # the tier whose slot this token holds
 _SINCE = "tier.waiting_since"  # present while the token waits in a tier FIFO (counted in `waiting`)
+_EXECUTING = TokenState.EXECUTING
 _MAX_LIMIT = 1_000_000
 
 
@@ -109,12 +113,15 @@ class _Tier:
     wait_sum: float = 0.0
     max_wait: float = 0.0
     peak_active: int = 0
+    # The tokens holding a slot now, oldest grant first (for held_behind).
+    holders: dict[TaskToken[Any], None] = field(default_factory=dict)
 
-    def grant(self, data: dict[str, Any], tier: StorageSpeed) -> None:
+    def grant(self, token: TaskToken[Any], data: dict[str, Any], tier: StorageSpeed) -> None:
         self.active += 1
         self.total += 1
         if self.active > self.peak_active:
             self.peak_active = self.active
+        self.holders[token] = None
         data[_SLOT] = tier
 
 
@@ -203,7 +210,7 @@ class StorageTierPolicy(Policy):
             tier = self._tiers[speed]
             # FIFO fairness: a newcomer never overtakes a waiting token.
             if tier.active < tier.limit and not tier.waiting:
-                tier.grant(data, speed)
+                tier.grant(token, data, speed)
                 return True
             data[_SINCE] = self._clock()
             tier.waiting += 1
@@ -232,6 +239,22 @@ class StorageTierPolicy(Policy):
             handed = self._free_slot(token)
         self._hand_back(handed)
 
+    def held_behind(self, token: TaskToken[Any]) -> TaskToken[Any] | None:
+        """For a call waiting in a tier's FIFO: the oldest slot holder that has not started, if any.
+
+        A worker waiting on *token* runs that holder inline, which frees a slot;
+        without it, a holder queued behind the waiting worker could never run.
+        Thread: a waiting worker.
+        """
+        with self._lock:
+            data = token.policy_data
+            if not data or _SINCE not in data:
+                return None
+            for holder in self._tiers[token.tags[TAG]].holders:
+                if holder.state is not _EXECUTING:
+                    return holder
+        return None
+
     # -- slots ------------------------------------------------------------------
 
     def _free_slot(self, token: TaskToken[Any]) -> TaskToken[Any] | None:
@@ -245,6 +268,7 @@ class StorageTierPolicy(Policy):
             return None
         tier = self._tiers[speed]
         tier.active -= 1
+        tier.holders.pop(token, None)
         queue = tier.queue
         while queue and tier.active < tier.limit:
             nxt = queue.popleft()
@@ -260,7 +284,7 @@ class StorageTierPolicy(Policy):
             tier.wait_sum += wait
             if wait > tier.max_wait:
                 tier.max_wait = wait
-            tier.grant(nxt_data, speed)
+            tier.grant(nxt, nxt_data, speed)
             return nxt
         return None
 
