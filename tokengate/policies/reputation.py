@@ -43,7 +43,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Deque, Iterable, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Deque
 
 from ..errors import ConfigurationError, OperationBlocked
 from ..metrics import Reservoir
@@ -58,13 +58,10 @@ __all__ = ["Health", "ReputationPolicy", "classify_health"]
 
 logger = logging.getLogger(__name__)
 
-_RAN = frozenset({TokenState.COMPLETED, TokenState.FAILED})
 _MAX_ERROR_TYPES = 32  # distinct exception type names kept per operation; the rest count as "<other>"
 
 
 _FOLD_EVERY = 1024  # fold the successes recorded lock-free at least this often
-# One attempt as recorded: (operation_type, failed, error type name, run time, timed out).
-_Attempt = Tuple[str, bool, 'str | None', 'float | None', bool]
 
 
 class Health(str, enum.Enum):
@@ -345,7 +342,7 @@ class ReputationPolicy(Policy):
             # (losing their counts). Thread: loop, the writer, so it may swap.
             self._fold_locked(writer=True)
             entry = self._entry(op)
-            self._apply(entry, ((op, failed, error_type, run_time, timeout),))
+            self._apply(entry, failed, error_type, run_time, timeout)
             if self.auto_block and op not in self._blocked:
                 seen = len(entry.window)
                 rate = entry.window_failures / seen
@@ -358,49 +355,32 @@ class ReputationPolicy(Policy):
                            op, blocked_now, op)
 
     @staticmethod
-    def _apply(entry: _Operation, attempts: Iterable[_Attempt]) -> None:
-        """Count attempts of one operation in *entry*, in order. Caller holds the lock.
-
-        Written as one loop over local names: a fold applies hundreds of
-        attempts at a time, on the event loop's thread.
-        """
+    def _apply(entry: _Operation, failed: bool, error_type: str | None, run_time: float | None,
+               timeout: bool) -> None:
+        """Count one attempt in *entry* (successes in bulk go through ``_apply_successes``). Caller holds the lock."""
+        entry.attempts += 1
+        if timeout:
+            entry.timeouts += 1
+        elif failed:
+            entry.failures += 1
+            errors = entry.errors
+            key = error_type or "<unknown>"
+            if key not in errors and len(errors) >= _MAX_ERROR_TYPES:
+                key = "<other>"
+            errors[key] = errors.get(key, 0) + 1
+        else:
+            entry.successes += 1
+        if run_time is not None:
+            entry.run_time.add(run_time)
+            if entry.min_run is None or run_time < entry.min_run:
+                entry.min_run = run_time
+        # The failure window (a bounded deque of booleans, True = failed).
         window = entry.window
-        cap = window.maxlen
-        samples = entry.run_time.samples
-        errors = entry.errors
-        n = successes = failures = timeouts = sampled = 0
-        window_failures = entry.window_failures
-        min_run = entry.min_run
-        for _op, failed, error_type, run_time, timeout in attempts:
-            n += 1
-            if timeout:
-                timeouts += 1
-            elif failed:
-                failures += 1
-                key = error_type or "<unknown>"
-                if key not in errors and len(errors) >= _MAX_ERROR_TYPES:
-                    key = "<other>"
-                errors[key] = errors.get(key, 0) + 1
-            else:
-                successes += 1
-            if run_time is not None:
-                samples.append(run_time)
-                sampled += 1
-                if min_run is None or run_time < min_run:
-                    min_run = run_time
-            # The failure window (a bounded deque of booleans, True = failed).
-            if len(window) == cap and window[0]:
-                window_failures -= 1
-            window.append(failed)
-            if failed:
-                window_failures += 1
-        entry.attempts += n
-        entry.successes += successes
-        entry.failures += failures
-        entry.timeouts += timeouts
-        entry.window_failures = window_failures
-        entry.min_run = min_run
-        entry.run_time.count += sampled
+        if len(window) == window.maxlen and window[0]:
+            entry.window_failures -= 1
+        window.append(failed)
+        if failed:
+            entry.window_failures += 1
 
     # -- control -----------------------------------------------------------------
 

@@ -278,14 +278,9 @@ class StickyPolicy(Policy):
                 else:
                     self._activate(pin, ticket)
             if ticket.held != _HELD_ORDER:
-                if pin.core is None and pin.placer is not None and pin.placer is not ticket:
-                    core = self._running_core(pin.placer)
-                    if core is not None:
-                        # The placer was run inline from a pending queue, so on_routed never came:
-                        # it pins where it runs. Holding here would deadlock a placer that waits on us.
-                        pin.core = core
-                        pin.placer = None
-                        adopted = [t for t in self._unblock(pin) if t is not token]
+                if pin.placer is not ticket:
+                    # Holding here would deadlock a placer run inline that waits on us.
+                    adopted = [t for t in self._adopt_running_placer(pin) if t is not token]
                 if pin.core is None and pin.placer is not None and pin.placer is not ticket:
                     if ticket.held != _HELD_CORE:
                         ticket.held = _HELD_CORE
@@ -391,14 +386,9 @@ class StickyPolicy(Policy):
                 behind = pin.active if pin.active is not None else self._head(pin)
             elif ticket.held == _HELD_CORE:
                 behind = pin.placer
-                core = None if behind is None or pin.core is not None else self._running_core(behind)
-                if core is not None:
-                    # The placer was run inline from a pending queue (so on_routed never came)
-                    # and may be the very call waiting here: it pins where it runs, and the
-                    # calls held for the pin go now (as admit() does for a newcomer).
-                    pin.core = core
-                    pin.placer = None
-                    adopted = self._unblock(pin)
+                # The placer may be the very call waiting here, run inline.
+                adopted = self._adopt_running_placer(pin)
+                if adopted:
                     behind = None
             else:
                 return None
@@ -423,13 +413,22 @@ class StickyPolicy(Policy):
         ticket.queued = False
         pin.active = ticket
 
-    @staticmethod
-    def _running_core(placer: _Ticket) -> int | None:
-        """The domain *placer*'s call runs on, if it already started (it can without being routed)."""
+    def _adopt_running_placer(self, pin: _Pin) -> list[TaskToken[Any]]:
+        """Pin *pin* where its placer runs, if it started without being routed; return the calls to release.
+
+        A placer run inline from a pending queue gets no on_routed: it pins where
+        it runs, and the calls held for the pin may go (the caller releases them
+        after unlocking).
+        """
+        placer = pin.placer
+        if pin.core is not None or placer is None:
+            return []
         token = placer.token
-        if token is None or token.state is not _EXECUTING:
-            return None
-        return token.core_id
+        if token is None or token.state is not _EXECUTING or token.core_id is None:
+            return []
+        pin.core = token.core_id
+        pin.placer = None
+        return self._unblock(pin)
 
     @staticmethod
     def _is_running_active(pin: _Pin) -> bool:
