@@ -19,6 +19,8 @@ from tokengate.errors import ConfigurationError
 from tokengate.states import TokenState
 from tokengate.policies.reputation import Health, ReputationPolicy, classify_health
 
+from virtual_time import NEVER, expire, start_virtual
+
 WAIT = 5.0
 
 
@@ -43,7 +45,8 @@ def gate() -> Iterator[threading.Event]:
 
 
 def run(policy: ReputationPolicy) -> OperationsCoordinator:
-    return OperationsCoordinator(num_cores=1, workers_per_core=2, policies=[policy], stop_timeout=2.0).start()
+    """A started coordinator whose timeouts fire only when the test calls expire() (see tests/virtual_time.py)."""
+    return start_virtual(OperationsCoordinator(num_cores=1, workers_per_core=2, policies=[policy], stop_timeout=2.0))
 
 
 def call(fail: bool | type[Exception] = False) -> str | BaseException:
@@ -128,16 +131,23 @@ def test_fewer_than_five_attempts_is_unknown_then_excellent() -> None:
 
 
 def test_timeouts_are_failed_attempts(gate: threading.Event) -> None:
-    @task_token_guard(operation_type="rep.slow", tags={"timeout": 0.05})
+    entered = threading.Event()
+
+    @task_token_guard(operation_type="rep.slow", tags={"timeout": NEVER})
     def slow() -> None:
+        entered.set()
         gate.wait(WAIT)
 
     policy = ReputationPolicy()
     c = run(policy)
     try:
         # When a call times out while running
-        with pytest.raises(TokenTimeout):
-            slow().get(WAIT)
+        token = slow()
+        assert entered.wait(WAIT)
+        expire(c, token)
+        with pytest.raises(TokenTimeout) as info:
+            token.get(WAIT)
+        assert info.value.started
         # Then it is one attempt, a timeout, not a success
         r = row(policy, "rep.slow")
         assert (r["attempts"], r["timeouts"], r["successes"], r["failures"]) == (1, 1, 0, 0)
@@ -371,6 +381,91 @@ def test_block_needs_an_operation_type(bad: Any) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Which exceptions are the operation's fault: ignore / count_on
+
+
+class InvalidInput(ValueError):
+    """A validation error: the caller's fault, not the operation's."""
+
+
+def test_ignored_exceptions_never_block_and_are_not_attempts() -> None:
+    # Given auto-block at 90 % over the last 10 attempts, with validation errors ignored
+    policy = ReputationPolicy(auto_block=True, block_threshold=0.9, block_window=10, block_min_attempts=5,
+                              ignore=InvalidInput)
+    c = run(policy)
+    try:
+        assert call() == "ok"
+        # When anonymous callers send 30 invalid inputs in a row
+        for _ in range(30):
+            assert isinstance(call(InvalidInput), InvalidInput)  # the caller still gets its exception
+        # Then the operation is not blocked: the failures were not its fault
+        assert policy.blocked() == []
+        r = row(policy)
+        assert (r["attempts"], r["successes"], r["failures"], r["ignored"]) == (1, 1, 0, 30)
+        assert r["ignored_by_type"] == {"InvalidInput": 30} and r["failures_by_type"] == {}
+        assert (r["recent_attempts"], r["recent_failure_rate"], r["completion_rate"]) == (1, 0.0, 1.0)
+        assert r["run_time"]["samples"] == 1  # an ignored run adds no run time
+        # And its own failures still count and still block
+        for _ in range(8):
+            assert isinstance(call(True), Boom)
+        assert policy.blocked() == []  # 8 of the last 9 attempts: 89 %
+        assert isinstance(call(True), Boom)
+        assert policy.blocked() == ["rep.work"]  # 9 of 10
+        assert row(policy)["failures_by_type"] == {"Boom": 9}
+    finally:
+        c.stop()
+
+
+def test_count_on_counts_only_the_named_exceptions_and_ignore_wins() -> None:
+    # Given only RuntimeError is the operation's fault, except its subclass RecursionError
+    policy = ReputationPolicy(count_on=(RuntimeError, Boom), ignore=[RecursionError])
+    c = run(policy)
+    try:
+        outcomes = [call(RuntimeError), call(True), call(KeyError), call(RecursionError), call(InvalidInput)]
+        assert [type(o) for o in outcomes] == [RuntimeError, Boom, KeyError, RecursionError, InvalidInput]
+        r = row(policy)
+        assert (r["attempts"], r["failures"], r["ignored"]) == (2, 2, 3)
+        assert r["failures_by_type"] == {"RuntimeError": 1, "Boom": 1}
+        assert r["ignored_by_type"] == {"KeyError": 1, "RecursionError": 1, "InvalidInput": 1}
+        stats = policy.stats()
+        assert stats["count_on"] == ["builtins.RuntimeError", f"{__name__}.Boom"]
+        assert stats["ignore"] == ["builtins.RecursionError"]
+        json.dumps(stats)
+    finally:
+        c.stop()
+
+
+def test_ignore_does_not_apply_to_timeouts(gate: threading.Event) -> None:
+    # A timeout is not an exception of the function's own: it always counts, whatever ignore says
+    entered = threading.Event()
+
+    @task_token_guard(operation_type="rep.ignored_timeout", tags={"timeout": NEVER})
+    def slow() -> None:
+        entered.set()
+        gate.wait(WAIT)
+
+    policy = ReputationPolicy(ignore=(TimeoutError, TokenTimeout, BaseException))
+    c = run(policy)
+    try:
+        token = slow()
+        assert entered.wait(WAIT)
+        expire(c, token)
+        with pytest.raises(TokenTimeout):
+            token.get(WAIT)
+        r = row(policy, "rep.ignored_timeout")
+        assert (r["attempts"], r["timeouts"], r["ignored"]) == (1, 1, 0)
+    finally:
+        gate.set()
+        c.stop()
+
+
+def test_the_defaults_count_every_exception() -> None:
+    policy = ReputationPolicy()
+    assert (policy.ignore, policy.count_on) == ((), None)
+    assert (policy.stats()["ignore"], policy.stats()["count_on"]) == ([], None)
+
+
+# ---------------------------------------------------------------------------
 # Configuration
 
 
@@ -386,6 +481,12 @@ def test_block_needs_an_operation_type(bad: Any) -> None:
         ({"max_operations": 0}, "max_operations"),
         ({"reservoir_size": 2}, "reservoir_size must be an integer from 16"),
         ({"clock": 5}, "clock must be a callable returning seconds"),
+        ({"ignore": "ValueError"}, "ignore must be an exception class or a tuple/list of them, got 'ValueError' "
+                                   "(pass the class itself, not its name)"),
+        ({"ignore": (ValueError, 3)}, "ignore must be an exception class or a tuple/list of them, got 3"),
+        ({"ignore": int}, "got <class 'int'>"),
+        ({"count_on": ()}, "count_on must name at least one exception class"),
+        ({"count_on": [KeyError, None]}, "count_on must be an exception class or a tuple/list of them, got None"),
     ],
 )
 def test_bad_configuration_is_rejected(kwargs: dict[str, Any], fragment: str) -> None:

@@ -19,6 +19,17 @@ had started). ``KILLED`` calls (an operator, a cancelled awaiter, a stop) are
 counted as ``kills`` but are not attempts: they say nothing about the
 operation. Refused calls are not attempts either.
 
+Not every exception is the operation's fault: a validation error raised for
+bad input from an anonymous caller says nothing about the operation, and with
+``auto_block=True`` a handful of such callers would block it for everyone.
+``ignore`` names exception types that are the caller's fault, ``count_on`` the
+only types that are the operation's (both: an exception is counted when it
+matches ``count_on`` and not ``ignore``). A run that ends in an exception not
+counted is not an attempt either: it enters neither the counts nor the failure
+window nor the run times, and is shown as ``ignored`` (by type in
+``ignored_by_type``). Timeouts and kills are never ignored: no exception of
+the function's own ends them.
+
 Passive by default: it only observes. With ``auto_block=True``, an operation
 whose failure rate over its most recent ``block_window`` attempts reaches
 ``block_threshold`` (with at least ``block_min_attempts`` of them) is blocked:
@@ -91,8 +102,8 @@ def classify_health(attempts: int, successes: int) -> Health:
 class _Operation:
     """Counters of one operation type. Guarded by the policy's lock."""
 
-    __slots__ = ("attempts", "successes", "failures", "errors", "timeouts", "kills", "refused", "run_time",
-                 "min_run", "first_seen", "last_seen", "window", "window_failures")
+    __slots__ = ("attempts", "successes", "failures", "errors", "timeouts", "kills", "refused", "ignored",
+                 "ignored_errors", "run_time", "min_run", "first_seen", "last_seen", "window", "window_failures")
 
     def __init__(self, now: float, reservoir_size: int, window: int) -> None:
         self.attempts = 0
@@ -102,6 +113,8 @@ class _Operation:
         self.timeouts = 0
         self.kills = 0
         self.refused = 0  # calls refused because the operation was blocked
+        self.ignored = 0  # runs that raised an exception the policy does not count (ignore / count_on)
+        self.ignored_errors: dict[str, int] = {}
         self.run_time = Reservoir(reservoir_size)
         self.min_run: float | None = None
         self.first_seen = now
@@ -128,6 +141,13 @@ class ReputationPolicy(Policy):
             seen is forgotten past it (default 10,000).
         reservoir_size: Recent run times kept per operation for mean and p95 (default 100).
         clock: Wall-clock seconds for ``first_seen``/``last_seen`` (injectable for tests).
+        ignore: An exception class, or a tuple/list of them, whose instances
+            raised by the function are the caller's fault (say, a validation
+            error): not counted as attempts or failures, never a reason to
+            block. Default: none.
+        count_on: An exception class, or a tuple/list of them: only failures
+            matching one of them count (``ignore`` still wins). Default None:
+            every exception counts.
 
     Raises:
         ConfigurationError: for any invalid option, at construction.
@@ -145,6 +165,8 @@ class ReputationPolicy(Policy):
         max_operations: int = 10_000,
         reservoir_size: int = 100,
         clock: Callable[[], float] = time.time,
+        ignore: type[BaseException] | tuple[type[BaseException], ...] | list[type[BaseException]] = (),
+        count_on: type[BaseException] | tuple[type[BaseException], ...] | list[type[BaseException]] | None = None,
     ) -> None:
         if not isinstance(auto_block, bool):
             raise ConfigurationError(f"auto_block must be True or False, got {auto_block!r}")
@@ -157,6 +179,8 @@ class ReputationPolicy(Policy):
         _check_int("reservoir_size", reservoir_size, 16, 100_000)
         if not callable(clock):  # else every recorded attempt fails later, far from the cause
             raise ConfigurationError(f"clock must be a callable returning seconds, got {clock!r}")
+        self.ignore = _exception_types("ignore", ignore, allow_empty=True)
+        self.count_on = None if count_on is None else _exception_types("count_on", count_on, allow_empty=False)
         self.auto_block = auto_block
         self.block_threshold = float(block_threshold)
         self.block_window = block_window
@@ -216,6 +240,9 @@ class ReputationPolicy(Policy):
         """Record one attempt that ran (success or failure, with its run time). Thread: loop."""
         op = token.operation_type
         started, finished = token.started_at, token.finished_at
+        if token._is_error and not self._counts(token._outcome):
+            self._record_ignored(op, type(token._outcome).__name__)
+            return None
         if token._is_error or started is None or finished is None:
             error_type = type(token._outcome).__name__ if token._is_error else None
             run_time = None if started is None or finished is None else finished - started
@@ -240,6 +267,21 @@ class ReputationPolicy(Policy):
         if self._unfolded_count >= _FOLD_EVERY:
             self._fold(writer=True)
         return None
+
+    def _counts(self, exc: object) -> bool:
+        """Is a run that raised *exc* the operation's fault (see ``ignore`` and ``count_on``)?"""
+        if self.ignore and isinstance(exc, self.ignore):
+            return False
+        count_on = self.count_on
+        return count_on is None or isinstance(exc, count_on)
+
+    def _record_ignored(self, op: str, error_type: str) -> None:
+        """Count a run that raised an exception that is not the operation's fault: not an attempt. Thread: loop."""
+        with self._lock:
+            self._fold_locked(writer=True)  # earlier successes first: see _record
+            entry = self._entry(op)
+            entry.ignored += 1
+            _count_type(entry.ignored_errors, error_type)
 
     def _fold(self, writer: bool = False) -> None:
         """Apply the successes recorded lock-free since the last fold. Thread: any.
@@ -363,11 +405,7 @@ class ReputationPolicy(Policy):
             entry.timeouts += 1
         elif failed:
             entry.failures += 1
-            errors = entry.errors
-            key = error_type or "<unknown>"
-            if key not in errors and len(errors) >= _MAX_ERROR_TYPES:
-                key = "<other>"
-            errors[key] = errors.get(key, 0) + 1
+            _count_type(entry.errors, error_type or "<unknown>")
         else:
             entry.successes += 1
         if run_time is not None:
@@ -466,6 +504,8 @@ class ReputationPolicy(Policy):
             "timeouts": e.timeouts,
             "kills": e.kills,
             "refused_while_blocked": e.refused,
+            "ignored": e.ignored,
+            "ignored_by_type": dict(e.ignored_errors),
             "completion_rate": (e.successes / e.attempts) if e.attempts else None,
             "recent_failure_rate": (e.window_failures / seen) if seen else None,
             "recent_attempts": seen,
@@ -493,6 +533,8 @@ class ReputationPolicy(Policy):
                 "block_threshold": self.block_threshold,
                 "block_window": self.block_window,
                 "block_min_attempts": self.block_min_attempts,
+                "ignore": [_type_name(t) for t in self.ignore],
+                "count_on": None if self.count_on is None else [_type_name(t) for t in self.count_on],
                 "blocked": dict(sorted(self._blocked.items())),
                 "operations_tracked": len(self._ops),
                 "max_operations": self.max_operations,
@@ -502,6 +544,31 @@ class ReputationPolicy(Policy):
             items = list(reversed(self._ops.items()))
         head["operations"] = {row["operation_type"]: row for row in self._rows(items)}
         return head
+
+
+def _count_type(counts: dict[str, int], key: str) -> None:
+    """Add one to *key* in a bounded per-type table (past ``_MAX_ERROR_TYPES`` names it is "<other>")."""
+    if key not in counts and len(counts) >= _MAX_ERROR_TYPES:
+        key = "<other>"
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _type_name(tp: type) -> str:
+    return f"{tp.__module__}.{tp.__qualname__}"
+
+
+def _exception_types(name: str, value: object, *, allow_empty: bool) -> tuple[type[BaseException], ...]:
+    """Normalize an exception class or a tuple/list of them; raise ConfigurationError naming *name*."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not items and not allow_empty:
+        raise ConfigurationError(f"{name} must name at least one exception class (an empty {name} would never "
+                                 "count a failure; leave it None to count every exception)")
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            hint = " (pass the class itself, not its name)" if isinstance(item, str) else ""
+            raise ConfigurationError(
+                f"{name} must be an exception class or a tuple/list of them, got {item!r}{hint}")
+    return items
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
