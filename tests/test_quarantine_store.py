@@ -11,6 +11,7 @@ import stat
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 
 from tokengate.errors import ConfigurationError
 from tokengate.quarantine_store import (
+    QuarantineFullError,
     QuarantineRecord,
     QuarantineStateError,
     QuarantineStatus,
@@ -87,7 +89,9 @@ def test_add_and_get(store: QuarantineStore) -> None:
     assert rec.args_summary == "0: list[len=3] [1, 2, 3], 1: str 'abc'"
     assert rec.kwargs_summary == "name: int 5"
     fetched = store.get(rec.id)
-    assert fetched == rec
+    # A summary read never loads the payload, but says how large it is and that it is kept
+    assert fetched == replace(rec, payload=None)
+    assert fetched.payload_kept and fetched.payload_size == len(rec.payload) > 0
     assert store.get("does-not-exist") is None
     assert store.load_payload(rec.id) == (([1, 2, 3], "abc"), {"name": 5})
 
@@ -256,6 +260,10 @@ def test_stats(store: QuarantineStore) -> None:
         "path": ":memory:",
         "total": 2,
         "by_status": {"pending": 1, "released": 0, "discarded": 1},
+        "payloads_kept": 2,
+        "payload_bytes": a.payload_size * 2,
+        "limits": {"max_records": 10_000, "max_total_payload_bytes": 256 * 1024 * 1024,
+                   "max_payload_bytes": 16 * 1024 * 1024},
     }
     json.dumps(stats)
 
@@ -270,14 +278,14 @@ def test_persistence_across_reopen(tmp_path: Path) -> None:
         gone = _add(s)
         s.mark_discarded(gone.id)
     with QuarantineStore(str(path)) as s:
-        assert s.get(rec.id) == rec
+        assert s.get(rec.id) == replace(rec, payload=None)
         assert s.load_payload(rec.id) == (({"a": [1, 2]}, 3.5), {"flag": True})
         assert s.count() == 2
         assert s.count(status="discarded") == 1
         assert s.stats()["path"] == str(path)
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexes = [r[1] for r in conn.execute("PRAGMA index_list(quarantine)")]
         assert "quarantine_status_op_created" in indexes
@@ -348,7 +356,7 @@ def test_close_is_idempotent_and_blocks_use(tmp_path: Path) -> None:
         _add(s)
 
 
-def test_sqlite_error_in_add_is_logged_and_wrapped(
+def test_sqlite_error_in_add_is_wrapped_and_not_logged_per_call(
     store: QuarantineStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Break the schema underneath the store to provoke a sqlite3.Error.
@@ -360,7 +368,8 @@ def test_sqlite_error_in_add_is_logged_and_wrapped(
             _add(store)
     assert isinstance(info.value.__cause__, sqlite3.Error)
     assert isinstance(info.value, RuntimeError)
-    assert any(r.exc_info for r in caplog.records)
+    # The caller decides what to log (the quarantine policy logs once per interval)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     # The store is still usable for reads that fail cleanly too.
     with pytest.raises(QuarantineStoreError):
         store.count()
@@ -369,7 +378,7 @@ def test_sqlite_error_in_add_is_logged_and_wrapped(
 def test_memory_store(store: QuarantineStore) -> None:
     rec = _add(store)
     assert store.path == ":memory:"
-    assert store.get(rec.id) == rec
+    assert store.get(rec.id) == replace(rec, payload=None)
     assert "memory" in repr(store)
 
 
@@ -639,4 +648,171 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
         assert record is not None and record.status is QuarantineStatus.PENDING and record.claimed_by is None
         assert s.claim("old1").claimed_by is not None
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def _v2_database(path: Path, payloads: dict[str, bytes | None]) -> None:
+    """A database exactly as schema version 2 wrote it: payloads inline in the summary table."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE quarantine (id TEXT PRIMARY KEY, operation_type TEXT NOT NULL, func_module TEXT NOT NULL,"
+            " func_qualname TEXT NOT NULL, trigger TEXT NOT NULL, reason TEXT NOT NULL, args_summary TEXT NOT NULL,"
+            " kwargs_summary TEXT NOT NULL, payload BLOB, payload_error TEXT, created_at REAL NOT NULL,"
+            " updated_at REAL NOT NULL, status TEXT NOT NULL CHECK (status IN ('pending', 'released', 'discarded')),"
+            " outcome_summary TEXT, outcome_ok INTEGER, claimed_by TEXT, claimed_at REAL)")
+        conn.execute("CREATE INDEX quarantine_status_op_created ON quarantine (status, operation_type, created_at)")
+        for n, (rid, payload) in enumerate(payloads.items()):
+            conn.execute("INSERT INTO quarantine VALUES (?, 'op', 'mod', 'func', 'held_operation', 'r', '0: int 1',"
+                         " '', ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                         (rid, payload, None if payload else "TypeError: cannot pickle", float(n), float(n),
+                          "released" if rid == "done" else "pending",
+                          "completed: returned 3" if rid == "done" else None, 1 if rid == "done" else None))
+        conn.execute("PRAGMA user_version = 2")
+    os.chmod(path, 0o600)
+
+
+def test_a_version_2_database_with_payloads_is_migrated_in_place(tmp_path: Path) -> None:
+    # Given a version-2 file holding a large payload, a small one, a record without one, and a released record
+    import pickle
+
+    path = tmp_path / "v2.sqlite3"
+    big = pickle.dumps(((b"x" * 200_000,), {}))
+    small = pickle.dumps(((1, 2), {"k": "v"}))
+    _v2_database(path, {"big": big, "small": small, "none": None, "done": small})
+
+    # When this version opens it
+    with QuarantineStore(path) as s:
+        # Then every record is there, with its size, and summaries do not carry payload bytes
+        by_id = {r.id: r for r in s.list(limit=10)}
+        assert set(by_id) == {"big", "small", "none", "done"}
+        assert by_id["big"].payload_size == len(big) and by_id["big"].payload_kept and by_id["big"].payload is None
+        assert by_id["none"].payload_size == 0 and not by_id["none"].payload_kept
+        assert by_id["none"].payload_error == "TypeError: cannot pickle"
+        assert by_id["done"].status is QuarantineStatus.RELEASED and by_id["done"].outcome_ok is True
+        # And the payloads still replay
+        assert s.load_payload("big") == ((b"x" * 200_000,), {})
+        assert s.load_payload("small") == ((1, 2), {"k": "v"})
+        with pytest.raises(ValueError, match="cannot pickle"):
+            s.load_payload("none")
+        # And the store keeps working on the migrated file
+        assert s.claim("small").claimed_by == s.claimant
+        assert _add(s).payload_kept
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(quarantine)")}
+        assert "payload" not in columns and {"payload_size", "payload_kept"} <= columns
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(quarantine)")}
+        assert {"quarantine_status_op_created", "quarantine_created"} <= indexes
+    # And opening it again changes nothing
+    with QuarantineStore(path) as s:
+        assert s.count() == 5 and s.load_payload("big") == ((b"x" * 200_000,), {})
+
+
+def test_summaries_never_read_the_payload_table(file_store: QuarantineStore) -> None:
+    # Given a record with a payload
+    rec = _add(file_store, args=(b"y" * 50_000,))
+    # When the payload table is made unreadable to the read connection (a trace shows every statement)
+    statements: list[str] = []
+    assert file_store._rconn is not None
+    file_store._rconn.set_trace_callback(statements.append)
+    listed = file_store.list()
+    file_store.get(rec.id)
+    file_store.count()
+    file_store.stats()
+    # Then no summary statement touched the payload table
+    assert listed[0].payload_size == rec.payload_size > 50_000
+    assert statements and not [s for s in statements if "quarantine_payload" in s]
+    file_store._rconn.set_trace_callback(None)
+
+
+def test_a_failed_commit_is_rolled_back_and_the_connection_stays_usable(store: QuarantineStore) -> None:
+    # Given a deferred foreign key, which fails at COMMIT and leaves the transaction open
+    assert store._conn is not None
+    conn = store._conn
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    # When a write's COMMIT fails
+    with pytest.raises(QuarantineStoreError, match="FOREIGN KEY"):
+        with store._write("test") as c:
+            c.execute("INSERT INTO child VALUES (42)")
+            c.execute("INSERT INTO quarantine_payload VALUES ('orphan', x'00')")
+    # Then its changes are gone, no transaction is left open, and the next write works
+    assert not conn.in_transaction
+    assert conn.execute("SELECT COUNT(*) FROM child").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM quarantine_payload").fetchone()[0] == 0
+    assert _add(store).status is QuarantineStatus.PENDING
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_records": 0}, {"max_records": True}, {"max_records": 1.5}, {"max_total_payload_bytes": -1},
+    {"max_payload_bytes": 2000, "max_total_payload_bytes": 1000}, {"timeout": float("inf")}, {"timeout": True},
+])
+def test_bad_limits_are_refused_at_construction(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        QuarantineStore(":memory:", **kwargs)
+
+
+def test_retention_evicts_finished_records_first_and_never_a_pending_one() -> None:
+    # Given room for three records
+    with QuarantineStore(":memory:", max_records=3) as s:
+        a, b, c = _add(s), _add(s), _add(s)
+        s.mark_discarded(a.id)
+        s.mark_released(b.id, True, "ok")
+        # When a fourth arrives, the oldest finished record goes
+        d = _add(s)
+        assert {r.id for r in s.list()} == {b.id, c.id, d.id}
+        # And the next one evicts the other finished record
+        e = _add(s)
+        assert {r.id for r in s.list()} == {c.id, d.id, e.id}
+        # Then, with only pending records left, a new call is refused with a typed error, not stored
+        with pytest.raises(QuarantineFullError, match="max_records=3"):
+            _add(s)
+        assert s.count() == 3 and s.count(status="pending") == 3
+        # And discarding one makes room again
+        s.mark_discarded(c.id)
+        f = _add(s)
+        assert {r.id for r in s.list()} == {d.id, e.id, f.id}
+
+
+def test_retention_evicts_payloads_of_finished_then_oldest_pending_records() -> None:
+    # Given room for ~3 payloads of 10 kB
+    with QuarantineStore(":memory:", max_total_payload_bytes=35_000, max_payload_bytes=20_000) as s:
+        def blob() -> QuarantineRecord:
+            return _add(s, args=(b"z" * 10_000,))
+
+        old_pending, finished, young = blob(), blob(), blob()
+        s.mark_discarded(finished.id)
+        # When a fourth payload goes over the cap, the finished record's payload goes first
+        newest = blob()
+        assert not s.get(finished.id).payload_kept  # type: ignore[union-attr]
+        assert all(s.get(r.id).payload_kept for r in (old_pending, young, newest))  # type: ignore[union-attr]
+        # And then the oldest pending record's payload; its summary stays, it says why
+        latest = blob()
+        evicted = s.get(old_pending.id)
+        assert evicted is not None and not evicted.payload_kept and evicted.status is QuarantineStatus.PENDING
+        assert "evicted by the retention policy" in (evicted.payload_error or "")
+        assert evicted.args_summary.startswith("0: bytes[len=10000]") and evicted.payload_size > 10_000
+        with pytest.raises(ValueError, match="evicted"):
+            s.load_payload(old_pending.id)
+        assert s.stats()["payload_bytes"] <= 35_000
+        assert s.load_payload(latest.id)[0] == (b"z" * 10_000,)
+
+
+def test_retention_never_evicts_the_payload_of_a_release_in_flight() -> None:
+    with QuarantineStore(":memory:", max_total_payload_bytes=25_000, max_payload_bytes=20_000) as s:
+        claimed = _add(s, args=(b"z" * 10_000,))
+        s.claim(claimed.id)
+        other = _add(s, args=(b"z" * 10_000,))
+        _add(s, args=(b"z" * 10_000,))
+        assert s.get(claimed.id).payload_kept  # type: ignore[union-attr]
+        assert not s.get(other.id).payload_kept  # type: ignore[union-attr]
+
+
+def test_a_payload_over_the_per_record_cap_keeps_its_summary_and_size(store: QuarantineStore) -> None:
+    with QuarantineStore(":memory:", max_payload_bytes=1_000) as s:
+        rec = s.add("op", "m", "f", "argument_spike", "big", (b"q" * 5_000,), {})
+        stored = s.get(rec.id)
+        assert stored is not None and not stored.payload_kept and stored.payload_size > 5_000
+        assert stored.to_dict()["payload_kept"] is False and stored.to_dict()["payload_size"] > 5_000
+        assert "max_payload_bytes" in (stored.payload_error or "")

@@ -19,6 +19,7 @@ from typing import Any
 from tokengate.errors import TokengateError
 
 __all__ = [
+    "QuarantineFullError",
     "QuarantineRecord",
     "QuarantineStateError",
     "QuarantineStatus",
@@ -38,6 +39,15 @@ class QuarantineStoreError(TokengateError, RuntimeError):
     """
 
 
+class QuarantineFullError(QuarantineStoreError):
+    """Raised when a call cannot be stored because ``max_records`` records are already pending.
+
+    Pending records are never evicted (each is a call an operator has not yet
+    decided on), so a full store refuses new ones instead; the quarantine
+    policy then admits the call (its documented fail-open behaviour).
+    """
+
+
 class QuarantineStateError(TokengateError, ValueError):
     """Raised when a release or discard targets a record that is not PENDING."""
 
@@ -54,9 +64,15 @@ class QuarantineStatus(str, enum.Enum):
 class QuarantineRecord:
     """One quarantined call as stored in the database.
 
-    ``payload`` is the pickled ``(args, kwargs)`` or ``None`` when the
-    arguments could not be pickled (``payload_error`` then says why) or were
-    larger than the store's ``max_payload_bytes``. ``outcome_ok`` and
+    ``payload_kept`` says whether the pickled ``(args, kwargs)`` is stored (so
+    the call can be replayed); when it is not, ``payload_error`` says why: the
+    arguments could not be pickled, were larger than the store's
+    ``max_payload_bytes``, or the payload was evicted by the retention policy.
+    ``payload_size`` is the pickle's size in bytes (0 when pickling failed),
+    kept even when the payload is not. ``payload`` holds the bytes only on a
+    record :meth:`QuarantineStore.prepare` made and not yet stored; records
+    read from the database never load it (summaries must stay cheap; see
+    :meth:`QuarantineStore.load_payload`). ``outcome_ok`` and
     ``outcome_summary`` are set when the call is released. ``claimed_by``
     (``"host:pid:start/store id"``) and ``claimed_at`` name the store (and
     its process) re-running a PENDING record, or that re-ran a RELEASED one.
@@ -79,17 +95,20 @@ class QuarantineRecord:
     outcome_ok: bool | None
     claimed_by: str | None = None
     claimed_at: float | None = None
+    payload_size: int = 0
+    payload_kept: bool = False
 
     @property
     def has_payload(self) -> bool:
-        """True when the call's arguments were stored and can be replayed."""
-        return self.payload is not None
+        """True when the call's arguments are stored (or, before storing, were pickled) and can be replayed."""
+        return self.payload_kept or self.payload is not None
 
     def to_dict(self, include_payload: bool = False) -> dict[str, Any]:
         """Return a JSON-serialisable dict; never contains raw payload bytes.
 
         With ``include_payload=True`` the payload is added as base64 text under
-        ``payload_b64`` (still a pickle -- see the module's trust boundary).
+        ``payload_b64`` when this object holds it (still a pickle -- see the
+        module's trust boundary); records read from the database do not.
         """
         data: dict[str, Any] = {
             "id": self.id,
@@ -101,7 +120,8 @@ class QuarantineRecord:
             "args_summary": self.args_summary,
             "kwargs_summary": self.kwargs_summary,
             "has_payload": self.has_payload,
-            "payload_size": len(self.payload) if self.payload is not None else 0,
+            "payload_size": self.payload_size,
+            "payload_kept": self.has_payload,
             "payload_error": self.payload_error,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
