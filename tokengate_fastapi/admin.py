@@ -15,7 +15,8 @@ Routes, relative to the prefix ([auth] = needs ``Authorization: Bearer <token>``
 * [auth] ``POST /drain`` · ``POST /pause`` · ``POST /resume``
 * ``GET /health`` and ``GET /ready``: open unless ``public_health=False``
 * [auth] ``GET /metrics``: unless ``public_metrics=True``
-* [auth] ``GET /events``: Server-Sent Events; also accepts ``?access_token=``
+* [auth] ``GET /events``: Server-Sent Events (one snapshot per tick shared by every stream; at most
+  ``sse_max_streams`` open); also accepts ``?access_token=``
 * ``GET /dashboard``: open on purpose (the page holds no data and asks for the token)
 
 Errors use the body ``{"error": <ErrorCode>, "detail": ...}``: unknown ids 404,
@@ -50,6 +51,12 @@ def _check_seconds(name: str, value: object, high: float) -> float:
     return float(value)
 
 
+def _check_count(name: str, value: object, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ConfigurationError(f"{name} must be a whole number in [1, {high:,}], got {value!r}")
+    return value
+
+
 def admin_router(
     *,
     token: str | None = None,
@@ -58,6 +65,7 @@ def admin_router(
     public_metrics: bool = False,
     sse_interval: float = 1.0,
     sse_max_duration: float = 60.0,
+    sse_max_streams: int = 100,
     include_in_schema: bool = True,
     name_prefix: str = "tokengate",
 ) -> APIRouter:
@@ -80,16 +88,22 @@ def admin_router(
         sse_max_duration: Seconds after which an ``/events`` stream ends and
             ``EventSource`` reconnects by itself (default 60). Bounds how long
             an open dashboard can hold a server's graceful shutdown.
+        sse_max_streams: Most ``/events`` streams open at once on this router
+            (default 100; at most 100,000). Every stream shares one snapshot
+            per tick, but each still costs a socket and a wake-up per tick;
+            past the cap ``/events`` answers 503 ``overloaded`` with
+            ``Retry-After``. With ``--workers N`` each process has its own cap.
         include_in_schema: List the routes in the app's OpenAPI schema.
         name_prefix: Route names are ``f"{name_prefix}:stats"`` and so on, for
             ``request.url_for``.
 
     Raises:
         ConfigurationError: for an empty or whitespace-containing token, a bad
-            interval or duration, or an empty *name_prefix*.
+            interval, duration or stream cap, or an empty *name_prefix*.
     """
     interval = _check_seconds("sse_interval", sse_interval, 3600)
     max_duration = _check_seconds("sse_max_duration", sse_max_duration, 86_400)
+    max_streams = _check_count("sse_max_streams", sse_max_streams, 100_000)
     if not isinstance(name_prefix, str) or not name_prefix.strip():
         raise ConfigurationError(f"name_prefix must be a non-empty string, got {name_prefix!r}")
     auth = AdminAuth(token, allow_unauthenticated=allow_unauthenticated, where=f"{name_prefix} admin router")
@@ -109,5 +123,6 @@ def admin_router(
         metrics_deps=[] if public_metrics else protected,
         sse_interval=interval,
         sse_max_duration=max_duration,
+        sse_max_streams=max_streams,
     )
     return router

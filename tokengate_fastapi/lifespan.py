@@ -38,6 +38,7 @@ from tokengate import OperationsCoordinator
 from tokengate.errors import ConfigurationError
 
 from .dependencies import STATE_KEY
+from ._routes_live import close_event_streams
 
 __all__ = ["tokengate_lifespan", "TokengateLifespan", "TokengateState"]
 
@@ -100,7 +101,8 @@ class TokengateLifespan:
                     delattr(app.state, STATE_KEY)
 
     async def _shutdown(self, coordinator: OperationsCoordinator) -> None:
-        """Drain (refuse new calls, let accepted ones finish) for up to drain_timeout, then stop.
+        """End the ``/events`` streams, drain (refuse new calls, let accepted ones finish) for up to
+        drain_timeout, then stop.
 
         Whatever is still unsettled after the drain is settled at once with
         ``CoordinatorStopped``: its awaiters get an answer, and the server's
@@ -108,6 +110,8 @@ class TokengateLifespan:
         for worker threads to notice (running functions cannot be interrupted).
         Thread: the server's event loop.
         """
+        # Live streams first: they would otherwise tick (and hold their task) until the stop.
+        await close_event_streams(coordinator)
         report = await coordinator.drain(self.drain_timeout)
         if not report.drained:
             logger.warning(
