@@ -125,7 +125,7 @@ class RefuseReleased(Policy):
 
 
 class FailingStore(QuarantineStore):
-    def add(self, *args: Any, **kwargs: Any) -> Any:
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
         raise QuarantineStoreError("quarantine store: add failed: disk I/O error")
 
 
@@ -428,6 +428,7 @@ def test_records_survive_a_coordinator_restart_and_release_runs_the_call(db: str
         token = second.release(qid)
         assert token.get(timeout=10) == 42
         settle(token)
+        assert second.flush()  # the outcome is stored by the writer thread
         record = second.get(qid)
         assert record is not None
         assert record["status"] == "released" and record["outcome_ok"] is True
@@ -481,6 +482,7 @@ def test_a_released_call_that_fails_is_recorded_as_failed(db: str) -> None:
         # When the poison call is released, it runs (not quarantined again) and fails
         token = policy.release(info.value.quarantine_id)
         fails(token, ValueError, match="negative -9")
+        assert policy.flush()
         record = policy.get(info.value.quarantine_id)
         assert record is not None and record["status"] == "released" and record["outcome_ok"] is False
         assert record["outcome_summary"] == "failed: ValueError: negative -9"
@@ -501,6 +503,7 @@ def test_release_while_in_flight_is_refused_and_discard_too(db: str) -> None:
         _GATE.set()
         assert token.get(timeout=10) == 1
         settle(token)
+        assert policy.flush()  # the outcome is stored by the writer thread
         assert policy.get(qid)["status"] == "released"  # type: ignore[index]
 
 
@@ -586,6 +589,7 @@ def test_a_release_killed_before_it_ran_ends_its_claim(db: str) -> None:
         # When it is killed before a worker took it
         token.kill()
         settle(token)
+        assert policy.flush()  # the outcome is stored by the writer thread
 
         # Then the record is pending and unclaimed, and can be released again
         record = policy.get(qid)
@@ -594,6 +598,7 @@ def test_a_release_killed_before_it_ran_ends_its_claim(db: str) -> None:
         again = policy.release(qid)
         assert again.get(timeout=10) == 2
         settle(again)
+        assert policy.flush()  # the outcome is stored by the writer thread
         assert policy.get(qid)["status"] == "released"  # type: ignore[index]
 
 
@@ -628,6 +633,7 @@ def test_a_release_claimed_by_another_live_process_is_refused_unless_forced(db: 
             token = policy.release(qid, force=True)
             assert token.get(timeout=10) == 5
             settle(token)
+            assert policy.flush()  # the outcome is stored by the writer thread
             record = policy.get(qid)
             assert record is not None and record["status"] == "released" and record["claimed_by"] != owner
     finally:

@@ -10,7 +10,8 @@ import collections
 import itertools
 import math
 import sys
-from typing import Any, Deque, Mapping
+import time
+from typing import Any, Callable, Deque, Mapping
 
 __all__ = ["footprint", "Footprints"]
 
@@ -80,18 +81,37 @@ class Footprints:
     """Recent accepted footprints of one operation and the spike limit derived from them.
 
     ``limit`` is the footprint above which a call is a spike: infinite until
-    ``min_samples`` were seen, then ``max(factor x p99, min_bytes)``, refreshed
-    every ``_RECOMPUTE_EVERY`` samples (sorting the window is the cost, so the
-    hot path is one comparison and an append). Caller holds its policy's lock.
+    ``min_samples`` were seen, then ``max(factor x baseline, min_bytes)``,
+    refreshed every ``_RECOMPUTE_EVERY`` samples (sorting the window is the
+    cost, so the hot path is one comparison and an append).
+
+    ``baseline`` is the window's p99, except that it never falls faster than
+    by half every ``half_life`` seconds: ``max(p99, previous baseline x
+    2^(-elapsed / half_life))``. Without that, anyone able to make many tiny
+    calls of an operation (a few hundred suffice to fill a window of 256)
+    could drag its p99 down within seconds so that the next ordinary call --
+    larger than ``min_bytes`` -- is quarantined: a denial of service against
+    other callers. With it, the limit over ordinary calls of size B lasts
+    ``log2(factor) x half_life`` seconds of a flood that makes up over 99 % of
+    the operation's calls (30 minutes with the defaults), whatever the flood's
+    rate, and never drops below ``min_bytes``; ordinary calls that remain at
+    least 1 % of the window keep the p99, hence the limit, where it was. The
+    decay is measured on *clock* (monotonic seconds). Caller holds its
+    policy's lock.
     """
 
-    __slots__ = ("samples", "countdown", "limit", "p99")
+    __slots__ = ("samples", "countdown", "limit", "p99", "baseline", "stamp", "half_life", "clock")
 
-    def __init__(self, window: int, min_samples: int) -> None:
+    def __init__(self, window: int, min_samples: int, half_life: float = math.inf,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.samples: Deque[int] = collections.deque(maxlen=window)
         self.countdown = min_samples
         self.limit = math.inf
         self.p99 = 0
+        self.baseline = 0.0
+        self.stamp = 0.0
+        self.half_life = half_life
+        self.clock = clock
 
     def add(self, size: int, factor: float, min_bytes: int) -> None:
         """Record an accepted call's footprint; refresh the limit every few samples."""
@@ -99,6 +119,12 @@ class Footprints:
         self.countdown -= 1
         if self.countdown <= 0:
             n = len(self.samples)
-            self.p99 = sorted(self.samples)[math.ceil(0.99 * n) - 1]
-            self.limit = max(factor * self.p99, min_bytes)
+            self.p99 = p99 = sorted(self.samples)[math.ceil(0.99 * n) - 1]
+            now = self.clock()
+            remembered = self.baseline
+            if remembered > p99 and self.half_life != math.inf:
+                remembered *= 0.5 ** (max(0.0, now - self.stamp) / self.half_life)
+            self.baseline = max(float(p99), remembered)
+            self.stamp = now
+            self.limit = max(factor * self.baseline, min_bytes)
             self.countdown = _RECOMPUTE_EVERY

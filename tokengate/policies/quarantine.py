@@ -18,17 +18,36 @@
   fingerprint per call only for operations with a recorded failure.
 * ``held_operation``: an operator called :meth:`QuarantinePolicy.hold`.
 
-The caller gets :class:`~tokengate.errors.TokenQuarantined` (carrying
-``quarantine_id`` and ``trigger``): at call time for a new call, from
-``await token`` for a retry held on re-admission. The operator API --
+Writing the record, and when the caller hears about it:
+    A call is reported quarantined only once its record is committed, so an
+    acknowledged record is never lost. The database is written by one writer
+    thread (:mod:`tokengate.quarantine_writer`), never by the submitting
+    thread, with a bounded queue (``queue_size``). A call made from a thread
+    that runs no event loop (sync code, a worker thread) waits up to
+    ``write_timeout`` and gets :class:`~tokengate.errors.TokenQuarantined` at
+    call time; a call made on an event loop must not block it, so it returns
+    its token at once, held (state WAITING) until the record is written, and
+    its awaiter gets ``TokenQuarantined`` (carrying ``quarantine_id`` and
+    ``trigger``). So does a retry held on re-admission.
+
+Fail-open, precisely:
+    When the record cannot be committed within ``write_timeout`` (another
+    process holds the lock, the disk is slow), or the write fails (read-only,
+    full or corrupt file), or the database cannot be opened, or the writer's
+    queue is full, or ``max_records`` records are already pending, the call is
+    **admitted**: it runs as if no trigger had fired. Nothing is dropped: every
+    accepted call either runs or is durably quarantined. A record committed
+    after its call was admitted (a timeout racing the COMMIT) is marked
+    discarded with a note, so it can never be released and run a second time.
+    Failures are logged at ERROR at most once per ``log_interval`` seconds (with
+    a count of the ones held back) and counted in ``stats()["store_errors"]``;
+    an unopenable database is retried every ``retry_interval`` seconds.
+
+The operator API --
 :meth:`~QuarantinePolicy.list`, :meth:`~QuarantinePolicy.get`,
 :meth:`~QuarantinePolicy.release`, :meth:`~QuarantinePolicy.discard` -- works on
 the persisted records, also after a restart (release needs the decorated
 function to be importable).
-
-If the store fails (or cannot be opened) the call is **admitted** and the
-failure logged at error: quarantine never takes the coordinator down, and a
-call is never dropped silently.
 
 Trust boundary: each record's payload is a **pickle** of the call's arguments,
 and releasing a record unpickles it, which runs code chosen by whoever can
@@ -45,13 +64,16 @@ held while user code (pickling, ``__repr__``) or the database runs.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import collections
 import logging
+import math
 import os
 import reprlib
 import threading
-from typing import TYPE_CHECKING, Any, Iterable
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..decorator import resolve_guarded
 from ..errors import ConfigurationError, CoordinatorNotRunning, TokenQuarantined
@@ -59,12 +81,16 @@ from ..fingerprint import DigestPolicy, HashPolicy, digest, routing_key
 from ..policy import Policy
 from .footprint import Footprints as _Footprints, footprint
 from ..quarantine_store import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_RECORDS,
+    DEFAULT_MAX_TOTAL_PAYLOAD_BYTES,
     DEFAULT_PATH,
     QuarantineStateError,
     QuarantineStatus,
     QuarantineStore,
     QuarantineStoreError,
 )
+from ..quarantine_writer import PendingWrite, QuarantineWriter, Throttled, WriteState
 from ..states import TokenState
 
 if TYPE_CHECKING:
@@ -80,6 +106,9 @@ TRIGGERS = (SPIKE, POISON, HELD)
 
 _RELEASE_KEY = "quarantine.release_id"  # policy_data: this token is a released record
 _FP_KEY = "quarantine.fingerprint"  # policy_data: the call's fingerprint digest, once computed
+_WRITE_KEY = "quarantine.write"  # policy_data: the PendingWrite of a call held until its record is written
+_get_running_loop = asyncio._get_running_loop
+_HOLD, _QUARANTINE, _ADMIT = 0, 1, 2
 _OUTCOME_REPR = reprlib.Repr()
 _OUTCOME_REPR.maxstring = 200
 _OUTCOME_REPR.maxother = 200
@@ -112,11 +141,27 @@ class QuarantinePolicy(Policy):
             are judged.
         spike_min_bytes: A footprint at or below this is never a spike.
         spike_window: Accepted footprints kept per operation (>= spike_min_samples).
+        spike_baseline_half_life: Seconds for the remembered p99 to halve: a
+            burst of small calls cannot drag the spike limit below half its
+            level in that time (``math.inf``: never lower it). See
+            :class:`~tokengate.policies.footprint.Footprints`.
         poison_failures: Consecutive failures of one fingerprint that make its
             next call poison.
         poison_capacity: Fingerprints whose failures are remembered (LRU).
         poison_ignore: Exception types that are normal outcomes (e.g. a
             not-found error) and never count as failures.
+        write_timeout: Seconds a held call waits for its record to be
+            committed before it is admitted instead (also the database's busy
+            timeout for a store this policy opens).
+        queue_size: Records waiting for the writer thread at most; past it an
+            anomalous call is admitted.
+        log_interval: Seconds between two logged database failures.
+        retry_interval: Seconds between attempts to open an unopenable database.
+        max_records, max_total_payload_bytes, max_payload_bytes: Retention
+            limits of a store this policy opens (see
+            :class:`~tokengate.quarantine_store.QuarantineStore`); give them to
+            the store itself when passing a store.
+        clock: Monotonic seconds, for the spike baseline (tests pass a fake).
 
     Raises:
         ConfigurationError: for any invalid option, at construction.
@@ -132,9 +177,18 @@ class QuarantinePolicy(Policy):
         spike_min_samples: int = 50,
         spike_min_bytes: int = 64 * 1024,
         spike_window: int = 256,
+        spike_baseline_half_life: float = 600.0,
         poison_failures: int = 3,
         poison_capacity: int = 10_000,
         poison_ignore: Iterable[type[BaseException]] = (),
+        write_timeout: float = 2.0,
+        queue_size: int = 1024,
+        log_interval: float = 60.0,
+        retry_interval: float = 5.0,
+        max_records: int | None = None,
+        max_total_payload_bytes: int | None = None,
+        max_payload_bytes: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(spike_factor, bool) or not isinstance(spike_factor, (int, float)) or not spike_factor >= 1:
             raise ConfigurationError(f"spike_factor must be a number >= 1, got {spike_factor!r}")
@@ -144,6 +198,31 @@ class QuarantinePolicy(Policy):
                    hint=f" (at least spike_min_samples={spike_min_samples}, or spikes could never be judged)")
         _check_int("poison_failures", poison_failures, 1)
         _check_int("poison_capacity", poison_capacity, 1)
+        _check_int("queue_size", queue_size, 1)
+        for option, seconds, allow_inf in (("spike_baseline_half_life", spike_baseline_half_life, True),
+                                           ("write_timeout", write_timeout, False),
+                                           ("log_interval", log_interval, False),
+                                           ("retry_interval", retry_interval, False)):
+            if (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0
+                    or (math.isinf(seconds) and not allow_inf) or math.isnan(seconds)):
+                raise ConfigurationError(f"{option} must be a positive number of seconds"
+                                         f"{'' if allow_inf else ' (finite)'}, got {seconds!r}")
+        if not callable(clock):
+            raise ConfigurationError(f"clock must be callable, got {clock!r}")
+        limits = {"max_records": max_records, "max_total_payload_bytes": max_total_payload_bytes,
+                  "max_payload_bytes": max_payload_bytes}
+        if isinstance(store, QuarantineStore) and any(v is not None for v in limits.values()):
+            raise ConfigurationError("max_records, max_total_payload_bytes and max_payload_bytes apply to a "
+                                     "store the policy opens; pass them to QuarantineStore(...) instead")
+        self._store_limits: dict[str, int | None] = {
+            "max_records": DEFAULT_MAX_RECORDS if max_records is None else max_records,
+            "max_total_payload_bytes": (DEFAULT_MAX_TOTAL_PAYLOAD_BYTES if max_total_payload_bytes is None
+                                        else max_total_payload_bytes),
+            "max_payload_bytes": DEFAULT_MAX_PAYLOAD_BYTES if max_payload_bytes is None else max_payload_bytes,
+        }
+        if not isinstance(store, QuarantineStore):
+            # Validated now, not at start: build (and drop) a store object's checks without a file.
+            QuarantineStore(":memory:", timeout=float(write_timeout), **self._store_limits).close()
         ignore = tuple(poison_ignore)
         for tp in ignore:
             if not (isinstance(tp, type) and issubclass(tp, BaseException)):
@@ -163,6 +242,12 @@ class QuarantinePolicy(Policy):
         self.spike_min_samples = spike_min_samples
         self.spike_min_bytes = spike_min_bytes
         self.spike_window = spike_window
+        self.spike_baseline_half_life = float(spike_baseline_half_life)
+        self.write_timeout = float(write_timeout)
+        self.queue_size = queue_size
+        self.log_interval = float(log_interval)
+        self.retry_interval = float(retry_interval)
+        self._clock = clock
         self.poison_failures = poison_failures
         self.poison_capacity = poison_capacity
         self.poison_ignore: tuple[type[BaseException], ...] = ignore
@@ -180,18 +265,46 @@ class QuarantinePolicy(Policy):
         self._releases_submitting = 0  # release() calls inside coordinator.submit (hot-path guard)
         self._quarantined = {t: 0 for t in TRIGGERS}
         self._store_errors = 0
+        self._orphans_discarded = 0
+        self._writer: QuarantineWriter | None = None
+        self._admitted_log = Throttled(logger, self.log_interval)
+        self._open_log = Throttled(logger, self.log_interval)
 
     # -- lifecycle -------------------------------------------------------------
 
     def on_start(self, coordinator: OperationsCoordinator) -> None:
-        """Bind to *coordinator* and open the database (an error is logged, not raised)."""
+        """Bind to *coordinator* and start the writer thread, which opens the database.
+
+        Waits up to ``write_timeout`` for the database to open (an error is
+        logged, not raised: anomalous calls are admitted until it opens).
+        """
+        if self._writer is not None:  # started again without a stop: never two writer threads
+            self._stop_writer()
+        with self._store_lock:
+            store, self._store = self._store, None
+        writer = QuarantineWriter(store, self._new_store if self._owns_store else None, on_done=self._write_done,
+                                  queue_size=self.queue_size, retry_interval=self.retry_interval,
+                                  log_interval=self.log_interval, name=f"tokengate-quarantine-{coordinator.name}")
+        writer.failures = self._open_log
+        self._writer = writer
         self._coordinator = coordinator
-        self._open_store()
+        try:
+            writer.start(open_wait=self.write_timeout)
+        except BaseException:
+            self._writer = self._coordinator = None
+            writer.stop(0)
+            raise
 
     def on_stop(self, coordinator: OperationsCoordinator) -> None:
-        """Unbind; close the database if this policy opened it."""
+        """Unbind; stop and join the writer thread (it closes the database if this policy opened it)."""
         self._coordinator = None
+        self._stop_writer()
         self.close()
+
+    def _stop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.stop(self.write_timeout + 1.0):
+            logger.error("quarantine writer thread did not stop within %.1f s", self.write_timeout + 1.0)
 
     def close(self) -> None:
         """Close a database this policy opened (e.g. after using the operator API without a coordinator)."""
@@ -201,17 +314,24 @@ class QuarantinePolicy(Policy):
             if store is not None:
                 store.close()
 
+    def _new_store(self) -> QuarantineStore:
+        return QuarantineStore(self._path, timeout=self.write_timeout, **self._store_limits)
+
     def _open_store(self) -> QuarantineStore | None:
+        """The store to use now: the writer's while running, else this policy's (opened on first use)."""
+        writer = self._writer
+        if writer is not None:
+            return writer.store
         store = self._store
         if store is not None or not self._owns_store:
             return store
         with self._store_lock:
             if self._store is None:
                 try:
-                    self._store = QuarantineStore(self._path)
-                except QuarantineStoreError:
-                    logger.exception("cannot open the quarantine database %s; anomalous calls will be admitted",
-                                     self._path)
+                    self._store = self._new_store()
+                except QuarantineStoreError as exc:
+                    self._open_log(logging.ERROR, "cannot open the quarantine database %s (%s); anomalous calls "
+                                   "will be admitted", self._path, exc)
             return self._store
 
     def _require_store(self) -> QuarantineStore:
@@ -234,7 +354,7 @@ class QuarantinePolicy(Policy):
         if args is None or kwargs is None:
             return
         if op in self._held:
-            self._quarantine(token, HELD, f"operation {op!r} is on hold")
+            self._hold_for_review(token, HELD, f"operation {op!r} is on hold")
             return
         if op in self._poison_ops:
             fp = data.get(_FP_KEY) if data is not None else None
@@ -245,7 +365,7 @@ class QuarantinePolicy(Policy):
                     count, exhausted = self._failures.get((op, fp), (0, False))
                 if count >= self.poison_failures:
                     why = "exhausted its retries" if exhausted else f"failed {count} times in a row"
-                    self._quarantine(token, POISON, f"an identical {op} call {why}")
+                    self._hold_for_review(token, POISON, f"an identical {op} call {why}")
                     return
         if token.attempt > 1:
             return  # a retry carries the arguments already measured at its first submission
@@ -253,12 +373,13 @@ class QuarantinePolicy(Policy):
         with self._lock:
             window = self._footprints.get(op)
             if window is None:
-                window = self._footprints[op] = _Footprints(self.spike_window, self.spike_min_samples)
+                window = self._footprints[op] = _Footprints(self.spike_window, self.spike_min_samples,
+                                                            self.spike_baseline_half_life, self._clock)
             if size <= window.limit:
                 window.add(size, self.spike_factor, self.spike_min_bytes)
                 return
-            p99 = window.p99
-        self._quarantine(token, SPIKE, (
+            p99 = round(window.baseline)
+        self._hold_for_review(token, SPIKE, (
             f"argument footprint ~{size} bytes exceeds {self.spike_factor:g} x the recent p99 ({p99} bytes)"))
 
     def _claim_release(self, token: TaskToken[Any]) -> bool:
@@ -270,6 +391,26 @@ class QuarantinePolicy(Policy):
         if token.policy_data is None:
             token.policy_data = {}
         token.policy_data[_RELEASE_KEY] = release_id
+        return True
+
+    def admit(self, token: TaskToken[Any]) -> bool:
+        """Hold a call whose record is being written; quarantine it once written, else let it run.
+
+        Thread: the submitting thread, or any thread that hands the token back
+        (the writer thread when the record is written, the loop at the deadline).
+        """
+        data = token.policy_data
+        entry = data.get(_WRITE_KEY) if data is not None else None
+        if entry is None:
+            return True
+        verdict = self._verdict(entry, hold=True)
+        if verdict == _HOLD:
+            return False
+        assert data is not None
+        del data[_WRITE_KEY]
+        if verdict == _QUARANTINE:
+            self._raise_quarantined(token, entry)
+        self._admitted_after(entry)
         return True
 
     def after_run(self, token: TaskToken[Any]) -> float | None:
@@ -293,6 +434,10 @@ class QuarantinePolicy(Policy):
         data = token.policy_data
         if not data:
             return
+        entry = data.pop(_WRITE_KEY, None)
+        if entry is not None:
+            # Settled while its record was being written (killed, stopped, refused by a later policy).
+            self._give_up(entry)
         if data.get("retries_exhausted"):
             fp = data.get(_FP_KEY)
             if fp is None:
@@ -305,31 +450,138 @@ class QuarantinePolicy(Policy):
 
     # -- triggers and bookkeeping ---------------------------------------------------
 
-    def _quarantine(self, token: TaskToken[Any], trigger: str, reason: str) -> None:
-        """Persist the call and raise TokenQuarantined; on a store failure log and return (admit)."""
+    def _hold_for_review(self, token: TaskToken[Any], trigger: str, reason: str) -> None:
+        """A trigger fired: have the record written, then quarantine the call (or admit it, failing open).
+
+        On a thread without an event loop: waits up to ``write_timeout`` and
+        raises TokenQuarantined, or returns (admitted). On an event loop:
+        marks the token so that ``admit`` holds it until the writer reports,
+        with a deadline of ``write_timeout`` on that loop.
+        """
         op = token.operation_type
         guarded = token.guarded
-        store = self._open_store()
-        record = None
-        if store is not None and guarded is not None:
+        writer = self._writer
+        if writer is None or guarded is None:
+            self._admit_unwritten(op, trigger, reason, "the quarantine policy is not running")
+            return
+        entry = PendingWrite(op, guarded.module, guarded.qualname, trigger, reason, token.args or (),
+                             dict(token.kwargs or {}), token)
+        if not writer.submit(entry):
+            why = ("the quarantine database is not open" if writer.store is None
+                   else f"the writer's queue is full ({self.queue_size} records waiting)")
+            self._admit_unwritten(op, trigger, reason, why)
+            return
+        loop = _get_running_loop()
+        if loop is None:
+            # Sync code or a worker thread: waiting here blocks no event loop.
+            entry.done.wait(self.write_timeout)
+            if self._verdict(entry, hold=False) == _QUARANTINE:
+                self._raise_quarantined(token, entry)
+            self._admitted_after(entry)
+            return
+        if token.policy_data is None:
+            token.policy_data = {}
+        token.policy_data[_WRITE_KEY] = entry
+        entry.timer = loop.call_later(self.write_timeout, self._deadline, entry)
+
+    def _verdict(self, entry: PendingWrite, *, hold: bool) -> int:
+        """_QUARANTINE once written; _HOLD while being written (with *hold*, recording that admit holds it);
+        else _ADMIT (failed, abandoned or orphaned; without *hold*, a write in progress is given up)."""
+        with entry.lock:
+            state = entry.state
+            if state is WriteState.WRITTEN and not entry.orphaned:
+                return _QUARANTINE
+            if state in (WriteState.WAITING, WriteState.COMMITTING) and not entry.orphaned:
+                if hold:
+                    entry.held = True
+                    return _HOLD
+                if state is WriteState.WAITING:
+                    entry.state = WriteState.ABANDONED
+                else:
+                    entry.orphaned = True  # the writer discards the record if its COMMIT lands
+            return _ADMIT
+
+    def _give_up(self, entry: PendingWrite) -> bool:
+        """Stop waiting for *entry*'s record; True if the call must now be admitted by whoever holds it."""
+        return self._verdict(entry, hold=False) == _ADMIT
+
+    def _deadline(self, entry: PendingWrite) -> None:
+        """``write_timeout`` passed for a call held on a loop: admit it unless its record is written. Thread: loop."""
+        entry.timer = None
+        with entry.lock:
+            if entry.state is WriteState.WRITTEN and not entry.orphaned:
+                return  # the writer's callback releases it (or already did)
+            held = entry.held
+        if self._give_up(entry):
+            self._admitted_after(entry)
+            token = entry.token
+            coordinator = self._coordinator
+            if held and token is not None and coordinator is not None:
+                coordinator.release_held(token)
+
+    def _write_done(self, entry: PendingWrite) -> None:
+        """The writer finished *entry* (written or failed). Thread: the writer."""
+        with entry.lock:
+            orphan = entry.orphaned and entry.state is WriteState.WRITTEN
+            held = entry.held
+        if orphan and entry.record is not None:
+            self._discard_orphan(entry.record.id, entry)
+            return  # its call was admitted or settled otherwise; whoever did that released it
+        if entry.state is WriteState.FAILED:
+            self._admitted_after(entry)
+        timer = entry.timer
+        token = entry.token
+        if timer is not None and token is not None:
+            entry.timer = None
             try:
-                record = store.add(op, guarded.module, guarded.qualname, trigger, reason,
-                                   token.args or (), token.kwargs or {})
-            except Exception as exc:
-                logger.error("quarantine store failed (%s) while holding a %s call (%s: %s); the call is "
-                             "admitted instead", exc, op, trigger, reason)
-        else:
-            logger.error("quarantine database %s is unavailable; a %s call (%s: %s) is admitted instead",
-                         self._path, op, trigger, reason)
-        if record is None:
-            with self._lock:
-                self._store_errors += 1
+                token.get_loop().call_soon_threadsafe(timer.cancel)
+            except RuntimeError:  # that loop is closed: its timer will never fire anyway
+                pass
+        coordinator = self._coordinator
+        if held and token is not None and coordinator is not None:
+            coordinator.release_held(token)
+
+    def _discard_orphan(self, record_id: str, entry: PendingWrite) -> None:
+        store = self._open_store()
+        note = (f"not held: the call was admitted or settled before this record was committed "
+                f"(write_timeout={self.write_timeout:g} s)")
+        try:
+            if store is not None:
+                store.mark_discarded(record_id, note=note)
+        except (KeyError, QuarantineStateError, QuarantineStoreError) as exc:
+            logger.error("quarantine record %s was committed after its %s call was admitted and could not be "
+                         "marked discarded: %s; do not release it", record_id, entry.operation_type, exc)
             return
         with self._lock:
+            self._orphans_discarded += 1
+        logger.warning("quarantine record %s (%s) was committed after its call was admitted; marked discarded",
+                       record_id, entry.operation_type)
+
+    def _admitted_after(self, entry: PendingWrite) -> None:
+        with entry.lock:  # several paths may see the same failure; it is one admitted call
+            if entry.reported:
+                return
+            entry.reported = True
+        error = entry.error
+        why = (f"{type(error).__name__}: {error}" if error is not None
+               else f"its record was not written within write_timeout={self.write_timeout:g} s")
+        self._admit_unwritten(entry.operation_type, entry.trigger, entry.reason, why)
+
+    def _admit_unwritten(self, op: str, trigger: str, reason: str, why: str) -> None:
+        with self._lock:
+            self._store_errors += 1
+        self._admitted_log(logging.ERROR, "quarantine could not store a %s call (%s: %s): %s; the call is "
+                           "admitted instead", op, trigger, reason, why)
+
+    def _raise_quarantined(self, token: TaskToken[Any], entry: PendingWrite) -> None:
+        record = entry.record
+        assert record is not None
+        op, trigger = token.operation_type, entry.trigger
+        with self._lock:
             self._quarantined[trigger] += 1
-        logger.warning("quarantined a %s call as %s (%s): %s", op, record.id, trigger, reason)
+        logger.warning("quarantined a %s call as %s (%s): %s", op, record.id, trigger, entry.reason)
         raise TokenQuarantined(
-            f"{op} call was quarantined ({trigger}: {reason}); an operator can release or discard it "
+            f"{op} call was quarantined ({trigger}: {entry.reason}); an operator can release or discard it "
             f"with id {record.id!r}", operation_type=op, quarantine_id=record.id, trigger=trigger)
 
     def _fingerprint_of(self, token: TaskToken[Any]) -> str | None:
@@ -384,25 +636,40 @@ class QuarantinePolicy(Policy):
             self._unclaim(record_id)
             return
         ok = token.state is TokenState.COMPLETED
-        store = self._open_store()
-        try:
-            if store is None:
-                raise QuarantineStoreError(f"quarantine database {self._path!r} is unavailable")
-            store.mark_released(record_id, ok, _outcome_summary(token))
-        except (KeyError, QuarantineStateError, QuarantineStoreError) as exc:
-            logger.error("released quarantined call %s ran (%s) but its record could not be updated: %s",
-                         record_id, token.state.value, exc)
+        summary, state = _outcome_summary(token), token.state.value
 
-    def _unclaim(self, record_id: str) -> None:
+        def mark(store: QuarantineStore) -> None:
+            try:
+                store.mark_released(record_id, ok, summary)
+            except (KeyError, QuarantineStateError, QuarantineStoreError) as exc:
+                logger.error("released quarantined call %s ran (%s) but its record could not be updated: %s",
+                             record_id, state, exc)
+
+        self._store_job(mark, f"released quarantined call {record_id} ran ({state})")
+
+    def _unclaim(self, record_id: str, *, inline: bool = False) -> None:
         # The call did not run: let any process release it again. Never raises
         # (it runs on settle paths); a claim left behind is logged, and it ends
         # by itself once this process exits.
-        store = self._open_store()
-        try:
-            if store is not None:
+        def unclaim(store: QuarantineStore) -> None:
+            try:
                 store.unclaim(record_id)
-        except QuarantineStoreError as exc:
-            logger.error("quarantined call %s: could not end this process's release claim: %s", record_id, exc)
+            except QuarantineStoreError as exc:
+                logger.error("quarantined call %s: could not end this process's release claim: %s", record_id, exc)
+
+        self._store_job(unclaim, f"quarantined call {record_id}: its release claim", inline=inline)
+
+    def _store_job(self, job: Callable[[QuarantineStore], None], what: str, *, inline: bool = False) -> None:
+        """Run a record update on the writer thread (on_settle runs on the loop); inline without a writer."""
+        writer = self._writer
+        if not inline and writer is not None and writer.run_job(job):
+            return
+        store = self._open_store()
+        if store is None:
+            logger.error("%s, but the quarantine database %s is unavailable; the record was not updated",
+                         what, self._path)
+            return
+        job(store)
 
     # -- operator API ------------------------------------------------------------------
 
@@ -478,7 +745,7 @@ class QuarantinePolicy(Policy):
         if record.status is not QuarantineStatus.PENDING:
             raise QuarantineStateError(
                 f"quarantined call {id} is {record.status.value}, not pending; only pending calls can be released")
-        if record.payload is None:
+        if not record.has_payload:
             raise QuarantineStateError(
                 f"quarantined call {id} cannot be replayed: its arguments were not stored "
                 f"({record.payload_error or 'unknown reason'}); discard it instead")
@@ -509,7 +776,7 @@ class QuarantinePolicy(Policy):
         except BaseException:
             with self._lock:
                 self._releasing.discard(id)
-            self._unclaim(id)
+            self._unclaim(id, inline=True)  # the caller thread: release() is an operator action, not the loop
             raise
         finally:
             self._local.release_id = None
@@ -517,6 +784,17 @@ class QuarantinePolicy(Policy):
                 self._releases_submitting -= 1
         logger.warning("released quarantined call %s (%s) as token %s", id, record.operation_type, token.token_id)
         return token
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every record write and update queued so far is done (True), or *timeout* passes.
+
+        A released call's outcome is stored by the writer thread just after
+        the call settles (``on_settle`` runs on the event loop, which must not
+        wait for the database); this waits for it. True at once when no
+        coordinator runs (updates are then made inline).
+        """
+        writer = self._writer
+        return True if writer is None else writer.flush(timeout)
 
     def discard(self, id: str) -> dict[str, Any]:
         """Mark a pending record DISCARDED (it never runs) and return it.
@@ -534,21 +812,30 @@ class QuarantinePolicy(Policy):
 
     def stats(self) -> dict[str, Any]:
         """JSON-ready: records by status, quarantines by trigger (this process), holds, path, limits."""
-        store = self._store  # never opens the database just to report on it
+        writer = self._writer
+        store = writer.store if writer is not None else self._store  # never opens the database to report on it
         by_status: dict[str, int] | None = None
+        payload_bytes: int | None = None
         store_error: str | None = None
         if store is not None and not store.closed:
             try:
-                by_status = store.stats()["by_status"]
+                store_stats = store.stats()
+                by_status, payload_bytes = store_stats["by_status"], store_stats["payload_bytes"]
             except QuarantineStoreError as exc:
                 store_error = str(exc)
+        limits = store.limits if store is not None else dict(self._store_limits)
         with self._lock:
             return {
                 "path": self._path,
                 "records_by_status": by_status,
+                "payload_bytes": payload_bytes,
                 "store_error": store_error,
                 "quarantined_by_trigger": dict(self._quarantined),
                 "store_errors": self._store_errors,
+                "orphans_discarded": self._orphans_discarded,
+                "writer": None if writer is None else {
+                    "running": writer.running, "written": writer.written, "failed": writer.failed,
+                    "queued": writer.queued},
                 "held_operations": sorted(self._held),
                 "releases_in_flight": len(self._releasing),
                 "tracked_operations": len(self._footprints),
@@ -558,6 +845,10 @@ class QuarantinePolicy(Policy):
                     "spike_min_samples": self.spike_min_samples,
                     "spike_min_bytes": self.spike_min_bytes,
                     "spike_window": self.spike_window,
+                    "spike_baseline_half_life": self.spike_baseline_half_life,
+                    "write_timeout": self.write_timeout,
+                    "queue_size": self.queue_size,
+                    **limits,
                     "poison_failures": self.poison_failures,
                     "poison_capacity": self.poison_capacity,
                     "poison_ignore": [t.__qualname__ for t in self.poison_ignore],
