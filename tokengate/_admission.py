@@ -12,13 +12,22 @@ import contextvars
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 from ._coordinator_base import CoordinatorBase
 from ._plan import _Plan
 from .current import _worker_local
 from .decorator import GuardedFunction
-from .errors import CoordinatorNotRunning, GateClosed, Rejected, TokenQuarantined, WouldDeadlock
+from .errors import (
+    CoordinatorNotRunning,
+    GateClosed,
+    Rejected,
+    TokenKilled,
+    TokenQuarantined,
+    WouldDeadlock,
+    describe_exception,
+)
 from .routing import IN_CORE_PENDING, IN_PENDING, IN_POLICY, NOWHERE
 from .states import TokenState
 from .token import EMPTY_CONTEXT, NO_KWARGS, TaskToken
@@ -66,7 +75,7 @@ class AdmissionMixin(CoordinatorBase):
         context = _copy_context()
         token: TaskToken[Any] = TaskToken(loop, self, guarded, args, kwargs or NO_KWARGS,  # type: ignore[arg-type]
                                           context if context else EMPTY_CONTEXT)
-        plans = self._plans.get(guarded) or self._plan_for(guarded)
+        plans = self._plans.get(guarded._uid) or self._plan_for(guarded)
         plan = plans[0]
         if plans[1] is not None:
             # Called inside a token some policy marked (a conductor domain)?
@@ -94,6 +103,11 @@ class AdmissionMixin(CoordinatorBase):
             lock = router.lock
             lock.acquire()  # not `with`: it costs twice as much, once per call
             try:
+                # The gate again, under the lock that stop() and drain() close it
+                # with: a call is accepted before the gate closes (so they wait
+                # for it and stop's sweep sees it) or refused, never in between.
+                if not self._accepting:
+                    raise self._closed_gate(guarded)
                 router.route(token, None, refuse=True)
             except Rejected as exc:
                 self._refused[_REJECTED] += 1
@@ -121,11 +135,23 @@ class AdmissionMixin(CoordinatorBase):
         return CoordinatorNotRunning(
             f"coordinator {self.name!r} is {self._phase}; start it before calling {guarded.qualname}()")
 
+    def _closed_gate(self, guarded: GuardedFunction[..., Any]) -> GateClosed:
+        """The refusal of a call that passed the gate just before it closed. Caller holds the routing lock."""
+        what = "draining" if self._phase == "running" else self._phase
+        return GateClosed(f"coordinator {self.name!r} is {what}; {guarded.operation_type!r} refused",
+                          operation_type=guarded.operation_type)
+
     def _plan_for(self, guarded: GuardedFunction[..., Any]) -> tuple[_Plan, _Plan | None]:
         nested = _Plan(self.policies, guarded, nested=True) if any(
             p.follows_marked_parent and not p.interested(guarded) for p in self.policies) else None
         plans = (_Plan(self.policies, guarded), nested)
-        self._plans[guarded] = plans
+        # Keyed by the function's number, not the function: a dynamically decorated
+        # function (a partial) nobody references any more is collected, and its
+        # plans are dropped with it.
+        uid = guarded._uid
+        if uid not in self._plans:
+            weakref.finalize(guarded, self._plans.pop, uid, None)
+        self._plans[uid] = plans
         return plans
 
     def _admit(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None:
@@ -146,14 +172,23 @@ class AdmissionMixin(CoordinatorBase):
             if not admitted:
                 with router.lock:
                     if token._tstate is _S.CREATED:
-                        token._force_transition(_S.WAITING)
-                        self._accepted += 1
-                        self._live[token._seq] = token
+                        if not self._accepting:  # see submit(): accepted before the gate closed, or refused
+                            closed: Rejected | None = self._closed_gate(token._guarded)  # type: ignore[arg-type]
+                        else:
+                            closed = None
+                            token._force_transition(_S.WAITING)
+                            self._accepted += 1
+                            self._live[token._seq] = token
+                    else:
+                        closed = None
                     # The policy may already have released it from another thread
                     # (between its admit() returning False and this lock).
                     early, token._release_early = token._release_early, False
-                    if not early:
+                    if not early and closed is None:
                         token._where = IN_POLICY
+                if closed is not None:
+                    self._refuse_at_submit(token, plan, closed)
+                    raise closed
                 if not early:
                     return
                 return self._admit(token, plan, refuse=False)
@@ -167,6 +202,11 @@ class AdmissionMixin(CoordinatorBase):
         pickers = plan.pick_core + plan.pick_core_marked if marked else plan.pick_core
         routed_hooks = plan.on_routed + plan.on_routed_marked if marked else plan.on_routed
         with router.lock:
+            state = token._tstate
+            if state is not _S.CREATED and state is not _S.WAITING:
+                # Settled (killed, timed out) or claimed since a policy or resume()
+                # released it: there is nothing left to route.
+                return
             for p in pickers:
                 try:
                     pin = p.pick_core(token)
@@ -179,8 +219,10 @@ class AdmissionMixin(CoordinatorBase):
                         pin = None
                     else:
                         break
-            first = token._tstate is _S.CREATED
+            first = state is _S.CREATED
             try:
+                if first and not self._accepting:  # see submit()
+                    raise self._closed_gate(token._guarded)  # type: ignore[arg-type]
                 worker = router.route(token, pin, refuse=refuse and first)
             except Rejected as exc:
                 self._refused[_S.REJECTED] += 1
@@ -243,13 +285,29 @@ class AdmissionMixin(CoordinatorBase):
             return
         # Continue after the policy that held it: re-run only hooks after it is simpler
         # and safe because admit() must be idempotent for a token it already holds.
-        self._admit(token, plan, refuse=False)
+        try:
+            self._admit(token, plan, refuse=False)
+        except Exception as exc:  # noqa: BLE001 - the caller releases others after this one
+            self._settle_stranded(token, exc)
 
     def _reroute(self, token: TaskToken[Any]) -> None:
-        guarded = token._guarded
-        if guarded is None:
+        """Route a token resume() took from a paused operation's held calls; never raises."""
+        if token._guarded is None:
             return
-        self._route_with_hooks(token, token._plan, refuse=False)
+        try:
+            self._route_with_hooks(token, token._plan, refuse=False)
+        except Exception as exc:  # noqa: BLE001 - resume() reroutes the others after this one
+            self._settle_stranded(token, exc)
+
+    def _settle_stranded(self, token: TaskToken[Any], exc: BaseException) -> None:
+        """A released token could not be routed (a bug or a failing hook): settle it rather than strand it."""
+        logger.error("coordinator %s: routing released token %s failed; it settles as killed",
+                     self.name, token.token_id, exc_info=exc)
+        error = TokenKilled(
+            f"token {token.token_id} ({token.operation_type}) was killed: routing it after its release failed "
+            f"({describe_exception(exc)})", token_id=token.token_id, reason="routing failed")
+        error.__cause__ = exc
+        self._kill_token(token, error, any_state=False)
 
     def _refill(self, worker: Worker) -> bool:
         """Move pending tokens into an empty mailbox, or steal from a stuck sibling. Thread: that worker."""

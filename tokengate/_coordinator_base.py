@@ -42,7 +42,7 @@ class CoordinatorBase:
     _loop: asyncio.AbstractEventLoop | None
     _loop_thread_id: int | None
     _own_thread: threading.Thread | None
-    _plans: dict[GuardedFunction[..., Any], tuple[_Plan, _Plan | None]]
+    _plans: dict[int, tuple[_Plan, _Plan | None]]
     _live: dict[int, TaskToken[Any]]
     _done: Deque[TaskToken[Any]]
     _drain_scheduled: bool

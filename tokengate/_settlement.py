@@ -16,8 +16,16 @@ from typing import Any
 
 from ._coordinator_base import CoordinatorBase
 from ._plan import _Plan
-from .errors import Rejected, TokenKilled, TokenTimeout
-from .states import TokenState
+from .errors import (
+    _UNDELIVERABLE,
+    Rejected,
+    SettlementFailed,
+    TokenKilled,
+    TokenTimeout,
+    deliverable_exception,
+    describe_exception,
+)
+from .states import TERMINAL_STATES, TokenState
 from .token import TaskToken
 
 logger = logging.getLogger("tokengate.coordinator")
@@ -31,6 +39,8 @@ _REJECTED = TokenState.REJECTED
 _EXECUTING = TokenState.EXECUTING
 _COMPLETED = TokenState.COMPLETED
 _FAILED = TokenState.FAILED
+_FROM_EXECUTING = frozenset({_EXECUTING})
+_TERMINAL = TERMINAL_STATES
 _NOT_STARTED = frozenset({_S.CREATED, _S.WAITING, _S.ADMITTED})
 # Completed tokens settled per loop callback (see _drain_done). Small enough that
 # other callbacks wait at most about a millisecond; large enough that the extra
@@ -111,7 +121,12 @@ class SettlementMixin(CoordinatorBase):
             self._loop.call_soon(self._drain_done)  # type: ignore[union-attr]
 
     def _settle_done(self, limit: int) -> bool:
-        """Settle up to *limit* completed tokens (0: all of them); return True if more are waiting. Thread: loop."""
+        """Settle up to *limit* completed tokens (0: all of them); return True if more are waiting. Thread: loop.
+
+        Nothing one token's outcome or hooks do can stop the others of the
+        chunk from settling: a failure here settles that token with a
+        :class:`~tokengate.errors.SettlementFailed` and moves on.
+        """
         pop = self._done.popleft
         n = 0
         budget = limit or -1  # counts down to 0; -1 never reaches it
@@ -121,39 +136,80 @@ class SettlementMixin(CoordinatorBase):
                 token = pop()
             except IndexError:
                 break
-            is_error = token._run_error
-            if token._finalized:
-                if is_error is not None:
-                    self._abandoned += 1  # a late completion after a timeout or stop
+            try:
+                is_error = token._run_error
+                if token._finalized:
+                    if is_error is not None:
+                        self._abandoned += 1  # a late completion after a timeout or stop
+                        token._run_outcome = token._run_error = None
+                    continue
+                if token._tstate is _EXECUTING and is_error is not None:
+                    outcome = token._run_outcome
+                    if is_error and isinstance(outcome, _UNDELIVERABLE):
+                        outcome = deliverable_exception(outcome)
+                    token._outcome = outcome
+                    token._is_error = is_error
                     token._run_outcome = token._run_error = None
-                continue
-            if token._tstate is _EXECUTING and is_error is not None:
-                token._outcome = token._run_outcome
-                token._is_error = is_error
-                token._run_outcome = token._run_error = None
-                plan = token._plan
-                if plan.after_run:
-                    delay = None
-                    for p in plan.after_run:
-                        try:
-                            d = p.after_run(token)
-                        except Exception:
-                            logger.exception("policy %s failed in after_run", p.name)
-                            continue
-                        if d is not None and delay is None:
-                            delay = d
-                    if (delay is not None and self._phase == "running"
-                            and token._transition(_S.WAITING, frozenset({_S.EXECUTING}))):
-                        self._schedule_retry(token, plan, delay)
+                    plan = token._plan
+                    if plan.after_run and self._retry_wanted(token, plan):
                         continue
-                # Once EXECUTING, a token's state is changed only on this (the
-                # loop) thread, so no lock is needed for this last move.
-                token._tstate = _FAILED if token._is_error else _COMPLETED
-            n += 1
-            self._finalize(token)
+                    # Once EXECUTING, a token's state is changed only on this (the
+                    # loop) thread, so no lock is needed for this last move.
+                    token._tstate = _FAILED if token._is_error else _COMPLETED
+                n += 1
+                self._finalize(token)
+            except BaseException as exc:  # noqa: BLE001 - settlement must not abandon the chunk
+                self._settle_failed(token, exc)
         if n:
             self._rate.add(n)
         return not budget and bool(self._done)
+
+    def _retry_wanted(self, token: TaskToken[Any], plan: _Plan) -> bool:
+        """Ask the after_run hooks; schedule a retry and return True if one asks for it. Thread: loop."""
+        delay = None
+        for p in plan.after_run:
+            try:
+                d = p.after_run(token)
+            except Exception:
+                logger.exception("policy %s failed in after_run", p.name)
+                continue
+            if d is not None and delay is None:
+                delay = d
+        # No further attempt for a call nobody waits for any more (its awaiter
+        # was cancelled: the client went away), nor while stopping.
+        if (delay is None or token._awaiter_gone or self._phase != "running"
+                or not token._transition(_S.WAITING, _FROM_EXECUTING)):
+            return False
+        self._schedule_retry(token, plan, delay)
+        return True
+
+    def _settle_failed(self, token: TaskToken[Any], exc: BaseException) -> None:
+        """Settling *token* raised *exc* (a bug, or a hook or outcome that misbehaves): release its awaiters anyway.
+
+        Thread: loop. The token ends in a terminal state (FAILED if it had not
+        reached one) with a ``SettlementFailed`` whose ``__cause__`` is *exc*,
+        unless its outcome was already published.
+        """
+        logger.error("coordinator %s: settling token %s failed; it settles with SettlementFailed",
+                     self.name, token.token_id, exc_info=exc)
+        if token._published:
+            return
+        with self._state_lock:
+            if token._tstate not in _TERMINAL:
+                token._tstate = _FAILED
+        error = SettlementFailed(
+            f"token {token.token_id} ({token.operation_type}) could not be settled normally: "
+            f"{describe_exception(exc)}", token_id=token.token_id)
+        error.__cause__ = exc
+        token._outcome, token._is_error = error, True
+        if not token._finalized:
+            try:
+                self._finalize(token)
+                return
+            except BaseException:  # noqa: BLE001 - fall through to the bare minimum
+                logger.exception("coordinator %s: finalizing token %s failed again", self.name, token.token_id)
+        self._live.pop(token._seq, None)
+        self._publish(token)
 
     def _schedule_retry(self, token: TaskToken[Any], plan: _Plan, delay: float) -> None:
         self._retries += 1
@@ -170,6 +226,11 @@ class SettlementMixin(CoordinatorBase):
         # Also while stopping: the retry was scheduled before the stop began, and a
         # graceful stop waits for accepted work (no new retries are scheduled then).
         if token._tstate is not _S.WAITING or self._phase == "stopped":
+            return
+        if token._awaiter_gone:  # cancelled during the backoff but not killed (a race): no new attempt
+            self._kill_token(token, TokenKilled(
+                f"token {token.token_id} ({token.operation_type}) was killed before its retry: "
+                "its awaiter was cancelled", token_id=token.token_id, reason="awaiter cancelled"))
             return
         for p in plan.before_submit:
             try:
@@ -223,14 +284,21 @@ class SettlementMixin(CoordinatorBase):
                 self._run_settle_hooks(token, plan)
         self._live.pop(token._seq, None)
         token._guarded = token._args = token._kwargs = token._context = token._run_outcome = None
-        if token._loop is self._loop:
-            if not token.done():  # the awaiter may have cancelled it
-                if token._is_error:
-                    token._resolve_future()
-                else:
-                    _future_set_result(token, token._outcome)
-        else:
-            self._resolve_foreign(token)
+        self._publish(token)
+
+    def _publish(self, token: TaskToken[Any]) -> None:
+        """Resolve the token's future and wake its waiters; never raises. Thread: loop."""
+        try:
+            if token._loop is self._loop:
+                if not token.done():  # the awaiter may have cancelled it
+                    if token._is_error:
+                        token._resolve_future()
+                    else:
+                        _future_set_result(token, token._outcome)
+            else:
+                self._resolve_foreign(token)
+        except BaseException as exc:  # noqa: BLE001 - e.g. an outcome the Future refuses
+            token._fail_future(exc)
         # Published last: get() returns only after hooks ran and the future is resolved.
         token._published = True
         if token._waiters is not None:
@@ -247,6 +315,8 @@ class SettlementMixin(CoordinatorBase):
                 p.on_settle(token)
             except Exception:
                 logger.exception("policy %s failed in on_settle", p.name)
+            except BaseException:  # noqa: BLE001 - a hook must not stop the others' releases
+                logger.exception("policy %s raised a BaseException in on_settle", p.name)
 
     def _resolve_foreign(self, token: TaskToken[Any]) -> None:
         # The token was created on another event loop (standalone mode called
@@ -268,7 +338,8 @@ class SettlementMixin(CoordinatorBase):
         return ok
 
     def _abandon(self, token: TaskToken[Any]) -> None:
-        """The awaiter of *token* was cancelled: kill it if it has not started."""
+        """The awaiter of *token* was cancelled: kill it if it has not started, and retry it no more."""
+        token._awaiter_gone = True
         if token._tstate in _NOT_STARTED and self._phase != "stopped":
             self._kill_token(token, TokenKilled(
                 f"token {token.token_id} ({token.operation_type}) was killed: its awaiter was cancelled",

@@ -57,6 +57,8 @@ _S = TokenState
 _perf = time.perf_counter
 # Seconds stop() still waits for worker threads to leave once the grace is spent.
 _WORKER_EXIT_GRACE = 0.5
+#: How many operation types may be paused at once (see OperationsCoordinator.pause).
+MAX_PAUSED_OPERATIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -170,11 +172,11 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
         self._own_thread: threading.Thread | None = None
-        # Keyed by the function object itself (identity hash): a strong reference
-        # for the coordinator's life, so an id can never be reused by another function.
-        # Per function: its plan, and the plan for calls made inside a marked
-        # token (None when no policy follows marked parents).
-        self._plans: dict[GuardedFunction[..., Any], tuple[_Plan, _Plan | None]] = {}
+        # Keyed by the function's process-unique number (GuardedFunction._uid),
+        # dropped when the function is collected (see _plan_for). Per function:
+        # its plan, and the plan for calls made inside a marked token (None when
+        # no policy follows marked parents).
+        self._plans: dict[int, tuple[_Plan, _Plan | None]] = {}
         self._live: dict[int, TaskToken[Any]] = {}
         # Completed tokens on their way back to the loop, and whether a drain is scheduled.
         # (token, outcome, is_error); is_error None means "already settled elsewhere".
@@ -271,10 +273,16 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._loop_thread_id = threading.get_ident()
         self._started_at = _perf()
         self._started_wall = time.time()
-        for worker in self._router.workers:
-            worker.start(self.name)
-        for p in self.policies:
-            p.on_start(self)
+        started: list[Policy] = []
+        try:
+            for worker in self._router.workers:
+                worker.start(self.name)
+            for p in self.policies:
+                p.on_start(self)
+                started.append(p)
+        except BaseException:
+            self._undo_start(started)
+            raise
         self._phase = "running"
         self._accepting = self._gate_open
         current.push(self)
@@ -282,6 +290,28 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             "coordinator %s started (%s): %d cores x %d workers",
             self.name, "standalone" if self._own_thread else "attached", self.num_cores, self.workers_per_core,
         )
+
+    def _undo_start(self, started: list[Policy]) -> None:
+        """A start failed part-way: stop the policies that started and the worker threads, in reverse order.
+
+        The coordinator ends "stopped" (its threads cannot be started twice);
+        the error that failed the start propagates to the caller.
+        """
+        for p in reversed(started):
+            try:
+                p.on_stop(self)
+            except Exception:
+                logger.exception("policy %s failed in on_stop while undoing a failed start", p.name)
+        workers = [w for w in self._router.workers if w.thread is not None]
+        for worker in workers:
+            worker.stopping = True
+            worker.wake()
+        for worker in workers:
+            worker.thread.join(timeout=_WORKER_EXIT_GRACE)  # type: ignore[union-attr]
+        self._phase = "stopped"
+        self._accepting = False
+        logger.error("coordinator %s: start failed; undone (%d policies stopped, %d worker threads joined)",
+                     self.name, len(started), len(workers))
 
     async def __aenter__(self) -> OperationsCoordinator:
         return await self.astart()
@@ -352,8 +382,9 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             while self._phase == "stopping":
                 await asyncio.sleep(0.005)
             return
-        self._phase = "stopping"
-        self._accepting = False
+        with self._router.lock:  # see AdmissionMixin.submit: the gate closes under the routing lock
+            self._phase = "stopping"
+            self._accepting = False
         grace = self.stop_timeout if timeout is None else max(0.0, float(timeout))
         stop_by = _perf() + grace
         # Graceful means queued work finishes: lift pauses so nothing waits forever.
@@ -404,13 +435,27 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
 
         Calls already in a worker's mailbox still run. ``resume()`` releases them.
         A paused operation holds at most ``max_pending`` calls; past that new
-        calls are refused with ``Overloaded``.
+        calls are refused with ``Overloaded``. At most ``MAX_PAUSED_OPERATIONS``
+        operation types are paused at once, so names from an admin request
+        cannot grow memory without bound.
+
+        Raises:
+            ConfigurationError: *operation_type* is not a non-empty string, or
+                that many operation types are already paused (resume some, or
+                pause globally with ``pause()``).
         """
+        if operation_type is not None and (not isinstance(operation_type, str) or not operation_type):
+            raise ConfigurationError(f"operation_type must be a non-empty string or None, got {operation_type!r}")
         with self._router.lock:
             if operation_type is None:
                 self._router.paused = True
             else:
-                self._router.paused_ops.add(operation_type)
+                paused_ops = self._router.paused_ops
+                if operation_type not in paused_ops and len(paused_ops) >= MAX_PAUSED_OPERATIONS:
+                    raise ConfigurationError(
+                        f"{len(paused_ops)} operation types are already paused (the limit is "
+                        f"{MAX_PAUSED_OPERATIONS}); resume some, or pause everything with pause()")
+                paused_ops.add(operation_type)
         logger.warning("coordinator %s: admission paused%s", self.name,
                        "" if operation_type is None else f" for {operation_type!r}")
 
@@ -475,8 +520,9 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         _check_timeout(timeout)  # before the gate closes
         if self._phase != "running":
             return DrainReport(self._phase == "stopped", 0, self.inflight, 0.0)
-        self._gate_open = False
-        self._accepting = False
+        with self._router.lock:  # see AdmissionMixin.submit: every call accepted from now on is counted below
+            self._gate_open = False
+            self._accepting = False
         logger.warning("coordinator %s: draining (%d in flight)", self.name, self.inflight)
         before = self._settled
         start = _perf()

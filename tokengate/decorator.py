@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import itertools
 import types
 import weakref
 from typing import Any, Callable, Generic, Mapping, TypeVar, overload
@@ -29,6 +30,7 @@ __all__ = ["task_token_guard", "GuardedFunction", "resolve_guarded"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
+_uids = itertools.count(1)
 _REGISTRY: "weakref.WeakValueDictionary[str, GuardedFunction[Any, Any]]" = weakref.WeakValueDictionary()
 
 
@@ -57,6 +59,9 @@ class GuardedFunction(Generic[P, R]):
         self.qualname: str = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
         # Policies cache per-function decisions here (e.g. parsed retry settings).
         self.policy_cache: dict[str, Any] = {}
+        # Process-unique number: what coordinators key their per-function plans by,
+        # so that caching a plan never keeps the function alive.
+        self._uid: int = next(_uids)
 
     @property
     def key(self) -> str:

@@ -13,7 +13,9 @@ Vocabulary (after trio and anyio):
   :class:`TokenTimeout`.
 * *an internal invariant broke*: :class:`InvalidTransition` (should never reach users).
 
-The decorated function's own exception always propagates unchanged.
+The decorated function's own exception propagates unchanged, with three
+exceptions that cannot travel through an ``asyncio.Future`` to an event loop
+(see :func:`deliverable_exception`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ __all__ = [
     "TokenTimeout",
     "InvalidTransition",
     "WouldDeadlock",
+    "SettlementFailed",
+    "describe_exception",
+    "deliverable_exception",
 ]
 
 
@@ -160,9 +165,64 @@ class InvalidTransition(TokengateError, RuntimeError):
     """Raised when a token is asked to make a state change its table forbids."""
 
 
+class SettlementFailed(TokengateError, RuntimeError):
+    """Raised to awaiters of a token whose settlement itself failed.
+
+    Should never happen: it means a policy hook or the outcome misbehaved in a
+    way tokengate could not absorb (the cause is logged and set as
+    ``__cause__``). The token still settles, so nobody waits for ever.
+    """
+
+    def __init__(self, message: str, *, token_id: str = "") -> None:
+        super().__init__(message)
+        self.token_id = token_id
+
+
 class WouldDeadlock(TokengateError, RuntimeError):
     """Raised by ``TaskToken.get()`` when blocking would deadlock.
 
     For example, calling ``get()`` on the event-loop thread that must settle the
     token. Use ``await token`` there instead.
     """
+
+
+# Exceptions a function may raise on a worker thread that must not reach an
+# awaiter as they are: StopIteration cannot be set on a Future on CPython < 3.13
+# (and breaks generator-based awaiting), and SystemExit / KeyboardInterrupt
+# raised inside an awaiting task would stop the event loop, i.e. the server.
+# On a worker thread none of them is a signal for the process.
+_UNDELIVERABLE = (StopIteration, SystemExit, KeyboardInterrupt)
+
+
+def deliverable_exception(exc: BaseException) -> BaseException:
+    """Return *exc*, or a ``RuntimeError`` standing in for it when it cannot reach an awaiter.
+
+    A decorated function that raises ``StopIteration`` (``next()`` on an empty
+    iterator), ``SystemExit`` (``sys.exit()``) or ``KeyboardInterrupt`` settles
+    as FAILED with a ``RuntimeError`` whose ``__cause__`` is the original, as
+    asyncio does for a coroutine that raises ``StopIteration``. Every other
+    exception is returned unchanged.
+    """
+    if not isinstance(exc, _UNDELIVERABLE):
+        return exc
+    name = type(exc).__name__
+    wrapped = RuntimeError(
+        f"the function raised {name}, which cannot be delivered to an awaiter as it is "
+        f"(it would {'break the Future protocol' if isinstance(exc, StopIteration) else 'stop the event loop'}); "
+        f"the original is this error's __cause__")
+    wrapped.__cause__ = exc
+    return wrapped
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"TypeName: message"`` for *exc*, never raising.
+
+    A user's exception may have a ``__str__`` that raises; statistics, logs and
+    admin answers must still describe it.
+    """
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except BaseException:  # noqa: BLE001 - any failure of a user's __str__
+        return f"{name}: <str() of the exception failed>"
+    return f"{name}: {text}" if text else name

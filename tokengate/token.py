@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Generator, Generic, TypeVar
 
 from . import current
-from .errors import InvalidTransition, TokengateError, TokenKilled
+from .errors import InvalidTransition, SettlementFailed, TokengateError, TokenKilled, describe_exception
 from .states import TRANSITIONS, TokenState
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["TaskToken"]
 
 R = TypeVar("R")
+
+logger = logging.getLogger("tokengate.token")
 
 _S = TokenState
 # Members bound once: an enum attribute look-up costs about 100 ns on CPython 3.11.
@@ -108,6 +111,7 @@ class TaskToken(asyncio.Future[R], Generic[R]):
         "_published",
         "_retrieved",
         "_release_early",
+        "_awaiter_gone",
         "_plan",
         "tags",
         "operation_type",
@@ -153,6 +157,7 @@ class TaskToken(asyncio.Future[R], Generic[R]):
         self._published = False  # the outcome is visible to awaiters and get() (set last)
         self._retrieved = False  # get() consumed the outcome: asyncio need not warn about it
         self._release_early = False  # a policy released it before the core recorded its hold
+        self._awaiter_gone = False  # an awaiter was cancelled: no further attempt (retries) is made
         self._plan: Any = None  # the coordinator's hook plan for this function (set at submit)
         self.tags = guarded.tags
         self.operation_type = guarded.operation_type
@@ -244,24 +249,58 @@ class TaskToken(asyncio.Future[R], Generic[R]):
 
     async def _await_from(self, loop: asyncio.AbstractEventLoop) -> R:
         # Awaited from another event loop: bridge through a future of that loop.
-        bridge: asyncio.Future[None] = loop.create_future()
+        return await self.as_future(loop)
+
+    def as_future(self, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[R]:
+        """A future of *loop* (default: the running loop) that settles with this token's outcome.
+
+        A token belongs to the loop it was created on: the caller's running
+        loop, or the coordinator's own loop for a call made from sync code in
+        standalone mode. ``await token`` works on any loop, but asyncio's
+        combinators (``asyncio.gather``, ``asyncio.wait_for``,
+        ``asyncio.shield``, ``asyncio.wait``) refuse a future of another loop.
+        Pass them ``token.as_future()`` instead. On the token's own loop this
+        returns the token itself.
+
+        Cancelling the returned future is like cancelling an awaiter: the
+        token is killed if it has not started, and retried no more.
+
+        Thread: the thread running *loop*.
+        """
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        if loop is self.get_loop():
+            return self
+        bridge: asyncio.Future[R] = loop.create_future()
+
+        def deliver() -> None:  # on *loop*'s thread
+            if bridge.done():
+                return
+            try:
+                result = self._result_now()
+            except BaseException as exc:  # noqa: BLE001 - the outcome, whatever it is
+                bridge.set_exception(exc)
+            else:
+                bridge.set_result(result)
 
         def wake() -> None:
             # Called from whichever thread settles the token.
             try:
-                loop.call_soon_threadsafe(_set_if_pending, bridge)
+                loop.call_soon_threadsafe(deliver)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
 
+        def on_done(fut: asyncio.Future[R]) -> None:
+            if fut.cancelled():
+                self._coordinator._abandon(self)
+
+        bridge.add_done_callback(on_done)
+        self._retrieved = True
         self._add_waiter(wake)
+        # The settler skips the waiter list when it saw none (see get()): look again.
         if self._published:
-            _set_if_pending(bridge)
-        try:
-            await bridge
-        except asyncio.CancelledError:
-            self._coordinator._abandon(self)
-            raise
-        return self._result_now()
+            deliver()
+        return bridge
 
     def cancel(self, msg: Any | None = None) -> bool:
         """Cancel the awaiter view; kill the token if it has not started.
@@ -303,7 +342,11 @@ class TaskToken(asyncio.Future[R], Generic[R]):
         if self.done():
             return
         if self._is_error:
-            _future_set_exception(self, self._outcome)
+            try:
+                _future_set_exception(self, self._outcome)
+            except (TypeError, RuntimeError) as exc:  # an exception the Future refuses (StopIteration)
+                self._fail_future(exc)
+                return
             # asyncio logs "exception was never retrieved" for futures nobody
             # awaited. Stay quiet when get() (or another loop) is consuming the
             # outcome, and for tokengate's own refusals, which stats record.
@@ -311,6 +354,21 @@ class TaskToken(asyncio.Future[R], Generic[R]):
                 self._log_traceback = False
         else:
             _future_set_result(self, self._outcome)
+
+    def _fail_future(self, cause: BaseException) -> None:
+        """Last resort when the outcome cannot be set on the future: set a SettlementFailed. Thread: the token's loop.
+
+        The outcome itself becomes that error too, so ``get()`` and awaiters on
+        other loops see the same thing.
+        """
+        error = SettlementFailed(
+            f"token {self.token_id} ({self.operation_type}): its outcome could not be delivered "
+            f"({describe_exception(cause)})", token_id=self.token_id)
+        error.__cause__ = cause
+        self._outcome, self._is_error = error, True
+        if not self.done():
+            _future_set_exception(self, error)
+            self._log_traceback = False
 
     def _drop_call(self) -> None:
         """Forget the call's function, arguments and context (the token is settled)."""
@@ -393,7 +451,10 @@ class TaskToken(asyncio.Future[R], Generic[R]):
             self._waiters = _SETTLED
         if waiters:
             for callback in waiters:
-                callback()
+                try:
+                    callback()
+                except BaseException:  # noqa: BLE001 - one waiter must not keep the others waiting
+                    logger.exception("token %s: a settle waiter failed", self.token_id)
 
     # -- inspection ---------------------------------------------------------
 
@@ -435,7 +496,7 @@ class TaskToken(asyncio.Future[R], Generic[R]):
             "run_time": self.run_time,
             "age": now_perf - self.created_at,
             "kill_reason": self.kill_reason,
-            "error": None if not self._is_error else f"{type(self._outcome).__name__}: {self._outcome}",
+            "error": None if not self._is_error else describe_exception(self._outcome),
             "tags": {k: _jsonable(v) for k, v in self.tags.items()},
         }
 
@@ -448,11 +509,6 @@ class TaskToken(asyncio.Future[R], Generic[R]):
 
 
 _TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
-
-
-def _set_if_pending(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def _jsonable(value: Any) -> Any:
