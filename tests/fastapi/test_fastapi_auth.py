@@ -168,6 +168,10 @@ async def test_probes_and_metrics_visibility_options(make_app: Callable[..., Fas
     ({"sse_interval": 0}, "sse_interval"),
     ({"sse_interval": float("inf")}, "sse_interval"),
     ({"sse_max_duration": -1}, "sse_max_duration"),
+    ({"sse_max_streams": 0}, "sse_max_streams"),
+    ({"sse_max_streams": 100_001}, "sse_max_streams"),
+    ({"sse_max_streams": 2.0}, "sse_max_streams"),
+    ({"sse_max_streams": True}, "sse_max_streams"),
     ({"name_prefix": ""}, "name_prefix"),
 ])
 def test_bad_router_options_fail_at_construction(options: dict[str, Any], match: str) -> None:

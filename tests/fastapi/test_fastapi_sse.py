@@ -1,7 +1,9 @@
-"""/events: Server-Sent Events carrying stats, history, operations and quarantine snapshots."""
+"""/events: Server-Sent Events carrying stats, history, operations and quarantine snapshots; one snapshot per
+tick shared by every stream, the stream cap, and the broadcaster's life (no task outlives its streams)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Callable
 
@@ -9,6 +11,8 @@ import pytest
 from fastapi import FastAPI
 
 from tokengate import task_token_guard
+from tokengate_fastapi import _routes_live as live_module
+from tokengate_fastapi._routes_live import LiveStreams, close_event_streams, encode_snapshot, open_event_streams
 
 pytestmark = pytest.mark.anyio
 
@@ -117,3 +121,219 @@ async def test_stream_ends_when_the_coordinator_stops(make_app: Callable[..., Fa
     # Then: it gets the final snapshot and the stream ends
     events = _parse(response.text)
     assert len(events) == 1 and json.loads(events[0]["data"])["stats"]["phase"] == "stopped"
+
+
+# -- one snapshot per tick, shared; the stream cap; the broadcaster's life ------------------------------
+
+
+def _broadcaster_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("tokengate-events:") and not t.done()]
+
+
+async def _no_broadcaster_task_left() -> None:
+    """A stopped broadcaster's task ends within a few loop turns (it is cancelled, not awaited)."""
+    for _ in range(20):
+        if not _broadcaster_tasks():
+            return
+        await asyncio.sleep(0)
+    assert _broadcaster_tasks() == []
+
+
+class CountingSnapshots:
+    """Wraps live_snapshot: counts the snapshots built and sets an event after each."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.built = 0
+        self.event = asyncio.Event()
+        real = live_module.live_snapshot
+
+        def counting(coordinator: Any) -> dict[str, Any]:
+            self.built += 1
+            self.event.set()
+            return real(coordinator)
+
+        monkeypatch.setattr(live_module, "live_snapshot", counting)
+
+    async def wait(self) -> None:
+        """Wait for the next snapshot to be built (bounded)."""
+        self.event.clear()
+        await asyncio.wait_for(self.event.wait(), 10)
+
+
+async def _wait_open(coordinator: Any, count: int) -> None:
+    # The requests run as tasks of this loop: give them turns until they subscribed (bounded by turns).
+    for _ in range(10_000):
+        if open_event_streams(coordinator) == count:
+            return
+        await asyncio.sleep(0)
+    assert open_event_streams(coordinator) == count
+
+
+async def test_every_stream_shares_one_snapshot_per_tick(make_app: Callable[..., FastAPI], serve: Callable[..., Any],
+                                                         auth: dict[str, str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given: a first stream open, and no second tick for an hour
+    snapshots = CountingSnapshots(monkeypatch)
+    app = make_app(router={"sse_interval": 3600})
+    async with serve(app) as client:
+        coordinator = app.state.tokengate
+        first = asyncio.create_task(client.get(f"{P}/events", headers=auth))
+        await snapshots.wait()
+        # When: 20 more streams open and read one event each
+        others = await asyncio.gather(*(client.get(f"{P}/events", params={"max_events": 1}, headers=auth)
+                                        for _ in range(20)))
+        # Then: they all got the snapshot already built, byte for byte, and no other was built
+        assert snapshots.built == 1
+        events = [_parse(r.text)[0] for r in others]
+        assert {e["id"] for e in events} == {"0"} and len({e["data"] for e in events}) == 1
+        assert all(e["retry"] == "1000" for e in events)
+        assert open_event_streams(coordinator) == 1
+        # When: the streams are closed (as the lifespan does at shutdown), Then: the first one ends too
+        await close_event_streams(coordinator)
+        response = await asyncio.wait_for(first, 10)
+        assert [e["id"] for e in _parse(response.text)] == ["0"]
+        assert open_event_streams(coordinator) == 0
+        await _no_broadcaster_task_left()
+
+
+async def test_streams_past_the_cap_get_503_with_retry_after(make_app: Callable[..., FastAPI],
+                                                             serve: Callable[..., Any], auth: dict[str, str]) -> None:
+    # Given: a router allowing two streams, both open
+    app = make_app(router={"sse_interval": 3600, "sse_max_streams": 2})
+    async with serve(app) as client:
+        coordinator = app.state.tokengate
+        held = [asyncio.create_task(client.get(f"{P}/events", headers=auth)) for _ in range(2)]
+        await _wait_open(coordinator, 2)
+        # When: a third stream is asked for
+        refused = await client.get(f"{P}/events", params={"max_events": 1}, headers=auth)
+        # Then: 503 in the common error body, with Retry-After, and no stream was opened for it
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "5"
+        body = refused.json()
+        assert body["error"] == "overloaded" and "sse_max_streams" in body["detail"] and body["limit"] == 2
+        assert open_event_streams(coordinator) == 2
+        # an unauthenticated client still gets 401, not a hint about the streams
+        assert (await client.get(f"{P}/events")).status_code == 401
+        # When: the open streams end, Then: the slots are free again
+        await close_event_streams(coordinator)
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+        assert (await client.get(f"{P}/events", params={"max_events": 1}, headers=auth)).status_code == 200
+        assert open_event_streams(coordinator) == 0
+
+
+async def test_lifespan_shutdown_ends_open_streams(make_app: Callable[..., FastAPI], serve: Callable[..., Any],
+                                                   auth: dict[str, str]) -> None:
+    # Given: a stream that would otherwise last an hour
+    app = make_app(router={"sse_interval": 3600, "sse_max_duration": 3600})
+    async with serve(app) as client:
+        coordinator = app.state.tokengate
+        stream = asyncio.create_task(client.get(f"{P}/events", headers=auth))
+        await _wait_open(coordinator, 1)
+        assert len(_broadcaster_tasks()) == 1
+    # When: the server shuts down (the lifespan exits), Then: the stream ended and no task is left
+    response = await asyncio.wait_for(stream, 10)
+    assert response.status_code == 200 and len(_parse(response.text)) == 1
+    assert open_event_streams(coordinator) == 0
+    await _no_broadcaster_task_left()
+
+
+async def test_the_broadcaster_stops_with_its_last_stream(make_app: Callable[..., FastAPI],
+                                                         serve: Callable[..., Any], auth: dict[str, str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshots = CountingSnapshots(monkeypatch)
+    async with serve(make_app()) as client:
+        # When: streams open and end, one after another
+        for _ in range(3):
+            response = await client.get(f"{P}/events", params={"max_events": 2}, headers=auth)
+            # Then: each started a fresh broadcaster (its own first tick, not the last stream's snapshot)
+            assert [e["id"] for e in _parse(response.text)] == ["0", "1"]
+            # and nothing keeps ticking for nobody
+            await _no_broadcaster_task_left()
+        built = snapshots.built
+        for _ in range(5):  # ten ticks' worth of loop turns: a broadcaster left running would build more
+            await asyncio.sleep(0.02)
+        assert snapshots.built == built
+
+
+async def test_a_slow_stream_skips_to_the_newest_snapshot(make_app: Callable[..., FastAPI],
+                                                         serve: Callable[..., Any],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshots = CountingSnapshots(monkeypatch)
+    app = make_app()
+    async with serve(app):
+        coordinator = app.state.tokengate
+        streams = LiveStreams(interval=0.01, max_streams=1)
+        subscription = streams.subscribe(coordinator)
+        frames = subscription.frames(max_events=None, duration=60)
+        try:
+            first = await asyncio.wait_for(frames.__anext__(), 10)
+            assert first.startswith(b"retry: 1000\nevent: stats\nid: 0\n")
+            # Given: the stream does not read while three more snapshots are published
+            for _ in range(3):
+                await snapshots.wait()  # (a snapshot is published in the same loop turn it is built)
+            # When: it reads again, Then: it gets the newest one, nothing queued in between
+            second = await asyncio.wait_for(frames.__anext__(), 10)
+            assert second.startswith(b"event: stats\nid: ")
+            assert int(second.split(b"\n")[1].removeprefix(b"id: ")) >= 3
+        finally:
+            await frames.aclose()
+            subscription.close()
+            subscription.close()  # idempotent: the slot is given back once
+        assert streams.open == 0
+        await _no_broadcaster_task_left()
+
+
+async def test_a_failing_snapshot_is_logged_once_and_the_stream_goes_on(
+        make_app: Callable[..., FastAPI], serve: Callable[..., Any], auth: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Given: building a snapshot fails three times, then works
+    real = live_module.live_snapshot
+    failures = iter(range(3))
+
+    def flaky(coordinator: Any) -> dict[str, Any]:
+        if next(failures, None) is not None:
+            raise RuntimeError("stats are broken")
+        return real(coordinator)
+
+    monkeypatch.setattr(live_module, "live_snapshot", flaky)
+    async with serve(make_app()) as client:
+        response = await client.get(f"{P}/events", params={"max_events": 1}, headers=auth)
+    # Then: the stream got the first snapshot that worked; one traceback, one recovery line
+    assert response.status_code == 200 and json.loads(_parse(response.text)[0]["data"])["stats"]["pid"] > 0
+    assert caplog.text.count("could not build a snapshot") == 1
+    assert "snapshots work again" in caplog.text
+
+
+async def test_an_idle_stream_sends_keepalive_pings(make_app: Callable[..., FastAPI], serve: Callable[..., Any],
+                                                   auth: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given: ticks an hour apart, pings every 10 ms, streams of 300 ms
+    monkeypatch.setattr(live_module, "SSE_PING_INTERVAL", 0.01)
+    app = make_app(router={"sse_interval": 3600, "sse_max_duration": 0.3})
+    async with serve(app) as client:
+        response = await client.get(f"{P}/events", headers=auth)
+    # Then: one event, then comments only (which EventSource ignores), then the end
+    assert len(_parse(response.text)) == 1
+    assert response.text.count(": ping\n\n") >= 2
+
+
+async def test_a_stream_open_when_the_coordinator_stops_gets_a_final_snapshot(
+        make_app: Callable[..., FastAPI], serve: Callable[..., Any], auth: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshots = CountingSnapshots(monkeypatch)
+    app = make_app()
+    async with serve(app) as client:
+        stream = asyncio.create_task(client.get(f"{P}/events", headers=auth))
+        await snapshots.wait()
+        # When: the coordinator stops under the open stream
+        await app.state.tokengate.aclose()
+        response = await asyncio.wait_for(stream, 10)
+    # Then: its last event says so, and the stream ended by itself
+    events = _parse(response.text)
+    assert json.loads(events[-1]["data"])["stats"]["phase"] == "stopped"
+    assert all(json.loads(e["data"])["stats"]["phase"] == "running" for e in events[:-1])
+
+
+def test_snapshots_are_one_line_json_without_nan() -> None:
+    encoded = encode_snapshot({"a": float("nan"), "b": [float("inf"), 1.5], "c": "two\nlines", "d": (1, 2)})
+    assert b"\n" not in encoded
+    assert json.loads(encoded) == {"a": None, "b": [None, 1.5], "c": "two\nlines", "d": [1, 2]}
