@@ -184,8 +184,8 @@ class QuarantineWriter:
             return False
         return True
 
-    def run_job(self, job: Callable[[QuarantineStore], None]) -> bool:
-        """Queue *job* to run on the writer thread with the open store, in order with the writes.
+    def run_job(self, job: Callable[[QuarantineStore | None], None]) -> bool:
+        """Queue *job* to run on the writer thread, in order with the writes, with the store (None if not open).
 
         False (not queued) when stopping or the queue is full; the caller then
         runs it itself. A job's :class:`QuarantineStoreError` is logged (throttled).
@@ -287,18 +287,15 @@ class QuarantineWriter:
                 self._finish(leftover, QuarantineStoreError("the quarantine writer stopped"))
             self._close_owned()
 
-    def _job(self, job: Callable[[QuarantineStore], None] | threading.Event) -> None:
+    def _job(self, job: Callable[[QuarantineStore | None], None] | threading.Event) -> None:
         if isinstance(job, threading.Event):  # a flush() marker: everything before it is done
             job.set()
             return
         store = self._ensure_open()
-        if store is None:
-            self.failures(logging.ERROR, "quarantine database unavailable; a record update was not stored")
-            return
         try:
             job(store)
         except QuarantineStoreError as exc:
-            self.failures(logging.ERROR, "quarantine database %s failed updating a record: %s", store.path, exc)
+            self.failures(logging.ERROR, "quarantine database failed updating a record: %s", exc)
         except Exception:
             logger.exception("quarantine: a record update failed")
 

@@ -456,7 +456,8 @@ class QuarantinePolicy(Policy):
         On a thread without an event loop: waits up to ``write_timeout`` and
         raises TokenQuarantined, or returns (admitted). On an event loop:
         marks the token so that ``admit`` holds it until the writer reports,
-        with a deadline of ``write_timeout`` on that loop.
+        with a deadline of ``write_timeout`` on that loop. A ``":memory:"``
+        store cannot block, so it is written at once on any thread.
         """
         op = token.operation_type
         guarded = token.guarded
@@ -466,6 +467,18 @@ class QuarantinePolicy(Policy):
             return
         entry = PendingWrite(op, guarded.module, guarded.qualname, trigger, reason, token.args or (),
                              dict(token.kwargs or {}), token)
+        store = writer.store
+        if store is not None and store.path == ":memory:":
+            # No other process and no disk: this write cannot block, so it is made
+            # here and the caller hears "quarantined" at call time, even on a loop.
+            try:
+                entry.record = store.add(op, guarded.module, guarded.qualname, trigger, reason,
+                                         token.args or (), token.kwargs or {})
+            except QuarantineStoreError as exc:
+                entry.error = exc
+                self._admitted_after(entry)
+                return
+            self._raise_quarantined(token, entry)
         if not writer.submit(entry):
             why = ("the quarantine database is not open" if writer.store is None
                    else f"the writer's queue is full ({self.queue_size} records waiting)")
@@ -627,8 +640,8 @@ class QuarantinePolicy(Policy):
             self._poison_ops = self._poison_ops - {op}
 
     def _finish_release(self, record_id: str, token: TaskToken[Any]) -> None:
-        with self._lock:
-            self._releasing.discard(record_id)
+        # The id stays in _releasing until the record is updated: until then it
+        # is still pending in the database, and a second release must be refused.
         if token.attempt == 1 and token.started_at is None:
             # Never ran (refused, killed or timed out before a worker took it): keep it pending.
             logger.warning("released quarantined call %s settled as %s without running; it stays pending",
@@ -638,38 +651,46 @@ class QuarantinePolicy(Policy):
         ok = token.state is TokenState.COMPLETED
         summary, state = _outcome_summary(token), token.state.value
 
-        def mark(store: QuarantineStore) -> None:
+        def mark(store: QuarantineStore | None) -> None:
             try:
+                if store is None:
+                    raise QuarantineStoreError(f"the quarantine database {self._path!r} is unavailable")
                 store.mark_released(record_id, ok, summary)
             except (KeyError, QuarantineStateError, QuarantineStoreError) as exc:
                 logger.error("released quarantined call %s ran (%s) but its record could not be updated: %s",
                              record_id, state, exc)
+            finally:
+                with self._lock:
+                    self._releasing.discard(record_id)
 
-        self._store_job(mark, f"released quarantined call {record_id} ran ({state})")
+        self._store_job(mark)
 
     def _unclaim(self, record_id: str, *, inline: bool = False) -> None:
         # The call did not run: let any process release it again. Never raises
         # (it runs on settle paths); a claim left behind is logged, and it ends
         # by itself once this process exits.
-        def unclaim(store: QuarantineStore) -> None:
+        def unclaim(store: QuarantineStore | None) -> None:
             try:
+                if store is None:
+                    raise QuarantineStoreError(f"the quarantine database {self._path!r} is unavailable")
                 store.unclaim(record_id)
             except QuarantineStoreError as exc:
                 logger.error("quarantined call %s: could not end this process's release claim: %s", record_id, exc)
+            finally:
+                with self._lock:
+                    self._releasing.discard(record_id)
 
-        self._store_job(unclaim, f"quarantined call {record_id}: its release claim", inline=inline)
+        self._store_job(unclaim, inline=inline)
 
-    def _store_job(self, job: Callable[[QuarantineStore], None], what: str, *, inline: bool = False) -> None:
-        """Run a record update on the writer thread (on_settle runs on the loop); inline without a writer."""
+    def _store_job(self, job: Callable[[QuarantineStore | None], None], *, inline: bool = False) -> None:
+        """Run a record update on the writer thread (on_settle runs on the loop); inline without a writer.
+
+        The job gets None when the database is unavailable (it must still end its bookkeeping).
+        """
         writer = self._writer
         if not inline and writer is not None and writer.run_job(job):
             return
-        store = self._open_store()
-        if store is None:
-            logger.error("%s, but the quarantine database %s is unavailable; the record was not updated",
-                         what, self._path)
-            return
-        job(store)
+        job(self._open_store())
 
     # -- operator API ------------------------------------------------------------------
 
