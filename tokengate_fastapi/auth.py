@@ -22,7 +22,10 @@ the token when page script adds the header.
 access logs and proxy logs, so prefer the header (``fetch()`` with a
 streaming body can send it), and treat logs of the admin prefix as secret.
 Building a token-protected router adds a filter to the ``uvicorn.access``
-logger that redacts ``access_token=`` values; proxies in front are yours.
+logger that redacts the value of every query parameter whose name *decodes*
+to ``access_token`` (``access%5Ftoken=``, ``%61ccess_token=`` and the like
+authenticate too, since Starlette decodes names before matching them);
+other loggers and proxies in front are yours.
 """
 
 import hashlib
@@ -30,7 +33,8 @@ import logging
 import os
 import re
 import secrets
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import unquote_plus
 
 from fastapi import Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -39,7 +43,7 @@ from tokengate.errors import ConfigurationError
 
 from .errors import AdminError, ErrorCode
 
-__all__ = ["AdminAuth", "ENV_VAR", "RedactAccessToken", "resolve_admin_token"]
+__all__ = ["AdminAuth", "ENV_VAR", "RedactAccessToken", "redact_access_token", "resolve_admin_token"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,21 +78,70 @@ def resolve_admin_token(token: str | None) -> str | None:
     return token
 
 
-_TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s\"]*")
+QUERY_TOKEN = "access_token"
+REDACTED = "[redacted]"
+# A query string in a log line: from "?" up to whitespace, a quote or a fragment.
+_QUERY_IN_TEXT = re.compile(r"\?([^\s\"'#]*)")
+_SEPARATORS = re.compile(r"([&;])")
+_MAX_DECODE_ROUNDS = 4
+
+
+def _names_the_token(raw_name: str) -> bool:
+    # Decode as Starlette does (percent escapes, "+" as space), again for double encoding, so no
+    # spelling of the name that reaches the auth check (or nearly does) survives in a log.
+    name = raw_name
+    for _ in range(_MAX_DECODE_ROUNDS):
+        decoded = unquote_plus(name, errors="replace")
+        if decoded == name:
+            break
+        name = decoded
+    return name.strip().casefold() == QUERY_TOKEN
+
+
+def _redact_query(match: "re.Match[str]") -> str:
+    # Starlette splits on "&" only; ";" counts too here, so "?a=1;access_token=..." is not logged either.
+    parts = _SEPARATORS.split(match.group(1))
+    for i in range(0, len(parts), 2):  # odd indexes hold the separators themselves
+        name, equals, value = parts[i].partition("=")
+        if equals and value and _names_the_token(name):
+            parts[i] = f"{name}={REDACTED}"
+    return "?" + "".join(parts)
+
+
+def redact_access_token(text: str) -> str:
+    """*text* with the value of every query parameter named ``access_token`` replaced by ``[redacted]``.
+
+    The name is compared after percent-decoding (``access%5Ftoken`` is
+    Starlette's ``access_token`` too), so no encoding of it slips through;
+    other parameters and the rest of the text are left as they are.
+    """
+    if "?" not in text or "=" not in text:
+        return text
+    return _QUERY_IN_TEXT.sub(_redact_query, text)
+
+
+def _redacted(value: Any) -> Any:
+    return redact_access_token(value) if isinstance(value, str) else value
 
 
 class RedactAccessToken(logging.Filter):
-    """A logging filter that replaces ``access_token=<value>`` in a record's arguments with ``[redacted]``.
+    """A logging filter that redacts ``access_token`` query values in a record's message and arguments.
 
-    uvicorn's access log passes the request path (query string included) as
-    an argument, so the token an ``EventSource`` sends in the URL would be
-    written to the log in clear. Thread: any (logging calls it).
+    uvicorn's access log passes the request path (query string included, as
+    sent: still percent-encoded) as an argument, so the token an
+    ``EventSource`` sends in the URL would be written to the log in clear.
+    The parameter's name is matched after decoding (see
+    :func:`redact_access_token`). Thread: any (logging calls it).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and any(isinstance(a, str) and "access_token=" in a for a in args):
-            record.args = tuple(_TOKEN_IN_URL.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in args)
+        if isinstance(args, tuple):
+            record.args = tuple(_redacted(a) for a in args)
+        elif isinstance(args, dict):  # logging's single-mapping form: "%(path)s" % {"path": ...}
+            record.args = {k: _redacted(v) for k, v in args.items()}
+        if isinstance(record.msg, str):
+            record.msg = redact_access_token(record.msg)
         return True
 
 

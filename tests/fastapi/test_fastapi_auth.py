@@ -4,15 +4,18 @@ with no token configured, and in the explicit unauthenticated development mode."
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from typing import Any, Callable
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 
 from tokengate import ConfigurationError
 from tokengate_fastapi import admin_router
-from tokengate_fastapi.auth import RedactAccessToken
+from tokengate_fastapi.auth import RedactAccessToken, redact_access_token
 
 pytestmark = pytest.mark.anyio
 
@@ -203,6 +206,100 @@ def test_access_log_redacts_the_query_token() -> None:
     # Then: the token is gone, the rest of the line stays
     assert record.getMessage() == (
         '127.0.0.1:5000 - "GET /tokengate/events?access_token=[redacted]&max_events=2 HTTP/1.1" 200')
+
+
+SECRET = "redact-me-0123456789abcdef"
+
+
+@pytest.mark.parametrize("query, logged", [
+    # every spelling of the name that Starlette decodes to access_token (so it authenticates)
+    (f"access_token={SECRET}&max_events=1", "access_token=[redacted]&max_events=1"),
+    (f"access%5Ftoken={SECRET}&max_events=1", "access%5Ftoken=[redacted]&max_events=1"),
+    (f"access%5ftoken={SECRET}&max_events=1", "access%5ftoken=[redacted]&max_events=1"),
+    (f"%61ccess_token={SECRET}&max_events=1", "%61ccess_token=[redacted]&max_events=1"),
+    (f"max_events=1&%61%63%63%65%73%73%5F%74%6F%6B%65%6E={SECRET}",
+     "max_events=1&%61%63%63%65%73%73%5F%74%6F%6B%65%6E=[redacted]"),
+    # repeated (FastAPI takes the last one: both go), and a value holding '='
+    (f"access_token=x&access_token={SECRET}", "access_token=[redacted]&access_token=[redacted]"),
+    (f"access_token={SECRET}%3D%3D=", "access_token=[redacted]"),
+    # spellings that do not authenticate but still carry the secret
+    (f"access%255Ftoken={SECRET}", "access%255Ftoken=[redacted]"),
+    (f"ACCESS_TOKEN={SECRET}", "ACCESS_TOKEN=[redacted]"),
+    (f"a=1;access_token={SECRET}", "a=1;access_token=[redacted]"),
+])
+def test_redaction_matches_the_decoded_parameter_name(query: str, logged: str) -> None:
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', (
+        "127.0.0.1:5000", "GET", f"/tokengate/events?{query}", "1.1", 200), None)
+    assert RedactAccessToken().filter(record)
+    assert record.getMessage() == f'127.0.0.1:5000 - "GET /tokengate/events?{logged} HTTP/1.1" 200'
+    assert SECRET not in record.getMessage()
+
+
+@pytest.mark.parametrize("text", [
+    "/tokengate/events?max_events=1&other_token=abc", "/tokengate/stats", "no query = here",
+    "/x?access_token=&y=1", "/x?access_token", "/x?my_access_token=abc",
+])
+def test_redaction_leaves_everything_else_alone(text: str) -> None:
+    assert redact_access_token(text) == text
+
+
+def test_redaction_covers_the_message_and_mapping_arguments() -> None:
+    formatted = logging.LogRecord("x", logging.INFO, __file__, 1, f"GET /e?access%5Ftoken={SECRET} 200", None, None)
+    mapping = logging.LogRecord("x", logging.INFO, __file__, 1, "GET %(path)s", ({"path": f"/e?access_token={SECRET}"},),
+                                None)
+    for record in (formatted, mapping):
+        assert RedactAccessToken().filter(record)
+        assert SECRET not in record.getMessage() and "[redacted]" in record.getMessage()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(port: int, target: str) -> bytes:
+    """One raw HTTP/1.1 GET (the target exactly as written: no client re-encodes it); the status line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_a_real_uvicorn_access_log_never_shows_the_token(make_app: Callable[..., FastAPI],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # Given: a real uvicorn on 127.0.0.1 writing its access log, serving a token-protected router
+    app = make_app(router={"token": SECRET})
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=True,
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn-auth-test", daemon=True)
+    targets = [f"/tokengate/events?access%5Ftoken={SECRET}&max_events=1",
+               f"/tokengate/events?%61ccess_token={SECRET}&max_events=1",
+               f"/tokengate/events?max_events=1&access_token={SECRET}"]
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+        thread.start()
+        try:
+            for _ in range(500):  # bounded: about 10 s
+                if server.started:
+                    break
+                threading.Event().wait(0.02)  # another thread's flag: there is no event to wait on
+            assert server.started
+            # When: EventSource-style requests carry the token under encoded names
+            statuses = [_get(port, target) for target in targets]
+        finally:
+            server.should_exit = True
+            thread.join(15)
+        assert not thread.is_alive()
+    # Then: each one authenticated (the bypass is real) and the access log never shows the token
+    assert statuses == [b"HTTP/1.1 200 OK"] * 3
+    access = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert len(access) == 3
+    assert all(SECRET not in line and "=[redacted]" in line for line in access), access
+    assert all(SECRET not in r.getMessage() for r in caplog.records)
 
 
 def test_a_rejected_token_is_never_echoed() -> None:
