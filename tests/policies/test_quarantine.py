@@ -272,6 +272,61 @@ def test_small_calls_are_never_spikes_below_the_floor(db: str) -> None:
             size_of(bytes(4_000))
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_flood_of_tiny_calls_cannot_drag_the_spike_limit_down_quickly(db: str) -> None:
+    # Given an operation whose ordinary calls are ~100 kB, and a baseline half-life of 600 s
+    clock = FakeClock()
+    policy = QuarantinePolicy(":memory:", spike_min_samples=32, spike_window=64, spike_min_bytes=64 * 1024,
+                              spike_baseline_half_life=600.0, clock=clock)
+
+    def flood(n: int) -> None:  # tiny calls at 1,000 per second
+        for _ in range(n):
+            clock.now += 0.001
+            size_of(b"x").get(timeout=10)
+
+    with running(policy):
+        for _ in range(64):
+            assert size_of(bytes(100_000)).get(timeout=10) == 100_000
+        # When an attacker floods it with 1,000 tiny calls (the window holds only those now)
+        flood(1000)
+        # Then an ordinary call is still admitted: the limit did not fall with the window's p99
+        assert size_of(bytes(100_000)).get(timeout=10) == 100_000
+        # And after two half-lives of flood, still: the limit is 8 x 100 kB / 4 = 200 kB
+        flood(64)  # the admitted call leaves the window
+        clock.now += 1200
+        flood(64)
+        assert size_of(bytes(150_000)).get(timeout=10) == 150_000
+        # But after log2(8) = 3 half-lives past that call, the limit reaches the floor: a 100 kB call is a spike
+        flood(64)
+        clock.now += 5 * 600  # 150 kB x 8 / 2^5 < 64 KiB
+        flood(64)
+        with pytest.raises(TokenQuarantined):
+            size_of(bytes(100_000))
+        assert policy.stats()["quarantined_by_trigger"]["argument_spike"] == 1
+
+
+def test_without_decay_the_same_flood_would_quarantine_ordinary_calls_at_once() -> None:
+    # The contrast that shows the bound matters: a baseline that follows the window's p99 at once
+    clock = FakeClock()
+    policy = QuarantinePolicy(":memory:", spike_min_samples=32, spike_window=64, spike_min_bytes=64 * 1024,
+                              spike_baseline_half_life=1e-9, clock=clock)
+    with running(policy):
+        for _ in range(64):
+            size_of(bytes(100_000)).get(timeout=10)
+        for _ in range(128):
+            clock.now += 0.001
+            size_of(b"x").get(timeout=10)
+        with pytest.raises(TokenQuarantined):
+            size_of(bytes(100_000))
+
+
 def test_footprint_is_a_cheap_estimate_that_scales_with_containers() -> None:
     small = footprint((1, 2), {})
     assert 0 < small < 200
@@ -715,6 +770,16 @@ def test_stats_are_json_ready(db: str) -> None:
         {"poison_capacity": 0},
         {"store": 42},
         {"poison_ignore": [42]},
+        {"spike_baseline_half_life": 0},
+        {"write_timeout": 0},
+        {"write_timeout": float("inf")},
+        {"log_interval": -1},
+        {"retry_interval": float("nan")},
+        {"queue_size": 0},
+        {"clock": 42},
+        {"max_records": 0},
+        {"max_total_payload_bytes": 10, "max_payload_bytes": 20},
+        {"store": QuarantineStore(":memory:"), "max_records": 5},
     ],
 )
 def test_bad_configuration_is_refused_at_construction(kwargs: dict[str, Any]) -> None:
