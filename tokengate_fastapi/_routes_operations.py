@@ -146,7 +146,8 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         """
         quarantine = quarantine_policy(coordinator)
         try:
-            token = quarantine.release(quarantine_id, force=force)
+            # On a thread: the claim is a database write, which may wait for another process's lock.
+            token = await asyncio.to_thread(quarantine.release, quarantine_id, force=force)
         except KeyError:
             raise _not_found(quarantine_id) from None
         except ValueError as exc:  # includes QuarantineStateError: not pending any more
@@ -164,7 +165,8 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
         """Mark the record discarded: the call will never run. 409 when it is not pending."""
         quarantine = quarantine_policy(coordinator)
         try:
-            return quarantine.discard(quarantine_id)
+            # On a thread: a database write, which may wait for another process's lock.
+            return await asyncio.to_thread(quarantine.discard, quarantine_id)
         except KeyError:
             raise _not_found(quarantine_id) from None
         except ValueError as exc:

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokengate.errors import ConfigurationError
+
 from .errors import ErrorCode
 
 __all__ = [
@@ -36,11 +38,13 @@ __all__ = [
     "WorkerInfo",
     "WorkerQueue",
     "error_responses",
+    "tokengate_responses",
 ]
 
 _ERROR_DESCRIPTIONS = {
     401: "Missing or invalid admin token (`WWW-Authenticate: Bearer`).",
-    404: "Unknown id, or the policy this route needs is not installed.",
+    404: "Unknown id, a path value no route can address (e.g. one with a line break), "
+         "or the policy this route needs is not installed.",
     409: "The request conflicts with the current state (see `error`).",
     422: "Malformed input.",
     500: "An installed policy lacks a method the admin API needs.",
@@ -257,6 +261,11 @@ class QuarantineRecord(_Open):
     claimed_by: str | None = Field(default=None, description="host:pid:start of the process releasing "
                                                              "(pending) or that released (released) it")
     claimed_at: float | None = None
+    has_payload: bool | None = Field(default=None, description="the arguments are stored: the call can be released")
+    payload_size: int | None = Field(default=None, description="bytes of the pickled arguments (kept or not)")
+    payload_kept: bool | None = Field(default=None, description="false: the arguments were not stored or were "
+                                                                "evicted by the retention policy (see payload_error)")
+    payload_error: str | None = None
 
 
 class QuarantineReleaseResult(BaseModel):
@@ -310,3 +319,56 @@ class Ready(BaseModel):
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries documenting :class:`ErrorBody` for *statuses*."""
     return {status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+_RETRY_AFTER_HEADER = {"Retry-After": {
+    "description": "Whole seconds to wait before retrying (on every tokengate refusal).",
+    "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+
+_TOKEN_ERROR_DESCRIPTIONS: dict[int, str] = {
+    409: "The call was not run: held for review (`token_quarantined`, with `quarantine_id`) "
+         "or killed before it started (`token_killed`).",
+    422: "Malformed input (`invalid_argument`, with FastAPI's `errors` list).",
+    500: "The function raised; the app answered `function_failed` with the exception's type and message.",
+    503: "Refused for now, retry after `Retry-After`: `overloaded`, `gate_closed` (draining or stopping), "
+         "`operation_blocked`, `rejected` (a policy), `coordinator_stopped`, `coordinator_not_running`.",
+    504: "The call's `timeout` tag expired (`token_timeout`).",
+}
+
+
+def tokengate_responses(*, validation: bool = True, function_failed: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for a route that awaits tokens: every answer tokengate can give it.
+
+    Documents, as :class:`ErrorBody`, what :func:`~tokengate_fastapi.add_exception_handlers`
+    turns a refusal or an unfinished call into (409 quarantined or killed,
+    503 with ``Retry-After``, 504 timed out), so clients and contract tests
+    (schemathesis) see the real statuses and bodies::
+
+        @app.get("/thumbnail", responses=tokengate_responses())
+        async def thumbnail(...): ...
+
+    Args:
+        validation: Also document 422 as :class:`ErrorBody` (default). Right
+            when the app installs :func:`~tokengate_fastapi.errors.request_validation_exception_handler`;
+            pass False to keep FastAPI's own ``HTTPValidationError`` for 422.
+        function_failed: Also document 500 ``function_failed``, for a route
+            that answers its function's exception with that body itself
+            (tokengate does not: an uncaught exception is the server's plain 500).
+
+    Returns:
+        A new dict each call, to pass as ``responses=`` (merge it with the route's own).
+
+    Raises:
+        ConfigurationError: for a non-bool option.
+    """
+    if not isinstance(validation, bool) or not isinstance(function_failed, bool):
+        raise ConfigurationError(f"tokengate_responses options are bools, got validation={validation!r}, "
+                        f"function_failed={function_failed!r}")
+    statuses = [409, 503, 504] + ([422] if validation else []) + ([500] if function_failed else [])
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in sorted(statuses):
+        entry: dict[str, Any] = {"model": ErrorBody, "description": _TOKEN_ERROR_DESCRIPTIONS[status]}
+        if status == 503:
+            entry["headers"] = dict(_RETRY_AFTER_HEADER)
+        responses[status] = entry
+    return responses
