@@ -28,6 +28,7 @@ __all__ = [
     "LatencySummary",
     "OperationKillResult",
     "OperationReputation",
+    "OperationRunTime",
     "OperationState",
     "PoolState",
     "QuarantineRecord",
@@ -235,10 +236,31 @@ class OperationState(BaseModel):
     blocked: bool
 
 
+class OperationRunTime(_Open):
+    """Seconds an operation's calls ran: ``min`` over every run; ``mean``, ``p95`` and ``max`` over recent ones."""
+
+    min: float | None = None
+    mean: float | None = None
+    p95: float | None = None
+    max: float | None = None
+    samples: int | None = None
+
+
 class OperationReputation(_Open):
-    """One operation's reputation row (fields from the reputation policy) plus its admission flags."""
+    """One operation's reputation row (fields from the reputation policy) plus its admission flags.
+
+    The reputation fields are null for an operation the reputation policy
+    has not seen, or when it is not installed (a paused or held operation
+    still gets a row, so it can be seen and resumed).
+    """
 
     operation_type: str
+    health: str | None = Field(default=None, description="unknown, excellent, healthy, at_risk or problematic")
+    attempts: int | None = None
+    successes: int | None = None
+    failures: int | None = None
+    completion_rate: float | None = Field(default=None, description="successes / attempts, 0..1")
+    run_time: OperationRunTime | None = None
     paused: bool = False
     held: bool = False
     blocked: bool = False

@@ -198,6 +198,11 @@ async def test_health_and_metrics(app: FastAPI, serve: Callable[..., Any], auth:
         assert "token_id" not in text
 
 
+#: The documented reputation fields of an /operations row, null when the policy has no data for the operation.
+NO_REPUTATION = {"health": None, "attempts": None, "successes": None, "failures": None, "completion_rate": None,
+                 "run_time": None}
+
+
 async def test_operations_without_policies(app: FastAPI, serve: Callable[..., Any], auth: dict[str, str],
                                            gate: threading.Event) -> None:
     async with serve(app) as client:
@@ -207,7 +212,8 @@ async def test_operations_without_policies(app: FastAPI, serve: Callable[..., An
         state = (await client.post(f"{P}/operations/admin.square/pause", headers=auth)).json()
         assert state == {"operation_type": "admin.square", "paused": True, "held": False, "blocked": False}
         rows = (await client.get(f"{P}/operations", headers=auth)).json()
-        assert rows == [{"operation_type": "admin.square", "paused": True, "held": False, "blocked": False}]
+        assert rows == [{**NO_REPUTATION, "operation_type": "admin.square", "paused": True, "held": False,
+                         "blocked": False}]
         waiting = square(6)  # held by the pause
         assert (await client.post(f"{P}/operations/admin.square/resume", headers=auth)).json()["paused"] is False
         assert await waiting == 36
@@ -282,8 +288,8 @@ async def test_operations_with_reputation_and_quarantine(make_app: Callable[...,
     fake_reputation.block("admin.square")
     async with serve(app) as client:
         rows = (await client.get(f"{P}/operations", headers=auth)).json()
-        assert rows == [{"operation_type": "admin.square", "attempts": 10, "health": "good", "paused": False,
-                         "held": False, "blocked": True}]
+        assert rows == [{**NO_REPUTATION, "operation_type": "admin.square", "attempts": 10, "health": "good",
+                         "paused": False, "held": False, "blocked": True}]
         # When: unblocked, held, unheld
         assert (await client.post(f"{P}/operations/admin.square/unblock", headers=auth)).json()["blocked"] is False
         assert fake_reputation.blocked() == []
