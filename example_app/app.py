@@ -29,7 +29,7 @@ from fastapi import FastAPI, Path, Query
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from tokengate import OperationsCoordinator, Policy, TaskToken
 from tokengate.convergence import ConvergencePolicy
@@ -45,8 +45,9 @@ from tokengate_fastapi import (
     add_exception_handlers,
     admin_router,
     tokengate_lifespan,
+    tokengate_responses,
 )
-from tokengate_fastapi.errors import http_exception_handler, request_validation_exception_handler
+from tokengate_fastapi.errors import ErrorCode, http_exception_handler, request_validation_exception_handler
 
 from . import work
 
@@ -60,6 +61,11 @@ NUM_CORES = 4
 WORKERS_PER_CORE = 4
 DRAIN_TIMEOUT = 10.0
 SLOW_TIER_LIMIT = 2
+#: What a route that awaits tokens can answer besides 200 (refusals, timeouts, malformed input):
+#: documented so the OpenAPI schema is the real contract (tests/fastapi/test_contract_fuzz.py checks it).
+TOKEN_ERRORS = tokengate_responses()
+#: /fail and /flaky also answer their function's exception themselves: 500 function_failed.
+FAILING_ERRORS = tokengate_responses(function_failed=True)
 
 
 def make_policies(quarantine_path: str) -> list[Policy]:
@@ -104,7 +110,7 @@ def _ms(seconds: float | None) -> float | None:
 
 def _failed(token: TaskToken[Any], exc: Exception) -> JSONResponse:
     # The function's own exception: answer with the same body shape as tokengate's refusals.
-    return JSONResponse({"error": "function_failed", "exception": type(exc).__name__, "detail": str(exc),
+    return JSONResponse({"error": ErrorCode.FUNCTION_FAILED.value, "exception": type(exc).__name__, "detail": str(exc),
                          **describe(token)}, status_code=500)
 
 
@@ -117,7 +123,8 @@ def _retrieve_outcome(token: asyncio.Future[Any]) -> None:
 class Batch(BaseModel):
     """The body of ``POST /process``."""
 
-    items: list[int] = Field(max_length=1_000_000, description="Numbers to summarise.")
+    # Strict: JSON true/false or "3" are not numbers (lax pydantic would read them as 1/0 and 3).
+    items: list[StrictInt] = Field(max_length=1_000_000, description="Numbers to summarise (JSON integers).")
 
 
 ENDPOINTS: list[dict[str, str]] = [
@@ -167,7 +174,7 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
     app.include_router(admin_router(token=admin_token), prefix=ADMIN_PREFIX)
     request_numbers = itertools.count(1)  # per app: /fail passes a fresh number to every call
 
-    @app.get("/")
+    @app.get("/", responses={503: TOKEN_ERRORS[503]})  # coordinator_not_running
     async def index(coordinator: CoordinatorDep) -> dict[str, Any]:
         """What this app serves, and where the admin API and the dashboard are."""
         return {
@@ -186,32 +193,32 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
             },
         }
 
-    @app.get("/light")
+    @app.get("/light", responses=TOKEN_ERRORS)
     async def light(n: Annotated[int, Query(ge=1, le=2_000_000)] = 20_000) -> dict[str, Any]:
         """Sum of squares below *n* on a light worker."""
         token = work.light_cpu(n)
         return {"result": await token, **describe(token)}
 
-    @app.get("/medium")
+    @app.get("/medium", responses=TOKEN_ERRORS)
     async def medium(rounds: Annotated[int, Query(ge=1, le=2_000_000)] = 20_000) -> dict[str, Any]:
         """*rounds* chained SHA-256 hashes on a medium worker."""
         token = work.medium_cpu(rounds)
         return {"result": await token, **describe(token)}
 
-    @app.get("/heavy")
+    @app.get("/heavy", responses=TOKEN_ERRORS)
     async def heavy(ms: Annotated[int, Query(ge=0, le=2000)] = 500) -> dict[str, Any]:
         """Block a heavy worker for *ms* milliseconds; light endpoints stay fast meanwhile."""
         token = work.heavy_block(ms)
         return {"slept_ms": await token, **describe(token)}
 
-    @app.get("/io")
+    @app.get("/io", responses=TOKEN_ERRORS)
     async def io(kb: Annotated[int, Query(ge=1, le=4096)] = 64,
                  ms: Annotated[int, Query(ge=0, le=2000)] = 200) -> dict[str, Any]:
         """Write, fsync, wait and read back a temporary file, in the 'slow' storage tier."""
         token = work.disk_roundtrip(kb, ms)
         return {"result": await token, **describe(token)}
 
-    @app.get("/sticky/{user_id}")
+    @app.get("/sticky/{user_id}", responses=TOKEN_ERRORS)
     async def sticky(user_id: Annotated[str, Path(min_length=1, max_length=64)],
                      calls: Annotated[int, Query(ge=1, le=32)] = 4) -> dict[str, Any]:
         """Start *calls* overlapping lookups for one user; all of them run on one domain."""
@@ -221,7 +228,7 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
         return {"user_id": user_id, "core_ids": cores, "same_core": len(set(cores)) == 1,
                 "calls": [describe(t) for t in tokens]}
 
-    @app.get("/ordered/{account}")
+    @app.get("/ordered/{account}", responses=TOKEN_ERRORS)
     async def ordered(account: Annotated[str, Path(min_length=1, max_length=64)],
                       calls: Annotated[int, Query(ge=1, le=50)] = 5) -> dict[str, Any]:
         """Append *calls* ledger entries to one account; they run one at a time, in submission order."""
@@ -231,7 +238,7 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
         return {"account": account, "sequence": sequence, "in_order": in_order,
                 "calls": [describe(t) for t in tokens]}
 
-    @app.get("/chain")
+    @app.get("/chain", responses=TOKEN_ERRORS)
     async def chain(parts: Annotated[int, Query(ge=1, le=16)] = 4) -> dict[str, Any]:
         """Run a conductor lead that starts *parts* children and waits for them with ``.get()``."""
         token = work.build_report(parts)
@@ -240,13 +247,13 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
         return {"lead": describe(token), "seed": report["seed"], "children": report["children"],
                 "core_ids": cores, "all_same_core": len(set(cores)) == 1}
 
-    @app.post("/process")
+    @app.post("/process", responses=TOKEN_ERRORS)
     async def process(batch: Batch) -> dict[str, Any]:
         """Summarise a batch. After 5 calls, one far larger than usual answers 409 (quarantined)."""
         token = work.process_batch(batch.items)  # a quarantined call raises here: 409 via the handlers
         return {"result": await token, **describe(token)}
 
-    @app.get("/flaky", response_model=None)
+    @app.get("/flaky", response_model=None, responses=FAILING_ERRORS)
     async def flaky(fail_times: Annotated[int, Query(ge=0, le=3)] = 2) -> dict[str, Any] | JSONResponse:
         """Fail *fail_times* times, then succeed: ``attempt`` says which attempt did."""
         token = work.flaky(fail_times, work.AttemptCounter())
@@ -256,7 +263,7 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
             return _failed(token, exc)
         return {"result": result, **describe(token)}
 
-    @app.get("/fail", response_model=None)
+    @app.get("/fail", response_model=None, responses=FAILING_ERRORS)
     async def fail() -> JSONResponse:
         """Always 500; after 5 failures the reputation policy blocks the operation (503 until unblocked)."""
         token = work.always_fails(next(request_numbers))  # a blocked operation raises here: 503
@@ -266,13 +273,13 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
             return _failed(token, exc)
         raise AssertionError("always_fails returned")  # pragma: no cover - it always raises
 
-    @app.get("/slow")
+    @app.get("/slow", responses=TOKEN_ERRORS)
     async def slow(seconds: Annotated[float, Query(ge=0, le=30)] = 3.0) -> dict[str, Any]:
         """Block a heavy worker for *seconds*; a drain started meanwhile waits for it."""
         token = work.slow(seconds)
         return {"slept_s": await token, **describe(token)}
 
-    @app.post("/jobs/slow", status_code=202)
+    @app.post("/jobs/slow", status_code=202, responses=TOKEN_ERRORS)
     async def slow_job(seconds: Annotated[float, Query(ge=0, le=30)] = 3.0) -> dict[str, Any]:
         """Submit ``slow(seconds)`` and answer at once: the token runs without an awaiter.
 

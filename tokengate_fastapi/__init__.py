@@ -20,6 +20,7 @@ from .disconnect import CancelOnDisconnectMiddleware
 from .errors import ErrorCode, add_exception_handlers, error_response, tokengate_exception_handler
 from .lifespan import TokengateLifespan, TokengateState, tokengate_lifespan
 from .metrics import TokengateCollector
+from .schemas import tokengate_responses
 
 __all__ = [
     "ADMIN_TOKEN_ENV_VAR",
@@ -35,4 +36,5 @@ __all__ = [
     "get_coordinator",
     "tokengate_exception_handler",
     "tokengate_lifespan",
+    "tokengate_responses",
 ]

@@ -79,8 +79,9 @@ async def _drain_body(request: Request) -> DrainRequest | None:
                                       for error in exc.errors(include_url=False)]) from None
 
 
+# Optional, and `null` means "no options" like an empty body (documented, so contract tests accept it).
 _DRAIN_BODY_SCHEMA = {"requestBody": {"required": False, "content": {
-    "application/json": {"schema": DrainRequest.model_json_schema()}}}}
+    "application/json": {"schema": {"anyOf": [DrainRequest.model_json_schema(), {"type": "null"}]}}}}}
 
 
 def add_pool_routes(router: APIRouter, *, name: Callable[[str], str], protected: Sequence[Depends]) -> None:

@@ -49,10 +49,13 @@ from fastapi import Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.datastructures import DefaultPlaceholder
+from fastapi.dependencies.utils import get_flat_params
 from fastapi.routing import APIRoute
-from fastapi.utils import is_body_allowed_for_status_code
+from fastapi.utils import create_model_field, is_body_allowed_for_status_code
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from tokengate.errors import (
@@ -97,6 +100,9 @@ class ErrorCode(str, enum.Enum):
     REJECTED = "rejected"
     TOKEN_QUARANTINED = "token_quarantined"
     TOKEN_TIMEOUT = "token_timeout"
+    #: Not produced by tokengate: the code for an app's own answer to its function's exception
+    #: (the example app's 500s), so such bodies validate against the documented ErrorBody.
+    FUNCTION_FAILED = "function_failed"
     TOKEN_KILLED = "token_killed"
     COORDINATOR_STOPPED = "coordinator_stopped"
     COORDINATOR_NOT_RUNNING = "coordinator_not_running"
@@ -303,10 +309,55 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     # (A bare 404 of an endpoint that did match keeps its own detail: the route exists.)
     if code is ErrorCode.NOT_FOUND and detail == "Not Found" and _no_route_matched(request):
         detail = f"no route serves {request.url.path}"
-    elif code is ErrorCode.METHOD_NOT_ALLOWED and detail == "Method Not Allowed":
-        allow = next((v for k, v in headers.items() if k.lower() == "allow"), "another method")
-        detail = f"{request.method} is not allowed on {request.url.path}; use {allow}"
+    elif code is ErrorCode.METHOD_NOT_ALLOWED:
+        # Starlette's route lists only its own methods; another route may serve the same path.
+        given = next((v for k, v in headers.items() if k.lower() == "allow"), "")
+        allow = _allow_header(request.scope, {m.strip() for m in given.split(",") if m.strip()})
+        headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
+        if allow:
+            headers["Allow"] = allow
+        if detail == "Method Not Allowed":
+            detail = f"{request.method} is not allowed on {request.url.path}; use {allow or 'another method'}"
     return _json(exc.status_code, code, detail, headers)
+
+
+_PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allow_header(scope: Scope, own: set[str]) -> str:
+    """``Allow`` for a 405: *own* methods plus every method another route of the app serves on this path.
+
+    Starlette answers 405 from the first route whose path matched, so for a
+    path served by two routes (``GET`` and ``DELETE /quarantine/{id}``) its
+    ``Allow`` would name one method only. Each method is probed with the
+    public ``matches()`` of the app router's routes (included routers too)
+    on a fresh scope; runs only on a 405.
+    """
+    methods = set(own)
+    router = scope.get("router")
+    routes = getattr(router, "routes", None) or ()
+    for method in _PROBED_METHODS:
+        if method in methods:
+            continue
+        probe: dict[str, Any] = {key: scope[key] for key in ("type", "path", "raw_path", "root_path", "app_root_path")
+                                 if key in scope}
+        probe.update(method=method, headers=[], query_string=b"")
+        for route in routes:
+            try:
+                match, _ = route.matches(probe)
+            except Exception:  # a foreign route type: it cannot widen the answer, it must not break it
+                continue
+            if match is Match.FULL:
+                methods.add(method)
+                break
+    return ", ".join(sorted(methods))
+
+
+def _model_fields(route: APIRoute, responses: Mapping[int | str, Mapping[str, Any]]) -> dict[int | str, Any]:
+    # The model fields FastAPI builds for `responses=` entries in APIRoute.__init__, for entries added later.
+    return {status: create_model_field(name=f"Response_{status}_{route.unique_id}", type_=entry["model"],
+                                       mode="serialization")
+            for status, entry in responses.items() if entry.get("model") is not None}
 
 
 class AdminRoute(APIRoute):
@@ -319,10 +370,68 @@ class AdminRoute(APIRoute):
     called :func:`add_exception_handlers`.
     """
 
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        """An ``APIRoute`` whose OpenAPI entry documents every error body it can answer.
+
+        Added to what the route declares: 404 on a route with a path
+        parameter (a value that cannot be addressed, e.g. one with a line
+        break, matches no route) and 422 on a route that takes input, both as
+        :class:`~tokengate_fastapi.schemas.ErrorBody`. On a route whose
+        success is not JSON (``/events``: ``text/event-stream``), error bodies
+        are documented as ``application/json``, which is what they are.
+        """
+        from .schemas import error_responses  # schemas imports this module: import when routes are built
+
+        responses: dict[int | str, dict[str, Any]] = dict(kwargs.pop("responses", None) or {})
+        if "{" in path and 404 not in responses:
+            responses.update(error_responses(404))
+        super().__init__(path, endpoint, responses=responses, **kwargs)
+        if (get_flat_params(self.dependant) or self.body_field is not None) and 422 not in self.responses:
+            self.responses.update(error_responses(422))
+            self.response_fields.update(_model_fields(self, error_responses(422)))
+        self._document_errors_as_json()
+
+    def _document_errors_as_json(self) -> None:
+        # FastAPI documents a `model` response under the route's own media type; for a stream
+        # that would claim its 401/422/503 bodies are text/event-stream. Give those an explicit
+        # application/json schema, and keep each model field (under a key that is not a status)
+        # so FastAPI still registers ErrorBody among the components the $ref points to.
+        response_class = self.response_class
+        if isinstance(response_class, DefaultPlaceholder):
+            response_class = response_class.value
+        media_type = getattr(response_class, "media_type", None)
+        if media_type in (None, "application/json"):
+            return
+        self._document_stream_as_items(media_type)
+        for status in list(self.responses):
+            field = self.response_fields.pop(status, None)
+            if field is None:
+                continue
+            entry = {k: v for k, v in self.responses[status].items() if k != "model"}
+            model_name = self.responses[status]["model"].__name__
+            entry["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model_name}"}}}
+            self.responses[status] = entry
+            self.response_fields[f"x-json-error-{status}"] = field
+
+    def _document_stream_as_items(self, media_type: str) -> None:
+        # FastAPI documents a non-JSON success as `schema: {"type": "string"}`. Next to an
+        # `itemSchema` (one event of a stream), OpenAPI 3.2 and schemathesis read `schema` as the
+        # whole stream, i.e. the list of events: say that, unless the route gave its own schema.
+        for status, entry in self.responses.items():
+            media = (entry.get("content") or {}).get(media_type)
+            if not isinstance(media, dict) or "itemSchema" not in media or "schema" in media:
+                continue
+            stream = {"type": "array", "items": media["itemSchema"]}
+            extra = dict(self.openapi_extra or {})
+            extra_responses = dict(extra.get("responses") or {})
+            extra_responses[str(status)] = {"content": {media_type: {"schema": stream}}}
+            extra["responses"] = extra_responses
+            self.openapi_extra = extra
+
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve the request, or answer 405 in the common body when the method is not this route's."""
         if self.methods and scope["method"] not in self.methods:
-            allow = ", ".join(sorted(self.methods))
+            allow = _allow_header(scope, set(self.methods))
             response = _json(405, ErrorCode.METHOD_NOT_ALLOWED,
                              f"{scope['method']} is not allowed on this route; use {allow}", {"Allow": allow})
             await response(scope, receive, send)

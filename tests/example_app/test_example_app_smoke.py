@@ -8,6 +8,8 @@ and shadow the real one.
 
 from __future__ import annotations
 
+import asyncio
+
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -155,6 +157,8 @@ async def test_process_spike_is_quarantined_listed_released_and_held(serve: Clie
         token = coordinator.get_token(released["token_id"])
         if token is not None:  # still running: wait for it (it may have finished already)
             assert (await token)["count"] == 5000
+        # the outcome is stored by the quarantine's writer thread just after the call settles
+        assert await asyncio.to_thread(coordinator.policy("quarantine").flush, 10.0)
         record = (await client.get(f"{P}/quarantine/{qid}", headers=AUTH)).json()
         assert record["status"] == "released" and record["outcome_ok"] is True
         assert (await client.delete(f"{P}/quarantine/{qid}", headers=AUTH)).status_code == 409

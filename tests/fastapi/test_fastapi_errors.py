@@ -274,3 +274,30 @@ async def test_killed_call_answers_409(serve: Callable[..., Any], gate: threadin
     assert response.status_code == 409
     assert response.json()["error"] == "token_killed"
     assert response.json()["reason"] == "killed by operator"
+
+
+async def test_405_allow_lists_every_method_served_on_the_path(make_app: Callable[..., FastAPI],
+                                                               serve: Callable[..., Any]) -> None:
+    # Given an app whose own path is served by two routes, and the admin router (GET and DELETE /quarantine/{id})
+    app = make_app()
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+
+    @app.get("/item/{item_id}")
+    async def get_item(item_id: str) -> dict[str, str]:
+        return {"id": item_id}
+
+    @app.delete("/item/{item_id}")
+    async def delete_item(item_id: str) -> dict[str, str]:
+        return {"id": item_id}
+
+    async with serve(app) as client:
+        # When a method neither route serves is used, Then Allow names both routes' methods
+        for method, path, allow in [("PUT", "/item/1", "DELETE, GET"),
+                                    ("OPTIONS", "/tokengate/quarantine/q1", "DELETE, GET"),
+                                    ("PATCH", "/tokengate/quarantine/q1", "DELETE, GET"),
+                                    ("GET", "/tokengate/drain", "POST")]:
+            answer = await client.request(method, path)
+            assert answer.status_code == 405, (method, path)
+            assert answer.headers["allow"] == allow, (method, path)
+            assert answer.json()["error"] == "method_not_allowed"
+            assert answer.json()["detail"].endswith(f"use {allow}")

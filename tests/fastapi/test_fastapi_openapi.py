@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
+import pytest
 from fastapi import FastAPI
 
 from tokengate_fastapi import admin_router
@@ -65,3 +67,74 @@ def test_public_exports() -> None:
         assert getattr(tokengate_fastapi, name) is not None, name
     assert {"tokengate_lifespan", "get_coordinator", "CoordinatorDep", "admin_router", "add_exception_handlers",
             "ErrorCode", "TokengateCollector", "CancelOnDisconnectMiddleware"} <= set(tokengate_fastapi.__all__)
+
+
+def _ref(response: dict[str, Any], media_type: str = "application/json") -> str:
+    ref: str = response["content"][media_type]["schema"]["$ref"]
+    return ref.rsplit("/", 1)[-1]
+
+
+def test_tokengate_responses_documents_refusals_timeouts_and_malformed_input() -> None:
+    from tokengate import ConfigurationError
+    from tokengate_fastapi import tokengate_responses
+
+    # Given a route documented with the helper
+    app = FastAPI()
+
+    @app.get("/work", responses=tokengate_responses())
+    async def work(n: int) -> dict[str, int]:
+        return {"n": n}
+
+    @app.get("/fails", responses=tokengate_responses(function_failed=True, validation=False))
+    async def fails(n: int) -> dict[str, int]:
+        return {"n": n}
+
+    # Then its OpenAPI entry has the error bodies add_exception_handlers gives, as ErrorBody
+    schema: dict[str, Any] = app.openapi()
+    work_responses = schema["paths"]["/work"]["get"]["responses"]
+    assert set(work_responses) == {"200", "409", "422", "503", "504"}
+    for status in ("409", "422", "503", "504"):
+        assert _ref(work_responses[status]) == "ErrorBody", status
+    assert "Retry-After" in work_responses["503"]["headers"]
+    assert "HTTPValidationError" not in json.dumps(work_responses)
+    # function_failed adds 500; validation=False leaves FastAPI's own 422
+    fails_responses = schema["paths"]["/fails"]["get"]["responses"]
+    assert _ref(fails_responses["500"]) == "ErrorBody" and _ref(fails_responses["422"]) == "HTTPValidationError"
+    assert "function_failed" in schema["components"]["schemas"]["ErrorCode"]["enum"]
+    # each call is a fresh dict, and bad options are refused
+    assert tokengate_responses() is not tokengate_responses()
+    with pytest.raises(ConfigurationError):
+        tokengate_responses(validation="yes")  # type: ignore[arg-type]
+
+
+def test_admin_routes_document_404_422_and_json_errors_on_the_event_stream(make_app: Callable[..., FastAPI]) -> None:
+    paths: dict[str, Any] = make_app().openapi()["paths"]
+    # a path parameter: an unaddressable value (a line break) matches no route, 404
+    for path in ("/tokengate/operations/{operation_type}/kill", "/tokengate/operations/{operation_type}/pause",
+                 "/tokengate/tokens/{token_id}"):
+        operation = next(iter(paths[path].values()))
+        assert _ref(operation["responses"]["404"]) == "ErrorBody", path
+        assert _ref(operation["responses"]["422"]) == "ErrorBody", path
+    # /events streams text/event-stream, but its error answers are JSON, and its stream is a list of events
+    events = paths["/tokengate/events"]["get"]["responses"]
+    for status in ("401", "422", "503"):
+        assert list(events[status]["content"]) == ["application/json"], status
+        assert _ref(events[status]) == "ErrorBody", status
+    stream = events["200"]["content"]["text/event-stream"]
+    assert stream["schema"] == {"type": "array", "items": stream["itemSchema"]}
+
+
+def test_example_app_documents_every_error_it_answers() -> None:
+    from example_app.app import create_app
+
+    schema: dict[str, Any] = create_app(admin_token="t" * 32, quarantine_path=":memory:").openapi()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    awaiting = ["/light", "/medium", "/heavy", "/io", "/sticky/{user_id}", "/ordered/{account}", "/chain",
+                "/process", "/flaky", "/fail", "/slow", "/jobs/slow"]
+    for path in awaiting:
+        responses = next(iter(schema["paths"][path].values()))["responses"]
+        assert {"409", "422", "503", "504"} <= set(responses), path
+        assert all(_ref(responses[s]) == "ErrorBody" for s in ("409", "422", "503", "504")), path
+    for path in ("/fail", "/flaky"):
+        assert _ref(schema["paths"][path]["get"]["responses"]["500"]) == "ErrorBody"
+    assert _ref(schema["paths"]["/"]["get"]["responses"]["503"]) == "ErrorBody"
