@@ -288,3 +288,18 @@ def test_pause_refuses_bad_names_and_bounds_how_many_operations_are_paused(stand
         coordinator.pause("one-too-many")
     coordinator.resume("op1")
     coordinator.pause("one-too-many")
+
+
+def test_quarantine_hold_bounds_how_many_operations_are_held(tmp_path: Any) -> None:
+    from tokengate.policies import QuarantinePolicy
+    from tokengate.policies.quarantine import MAX_HELD_OPERATIONS
+
+    policy = QuarantinePolicy(":memory:")
+    for i in range(MAX_HELD_OPERATIONS):
+        policy.hold(f"op{i}")
+    policy.hold("op0")
+    with pytest.raises(ConfigurationError, match="already on hold"):
+        policy.hold("one-too-many")
+    policy.unhold("op0")
+    policy.hold("one-too-many")
+    assert len(policy.held_operations()) == MAX_HELD_OPERATIONS

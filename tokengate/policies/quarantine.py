@@ -695,9 +695,19 @@ class QuarantinePolicy(Policy):
     # -- operator API ------------------------------------------------------------------
 
     def hold(self, operation_type: str) -> None:
-        """Quarantine every new call of *operation_type* until :meth:`unhold`. Thread: any."""
+        """Quarantine every new call of *operation_type* until :meth:`unhold`. Thread: any.
+
+        Raises:
+            ConfigurationError: *operation_type* is not a non-empty string, or
+                ``MAX_HELD_OPERATIONS`` operation types are already on hold
+                (names from admin requests must not grow memory without bound).
+        """
         _check_op(operation_type)
         with self._lock:
+            if operation_type not in self._held and len(self._held) >= MAX_HELD_OPERATIONS:
+                raise ConfigurationError(
+                    f"{len(self._held)} operation types are already on hold (the limit is {MAX_HELD_OPERATIONS}); "
+                    "unhold some first")
             self._held = self._held | {operation_type}
         logger.warning("quarantine: operation %r is on hold; its new calls are quarantined", operation_type)
 
@@ -889,6 +899,10 @@ def _digest(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | Non
 def _check_int(name: str, value: object, low: int, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigurationError(f"{name} must be an integer >= {low}{hint}, got {value!r}")
+
+
+#: How many operation types may be on hold at once (see QuarantinePolicy.hold).
+MAX_HELD_OPERATIONS = 4096
 
 
 def _check_op(operation_type: object) -> None:
