@@ -193,6 +193,21 @@ class TaskToken(asyncio.Future[R], Generic[R]):
         return self._tstate in _TERMINAL
 
     @property
+    def outcome(self) -> Any:
+        """The call's outcome as policies see it: the return value, or the exception when ``is_error``.
+
+        Set when a run finishes (so ``after_run`` hooks see the attempt that
+        just ended) and when the token settles (``on_settle``: the final
+        outcome, e.g. ``TokenKilled``); ``None`` before. Thread: the loop.
+        """
+        return self._outcome
+
+    @property
+    def is_error(self) -> bool:
+        """True when :attr:`outcome` is an exception (the function raised, or the call was refused or stopped)."""
+        return self._is_error
+
+    @property
     def args(self) -> tuple[Any, ...] | None:
         """The call's positional arguments; ``None`` once settled."""
         return self._args

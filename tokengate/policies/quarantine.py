@@ -76,7 +76,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..decorator import resolve_guarded
-from ..errors import ConfigurationError, CoordinatorNotRunning, TokenQuarantined
+from ..errors import ConfigurationError, CoordinatorNotRunning, TokenQuarantined, describe_exception
 from ..fingerprint import DigestPolicy, HashPolicy, digest, routing_key
 from ..policy import Policy
 from .footprint import Footprints as _Footprints, footprint
@@ -115,10 +115,10 @@ _OUTCOME_REPR.maxother = 200
 
 
 def _outcome_summary(token: TaskToken[Any]) -> str:
-    outcome = token._outcome
+    outcome = token.outcome
     try:
-        if token._is_error:
-            text = f"{type(outcome).__name__}: {outcome}"
+        if token.is_error:
+            text = describe_exception(outcome)
         else:
             text = "returned " + _OUTCOME_REPR.repr(outcome)
     except Exception:
@@ -417,11 +417,11 @@ class QuarantinePolicy(Policy):
         """Count a failure of the call's fingerprint; a success clears it. Thread: loop."""
         data = token.policy_data
         fp = data.get(_FP_KEY) if data is not None else None
-        if not token._is_error:
+        if not token.is_error:
             if fp is not None:
                 self._forget_failure(token.operation_type, fp)
             return None
-        if self.poison_ignore and isinstance(token._outcome, self.poison_ignore):
+        if self.poison_ignore and isinstance(token.outcome, self.poison_ignore):
             return None  # an expected error: neither a failure nor a success
         if fp is None:
             fp = self._fingerprint_of(token)
