@@ -75,7 +75,7 @@ class SettlementMixin(CoordinatorBase):
         with self._router.lock:
             ok = token._transition(_S.TIMEOUT)
             if ok:
-                self._router.forget_waiting(token)
+                token._plan.router.forget_waiting(token)
         if ok:
             token._outcome, token._is_error = exc, True
             self._finalize(token)
@@ -331,7 +331,7 @@ class SettlementMixin(CoordinatorBase):
         with self._router.lock:
             ok = token._transition(_S.KILLED, None if any_state else _NOT_STARTED)
             if ok:
-                self._router.forget_waiting(token)
+                token._plan.router.forget_waiting(token)
         if ok:
             token._outcome, token._is_error = exc, True
             self._post_settle(token)

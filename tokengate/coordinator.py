@@ -41,6 +41,7 @@ from .errors import (
 from .metrics import ExecutionRecord, RateMeter, Reservoir
 from .policy import Policy
 from .routing import IN_POLICY, Router
+from .worker import Worker
 from .states import TERMINAL_STATES, TokenState
 from .tags import WEIGHTS
 from .token import TaskToken
@@ -159,7 +160,10 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self.stop_timeout = float(stop_timeout)
         self.policies: tuple[Policy, ...] = tuple(policy_list)
         self.routing = routing_table(cores, workers_per_core, bulkhead_reserve)
-        self._router = Router(self, self.routing, mailbox_size, max_pending)
+        # One router per lane; they share the routing lock. The thread lane's
+        # router is also self._router (the lock's owner, and the hot path's).
+        self._router = Router(self, self.routing, mailbox_size, max_pending, lane="thread")
+        self._routers: dict[str, Router] = {"thread": self._router}
         self._refill_batch = max(1, mailbox_size // 2)
         # An idle worker takes queued tokens from a sibling whose call has run this long.
         self._steal_after = 0.005
@@ -275,7 +279,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._started_wall = time.time()
         started: list[Policy] = []
         try:
-            for worker in self._router.workers:
+            for worker in self._workers():
                 worker.start(self.name)
             for p in self.policies:
                 p.on_start(self)
@@ -302,7 +306,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                 p.on_stop(self)
             except Exception:
                 logger.exception("policy %s failed in on_stop while undoing a failed start", p.name)
-        workers = [w for w in self._router.workers if w.thread is not None]
+        workers = [w for w in self._workers() if w.thread is not None]
         for worker in workers:
             worker.stopping = True
             worker.wake()
@@ -312,6 +316,19 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._accepting = False
         logger.error("coordinator %s: start failed; undone (%d policies stopped, %d worker threads joined)",
                      self.name, len(started), len(workers))
+
+    def _workers(self) -> list[Worker]:
+        """Every worker of every lane."""
+        return [w for router in self._routers.values() for w in router.workers]
+
+    def _lane_router(self, guarded: GuardedFunction[..., Any]) -> Router:
+        """The router of the lane *guarded* runs on (its ``lane`` tag)."""
+        router = self._routers.get(guarded.lane)
+        if router is None:
+            raise ConfigurationError(
+                f"{guarded.qualname}() runs on the {guarded.lane!r} lane, which coordinator {self.name!r} "
+                f"does not have (lanes: {', '.join(self._routers)})")
+        return router
 
     async def __aenter__(self) -> OperationsCoordinator:
         return await self.astart()
@@ -398,7 +415,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                 f"coordinator {self.name!r} stopped before token {token.token_id} settled",
                 token_id=token.token_id, reason="coordinator stopped"), any_state=True)
         self._settle_done(0)
-        workers = self._router.workers
+        workers = self._workers()
         for worker in workers:
             worker.stopping = True
             worker.wake()
@@ -448,46 +465,50 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             raise ConfigurationError(f"operation_type must be a non-empty string or None, got {operation_type!r}")
         with self._router.lock:
             if operation_type is None:
-                self._router.paused = True
+                for router in self._routers.values():
+                    router.paused = True
             else:
                 paused_ops = self._router.paused_ops
                 if operation_type not in paused_ops and len(paused_ops) >= MAX_PAUSED_OPERATIONS:
                     raise ConfigurationError(
                         f"{len(paused_ops)} operation types are already paused (the limit is "
                         f"{MAX_PAUSED_OPERATIONS}); resume some, or pause everything with pause()")
-                paused_ops.add(operation_type)
+                for router in self._routers.values():
+                    router.paused_ops.add(operation_type)
         logger.warning("coordinator %s: admission paused%s", self.name,
                        "" if operation_type is None else f" for {operation_type!r}")
 
     def resume(self, operation_type: str | None = None) -> None:
         """Release a pause (global or per operation); the global form also reopens a drained gate."""
-        router = self._router
         released: list[TaskToken[Any]] = []
-        with router.lock:
+        with self._router.lock:
+            for router in self._routers.values():
+                if operation_type is None:
+                    router.paused = False
+                else:
+                    router.paused_ops.discard(operation_type)
+                    released += router.release_held(operation_type)
             if operation_type is None:
-                router.paused = False
                 self._gate_open = True
                 self._accepting = self._phase == "running"
-            else:
-                router.paused_ops.discard(operation_type)
-                released = router.release_held(operation_type)
         for token in released:
             self._reroute(token)
-        for worker in router.workers:
+        for worker in self._workers():
             worker.wake()
         logger.warning("coordinator %s: admission resumed%s", self.name,
                        "" if operation_type is None else f" for {operation_type!r}")
 
     def _resume_all(self) -> None:
-        router = self._router
-        with router.lock:
-            router.paused = False
-            ops = list(router.paused_ops)
-            router.paused_ops.clear()
-            released = [t for op in ops for t in router.release_held(op)]
+        released: list[TaskToken[Any]] = []
+        with self._router.lock:
+            for router in self._routers.values():
+                router.paused = False
+                ops = list(router.paused_ops)
+                router.paused_ops.clear()
+                released += [t for op in ops for t in router.release_held(op)]
         for token in released:
             self._reroute(token)
-        for worker in router.workers:
+        for worker in self._workers():
             worker.wake()
 
     @property

@@ -35,6 +35,7 @@ from .token import EMPTY_CONTEXT, NO_KWARGS
 
 if TYPE_CHECKING:
     from .coordinator import OperationsCoordinator
+    from .routing import Router
     from .token import TaskToken
 
 __all__ = ["Worker", "run_token"]
@@ -135,6 +136,7 @@ class Worker:
         "classes",
         "_park",
         "thread",
+        "router",
     )
 
     def __init__(self, coordinator: OperationsCoordinator, core_id: int, index: int) -> None:
@@ -156,6 +158,7 @@ class Worker:
         self._park = threading.Lock()
         self._park.acquire()
         self.thread: threading.Thread | None = None
+        self.router: Router = None  # type: ignore[assignment]  # set by the Router that owns this worker
 
     def start(self, name_prefix: str) -> None:
         self.thread = threading.Thread(target=self._main, name=f"{name_prefix}-{self.worker_id}", daemon=True)
@@ -180,8 +183,8 @@ class Worker:
         mailbox = self.mailbox
         pop = mailbox.popleft
         refill = coordinator._refill
-        has_work = coordinator._router.has_work_for
-        idle_hint = coordinator._router.idle_hint
+        has_work = self.router.has_work_for
+        idle_hint = self.router.idle_hint
         steal_wait = coordinator._steal_wait
         while True:
             try:
