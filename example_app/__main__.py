@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import secrets
 import sys
@@ -17,7 +18,7 @@ from typing import Mapping, Sequence
 
 from tokengate_fastapi import ADMIN_TOKEN_ENV_VAR
 
-from .app import ADMIN_PREFIX, DEFAULT_QUARANTINE_PATH, create_app
+from .app import ADMIN_PREFIX, DEFAULT_QUARANTINE_PATH, DRAIN_TIMEOUT, create_app
 
 
 def _is_loopback(host: str) -> bool:
@@ -57,7 +58,7 @@ def banner(base: str, token: str, generated: bool, quarantine_path: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse options, print the banner, serve until Ctrl-C (which drains, then stops)."""
+    """Parse options, print the banner, serve until SIGTERM or Ctrl-C (which drain, then stop)."""
     parser = argparse.ArgumentParser(prog="python -m example_app", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; anything else exposes the admin API)")
@@ -65,24 +66,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quarantine-db", default=DEFAULT_QUARANTINE_PATH,
                         help=f"quarantine SQLite file (default ./{DEFAULT_QUARANTINE_PATH})")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT,
+                        help=f"seconds a shutdown (SIGTERM, Ctrl-C) waits for accepted calls before stopping "
+                             f"them (default {DRAIN_TIMEOUT:g})")
+    parser.add_argument("--timeout-graceful-shutdown", type=int, default=None,
+                        help="uvicorn's wait, in whole seconds, for responses still being written after the "
+                             "drain; not shorter than the drain (default: the drain timeout, rounded up)")
     args = parser.parse_args(argv)
+    if not math.isfinite(args.drain_timeout) or args.drain_timeout < 0:
+        parser.error(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+    graceful = math.ceil(args.drain_timeout) if args.timeout_graceful_shutdown is None \
+        else args.timeout_graceful_shutdown
+    if graceful < args.drain_timeout:
+        # Item 12 of issue 12: a graceful timeout shorter than the drain cancelled in-flight requests.
+        parser.error(f"--timeout-graceful-shutdown ({graceful}) must not be shorter than --drain-timeout "
+                     f"({args.drain_timeout:g})")
 
     # tokengate logs blocks, quarantines, drains and pauses: show them next to uvicorn's lines.
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)-9s %(name)s: %(message)s")
     token, generated = admin_token(os.environ)
     db = args.quarantine_db
     quarantine_path = db if db == ":memory:" else os.path.abspath(db)
-    app = create_app(admin_token=token, quarantine_path=quarantine_path)
+    app = create_app(admin_token=token, quarantine_path=quarantine_path, drain_timeout=args.drain_timeout)
 
-    import uvicorn  # imported late: --help works without it
+    from .serve import serve  # imports uvicorn: late, so --help works without it
 
     host_in_url = f"[{args.host}]" if ":" in args.host else args.host
     print(banner(f"http://{host_in_url}:{args.port}", token, generated, quarantine_path), flush=True)
     if not _is_loopback(args.host):
         print(f"WARNING: listening on {args.host}: the admin API is reachable from other machines; "
               "anyone with the token can drain, pause and kill work.", file=sys.stderr, flush=True)
-    # timeout_graceful_shutdown: an open /events stream (the dashboard) must not hold Ctrl-C for a minute.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    # SIGTERM / Ctrl-C: drain, stop the coordinator, then let uvicorn close (example_app/serve.py).
+    serve(app, host=args.host, port=args.port, log_level=args.log_level, drain_timeout=args.drain_timeout,
+          timeout_graceful_shutdown=graceful)
     return 0
 
 

@@ -62,7 +62,7 @@ WORKERS_PER_CORE = 4
 DRAIN_TIMEOUT = 10.0
 SLOW_TIER_LIMIT = 2
 #: What a route that awaits tokens can answer besides 200 (refusals, timeouts, malformed input):
-#: documented so the OpenAPI schema is the real contract (tests/fastapi/test_contract_fuzz.py checks it).
+#: documented so the OpenAPI schema is the real contract (tests/fastapi/test_fastapi_contract_fuzz.py checks it).
 TOKEN_ERRORS = tokengate_responses()
 #: /fail and /flaky also answer their function's exception themselves: 500 function_failed.
 FAILING_ERRORS = tokengate_responses(function_failed=True)
@@ -110,8 +110,8 @@ def _ms(seconds: float | None) -> float | None:
 
 def _failed(token: TaskToken[Any], exc: Exception) -> JSONResponse:
     # The function's own exception: answer with the same body shape as tokengate's refusals.
-    return JSONResponse({"error": ErrorCode.FUNCTION_FAILED.value, "exception": type(exc).__name__, "detail": str(exc),
-                         **describe(token)}, status_code=500)
+    return JSONResponse({"error": ErrorCode.FUNCTION_FAILED.value, "exception": type(exc).__name__,
+                         "detail": str(exc), **describe(token)}, status_code=500)
 
 
 def _retrieve_outcome(token: asyncio.Future[Any]) -> None:
@@ -143,7 +143,8 @@ ENDPOINTS: list[dict[str, str]] = [
 ]
 
 
-def create_app(admin_token: str | None = None, quarantine_path: str | None = None) -> FastAPI:
+def create_app(admin_token: str | None = None, quarantine_path: str | None = None,
+               drain_timeout: float = DRAIN_TIMEOUT) -> FastAPI:
     """Build the example app (nothing starts until the server runs its lifespan).
 
     Args:
@@ -153,6 +154,9 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
         quarantine_path: The quarantine's SQLite file. ``None`` means
             ``example-quarantine.sqlite3`` in the current directory (made
             absolute now). ``":memory:"`` keeps records in this process only.
+        drain_timeout: Seconds the shutdown waits for accepted calls (default
+            10) before stopping the coordinator; see ``example_app/serve.py``
+            for the order of a shutdown.
     """
     path = quarantine_path or DEFAULT_QUARANTINE_PATH
     if path != ":memory:":
@@ -164,7 +168,7 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
                                      policies=make_policies(path), name="example")
 
     app = FastAPI(title="TokenGate example", version="0.1.0",
-                  lifespan=tokengate_lifespan(coordinator_factory=new_coordinator, drain_timeout=DRAIN_TIMEOUT))
+                  lifespan=tokengate_lifespan(coordinator_factory=new_coordinator, drain_timeout=drain_timeout))
     app.add_middleware(CancelOnDisconnectMiddleware)
     add_exception_handlers(app)
     # The admin routes answer malformed input this way by themselves; the app's endpoints too.

@@ -13,12 +13,13 @@ import os
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import httpx
 
-__all__ = ["free_port", "python_path_with", "server_process"]
+__all__ = ["RunningServer", "free_port", "python_path_with", "running_server", "server_process"]
 
 
 def free_port() -> int:
@@ -48,6 +49,39 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: f
                        + log.read_text(errors="replace"))
 
 
+@dataclass
+class RunningServer:
+    """A server started by :func:`running_server`: its base URL, process and log file."""
+
+    base: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_server(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], log: Path, health_path: str,
+                   port: int, startup_timeout: float = 20.0, stop_timeout: float = 10.0) -> Iterator[RunningServer]:
+    """Like :func:`server_process`, but yields the :class:`RunningServer`, for tests that signal it themselves."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(proc, base + health_path, log, startup_timeout)
+        yield RunningServer(base, proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(stop_timeout)
+
+
 @contextlib.contextmanager
 def server_process(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], log: Path, health_path: str,
                    port: int, startup_timeout: float = 20.0, stop_timeout: float = 10.0) -> Iterator[str]:
@@ -57,20 +91,9 @@ def server_process(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], lo
     server dies or never answers). On exit the process is terminated, then
     killed if it has not stopped within *stop_timeout*.
     """
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_healthy(proc, base + health_path, log, startup_timeout)
-        yield base
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(stop_timeout)
+    with running_server(argv, cwd=cwd, env=env, log=log, health_path=health_path, port=port,
+                        startup_timeout=startup_timeout, stop_timeout=stop_timeout) as server:
+        yield server.base
 
 
 def python_path_with(root: Path) -> str:

@@ -19,6 +19,7 @@ from tokengate import (
     TokenTimeout,
     task_token_guard,
 )
+from virtual_time import NEVER, run_virtual
 
 gate = threading.Event()
 started = threading.Semaphore(0)
@@ -320,15 +321,22 @@ def test_timeout_of_a_token_that_never_started_means_it_never_runs(run: Any) -> 
     run(main())
 
 
-def test_timeout_of_an_executing_token_releases_the_awaiter(run: Any) -> None:
-    @task_token_guard(operation_type="slow", tags={"weight": "light", "timeout": 0.05})
+def test_timeout_of_an_executing_token_releases_the_awaiter() -> None:
+    entered = threading.Event()
+
+    @task_token_guard(operation_type="slow", tags={"weight": "light", "timeout": NEVER})
     def slow() -> str:
+        entered.set()
         gate.wait(10)
         return "finished"
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
         async with one_worker() as c:
             token = slow()
+            # Once it runs, its timeout passes (on the loop's virtual clock, see tests/virtual_time.py)
+            assert await loop.run_in_executor(None, entered.wait, 10)
+            loop.advance(NEVER)  # type: ignore[attr-defined]
             with pytest.raises(TokenTimeout) as info:
                 await token
             assert info.value.started
@@ -336,19 +344,26 @@ def test_timeout_of_an_executing_token_releases_the_awaiter(run: Any) -> None:
             await quick(0)  # the worker finished the slow call; its late result was discarded
             assert c.stats()["counts"]["late_completions_discarded"] == 1
 
-    run(main())
+    run_virtual(main())
 
 
-def test_run_time_statistics_count_only_calls_that_finished(run: Any) -> None:
-    @task_token_guard(operation_type="slow2", tags={"weight": "light", "timeout": 0.05})
+def test_run_time_statistics_count_only_calls_that_finished() -> None:
+    entered = threading.Event()
+
+    @task_token_guard(operation_type="slow2", tags={"weight": "light", "timeout": NEVER})
     def slow2() -> str:
+        entered.set()
         gate.wait(10)
         return "finished"
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
         async with one_worker() as c:
+            token = slow2()
+            assert await loop.run_in_executor(None, entered.wait, 10)
+            loop.advance(NEVER)  # type: ignore[attr-defined]
             with pytest.raises(TokenTimeout):
-                await slow2()  # started, then settled at its timeout: no run time to report
+                await token  # started, then settled at its timeout: no run time to report
             stats = c.stats()
             assert stats["queue_wait"]["count"] == 1 and stats["queue_wait"]["window"] == 1
             assert stats["run_time"]["count"] == 0 and stats["run_time"]["window"] == 0
@@ -357,7 +372,7 @@ def test_run_time_statistics_count_only_calls_that_finished(run: Any) -> None:
             stats = c.stats()
             assert stats["queue_wait"]["count"] == 2 and stats["run_time"]["count"] == 1
 
-    run(main())
+    run_virtual(main())
 
 
 def test_cancelling_the_awaiter_kills_a_token_that_has_not_started(run: Any) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 import pytest
 
 from tokengate import CoordinatorStopped, GateClosed, OperationsCoordinator, TokenKilled, TokenState, task_token_guard
+from virtual_time import VirtualTimeLoop, run_virtual
 
 gate = threading.Event()
 
@@ -33,15 +33,18 @@ def test_stop_timeout_settles_everything_left_with_coordinator_stopped() -> None
     gate.clear()
     coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1).start()
     tokens = [held(i) for i in range(4)]
-    releaser = threading.Timer(0.3, gate.set)  # lets the running call end so its thread can exit
-    releaser.start()
-    coordinator.stop(timeout=0.05)
+    stopper = threading.Thread(target=coordinator.stop, kwargs={"timeout": 0.05})
+    stopper.start()
+    # The gate opens only after the stop settled every token: no call can finish first,
+    # however late the stop starts (it used to race a 0.3 s timer).
     for token in tokens:
-        assert token.state is TokenState.KILLED
         with pytest.raises(CoordinatorStopped):
-            token.get(timeout=1)
+            token.get(timeout=10)
+        assert token.state is TokenState.KILLED
+    gate.set()  # lets the running call end so its thread can exit
+    stopper.join(10)
+    assert not stopper.is_alive() and not coordinator.running
     assert issubclass(CoordinatorStopped, TokenKilled)
-    releaser.join()
 
 
 def test_awaiters_never_hang_when_the_coordinator_stops(run: Any) -> None:
@@ -51,10 +54,12 @@ def test_awaiters_never_hang_when_the_coordinator_stops(run: Any) -> None:
         coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1)
         await coordinator.astart()
         tokens = [held(i) for i in range(3)]
-        asyncio.get_running_loop().call_later(0.2, gate.set)
-        await coordinator.aclose(timeout=0.01)
+        closing = asyncio.ensure_future(coordinator.aclose(timeout=0.01))
+        # The awaiters are released by the stop itself, while the first call still blocks its worker
         results = await asyncio.wait_for(asyncio.gather(*tokens, return_exceptions=True), 5)
         assert all(isinstance(r, CoordinatorStopped) for r in results)
+        gate.set()
+        await closing
         await coordinator.aclose()  # idempotent
 
     run(main())
@@ -138,21 +143,42 @@ def test_a_bad_drain_timeout_is_refused_before_the_gate_closes(run: Any) -> None
     run(main())
 
 
-def test_stop_with_a_function_that_never_returns_takes_about_the_timeout_not_twice() -> None:
-    # Given a call stuck in its function (it returns only when the test lets it)
-    stuck = threading.Event()
-    coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1).start()
-    token = held_until(stuck)
-    # When the coordinator stops with a 2 s grace
-    started = time.monotonic()
-    coordinator.stop(timeout=2.0)
-    took = time.monotonic() - started
-    stuck.set()
-    # Then the stop spends the grace once, plus the short wait for threads to leave (was 2 x grace)
-    assert token.state is TokenState.KILLED
-    assert 2.0 <= took < 3.5, took
+def test_stop_with_a_function_that_never_returns_takes_about_the_timeout_not_twice(monkeypatch: Any) -> None:
+    # Measured on a virtual clock that jumps to the next timer whenever the loop is idle
+    # (tests/virtual_time.py), so the stop's waits take no real time and no scheduler
+    # delay can move the figure: the coordinator's own deadline reads the same clock.
+    from tokengate import coordinator as coordinator_module
+
+    loop_box: list[VirtualTimeLoop] = []
+    monkeypatch.setattr(coordinator_module, "_perf", lambda: loop_box[0].time())
+    stuck, entered = threading.Event(), threading.Event()
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualTimeLoop)
+        loop_box.append(loop)
+        coordinator = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=1)
+        await coordinator.astart()
+        # Given a call stuck in its function (it returns only when the test lets it)
+        token = held_until(stuck, entered)
+        assert await loop.run_in_executor(None, entered.wait, 10)
+        # When the coordinator stops with a 2 s grace
+        started = loop.time()
+        await coordinator.aclose(timeout=2.0)
+        took = loop.time() - started
+        assert token.state is TokenState.KILLED
+        return took
+
+    try:
+        took = run_virtual(main(), autojump=True)
+    finally:
+        stuck.set()
+    # Then the stop spends the grace once, plus the documented 0.5 s for threads to leave (was 2 x grace)
+    assert 2.0 + 0.5 <= took <= 2.0 + 0.5 + 0.01, took
 
 
 @task_token_guard(operation_type="held_until", tags={"weight": "light"})
-def held_until(event: threading.Event) -> None:
+def held_until(event: threading.Event, entered: threading.Event | None = None) -> None:
+    if entered is not None:
+        entered.set()
     event.wait(30)

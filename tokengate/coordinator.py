@@ -261,6 +261,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._own_thread.start()
         ready.wait()
         if failure:
+            self._own_thread.join(timeout=10)  # it closes its loop and ends: leave no thread behind
             raise failure[0]
         return self
 

@@ -300,6 +300,10 @@ class QuarantineReleaseResult(BaseModel):
 class DrainRequest(BaseModel):
     """Options of ``POST /drain`` (as a JSON body; the same names work as query parameters)."""
 
+    # Strict: a JSON body says `true` and `5`, not `"yes"` or `false` for a number (lax pydantic
+    # would read `"timeout": false` as 0 and drain without waiting).
+    model_config = ConfigDict(strict=True)
+
     wait: bool = True
     timeout: float = Field(default=30.0, ge=0, le=300)
 

@@ -23,6 +23,8 @@ from tokengate.errors import ConfigurationError, CoordinatorStopped
 from tokengate.fingerprint import DigestPolicy, digest
 from tokengate.policies.conductor import ConductorPolicy, current_seed
 
+from virtual_time import NEVER, expire, virtual_loops
+
 from .test_sticky import WAIT, Factory, Refuse, here, outcome, start, sticky_stats, wait_until
 
 
@@ -376,8 +378,10 @@ def test_release_on_stop_with_children_queued(standalone: Factory) -> None:
 
 
 def test_timed_out_lead_still_running_reopens_its_domain(standalone: Factory) -> None:
-    c, recorder = start(standalone)
+    with virtual_loops():  # the lead times out when the test advances the clock, after it started
+        c, recorder = start(standalone)
     gate = threading.Event()
+    entered = threading.Event()
     late: list[TaskToken[tuple[int, str | None]]] = []
 
     @task_token_guard(operation_type="late_child", tags={"weight": "heavy"})
@@ -385,14 +389,18 @@ def test_timed_out_lead_still_running_reopens_its_domain(standalone: Factory) ->
         return here()[0], current_seed()
 
     @task_token_guard(operation_type="late_lead",
-                      tags={"weight": "heavy", "external_calls": ["late_child"], "timeout": 0.05})
+                      tags={"weight": "heavy", "external_calls": ["late_child"], "timeout": NEVER})
     def late_lead() -> None:
+        entered.set()
         gate.wait(WAIT)
         late.append(late_child())  # made after this lead timed out and its domain closed
 
     lead = late_lead()
-    with pytest.raises(TokenTimeout):
+    assert entered.wait(WAIT)
+    expire(c, lead)
+    with pytest.raises(TokenTimeout) as info:
         lead.get(WAIT)
+    assert info.value.started
     assert conductor_stats(c)["domains"] == 0
     seed = seed_of(lead)
     gate.set()

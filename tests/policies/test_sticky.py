@@ -27,6 +27,7 @@ from tokengate.errors import ConfigurationError, CoordinatorStopped
 from tokengate.fingerprint import HashPolicy
 from tokengate.policies.conductor import ConductorPolicy
 from tokengate.policies.sticky import StickyPolicy
+from virtual_time import NEVER, expire, virtual_loops
 
 WAIT = 10.0
 Factory = Callable[..., OperationsCoordinator]
@@ -498,21 +499,30 @@ def test_release_on_kill_while_waiting(standalone: Factory) -> None:
 
 
 def test_release_on_timeout_while_executing_and_while_queued(standalone: Factory) -> None:
-    c, recorder = start(standalone)
+    with virtual_loops():  # timeouts fire when the test advances the clock (tests/virtual_time.py)
+        c, recorder = start(standalone)
     gate = threading.Event()
+    entered = threading.Event()
 
     @task_token_guard(operation_type="slow", tags={"weight": "heavy", "sticky_anchor": "slow", "ordered": True,
-                                                   "hash_policy": "none", "timeout": 0.05})
+                                                   "hash_policy": "none", "timeout": NEVER})
     def slow() -> None:
+        entered.set()
         gate.wait(WAIT)
 
-    # Given an executing call and one queued behind it, both with a short timeout
-    running, queued = slow(), slow()
+    # Given an executing call and one queued behind it, both with a timeout
+    running = slow()
+    assert entered.wait(WAIT)
+    queued = slow()
+    assert sticky_stats(c)["waiting_in_order"] == 1
     # When both time out / Then both release the key, though the first's thread still runs
-    with pytest.raises(TokenTimeout):
+    expire(c, running)
+    with pytest.raises(TokenTimeout) as info:
         running.get(WAIT)
-    with pytest.raises(TokenTimeout):
+    assert info.value.started
+    with pytest.raises(TokenTimeout) as info:
         queued.get(WAIT)
+    assert not info.value.started
     assert sticky_stats(c)["pins"] == 0
     gate.set()
     recorder.assert_each_settled_once()

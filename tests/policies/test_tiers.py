@@ -14,6 +14,7 @@ from tokengate import OperationsCoordinator, TokenKilled, TokenState, TokenTimeo
 from tokengate.errors import ConfigurationError
 from tokengate.policies.retries import RetryPolicy
 from tokengate.policies.tiers import DEFAULT_TIER_LIMITS, StorageSpeed, StorageTierPolicy
+from virtual_time import NEVER, expire, start_virtual
 
 WAIT = 5.0  # upper bound for any single wait; tests finish far sooner
 
@@ -230,23 +231,29 @@ def test_timed_out_waiting_token_leaves_the_fifo(gate: threading.Event) -> None:
 def test_timeout_while_executing_releases_the_slot(gate: threading.Event) -> None:
     # Given limit 1 held by a call that times out while it runs, and a call waiting behind it
     policy = StorageTierPolicy(limits={"slow": 1})
+    entered = threading.Event()
 
-    @task_token_guard(operation_type="tiers.stuck", tags={"storage_speed": "slow", "timeout": 0.05})
+    # The timeout fires when the test advances the loop's virtual clock, after A started.
+    @task_token_guard(operation_type="tiers.stuck", tags={"storage_speed": "slow", "timeout": NEVER})
     def stuck() -> None:
+        entered.set()
         gate.wait(WAIT)
 
     @task_token_guard(operation_type="tiers.next", tags={"storage_speed": "slow"})
     def nxt() -> str:
         return "next"
 
-    c = start(policy)
+    c = start_virtual(OperationsCoordinator(num_cores=1, workers_per_core=4, policies=[policy], stop_timeout=2.0))
     try:
         a = stuck()
-        wait_until(lambda: a.state is TokenState.EXECUTING)
+        assert entered.wait(WAIT)
         b = nxt()
+        assert tier(policy)["waiting"] == 1
         # When A times out; Then its slot passes to B, which completes while A's thread still runs
-        with pytest.raises(TokenTimeout):
+        expire(c, a)
+        with pytest.raises(TokenTimeout) as info:
             a.get(WAIT)
+        assert info.value.started
         assert b.get(WAIT) == "next"
         assert tier(policy)["active"] == 0
     finally:
