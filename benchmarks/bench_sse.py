@@ -11,7 +11,8 @@ client stays cheap), waits until every stream got its first event, then for
   number of ticks (window ÷ ``sse_interval``). A baseline window with no
   stream open is measured first and reported beside it;
 * **events delivered** per stream per tick (1.0 = every stream got every tick;
-  below that, the loop could not keep up);
+  below that, the loop could not keep up), and the CPU per delivered event
+  (the view that stays honest when the loop is saturated);
 * **light-request latency**: sequential ``GET /tokengate/health`` probes (an
   ``async def`` answered by the loop alone) during the window, p50/p99/max.
 
@@ -238,6 +239,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_ms_per_tick": round(busy_cpu / ticks * 1000, 2),
             "cpu_ms_per_tick_minus_idle": round((busy_cpu / ticks - idle_cpu * args.interval) * 1000, 2),
             "events_per_stream_per_tick": round(delivered / max(1, open_streams) / ticks, 3),
+            # The saturation-proof view: a loop at 100 % cannot spend more per tick, only deliver less.
+            "cpu_us_per_event_delivered": round(busy_cpu / max(1, delivered) * 1e6, 1),
             "probe_idle_ms": {"p50": round(_pct(idle_probe, 50) * 1000, 2),
                               "p99": round(_pct(idle_probe, 99) * 1000, 2)},
             "probe_ms": {"n": len(probe), "p50": round(_pct(probe, 50) * 1000, 2),

@@ -6,6 +6,7 @@ few precomputed tuples and flags, and a hook no policy overrides costs nothing.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .policy import HOOKS, Policy
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from .routing import Router
 
 __all__ = ["_Plan"]
+
+logger = logging.getLogger("tokengate.coordinator")
 
 
 class _Plan:
@@ -42,7 +45,7 @@ class _Plan:
     def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any], router: Router,
                  nested: bool = False) -> None:
         self.router = router
-        interested = [p for p in policies if p.interested(guarded) or (nested and p.follows_marked_parent)]
+        interested = [p for p in policies if _interested(p, guarded) or (nested and p.follows_marked_parent)]
         for hook in HOOKS:
             chosen = [p for p in interested if getattr(type(p), hook) is not getattr(Policy, hook)]
             if hook in ("after_run", "on_settle"):
@@ -58,3 +61,17 @@ class _Plan:
             for state in TERMINAL_STATES
         }
         self.marked_routes = bool(self.pick_core_marked or self.on_routed_marked)
+
+
+def _interested(policy: Policy, guarded: GuardedFunction[..., Any]) -> bool:
+    """``policy.interested(guarded)``; a policy whose check raises is treated as interested.
+
+    A bug in a policy must not fail calls; and a safety policy that cannot say
+    whether it cares is safer applied (its hooks' own failures are contained).
+    """
+    try:
+        return bool(policy.interested(guarded))
+    except Exception:
+        logger.exception("policy %s failed in interested(%s); its hooks apply to this function",
+                         policy.name, guarded.key)
+        return True

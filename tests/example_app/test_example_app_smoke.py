@@ -283,3 +283,18 @@ async def test_unknown_paths_and_methods_answer_in_the_common_error_body(serve: 
         unknown = await client.get(f"{P}/nope")
         assert unknown.json() == {"error": "not_found", "detail": f"no route serves {P}/nope"}
         assert (await stats(client))["paused_operations"] == []
+
+
+@pytest.mark.parametrize("argv", [["--timeout-graceful-shutdown", "3"],  # shorter than the default 10 s drain
+                                  ["--drain-timeout", "5", "--timeout-graceful-shutdown", "4"],
+                                  ["--drain-timeout", "-1"], ["--drain-timeout", "nan"]])
+def test_main_refuses_a_graceful_timeout_shorter_than_the_drain_and_bad_drains(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from example_app.__main__ import main
+
+    # When the shutdown options could cut off accepted requests (or make no sense), Then nothing starts
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert "--drain-timeout" in capsys.readouterr().err
+
