@@ -212,11 +212,18 @@ class _Broadcaster:
         # Wake the streams a chunk per loop turn: between chunks the loop polls its sockets, so a
         # light request never waits behind the whole fan-out (each woken stream writes its frame).
         waiters, self._waiters = self._waiters, set()
-        for count, waiter in enumerate(waiters, 1):
-            if not waiter.done():
-                waiter.set_result(None)
-            if count % _WAKE_CHUNK == 0:
-                await asyncio.sleep(0)
+        pending = iter(waiters)
+        try:
+            for count, waiter in enumerate(pending, 1):
+                if not waiter.done():
+                    waiter.set_result(None)
+                if count % _WAKE_CHUNK == 0:
+                    await asyncio.sleep(0)
+        finally:
+            # Stopped between two chunks: the rest still get their wake-up (they then see it ended).
+            for waiter in pending:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, set()

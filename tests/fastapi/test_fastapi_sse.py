@@ -337,3 +337,24 @@ def test_snapshots_are_one_line_json_without_nan() -> None:
     encoded = encode_snapshot({"a": float("nan"), "b": [float("inf"), 1.5], "c": "two\nlines", "d": (1, 2)})
     assert b"\n" not in encoded
     assert json.loads(encoded) == {"a": None, "b": [None, 1.5], "c": "two\nlines", "d": [1, 2]}
+
+
+async def test_stopping_in_the_middle_of_a_fan_out_wakes_every_stream(make_app: Callable[..., FastAPI],
+                                                                       serve: Callable[..., Any]) -> None:
+    # Given: 200 streams waiting for the next snapshot (more than one wake-up batch)
+    app = make_app(router={"sse_interval": 3600})
+    async with serve(app):
+        broadcaster = live_module._Broadcaster(app.state.tokengate, interval=3600)
+        waiting = [asyncio.create_task(broadcaster.next(after=-1, timeout=3600)) for _ in range(200)]
+        await asyncio.sleep(0)  # each registers its waiter
+        # When: a snapshot is published, and the broadcaster is stopped after the first batch was woken
+        publishing = asyncio.create_task(broadcaster._publish(b"{}", final=False))
+        await asyncio.sleep(0)  # the first batch (64) is woken; the publisher yields to the loop
+        assert not publishing.done()
+        publishing.cancel()  # what stop() does to the ticking task
+        broadcaster.stop()
+        # Then: every stream gets the snapshot now, none waits for its timeout
+        done, pending = await asyncio.wait(waiting, timeout=10)
+        assert not pending
+        assert {t.result().seq for t in done} == {0}
+        await asyncio.gather(publishing, return_exceptions=True)
