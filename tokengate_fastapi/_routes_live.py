@@ -94,12 +94,24 @@ _EVENTS_200 = {"content": {
         "retry": {"type": "integer", "minimum": 0}}}}}}
 
 
+#: Seconds between two tracebacks for the same failing part of a snapshot (one per tick would flood the log).
+GUARDED_LOG_INTERVAL = 60.0
+_guarded_logged_at: dict[str, float] = {}
+
+
 def _guarded_rows(what: str, fetch: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     # A broken policy must not end the live stream: log and show nothing for it.
     try:
         return fetch()
     except Exception:
-        logger.exception("tokengate /events: could not read %s; sending an empty list", what)
+        now = time.monotonic()
+        last = _guarded_logged_at.get(what)
+        if last is None or now - last >= GUARDED_LOG_INTERVAL:
+            _guarded_logged_at[what] = now
+            logger.exception("tokengate /events: could not read %s; sending an empty list (logged at most "
+                             "once a minute while it fails)", what)
+        else:
+            logger.debug("tokengate /events: could not read %s again", what, exc_info=True)
         return []
 
 

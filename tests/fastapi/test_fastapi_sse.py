@@ -88,18 +88,21 @@ async def test_stream_ends_after_its_maximum_duration(make_app: Callable[..., Fa
 
 async def test_a_broken_policy_does_not_end_the_stream(make_app: Callable[..., FastAPI], serve: Callable[..., Any],
                                                        auth: dict[str, str], fake_quarantine: Any,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+                                                       caplog: pytest.LogCaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # Given: a quarantine policy whose listing fails
     def broken(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         raise RuntimeError("database is locked")
 
     fake_quarantine.list = broken
+    monkeypatch.setattr(live_module, "_guarded_logged_at", {})
     async with serve(make_app(policies=[fake_quarantine])) as client:
-        response = await client.get(f"{P}/events", params={"max_events": 2}, headers=auth)
-    # Then: the events still flow, with an empty quarantine list, and the failure is logged
+        response = await client.get(f"{P}/events", params={"max_events": 3}, headers=auth)
+    # Then: the events still flow, with an empty quarantine list, and the failure is logged once, not per tick
     events = _parse(response.text)
-    assert len(events) == 2 and json.loads(events[0]["data"])["quarantine"] == []
-    assert "could not read quarantine" in caplog.text
+    assert len(events) == 3 and json.loads(events[0]["data"])["quarantine"] == []
+    assert [r.exc_info is not None for r in caplog.records if "could not read quarantine" in r.getMessage()
+            and r.levelname == "ERROR"] == [True]
 
 
 async def test_bad_max_events_is_422(make_app: Callable[..., FastAPI], serve: Callable[..., Any],
