@@ -73,7 +73,8 @@ def make_policies(quarantine_path: str) -> list[Policy]:
     return [
         # First: a blocked operation is refused before anything else looks at it.
         # 5 failures of the last 10 attempts at >= 90 % block (the default needs 10).
-        ReputationPolicy(auto_block=True, block_window=10, block_min_attempts=5),
+        # ValueError is the caller's fault (bad input), not the operation's: it never blocks one.
+        ReputationPolicy(auto_block=True, block_window=10, block_min_attempts=5, ignore=ValueError),
         # Spikes are judged after 5 calls of an operation; a call is a spike above
         # 8x the recent p99 argument size and above 16 KiB. poison_failures=4 (default 3)
         # because a retry is re-admitted like a new call: with 3, /flaky?fail_times=3

@@ -213,13 +213,84 @@ WEIRD: list[Any] = [
 @given(value=values)
 @settings(max_examples=200, deadline=None)
 def test_structured_values_never_raise_and_are_hashable(fingerprint: Any, value: Any) -> None:
-    hash(fingerprint(value))
+    key = fingerprint(value)
+    hash(key)
+    # The key is the value's, not the object's: an equal copy has the same key
+    assert fingerprint(copy.deepcopy(value)) == key
+
+
+# NaN nowhere (not even in sets or dict keys): NaN keys route together by design, though NaN != NaN.
+# Strings of at most 2 characters: a tuple spelling a tag, ("list", (1, 2)), has the key of [1, 2]
+# by design (tuples are untagged); no tag is that short.
+_plain = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=2) | st.binary()
+nan_free = st.recursive(
+    _plain,
+    lambda children: (st.lists(children, max_size=5) | st.dictionaries(_plain, children, max_size=5)
+                      | st.tuples(children, children) | st.sets(_plain, max_size=5)
+                      | st.frozensets(_plain, max_size=5)),
+    max_leaves=30,
+)
+
+
+@pytest.mark.parametrize("fingerprint", FINGERPRINTS)
+@given(a=nan_free, b=nan_free)
+@settings(max_examples=200, deadline=None)
+def test_different_structured_values_get_different_keys(fingerprint: Any, a: Any, b: Any) -> None:
+    # A key that ignored part of a value (a container's items, a dict's values) would route
+    # different calls together: equal keys may only come from equal values (1 == 1.0 == True).
+    if fingerprint(a) == fingerprint(b):
+        assert a == b, (a, b, fingerprint(a))
 
 
 @pytest.mark.parametrize("fingerprint", FINGERPRINTS)
 @pytest.mark.parametrize("value", WEIRD, ids=lambda v: type(v).__name__)
 def test_weird_objects_never_raise_and_are_hashable(fingerprint: Any, value: Any) -> None:
     hash(fingerprint(value))
+    hash(fingerprint(value))  # and again: the first call must not have left anything broken
+
+
+def _mutations() -> list[tuple[str, Any, Any, bool]]:
+    """(name, value, an in-place change of its contents, does FAST see inside it?); fresh values per call."""
+    counter = collections.Counter("hello")
+    backing = bytearray(b"x" * 10)
+    chain = collections.ChainMap({"a": [1]}, {"b": 2})
+    point = Point(1, ["a"])
+    sliced = slice(1, [2], None)
+    return [
+        ("deque", collections.deque([1, [2]], maxlen=5), lambda d: d.append(3), True),
+        ("deque item", collections.deque([1, [2]], maxlen=5), lambda d: d[1].append(3), True),
+        ("ChainMap", chain, lambda c: c.maps[1].__setitem__("b", 3), True),
+        ("OrderedDict", collections.OrderedDict(a=[1]), lambda o: o["a"].append(2), True),
+        ("defaultdict", collections.defaultdict(list, a=[1]), lambda d: d["a"].append(2), True),
+        ("Counter", counter, lambda c: c.update("h"), True),
+        ("array", array.array("d", [1.0, 2.0]), lambda a: a.__setitem__(0, 9.0), True),
+        ("bytearray", bytearray(b"xyz"), lambda b: b.__setitem__(0, 0), True),
+        ("memoryview", memoryview(backing), lambda _: backing.__setitem__(9, 0), True),
+        ("slice", sliced, lambda s: s.stop.append(3), True),
+        ("dataclass", point, lambda p: p.tags.append("b"), False),  # FAST keys it by identity
+        ("list in dict", {"k": [1]}, lambda d: d["k"].append(2), True),
+        ("set in list", [{1}], lambda lst: lst[0].add(2), True),
+    ]
+
+
+@pytest.mark.parametrize("fingerprint", FINGERPRINTS)
+@pytest.mark.parametrize("index", range(len(_mutations())), ids=[m[0] for m in _mutations()])
+def test_the_key_reflects_the_contents(fingerprint: Any, index: int) -> None:
+    name, value, mutate, fast_looks_inside = _mutations()[index]
+    # Given the key of a value with contents, and the key of an equal copy
+    before = fingerprint(value)
+    hash(before)
+    by_value = fingerprint is not fast_make_hashable or fast_looks_inside
+    if by_value and name != "memoryview":  # a copy of a view is a new buffer: same bytes, same key
+        assert fingerprint(copy.deepcopy(value)) == before
+    # When its contents change in place
+    mutate(value)
+    after = fingerprint(value)
+    # Then its key changes (or, keyed by identity, stays the object's)
+    if by_value:
+        assert after != before, f"{name}: the key ignored a change of contents"
+    else:
+        assert after == before
 
 
 @pytest.mark.parametrize("policy", list(HashPolicy))

@@ -236,17 +236,20 @@ def run_workload(c: OperationsCoordinator, recorder: SettleRecorder, *, outcomes
     def expect(token: TaskToken[Any], check: Callable[[tuple[str, Any]], bool], what: str) -> None:
         expected.append((token, check, what))
 
+    def returns(value: Any) -> Callable[[tuple[str, Any]], bool]:
+        return lambda outcome: outcome == ("ok", value)
+
     for i in range(4):
-        expect(hf_plain(i), lambda o, i=i: o == ("ok", i * 2), f"plain {i}")
+        expect(hf_plain(i), returns(i * 2), f"plain {i}")
     expect(hf_fails(7), lambda o: o[0] == "err" and type(o[1]) is ValueError and str(o[1]) == "planned 7", "fails")
     for i in range(3):
-        expect(hf_sticky(1, i), lambda o, i=i: o == ("ok", 100 + i), f"sticky {i}")
+        expect(hf_sticky(1, i), returns(100 + i), f"sticky {i}")
     for i in range(3):
-        expect(hf_ordered(10 + i), lambda o, i=i: o == ("ok", 10 + i), f"ordered {i}")
+        expect(hf_ordered(10 + i), returns(10 + i), f"ordered {i}")
     for i in range(3):
-        expect(hf_tiered(i), lambda o, i=i: o == ("ok", -i), f"tiered {i}")
-    expect(hf_retried(5), lambda o: o == ("ok", (5, 2)), "retried")
-    expect(hf_parent(20), lambda o: o == ("ok", [21, 20]), "parent waiting on its later ordered child")
+        expect(hf_tiered(i), returns(-i), f"tiered {i}")
+    expect(hf_retried(5), returns((5, 2)), "retried")
+    expect(hf_parent(20), returns([21, 20]), "parent waiting on its later ordered child")
     # A call killed before it starts: its operation is paused, so it waits.
     c.pause("hf.plain")
     victim = hf_plain(99)

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tokengate import OperationsCoordinator, Policy, TaskToken, TokenKilled, TokenState, task_token_guard
+from tokengate import OperationsCoordinator, Policy, TaskToken, TokenKilled, TokenState, TokenTimeout, task_token_guard
+from virtual_time import NEVER, run_virtual
 
 ran: Counter[int] = Counter()
 ran_lock = threading.Lock()
@@ -103,7 +104,8 @@ def test_timeouts_racing_completions_settle_once(run: Any) -> None:
 
     @task_token_guard(operation_type="edge", tags={"weight": "light", "timeout": 0.002})
     def edge(i: int) -> int:
-        # Roughly as long as the timeout, so both orders happen.
+        # Roughly as long as the timeout, so both orders usually happen here; which ones did is
+        # up to the machine, so each order is also forced, deterministically, in the test below.
         for _ in range(2000):
             pass
         return i
@@ -222,3 +224,70 @@ def test_an_inline_run_never_claims_a_token_that_went_back_to_a_retry_backoff(mo
     finally:
         release_blocker.set()
         c.stop()
+
+
+@pytest.mark.parametrize("order", ["timeout_before_the_claim", "timeout_while_running", "completion_first"])
+def test_timeout_and_completion_in_each_order_settle_once(order: str) -> None:
+    # The timeout fires when the test moves the loop's virtual clock (tests/virtual_time.py),
+    # so each interleaving of the worker's claim, its completion and the timer is forced.
+    recorder = SettleRecorder()
+    entered, gate, blocker_gate = threading.Event(), threading.Event(), threading.Event()
+    runs: list[str] = []
+
+    @task_token_guard(operation_type="race.order", tags={"weight": "light", "timeout": NEVER})
+    def subject() -> str:
+        runs.append("subject")
+        entered.set()
+        assert gate.wait(10)
+        return "done"
+
+    @task_token_guard(operation_type="race.order_blocker", tags={"weight": "light"})
+    def occupy() -> None:
+        assert blocker_gate.wait(10)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with OperationsCoordinator(policies=[recorder], num_cores=1, workers_per_core=1) as c:
+            blocker = occupy() if order == "timeout_before_the_claim" else None
+            token = subject()
+            if order == "timeout_before_the_claim":
+                # The only worker is busy: the timer fires while the token waits in its mailbox
+                loop.advance(NEVER + 1)  # type: ignore[attr-defined]
+                with pytest.raises(TokenTimeout) as info:
+                    await token
+                assert not info.value.started
+                blocker_gate.set()
+                await blocker  # type: ignore[misc]
+                await c.drain(timeout=10)
+                assert runs == []  # the worker's claim lost: it never ran
+            elif order == "timeout_while_running":
+                assert await loop.run_in_executor(None, entered.wait, 10)
+                loop.advance(NEVER + 1)  # type: ignore[attr-defined]
+                with pytest.raises(TokenTimeout) as info:
+                    await token
+                assert info.value.started
+                gate.set()
+                blocker_gate.set()
+                await occupy()  # the same (only) worker: it runs once the subject's thread returned
+                assert c.stats()["counts"]["late_completions_discarded"] == 1  # arrived late, discarded
+            else:
+                gate.set()
+                assert await token == "done"
+                loop.advance(NEVER + 1)  # type: ignore[attr-defined]
+                await asyncio.sleep(0)  # the timer was cancelled: nothing fires
+                await asyncio.sleep(0)
+                assert token.state is TokenState.COMPLETED
+                assert c.stats()["counts"]["late_completions_discarded"] == 0
+            counts = c.stats()["counts"]
+            expected = {"timeout_before_the_claim": (1, 1), "timeout_while_running": (1, 1),
+                        "completion_first": (1, 0)}[order]
+            assert (counts["completed"], counts["timeout"]) == expected
+            assert c.inflight == 0
+
+    try:
+        run_virtual(main())
+    finally:
+        gate.set()
+        blocker_gate.set()
+    assert set(recorder.settled.values()) == {1}
+    assert len(recorder.settled) == (1 if order == "completion_first" else 2)

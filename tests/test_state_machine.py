@@ -442,11 +442,11 @@ class CoordinatorMachine(RuleBasedStateMachine):
         ctx = contextvars.copy_context()
         ctx.run(SPEC.set, spec)
         if via == "main":
-            return ctx.run(fn.guarded, key)  # type: ignore[no-any-return]
+            return ctx.run(fn.guarded, key)
         if via == "thread":
             return self.executor.submit(ctx.run, fn.guarded, key).result(WAIT)  # type: ignore[no-any-return]
         if via == "loop":
-            return on_loop(self.coordinator, lambda: fn.guarded(key), context=ctx)  # type: ignore[no-any-return]
+            return on_loop(self.coordinator, lambda: fn.guarded(key), context=ctx)
 
         async def foreign() -> TaskToken[Any]:  # a short-lived loop of another thread; it closes at once
             SPEC.set(spec)
@@ -682,6 +682,11 @@ class CoordinatorMachine(RuleBasedStateMachine):
             c.resume(op)
         self.paused, self.paused_ops, self.gate_closed = False, set(), False
         self._check_all_settled(WAIT)
+        # A released quarantine record is updated by the quarantine's writer thread after its call
+        # settled: wait (bounded) for that bookkeeping to end.
+        deadline = time.monotonic() + WAIT
+        while c.stats()["policies"]["quarantine"]["releases_in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.001)
         snapshot = on_loop(c, c.stats)
         assert snapshot["counts"]["inflight"] == 0, snapshot["counts"]
         assert not leftovers(snapshot), leftovers(snapshot)
@@ -710,7 +715,7 @@ class CoordinatorMachine(RuleBasedStateMachine):
                 go.wait(WAIT)
                 ctx = contextvars.copy_context()
                 ctx.run(SPEC.set, spec)
-                return ctx.run(fn.guarded, 0)  # type: ignore[no-any-return]
+                return ctx.run(fn.guarded, 0)
 
             racing.append((self.executor.submit(submit_after_go), spec, fn))
         stopper = threading.Thread(target=c.stop, kwargs={"timeout": grace}, name="sm-stopper")
@@ -804,7 +809,9 @@ class CoordinatorMachine(RuleBasedStateMachine):
             assert row["active"] <= row["limit"], (tier, row)
             assert row["active"] + row["waiting"] <= mine, (tier, row, mine)
         if not live:
-            assert not leftovers(stats), leftovers(stats)
+            held = leftovers(stats)
+            held.pop("quarantine.releases_in_flight", None)  # ends on the writer thread, just after the call
+            assert not held, held
 
 
 def _run(max_examples: int, steps: int, derandomize: bool) -> None:
@@ -822,9 +829,10 @@ def _run(max_examples: int, steps: int, derandomize: bool) -> None:
 
 def test_every_call_settles_exactly_once_under_random_operations() -> None:
     # The same examples on every run (derandomized); the slow variant below explores new ones.
-    _run(max_examples=20, steps=25, derandomize=True)
+    _run(max_examples=80, steps=40, derandomize=True)  # about 11 s on a 2-vCPU VM
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_every_call_settles_exactly_once_under_random_operations_long() -> None:
-    _run(max_examples=300, steps=60, derandomize=False)
+    _run(max_examples=400, steps=60, derandomize=False)  # a few minutes

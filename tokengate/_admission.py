@@ -263,11 +263,10 @@ class AdmissionMixin(CoordinatorBase):
         """An accepted token refused on re-admission (a retry or a release): settle it for its awaiter."""
         state = _S.QUARANTINED if isinstance(exc, TokenQuarantined) else _S.REJECTED
         with self._router.lock:
-            ok = token._transition(state)
+            ok = token._transition_settling(state, exc)
             if ok:
                 token._plan.router.forget_waiting(token)
         if ok:
-            token._outcome, token._is_error = exc, True
             self._post_settle(token)
 
     def release_held(self, token: TaskToken[Any]) -> None:

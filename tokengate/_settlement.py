@@ -73,11 +73,10 @@ class SettlementMixin(CoordinatorBase):
             + (" (still running on its worker; its result will be discarded)" if started else " (never started)"),
             token_id=token.token_id, timeout=seconds, started=started)
         with self._router.lock:
-            ok = token._transition(_S.TIMEOUT)
+            ok = token._transition_settling(_S.TIMEOUT, exc)
             if ok:
                 token._plan.router.forget_waiting(token)
         if ok:
-            token._outcome, token._is_error = exc, True
             self._finalize(token)
 
     def _complete(self, token: TaskToken[Any]) -> None:
@@ -329,11 +328,10 @@ class SettlementMixin(CoordinatorBase):
     def _kill_token(self, token: TaskToken[Any], exc: TokenKilled, *, any_state: bool = False) -> bool:
         token.kill_reason = exc.reason
         with self._router.lock:
-            ok = token._transition(_S.KILLED, None if any_state else _NOT_STARTED)
+            ok = token._transition_settling(_S.KILLED, exc, None if any_state else _NOT_STARTED)
             if ok:
                 token._plan.router.forget_waiting(token)
         if ok:
-            token._outcome, token._is_error = exc, True
             self._post_settle(token)
         return ok
 

@@ -37,6 +37,14 @@ __all__ = [
     "SettlementFailed",
     "describe_exception",
     "deliverable_exception",
+    "ProcessLaneError",
+    "WorkerCrashed",
+    "WorkerTerminated",
+    "WorkerStartFailed",
+    "PicklingFailed",
+    "RemoteError",
+    "LaneClosed",
+    "NestedCallRefused",
 ]
 
 
@@ -226,3 +234,95 @@ def describe_exception(exc: BaseException) -> str:
     except BaseException:  # noqa: BLE001 - any failure of a user's __str__
         return f"{name}: <str() of the exception failed>"
     return f"{name}: {text}" if text else name
+
+
+# --- Process lane (tokengate.lanes) -------------------------------------------
+# Appended for issue 13. A call on the process lane can fail in ways a thread
+# call cannot: its process can die, be stopped on purpose, or the call's data
+# can fail to cross the process boundary. Each has its own type.
+
+
+class ProcessLaneError(TokengateError):
+    """Base class of the errors the process lane raises about a call or a worker process."""
+
+
+class WorkerCrashed(ProcessLaneError, RuntimeError):
+    """Raised for a call whose worker process died while running it (or while starting).
+
+    Only that call fails; the handle is replaced before its next call. ``exitcode``
+    is the process's exit status (negative: killed by signal ``-exitcode``, named in
+    ``signal_name``). The call may have run partly: retry it only if it is idempotent.
+    """
+
+    def __init__(
+        self, message: str, *, pid: int | None = None, exitcode: int | None = None, signal_name: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal_name = signal_name
+
+
+class WorkerTerminated(ProcessLaneError):
+    """Raised for a call whose worker process was ended on purpose while it ran.
+
+    ``reason`` says why (``"timeout"``, ``"killed"``, ``"stopping"``, or what the
+    caller of ``terminate(reason)`` passed). The call did not finish; the handle
+    starts a replacement before its next call.
+    """
+
+    def __init__(self, message: str, *, pid: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.reason = reason
+
+
+class WorkerStartFailed(ProcessLaneError, RuntimeError):
+    """Raised when a worker process could not be started.
+
+    It exited or timed out before it was ready, or a module it was asked to
+    preload failed to import (the child's traceback is in the message).
+    """
+
+
+class PicklingFailed(ProcessLaneError):
+    """The outcome of one call whose arguments or result could not cross the process boundary.
+
+    ``direction`` is ``"arguments"`` (nothing ran) or ``"result"`` (the function
+    ran; its result could not be sent back). ``type_name`` and ``detail`` name the
+    pickling error. The worker process stays usable.
+    """
+
+    def __init__(self, message: str, *, direction: str, type_name: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.direction = direction
+        self.type_name = type_name
+        self.detail = detail
+
+
+class RemoteError(ProcessLaneError):
+    """Stands in for an exception raised in a worker process that could not be sent back as it is.
+
+    The function raised an exception that does not pickle (or does not unpickle
+    here). ``type_name`` (``module.QualName``), ``message`` and ``traceback``
+    (the child's formatted traceback) describe it.
+    """
+
+    def __init__(self, message: str, *, type_name: str = "", remote_message: str = "", traceback: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.remote_message = remote_message
+        self.traceback = traceback
+
+
+class LaneClosed(ProcessLaneError, RuntimeError):
+    """Raised when a call reaches a process handle or pool that was closed."""
+
+
+class NestedCallRefused(CoordinatorNotRunning):
+    """Raised when a decorated function is called inside a process-lane worker process.
+
+    A worker process has no coordinator to submit to. Call the plain function
+    (``fn.__wrapped__(...)``) to run it inline in that process, or make the
+    nested call from the thread lane.
+    """

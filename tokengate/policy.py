@@ -105,7 +105,16 @@ class Policy:
         return None
 
     def on_settle(self, token: TaskToken[Any]) -> None:
-        """Called once when the token reached its terminal state."""
+        """Called once when the token reached its terminal state.
+
+        Whatever the policy holds for the call (a pin, a domain count, a slot, a
+        place in a queue) must be released here for every terminal state:
+        COMPLETED and FAILED, but also KILLED (by an operator, a cancelled
+        awaiter or a stop, possibly before the call was routed), TIMEOUT (while
+        queued, or while its thread still runs), REJECTED by a later policy and
+        QUARANTINED. A policy that narrows ``settle_states`` must release in the
+        states it leaves out some other way (``after_run``).
+        """
 
     def held_behind(self, token: TaskToken[Any]) -> TaskToken[Any] | None:
         """For a token this policy holds: the call that must make progress before it is released, or None.

@@ -238,6 +238,22 @@ class TaskToken(asyncio.Future[R], Generic[R]):
             self._tstate = new
             return True
 
+    def _transition_settling(self, new: TokenState, error: BaseException,
+                             expected: frozenset[TokenState] | None = None) -> bool:
+        """Like ``_transition``, for a move to a terminal state that comes with its own error.
+
+        The error is stored before the new state, under the state lock: a
+        thread that sees the state (the loop settling a late completion of the
+        same token) sees the error with it. Thread: any.
+        """
+        with self._coordinator._state_lock:
+            old = self._tstate
+            if new not in TRANSITIONS[old] or (expected is not None and old not in expected):
+                return False
+            self._outcome, self._is_error = error, True
+            self._tstate = new
+            return True
+
     def _force_transition(self, new: TokenState) -> None:
         """Like ``_transition`` but an illegal move is a bug: raise InvalidTransition."""
         if not self._transition(new):

@@ -94,12 +94,24 @@ _EVENTS_200 = {"content": {
         "retry": {"type": "integer", "minimum": 0}}}}}}
 
 
+#: Seconds between two tracebacks for the same failing part of a snapshot (one per tick would flood the log).
+GUARDED_LOG_INTERVAL = 60.0
+_guarded_logged_at: dict[str, float] = {}
+
+
 def _guarded_rows(what: str, fetch: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     # A broken policy must not end the live stream: log and show nothing for it.
     try:
         return fetch()
     except Exception:
-        logger.exception("tokengate /events: could not read %s; sending an empty list", what)
+        now = time.monotonic()
+        last = _guarded_logged_at.get(what)
+        if last is None or now - last >= GUARDED_LOG_INTERVAL:
+            _guarded_logged_at[what] = now
+            logger.exception("tokengate /events: could not read %s; sending an empty list (logged at most "
+                             "once a minute while it fails)", what)
+        else:
+            logger.debug("tokengate /events: could not read %s again", what, exc_info=True)
         return []
 
 
@@ -212,11 +224,18 @@ class _Broadcaster:
         # Wake the streams a chunk per loop turn: between chunks the loop polls its sockets, so a
         # light request never waits behind the whole fan-out (each woken stream writes its frame).
         waiters, self._waiters = self._waiters, set()
-        for count, waiter in enumerate(waiters, 1):
-            if not waiter.done():
-                waiter.set_result(None)
-            if count % _WAKE_CHUNK == 0:
-                await asyncio.sleep(0)
+        pending = iter(waiters)
+        try:
+            for count, waiter in enumerate(pending, 1):
+                if not waiter.done():
+                    waiter.set_result(None)
+                if count % _WAKE_CHUNK == 0:
+                    await asyncio.sleep(0)
+        finally:
+            # Stopped between two chunks: the rest still get their wake-up (they then see it ended).
+            for waiter in pending:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, set()

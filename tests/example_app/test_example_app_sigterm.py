@@ -92,7 +92,10 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_cleanly(tmp
             with httpx.Client(timeout=30) as client:
                 answer = client.get(f"{server.base}/slow", params={"seconds": seconds})
             outcome.status, outcome.retry_after = answer.status_code, answer.headers.get("retry-after")
-            outcome.body = answer.json()
+            try:
+                outcome.body = answer.json()
+            except ValueError:  # not JSON: a contract breach, reported by the assertions below
+                outcome.body = answer.text
         except httpx.TransportError as exc:
             outcome.error = type(exc).__name__
         outcome.ended = time.monotonic()
@@ -146,8 +149,9 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_cleanly(tmp
     assert after_signal["gate_closed"] >= 1, f"no request was refused with 503 while draining: {after_signal}"
     # the call that finished inside the drain got its answer; the one that outlived it the 503
     short, long = long_calls["short"], long_calls["long"]
-    assert short.status == 200 and short.body["slept_s"] == SHORT_CALL, short
-    assert long.status == 503 and long.body["error"] == "coordinator_stopped" and long.retry_after, long
+    assert short.status == 200 and short.body == {**short.body, "slept_s": SHORT_CALL}, short
+    assert long.status == 503 and isinstance(long.body, dict) and long.body.get("error") == "coordinator_stopped" \
+        and long.retry_after, long
     assert short.ended < exited and long.ended - signalled < EXIT_BUDGET
     print(f"\nSIGTERM test: exit {exited - signalled:.2f} s after the signal (budget {EXIT_BUDGET:.0f} s); "
           f"answers {dict(verdicts)}; after the signal {dict(after_signal)}")

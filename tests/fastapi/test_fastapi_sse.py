@@ -88,18 +88,21 @@ async def test_stream_ends_after_its_maximum_duration(make_app: Callable[..., Fa
 
 async def test_a_broken_policy_does_not_end_the_stream(make_app: Callable[..., FastAPI], serve: Callable[..., Any],
                                                        auth: dict[str, str], fake_quarantine: Any,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+                                                       caplog: pytest.LogCaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # Given: a quarantine policy whose listing fails
     def broken(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         raise RuntimeError("database is locked")
 
     fake_quarantine.list = broken
+    monkeypatch.setattr(live_module, "_guarded_logged_at", {})
     async with serve(make_app(policies=[fake_quarantine])) as client:
-        response = await client.get(f"{P}/events", params={"max_events": 2}, headers=auth)
-    # Then: the events still flow, with an empty quarantine list, and the failure is logged
+        response = await client.get(f"{P}/events", params={"max_events": 3}, headers=auth)
+    # Then: the events still flow, with an empty quarantine list, and the failure is logged once, not per tick
     events = _parse(response.text)
-    assert len(events) == 2 and json.loads(events[0]["data"])["quarantine"] == []
-    assert "could not read quarantine" in caplog.text
+    assert len(events) == 3 and json.loads(events[0]["data"])["quarantine"] == []
+    assert [r.exc_info is not None for r in caplog.records if "could not read quarantine" in r.getMessage()
+            and r.levelname == "ERROR"] == [True]
 
 
 async def test_bad_max_events_is_422(make_app: Callable[..., FastAPI], serve: Callable[..., Any],
@@ -337,3 +340,24 @@ def test_snapshots_are_one_line_json_without_nan() -> None:
     encoded = encode_snapshot({"a": float("nan"), "b": [float("inf"), 1.5], "c": "two\nlines", "d": (1, 2)})
     assert b"\n" not in encoded
     assert json.loads(encoded) == {"a": None, "b": [None, 1.5], "c": "two\nlines", "d": [1, 2]}
+
+
+async def test_stopping_in_the_middle_of_a_fan_out_wakes_every_stream(make_app: Callable[..., FastAPI],
+                                                                       serve: Callable[..., Any]) -> None:
+    # Given: 200 streams waiting for the next snapshot (more than one wake-up batch)
+    app = make_app(router={"sse_interval": 3600})
+    async with serve(app):
+        broadcaster = live_module._Broadcaster(app.state.tokengate, interval=3600)
+        waiting = [asyncio.create_task(broadcaster.next(after=-1, timeout=3600)) for _ in range(200)]
+        await asyncio.sleep(0)  # each registers its waiter
+        # When: a snapshot is published, and the broadcaster is stopped after the first batch was woken
+        publishing = asyncio.create_task(broadcaster._publish(b"{}", final=False))
+        await asyncio.sleep(0)  # the first batch (64) is woken; the publisher yields to the loop
+        assert not publishing.done()
+        publishing.cancel()  # what stop() does to the ticking task
+        broadcaster.stop()
+        # Then: every stream gets the snapshot now, none waits for its timeout
+        done, pending = await asyncio.wait(waiting, timeout=10)
+        assert not pending
+        assert {t.result().seq for t in done} == {0}
+        await asyncio.gather(publishing, return_exceptions=True)

@@ -3,9 +3,11 @@
 Each example runs a fresh, small coordinator with the locality policies, a
 one-shot retry policy and a recorder; submits a random batch (optionally while
 admission is paused), kills some of it, and waits until everything settled.
-Then: every token settled exactly once, the sticky registry and the conductor
-are empty, ordered calls of one key never overlapped, and top-level ordered
-calls of a key started in submission order.
+Then: every call meant to succeed returned (a killed or timed-out one may end
+so instead) and every call meant to fail raised its own error, every token
+settled exactly once, the sticky registry and the conductor are empty, ordered
+calls of one key never overlapped, and top-level ordered calls of a key started
+in submission order.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokengate import OperationsCoordinator, TaskToken, task_token_guard
+from tokengate import OperationsCoordinator, TaskToken, TokenKilled, TokenTimeout, task_token_guard
 from tokengate.policies.conductor import ConductorPolicy
 from tokengate.policies.sticky import StickyPolicy
 
@@ -98,6 +100,33 @@ def prop_lead(children: tuple[tuple[str, int, bool], ...], wait: bool, fail: boo
     return tokens
 
 
+def expect(token: TaskToken[Any], *, ok: bool, killable: bool = False, may_time_out: bool = False,
+           children: tuple[tuple[str, int, bool], ...] | None = None, waited: bool = False) -> None:
+    """Check *token*'s outcome: success when *ok* (then the lead's children in turn), else its ValueError.
+
+    A call the test killed may also end killed, and one with a timeout timed out.
+    """
+    result = outcome(token)
+    if isinstance(result, BaseException):
+        allowed = tuple(kind for kind, on in ((ValueError, not ok), (TokenKilled, killable),
+                                              (TokenTimeout, may_time_out)) if on)
+        assert allowed and isinstance(result, allowed), f"{token!r} (ok={ok}) ended with {result!r}"
+        return
+    assert ok, f"{token!r} was meant to fail and returned {result!r}"
+    if children is None:
+        assert result is None, result
+        return
+    # A lead returns its children's tokens, made as prop_lead() makes them.
+    assert isinstance(result, list) and len(result) == len(children), result
+    for child_token, (kind, _key, child_fail) in zip(result, children):
+        if kind == "plain" or waited:
+            expect(child_token, ok=not (child_fail and not waited))
+        elif kind == "lead":
+            expect(child_token, ok=True, children=(("plain", 0, child_fail),))
+        else:
+            expect(child_token, ok=not child_fail)
+
+
 keys = st.integers(0, 2)
 flags = st.booleans()
 child = st.tuples(st.sampled_from(["plain", "sticky", "ordered", "lead"]), keys, flags)
@@ -152,13 +181,15 @@ def test_every_pin_and_domain_is_released(calls: list[tuple[str, Any, bool]], ki
                 c.kill(tokens[i].token_id)
         if paused:
             c.resume()
-        for token in tokens:
-            result = outcome(token)
-            if isinstance(result, list):
-                for child_token in result:
-                    outcome(child_token)
+        # Then every call ended as it was meant to (a killed one may also have run first)
+        for i, (token, (kind, arg, fail)) in enumerate(zip(tokens, calls)):
+            if kind == "lead":
+                children, wait = arg
+                expect(token, ok=not fail, killable=i in kills, children=children, waited=wait)
+            else:
+                expect(token, ok=not fail or kind == "timeout", killable=i in kills, may_time_out=kind == "timeout")
         wait_until(lambda: c.inflight == 0, WAIT)
-        # Then nothing is pinned, no domain is open, and every call settled exactly once
+        # And nothing is pinned, no domain is open, and every call settled exactly once
         s, d = sticky.stats(), conductor.stats()
         assert (s["pins"], s["inflight"], s["waiting_for_pin"], s["waiting_in_order"]) == (0, 0, 0, 0), s
         assert (d["domains"], d["pending"]) == (0, 0), d

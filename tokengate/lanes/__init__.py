@@ -1,0 +1,37 @@
+"""Lanes: how a routed call is executed. This package holds the process lane's engine room.
+
+* :class:`ChildProcess` — one worker process: start (forkserver/spawn, timed),
+  blocking ``call``/``call_many``, ``terminate`` from any thread, recycling,
+  crash containment, statistics.
+* :class:`ProcessPoolLane` — N warm handles started together off the request
+  path, handed out by index or with ``acquire``/``release``; ``stop()`` leaves
+  no process behind.
+* :class:`FunctionRef`, :func:`reference_to`, :func:`check_importable` — how a
+  function travels: by module and qualified name, checked at decoration time.
+
+Nothing of the caller's :mod:`contextvars` context crosses into a worker
+process, and a decorated function called inside one raises
+:class:`~tokengate.errors.NestedCallRefused` (call ``fn.__wrapped__`` to run it
+inline there). See :mod:`tokengate.lanes.process` for the details.
+"""
+
+from __future__ import annotations
+
+from .pool import ProcessPoolLane
+from .process import Batch, ChildProcess, Outcome, ProcessState, ProcessStats, RemoteTraceback, default_start_method
+from .references import FunctionRef, check_importable, reference_to, resolve_reference
+
+__all__ = [
+    "Batch",
+    "ChildProcess",
+    "FunctionRef",
+    "Outcome",
+    "ProcessPoolLane",
+    "ProcessState",
+    "ProcessStats",
+    "RemoteTraceback",
+    "check_importable",
+    "default_start_method",
+    "reference_to",
+    "resolve_reference",
+]

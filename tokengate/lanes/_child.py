@@ -1,0 +1,225 @@
+"""The code a process-lane worker runs: a request/reply loop over one pipe.
+
+The parent (:class:`tokengate.lanes.process.ChildProcess`) sends one pickled
+request at a time and waits for its reply; nothing else travels on the pipe, so
+requests carry no ids. Requests:
+
+* ``(CALL, module, qualname, args, kwargs_or_None)``
+* ``(MANY, module, qualname, [(args, kwargs_or_None), ...])``
+
+Replies to CALL are one *item*; replies to MANY are ``(values, errors)``: a list
+with one value per request item and a dict ``{index: item}`` for the items that
+did not return a value (so a batch of successes pickles as a plain list). An
+item is one of:
+
+* ``(OK, value)``
+* ``(ERROR, exception_bytes, type_name, message, traceback_text)``: the function
+  raised; the exception is pickled on its own so that one that does not pickle,
+  or does not unpickle in the parent, still arrives as a typed stand-in;
+* ``(UNPICKLABLE_RESULT, type_name, detail)``: the function returned something
+  that does not pickle;
+* ``(UNLOADABLE_REQUEST, type_name, detail)``: the request did not unpickle here
+  (an argument whose class the child cannot import); nothing ran.
+
+The first message the child sends is ``(READY, pid)`` or
+``(START_FAILED, traceback_text)``. The child ends when the pipe closes (the
+parent went away or closed the handle).
+
+Each call runs in a fresh, empty :class:`contextvars.Context`: nothing of the
+parent's context crosses the process boundary, and nothing one call sets is
+seen by the next. SIGINT is ignored: the parent owns the child's lifetime, and a
+Ctrl-C in a terminal (sent to the whole process group) must not fail the call
+the child is running.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import os
+import pickle
+import signal
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any, Callable, NoReturn, Sequence
+
+# Message kinds (small ints pickle in one byte).
+CALL = 1
+MANY = 2
+READY = 10
+START_FAILED = 11
+OK = 0
+ERROR = 20
+UNPICKLABLE_RESULT = 21
+UNLOADABLE_REQUEST = 22
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+_Item = tuple[Any, ...]
+
+
+def child_main(conn: Connection, preload: Sequence[str]) -> None:
+    """Entry point of a worker process: preload modules, report ready, serve requests until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _refuse_nested_calls()
+    try:
+        for name in preload:
+            importlib.import_module(name)
+    except BaseException:  # noqa: BLE001 - report any import failure to the parent, then exit
+        conn.send_bytes(pickle.dumps((START_FAILED, traceback.format_exc()), PROTOCOL))
+        raise SystemExit(1) from None
+    conn.send_bytes(pickle.dumps((READY, os.getpid()), PROTOCOL))
+    _serve(conn)
+
+
+def _serve(conn: Connection) -> None:
+    recv = conn.recv_bytes
+    send = conn.send_bytes
+    dumps = pickle.dumps
+    loads = pickle.loads
+    functions: dict[tuple[str, str], Callable[..., Any]] = {}
+    while True:
+        try:
+            data = recv()
+        except (EOFError, OSError):
+            return  # the parent closed the pipe or went away
+        try:
+            request = loads(data)
+        except BaseException as exc:  # noqa: BLE001 - a request that does not load fails that request only
+            send(dumps(_unloadable(exc), PROTOCOL))
+            continue
+        del data
+        send(_answer(request, functions, dumps))
+        del request  # free the arguments before blocking for the next request
+
+
+def _answer(request: Any, functions: dict[tuple[str, str], Callable[..., Any]],
+            dumps: Callable[..., bytes]) -> bytes:
+    kind, module, qualname = request[0], request[1], request[2]
+    func = functions.get((module, qualname))
+    if func is None:
+        try:
+            func = _resolve(module, qualname)
+        except BaseException as exc:  # noqa: BLE001 - reported as the call's own failure
+            item = _error(exc)
+            if kind == CALL:
+                return dumps(item, PROTOCOL)
+            count = len(request[3])
+            return dumps(([None] * count, dict.fromkeys(range(count), item)), PROTOCOL)
+        functions[(module, qualname)] = func
+    if kind != CALL:
+        return _run_many(func, request[3])
+    reply = _run(func, request[3], request[4])
+    try:
+        return dumps(reply, PROTOCOL)
+    except BaseException as exc:  # noqa: BLE001 - the result does not pickle
+        return dumps(_unpicklable(exc), PROTOCOL)
+
+
+def _run(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> _Item:
+    try:
+        if kwargs:
+            return (OK, contextvars.Context().run(func, *args, **kwargs))
+        return (OK, contextvars.Context().run(func, *args))
+    except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt are the call's outcome too
+        return _error(exc)
+
+
+def _run_many(func: Callable[..., Any], items: list[Any]) -> bytes:
+    values: list[Any] = []
+    errors: dict[int, _Item] = {}
+    append = values.append
+    for index, item in enumerate(items):
+        try:
+            args, kwargs = item
+            if kwargs:
+                append(contextvars.Context().run(func, *args, **kwargs))
+            else:
+                append(contextvars.Context().run(func, *args))
+        except BaseException as exc:  # noqa: BLE001 - one item's failure is that item's outcome
+            append(None)
+            errors[index] = _error(exc)
+    try:
+        return pickle.dumps((values, errors), PROTOCOL)
+    except BaseException:  # noqa: BLE001 - find the values that do not pickle; the rest still travel
+        for index, value in enumerate(values):
+            if index in errors:
+                continue
+            try:
+                pickle.dumps(value, PROTOCOL)
+            except BaseException as exc:  # noqa: BLE001
+                values[index] = None
+                errors[index] = _unpicklable(exc)
+        return pickle.dumps((values, errors), PROTOCOL)
+
+
+def _error(exc: BaseException) -> _Item:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        message = str(exc)
+    except BaseException:  # noqa: BLE001 - a user's __str__ may raise
+        message = "<str() of the exception failed>"
+    try:
+        blob: bytes | None = pickle.dumps(exc, PROTOCOL)
+    except BaseException:  # noqa: BLE001 - the parent builds a RemoteError from the text instead
+        blob = None
+    exc.__traceback__ = None  # drop the frames (and the arguments they hold) now
+    return (ERROR, blob, name, message, text)
+
+
+def _unpicklable(exc: BaseException) -> _Item:
+    return (UNPICKLABLE_RESULT, type(exc).__name__, _safe_str(exc))
+
+
+def _unloadable(exc: BaseException) -> _Item:
+    return (UNLOADABLE_REQUEST, type(exc).__name__, _safe_str(exc))
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # noqa: BLE001
+        return "<str() failed>"
+
+
+def _resolve(module: str, qualname: str) -> Callable[..., Any]:
+    from .references import resolve_reference
+
+    return resolve_reference(module, qualname)
+
+
+class _RefusingCoordinator:
+    """Stands where a decorated call looks for its coordinator, inside a worker process.
+
+    A worker process has none; without this a nested decorated call would raise
+    CoordinatorNotRunning advising to start one, which is the wrong advice here.
+    """
+
+    def submit(self, guarded: Any, args: Any, kwargs: Any) -> NoReturn:
+        from ..errors import NestedCallRefused
+
+        name = getattr(guarded, "qualname", None) or repr(guarded)
+        raise NestedCallRefused(
+            f"{name}() was called inside a process-lane worker process (pid {os.getpid()}), which has no "
+            f"coordinator; call {name}.__wrapped__(...) to run it inline in this process, or make the call "
+            "from a function on the thread lane")
+
+    def __getattr__(self, name: str) -> NoReturn:
+        from ..errors import NestedCallRefused
+
+        raise NestedCallRefused(
+            f"there is no coordinator inside a process-lane worker process (pid {os.getpid()}); "
+            f"coordinator.{name} is not available here")
+
+    def __repr__(self) -> str:
+        return f"<no coordinator: process-lane worker pid {os.getpid()}>"
+
+
+def _refuse_nested_calls() -> None:
+    # The thread that runs calls is this (main) thread; a decorated call made on
+    # it finds the refusing stand-in first. Threads a function starts itself get
+    # the plain CoordinatorNotRunning, which is typed too.
+    from .. import current
+
+    current._worker_local.coordinator = _RefusingCoordinator()  # type: ignore[assignment]

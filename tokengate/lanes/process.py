@@ -1,0 +1,944 @@
+"""One worker process per handle (:class:`ChildProcess`) and a warm pool of them (:class:`ProcessPoolLane`).
+
+This is the engine room of the process lane: it runs a function, named by a
+:class:`~tokengate.lanes.references.FunctionRef`, in another Python process and
+brings its outcome back, and it survives everything a process can do to it.
+
+* **Start**: processes start by ``forkserver`` on POSIX and ``spawn`` elsewhere,
+  never plain ``fork`` (forking a threaded parent can copy a lock held by
+  another thread and deadlock the child). ``start()`` waits for the child to
+  report ready and returns how long that took.
+* **Outcome**: the function's own exception arrives unchanged in type, its
+  ``__cause__`` a :class:`RemoteTraceback` holding the child's formatted
+  traceback (as :mod:`concurrent.futures` does). One that does not pickle
+  arrives as :class:`~tokengate.errors.RemoteError`. Arguments or a result that
+  do not pickle give :class:`~tokengate.errors.PicklingFailed` for that call
+  only; the process stays usable.
+* **Crashes cost one call**: the parent waits on the pipe *and* the process's
+  sentinel (never a bare ``recv``), so a child that dies (segfault,
+  ``os._exit``, SIGKILL, the OOM killer) makes the running call raise
+  :class:`~tokengate.errors.WorkerCrashed` and the next call starts a
+  replacement.
+* **Stopping work for real**: :meth:`ChildProcess.terminate` may be called from
+  any thread while a call is blocked; it sends SIGTERM, the blocked call
+  escalates to SIGKILL after ``terminate_grace`` seconds and raises
+  :class:`~tokengate.errors.WorkerTerminated`.
+* **Recycling**: ``max_calls`` and ``max_rss`` (resident bytes, read with
+  psutil between calls) retire a process before its next call.
+* **Batching**: :meth:`ChildProcess.call_many` ships one message per chunk.
+
+**Context variables do not cross.** Nothing of the caller's
+:mod:`contextvars` context reaches the child (a context does not pickle), and
+each call runs in a fresh, empty context in the child, so nothing one call sets
+is seen by the next. Pass what a function needs as arguments.
+
+**Nested decorated calls** made inside a child raise
+:class:`~tokengate.errors.NestedCallRefused` (a
+:class:`~tokengate.errors.CoordinatorNotRunning`): there is no coordinator in a
+worker process. ``fn.__wrapped__(...)`` runs the plain function inline there.
+
+Nothing here logs on the call path; starts, crashes, terminations and recycles
+are logged on ``tokengate.lanes``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import logging
+import multiprocessing
+import pickle
+import signal
+import socket
+import threading
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, Generic, Iterable, Mapping, Sequence, TypeVar
+
+import psutil
+
+from ..errors import (
+    ConfigurationError,
+    LaneClosed,
+    PicklingFailed,
+    RemoteError,
+    WorkerCrashed,
+    WorkerStartFailed,
+    WorkerTerminated,
+)
+from . import _child
+from ._child import CALL, ERROR, MANY, OK, PROTOCOL, READY, START_FAILED, UNLOADABLE_REQUEST, UNPICKLABLE_RESULT
+from .references import FunctionRef
+
+__all__ = [
+    "Batch",
+    "ChildProcess",
+    "Outcome",
+    "ProcessPoolLane",
+    "ProcessState",
+    "ProcessStats",
+    "RemoteTraceback",
+    "default_start_method",
+]
+
+logger = logging.getLogger("tokengate.lanes")
+
+R = TypeVar("R")
+
+#: The most items :meth:`ProcessPoolLane.call_many` puts in one message by default:
+#: large enough to amortise a round trip, small enough that a crash costs little.
+DEFAULT_MAX_CHUNK = 1024
+
+
+def default_start_method() -> str:
+    """``"forkserver"`` where the platform has it (POSIX), else ``"spawn"``; never ``"fork"``."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+class RemoteTraceback(Exception):
+    """The ``__cause__`` of an exception raised in a worker process: the child's formatted traceback."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class Outcome(Generic[R]):
+    """What one call produced: a value (``ok``) or an exception (``error``).
+
+    ``unwrap()`` returns the value or raises the exception.
+    """
+
+    __slots__ = ("ok", "value", "error")
+
+    def __init__(self, ok: bool, value: R | None, error: BaseException | None) -> None:
+        self.ok = ok
+        self.value = value
+        self.error = error
+
+    def unwrap(self) -> R:
+        """Return the value, or raise the call's exception."""
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"Outcome(value={self.value!r})" if self.ok else f"Outcome(error={self.error!r})"
+
+
+class Batch:
+    """The outcomes of a batch: ``values[i]`` for every item, ``errors[i]`` for the items that failed.
+
+    ``values[i]`` is None where ``errors`` has *i*. Built without an object per
+    item, so a batch of many small results stays cheap.
+    """
+
+    __slots__ = ("values", "errors")
+
+    def __init__(self, values: list[Any], errors: dict[int, BaseException]) -> None:
+        self.values = values
+        self.errors = errors
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def outcomes(self) -> list[Outcome[Any]]:
+        """One :class:`Outcome` per item, in order."""
+        errors = self.errors
+        if not errors:
+            return [Outcome(True, value, None) for value in self.values]
+        return [Outcome(False, None, errors[i]) if i in errors else Outcome(True, value, None)
+                for i, value in enumerate(self.values)]
+
+    def results(self) -> list[Any]:
+        """The values in order, or raise the error of the first item that failed (as ``Executor.map``)."""
+        if self.errors:
+            raise self.errors[min(self.errors)]
+        return self.values
+
+    def extend(self, other: Batch) -> None:
+        """Append *other*'s items after this batch's."""
+        offset = len(self.values)
+        self.values.extend(other.values)
+        for index, error in other.errors.items():
+            self.errors[offset + index] = error
+
+
+def _failure(error: BaseException) -> Outcome[Any]:
+    return Outcome(False, None, error)
+
+
+class ProcessState(str, enum.Enum):
+    """Where a :class:`ChildProcess` handle is."""
+
+    NEW = "new"                # never started
+    STARTING = "starting"
+    IDLE = "idle"              # running, waiting for a call
+    BUSY = "busy"              # a call is in flight
+    CRASHED = "crashed"        # died on its own; replaced before the next call
+    TERMINATED = "terminated"  # ended on purpose; replaced before the next call
+    CLOSED = "closed"          # closed for good
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    """A snapshot of one worker process handle (JSON-ready through :meth:`as_dict`)."""
+
+    name: str
+    pid: int | None
+    state: str
+    rss_bytes: int | None
+    calls: int                # calls run by this handle, over all its processes
+    calls_since_start: int    # calls run by the current process
+    restarts: int             # replacements of any cause
+    crashes: int
+    terminations: int
+    recycles: int
+    startup_seconds: float | None  # the current process's start-up
+    recycle_due: str | None   # why the current process will be replaced before the next call
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return asdict(self)
+
+
+# Every handle with a live process, so that interpreter exit never waits for a
+# child: multiprocessing's own exit hook joins non-daemon children, and ours
+# (registered later, so run first) ends them. Children are not daemonic so that
+# a function may start processes of its own.
+_live: "weakref.WeakSet[ChildProcess]" = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def _close_all_at_exit() -> None:
+    with _live_lock:
+        handles = list(_live)
+    for handle in handles:
+        try:
+            handle.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            logger.exception("closing %s at exit failed", handle)
+
+
+atexit.register(_close_all_at_exit)
+
+
+def _exit_description(exitcode: int | None) -> tuple[str | None, str]:
+    if exitcode is None:
+        return None, "exit status unknown"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return name, f"killed by {name}"
+    return None, f"exit code {exitcode}"
+
+
+class ChildProcess:
+    """A handle on one worker process: start it, call functions in it, stop or replace it.
+
+    ``call()`` and ``call_many()`` are blocking and may be used from one thread
+    at a time (a second concurrent caller gets ``RuntimeError``); ``terminate()``,
+    ``stats()`` and ``close()`` may be called from any thread. A process that
+    died or was terminated is replaced at the start of the next call (a pool can
+    call :meth:`restart` earlier, off the request path).
+
+    Args:
+        name: process name (shows in ``ps`` and in errors).
+        preload: modules the child imports before it reports ready, so the
+            first call does not pay for them (an import error fails the start).
+        max_calls: replace the process after this many calls (None: never).
+        max_rss: replace the process when its resident memory exceeds this many
+            bytes, checked after a call, at most every ``rss_check_interval``
+            seconds (None: never).
+        start_method: ``"forkserver"`` or ``"spawn"`` (default:
+            :func:`default_start_method`). ``"fork"`` is refused.
+        start_timeout: seconds a start may take before it fails.
+        terminate_grace: seconds between SIGTERM and SIGKILL when terminating.
+
+    Raises:
+        ConfigurationError: for an invalid option.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "tokengate-process",
+        preload: Sequence[str] = (),
+        max_calls: int | None = None,
+        max_rss: int | None = None,
+        rss_check_interval: float = 1.0,
+        start_method: str | None = None,
+        start_timeout: float = 60.0,
+        terminate_grace: float = 0.5,
+    ) -> None:
+        self._ctx = _context(start_method)
+        if max_calls is not None and (isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1):
+            raise ConfigurationError(f"max_calls must be a positive int or None, got {max_calls!r}")
+        if max_rss is not None and (isinstance(max_rss, bool) or not isinstance(max_rss, int) or max_rss < 1):
+            raise ConfigurationError(f"max_rss must be a positive number of bytes or None, got {max_rss!r}")
+        for label, value in (("rss_check_interval", rss_check_interval), ("start_timeout", start_timeout),
+                             ("terminate_grace", terminate_grace)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigurationError(f"{label} must be a number of seconds >= 0, got {value!r}")
+        if isinstance(preload, str) or not all(isinstance(m, str) and m for m in preload):
+            raise ConfigurationError(f"preload must be a sequence of module names, got {preload!r}")
+        self.name = name
+        self._preload = tuple(preload)
+        self._max_calls = max_calls
+        self._max_rss = max_rss
+        self._rss_check_interval = float(rss_check_interval)
+        self._start_timeout = float(start_timeout)
+        self._grace = float(terminate_grace)
+
+        self._lock = threading.Lock()        # guards the fields below; held while reaping the process
+        self._call_lock = threading.Lock()   # one caller at a time; whoever holds it owns the process's lifecycle
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._ps: psutil.Process | None = None
+        self._alive = False                  # started and not yet reaped: signalling its pid is safe
+        self._busy = False                   # a call (or its restart) is in progress
+        self._closed = False
+        self._state = ProcessState.NEW
+        self._terminate_reason: str | None = None
+        self._recycle_due: str | None = None
+        self._last_rss_check = 0.0
+        self._launched_at = 0.0
+        # terminate() pokes this so a blocked call wakes even if SIGTERM is ignored.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+        self._pid: int | None = None
+        self._startup: float | None = None
+        self._calls = 0
+        self._calls_since_start = 0
+        self._restarts = 0
+        self._crashes = 0
+        self._terminations = 0
+        self._recycles = 0
+
+    # ------------------------------------------------------------------ info
+
+    @property
+    def pid(self) -> int | None:
+        """The current process's id (None before the first start)."""
+        return self._pid
+
+    @property
+    def state(self) -> ProcessState:
+        """Where the handle is (see :class:`ProcessState`)."""
+        return self._state
+
+    @property
+    def needs_restart(self) -> bool:
+        """True when the next call would first start a process (dead, terminated, never started or due for recycling)."""
+        return not self._closed and (not self._alive or self._recycle_due is not None)
+
+    def stats(self) -> ProcessStats:
+        """A snapshot: pid, state, resident memory, counters, start-up seconds."""
+        with self._lock:
+            ps = self._ps if self._alive else None
+            snapshot = dict(
+                name=self.name, pid=self._pid, state=self._state.value, calls=self._calls,
+                calls_since_start=self._calls_since_start, restarts=self._restarts, crashes=self._crashes,
+                terminations=self._terminations, recycles=self._recycles, startup_seconds=self._startup,
+                recycle_due=self._recycle_due)
+        rss: int | None = None
+        if ps is not None:
+            try:
+                rss = int(ps.memory_info().rss)
+            except (psutil.Error, OSError):
+                rss = None
+        return ProcessStats(rss_bytes=rss, **snapshot)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"<ChildProcess {self.name} pid={self._pid} state={self._state.value}>"
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self) -> float:
+        """Start the process if it is not running; return its start-up time in seconds.
+
+        Blocks until the child reports ready. Does nothing (and returns the
+        current process's start-up time) when a process is already running.
+
+        Raises:
+            WorkerStartFailed: the child exited, timed out, or a preload import failed.
+            WorkerTerminated: :meth:`terminate` was called during the start.
+            LaneClosed: the handle was closed.
+        """
+        with self._call_lock:
+            with self._lock:
+                if self._closed:
+                    raise LaneClosed(f"{self.name} is closed")
+                self._busy = True
+            try:
+                if not self._alive or self._startup is None:
+                    self._start_locked()
+                return self._startup or 0.0
+            finally:
+                self._leave()
+
+    def restart(self, reason: str = "restart") -> float:
+        """Replace the process now (gracefully: the old one finishes nothing, it is idle); return start-up seconds.
+
+        Waits for a call in progress to finish first.
+        """
+        with self._call_lock:
+            with self._lock:
+                if self._closed:
+                    raise LaneClosed(f"{self.name} is closed")
+                self._busy = True
+            try:
+                self._replace(reason)
+                return self._startup or 0.0
+            finally:
+                self._leave()
+
+    def launch(self) -> None:
+        """Begin starting the process without waiting for it to be ready (see :meth:`wait_ready`).
+
+        A pool launches all its processes, then waits for them together.
+        """
+        with self._call_lock:
+            with self._lock:
+                if self._closed:
+                    raise LaneClosed(f"{self.name} is closed")
+            if not self._alive:
+                self._launch()
+
+    def wait_ready(self) -> float:
+        """Wait for a process begun with :meth:`launch` to be ready; return its start-up seconds."""
+        return self.start()
+
+    def terminate(self, reason: str = "terminated") -> bool:
+        """End the current process now (SIGTERM, then SIGKILL after ``terminate_grace``).
+
+        Callable from any thread. A call blocked on this handle raises
+        :class:`~tokengate.errors.WorkerTerminated` carrying *reason* within
+        about ``terminate_grace`` seconds; this method then returns at once.
+        With no call in progress it ends the process before returning. The next
+        call starts a replacement. Returns False when there was no process.
+        """
+        with self._lock:
+            if not self._alive:
+                return False
+            self._terminate_reason = reason
+            if self._busy:
+                self._signal(signal.SIGTERM)
+                try:
+                    self._wake_w.send(b"x")
+                except OSError:  # the wake socket is full: a wake-up is pending anyway
+                    pass
+                return True
+        # Idle (or a call is just leaving): do it here, as the owner of the process.
+        with self._call_lock:
+            self._handle_terminate_request()
+        return True
+
+    def close(self, timeout: float = 0.0) -> None:
+        """Close the handle for good: end the process and free the pipe. Idempotent.
+
+        A call in progress gets up to *timeout* seconds to finish, then is
+        terminated (it raises ``WorkerTerminated`` with reason ``"closed"``).
+        An idle process exits on its own when its pipe closes; one that does not
+        within ``terminate_grace`` is killed. Later calls raise ``LaneClosed``.
+        """
+        with self._lock:
+            already = self._closed
+            self._closed = True
+        if already and self._state is ProcessState.CLOSED:
+            return
+        owned = self._call_lock.acquire(timeout=timeout) if timeout > 0 else self._call_lock.acquire(blocking=False)
+        if not owned:
+            self.terminate("closed")  # the running call raises WorkerTerminated(reason="closed") and lets go
+            self._call_lock.acquire()
+        try:
+            self._stop_process(graceful=True)
+            with self._lock:
+                self._state = ProcessState.CLOSED
+            self._wake_r.close()
+            self._wake_w.close()
+        finally:
+            self._call_lock.release()
+
+    def __enter__(self) -> ChildProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- calls
+
+    def call(
+        self, ref: FunctionRef, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None, *,
+        timeout: float | None = None,
+    ) -> Outcome[Any]:
+        """Run ``ref(*args, **kwargs)`` in the process and return its :class:`Outcome`. Blocking.
+
+        The outcome holds the function's value or its own exception (unchanged
+        in type, ``__cause__`` a :class:`RemoteTraceback`), a ``RemoteError``
+        for an exception that could not be sent back, or ``PicklingFailed`` for
+        arguments or a result that could not cross (the process stays usable).
+
+        Args:
+            timeout: seconds to wait for the reply; past it the process is
+                terminated and ``WorkerTerminated(reason="timeout")`` raised.
+
+        Raises:
+            WorkerCrashed: the process died during the call.
+            WorkerTerminated: :meth:`terminate` was called (or *timeout* passed) during the call.
+            WorkerStartFailed: a replacement process could not be started.
+            LaneClosed: the handle was closed.
+            RuntimeError: another thread is using this handle.
+        """
+        try:
+            payload = pickle.dumps((CALL, ref.module, ref.qualname, args, dict(kwargs) if kwargs else None), PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - whatever pickling raises is this call's outcome
+            return _failure(_pickling_failed(ref, "arguments", exc))
+        data = self._round_trip(payload, timeout, 1)
+        try:
+            item = pickle.loads(data)
+        except Exception as exc:  # noqa: BLE001 - the reply does not unpickle here
+            return _failure(_pickling_failed(ref, "result", exc))
+        return _decode(ref, item)
+
+    def call_many(
+        self, ref: FunctionRef, items: Iterable[tuple[tuple[Any, ...], Mapping[str, Any] | None]], *,
+        chunksize: int | None = None,
+    ) -> list[Outcome[Any]]:
+        """Run ``ref(*args, **kwargs)`` for each ``(args, kwargs)`` item; return the outcomes in order. Blocking.
+
+        Items travel *chunksize* per message (default: all of them, at most
+        :data:`DEFAULT_MAX_CHUNK`). Each item's outcome is as :meth:`call`'s,
+        with two differences, because a batch cannot raise for some items only:
+        if the process dies during a chunk, every item of that chunk gets a
+        ``WorkerCrashed`` outcome (some may have run) and later chunks run on a
+        replacement; if it is terminated, that chunk and every later item get
+        ``WorkerTerminated`` outcomes and nothing more runs.
+        :meth:`call_batch` returns the same as a :class:`Batch`, without an
+        object per item.
+
+        Raises:
+            WorkerStartFailed, LaneClosed, RuntimeError: as :meth:`call`.
+        """
+        return self.call_batch(ref, items, chunksize=chunksize).outcomes()
+
+    def call_batch(
+        self, ref: FunctionRef, items: Iterable[tuple[tuple[Any, ...], Mapping[str, Any] | None]], *,
+        chunksize: int | None = None,
+    ) -> Batch:
+        """As :meth:`call_many`, returning a :class:`Batch` (values, and errors by index)."""
+        pending = items if isinstance(items, list) else list(items)
+        size = _check_chunksize(chunksize) if chunksize is not None else min(len(pending), DEFAULT_MAX_CHUNK) or 1
+        batch = Batch([], {})
+        for start in range(0, len(pending), size):
+            chunk = pending[start:start + size]
+            try:
+                batch.extend(self._run_chunk(ref, chunk))
+            except WorkerTerminated as exc:
+                done = len(batch)
+                batch.extend(Batch([None] * (len(pending) - done),
+                                   {i: _copy_terminated(exc) for i in range(len(pending) - done)}))
+                break
+        return batch
+
+    def _run_chunk(self, ref: FunctionRef, chunk: list[tuple[tuple[Any, ...], Mapping[str, Any] | None]]) -> Batch:
+        try:
+            payload = pickle.dumps((MANY, ref.module, ref.qualname, chunk), PROTOCOL)
+        except Exception:  # noqa: BLE001 - some item does not pickle: fail just those items
+            return self._run_items_one_by_one(ref, chunk)
+        try:
+            data = self._round_trip(payload, None, len(chunk))
+        except WorkerCrashed as exc:
+            return Batch([None] * len(chunk), {i: _copy_crashed(exc) for i in range(len(chunk))})
+        try:
+            reply = pickle.loads(data)
+        except Exception as exc:  # noqa: BLE001 - the results do not unpickle here
+            return Batch([None] * len(chunk), {i: _pickling_failed(ref, "result", exc) for i in range(len(chunk))})
+        if isinstance(reply, tuple) and reply and reply[0] == UNLOADABLE_REQUEST:
+            # The chunk did not load in the child, so nothing ran: find the culprits item by item.
+            return self._run_items_one_by_one(ref, chunk)
+        values, errors = reply
+        if errors:
+            errors = {i: _decode(ref, item).error for i, item in errors.items()}
+        return Batch(values, errors)
+
+    def _run_items_one_by_one(self, ref: FunctionRef,
+                              chunk: list[tuple[tuple[Any, ...], Mapping[str, Any] | None]]) -> Batch:
+        batch = Batch([], {})
+        for index, (args, kwargs) in enumerate(chunk):
+            try:
+                outcome = self.call(ref, args, kwargs)
+            except WorkerCrashed as exc:
+                outcome = _failure(exc)
+            batch.values.append(outcome.value)
+            if outcome.error is not None:
+                batch.errors[index] = outcome.error
+        return batch
+
+    # -------------------------------------------------------------- internals
+
+    def _round_trip(self, payload: bytes, timeout: float | None, calls: int) -> bytes:
+        if not self._call_lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"{self.name} is already running a call on another thread; use one handle per thread "
+                "(ProcessPoolLane.acquire() hands them out)")
+        try:
+            self._drain_wake()  # before _busy: a wake-up that comes after it is meant for this call
+            with self._lock:
+                if self._closed:
+                    raise LaneClosed(f"{self.name} is closed")
+                self._busy = True
+            if self._terminate_reason is not None:
+                self._handle_terminate_request()
+            if self._recycle_due is not None or not self._alive or not self._is_running():
+                self._replace(self._recycle_due or "replacement")
+            elif self._startup is None:  # launched by a pool, not yet waited for
+                self._await_ready()
+            conn = self._conn
+            process = self._process
+            assert conn is not None and process is not None
+            with self._lock:
+                self._state = ProcessState.BUSY
+            try:
+                conn.send_bytes(payload)
+            except OSError:
+                pass  # the process is gone; its sentinel says how below
+            del payload
+            ready = wait([conn, process.sentinel, self._wake_r], timeout)
+            if conn in ready:
+                try:
+                    data = conn.recv_bytes()
+                except (EOFError, OSError):
+                    raise self._died("a call") from None
+                self._calls += calls
+                self._calls_since_start += calls
+                with self._lock:
+                    self._state = ProcessState.IDLE
+                self._check_recycle()
+                return data
+            if self._wake_r in ready:
+                self._drain_wake()
+                raise self._terminated_now()
+            if process.sentinel in ready:
+                raise self._died("a call")
+            with self._lock:
+                self._terminate_reason = "timeout"
+            raise self._terminated_now()
+        finally:
+            self._leave()
+            self._call_lock.release()
+
+    def _leave(self) -> None:
+        # Called by the owner of _call_lock before releasing it: a terminate()
+        # that arrived while it was busy but did not end the call is done here.
+        with self._lock:
+            self._busy = False
+        self._handle_terminate_request()
+
+    def _handle_terminate_request(self) -> None:
+        with self._lock:
+            reason = self._terminate_reason
+            self._terminate_reason = None
+        if reason is not None and self._alive:
+            self._stop_process(graceful=False)
+            self._terminations += 1
+            self._restarts_pending_state(ProcessState.TERMINATED)
+            logger.info("%s: process terminated (%s)", self.name, reason)
+
+    def _restarts_pending_state(self, state: ProcessState) -> None:
+        with self._lock:
+            if self._state is not ProcessState.CLOSED:
+                self._state = state
+
+    def _terminated_now(self) -> WorkerTerminated:
+        with self._lock:
+            reason = self._terminate_reason or "terminated"
+            self._terminate_reason = None
+        pid = self._pid
+        self._stop_process(graceful=False)
+        self._terminations += 1
+        self._restarts_pending_state(ProcessState.TERMINATED)
+        logger.info("%s: process %s terminated during a call (%s)", self.name, pid, reason)
+        return WorkerTerminated(f"{self.name}: process {pid} was terminated during the call ({reason})",
+                                pid=pid, reason=reason)
+
+    def _died(self, during: str) -> BaseException:
+        process = self._process
+        assert process is not None
+        wait([process.sentinel], 1.0)  # the sentinel fired (or the pipe closed): the process is (nearly) gone
+        with self._lock:
+            reason = self._terminate_reason
+            self._terminate_reason = None
+            process.join(0)
+            if process.exitcode is not None:
+                self._alive = False
+        if self._alive:  # the pipe broke but the process lives on: it cannot be trusted any more
+            self._stop_process(graceful=False)
+        self._close_conn()
+        pid = self._pid
+        signame, text = _exit_description(process.exitcode)
+        if reason is not None:
+            self._terminations += 1
+            self._restarts_pending_state(ProcessState.TERMINATED)
+            return WorkerTerminated(f"{self.name}: process {pid} was terminated during {during} ({reason})",
+                                    pid=pid, reason=reason)
+        self._crashes += 1
+        self._restarts_pending_state(ProcessState.CRASHED)
+        logger.warning("%s: process %s died during %s (%s)", self.name, pid, during, text)
+        return WorkerCrashed(f"{self.name}: worker process {pid} died during {during} ({text})",
+                             pid=pid, exitcode=process.exitcode, signal_name=signame)
+
+    def _is_running(self) -> bool:
+        # A cheap waitpid(WNOHANG): a process that died while idle is replaced
+        # before the call is sent, so its death costs no call.
+        process = self._process
+        if process is None or process.is_alive():
+            return process is not None
+        with self._lock:
+            self._alive = False
+        self._close_conn()
+        signame, text = _exit_description(process.exitcode)
+        self._crashes += 1
+        logger.warning("%s: process %s died while idle (%s)", self.name, self._pid, text)
+        return False
+
+    def _check_recycle(self) -> None:
+        due: str | None = None
+        if self._max_calls is not None and self._calls_since_start >= self._max_calls:
+            due = f"max_calls ({self._max_calls})"
+        elif self._max_rss is not None and self._ps is not None:
+            now = time.monotonic()
+            if now - self._last_rss_check >= self._rss_check_interval:
+                self._last_rss_check = now
+                try:
+                    rss = int(self._ps.memory_info().rss)
+                except (psutil.Error, OSError):
+                    rss = 0
+                if rss > self._max_rss:
+                    due = f"max_rss ({rss} > {self._max_rss} bytes)"
+        if due is not None:
+            with self._lock:
+                self._recycle_due = due
+
+    def _replace(self, reason: str) -> None:
+        recycling = self._recycle_due is not None
+        had_process = self._process is not None
+        if self._alive:
+            self._stop_process(graceful=True)
+        with self._lock:
+            self._recycle_due = None
+        if recycling:
+            self._recycles += 1
+            logger.info("%s: recycling process %s (%s)", self.name, self._pid, reason)
+        if had_process:
+            self._restarts += 1
+        self._start_locked()
+
+    def _start_locked(self) -> None:
+        if not self._alive:
+            self._launch()
+        if self._startup is None:
+            self._await_ready()
+
+    def _launch(self) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=_child.child_main, args=(child_conn, self._preload), name=self.name)
+        started = time.perf_counter()
+        try:
+            process.start()
+        except BaseException:
+            parent_conn.close()
+            child_conn.close()
+            raise
+        child_conn.close()  # so that the child's death closes the pipe for us (EOF, not a hang)
+        with self._lock:
+            self._process, self._conn, self._alive = process, parent_conn, True
+            self._pid = process.pid
+            self._state = ProcessState.STARTING
+            self._calls_since_start = 0
+            self._startup = None
+            self._launched_at = started
+        with _live_lock:
+            _live.add(self)
+
+    def _await_ready(self) -> None:
+        process, conn = self._process, self._conn
+        assert process is not None and conn is not None
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            ready = wait([conn, process.sentinel, self._wake_r], max(0.0, deadline - time.monotonic()))
+            if conn in ready:
+                try:
+                    message = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    message = None
+                if message is not None and message[0] == READY:
+                    elapsed = time.perf_counter() - self._launched_at
+                    with self._lock:
+                        self._startup = elapsed
+                        self._state = ProcessState.IDLE
+                    try:
+                        self._ps = psutil.Process(process.pid)
+                    except psutil.Error:
+                        self._ps = None
+                    logger.debug("%s: process %s ready in %.3f s", self.name, process.pid, elapsed)
+                    return
+                detail = message[1] if message is not None and message[0] == START_FAILED else ""
+                self._stop_process(graceful=False)
+                self._restarts_pending_state(ProcessState.CRASHED)
+                _, text = _exit_description(process.exitcode)
+                raise WorkerStartFailed(f"{self.name}: worker process {process.pid} failed to start ({text})"
+                                        + (f":\n{detail}" if detail else ""))
+            if self._wake_r in ready:
+                self._drain_wake()
+                raise self._terminated_now()
+            if process.sentinel in ready:
+                self._stop_process(graceful=False)
+                self._restarts_pending_state(ProcessState.CRASHED)
+                _, text = _exit_description(process.exitcode)
+                raise WorkerStartFailed(f"{self.name}: worker process {process.pid} exited before it was ready "
+                                        f"({text})")
+            if time.monotonic() >= deadline:
+                self._stop_process(graceful=False)
+                self._restarts_pending_state(ProcessState.CRASHED)
+                raise WorkerStartFailed(f"{self.name}: worker process {process.pid} was not ready within "
+                                        f"start_timeout={self._start_timeout} s")
+
+    def _stop_process(self, *, graceful: bool) -> None:
+        # Only the owner of _call_lock (or close()) calls this. Graceful: close the
+        # pipe (an idle child exits on EOF); otherwise SIGTERM. Either way SIGKILL
+        # after the grace, and the process is reaped under _lock so terminate()
+        # never signals a reaped (possibly reused) pid.
+        process = self._process
+        if process is None:
+            return
+        if graceful:
+            self._close_conn()
+        elif self._alive:
+            with self._lock:
+                self._signal(signal.SIGTERM)
+        if wait([process.sentinel], self._grace) == [] and self._alive:
+            with self._lock:
+                self._signal(signal.SIGKILL)
+            wait([process.sentinel], 10.0)
+        with self._lock:
+            process.join(0)
+            if process.exitcode is not None:
+                self._alive = False
+        self._close_conn()
+        with _live_lock:
+            _live.discard(self)
+
+    def _signal(self, signum: int) -> None:
+        # Caller holds _lock.
+        process = self._process
+        if process is None or not self._alive or process.exitcode is not None:
+            return
+        try:
+            if signum == signal.SIGTERM:
+                process.terminate()
+            else:
+                process.kill()
+        except (ProcessLookupError, OSError, ValueError):
+            pass
+
+    def _close_conn(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass
+
+
+def _context(start_method: str | None) -> Any:
+    # Any: typeshed gives the forkserver and spawn contexts no common type with Process.
+    method = start_method if start_method is not None else default_start_method()
+    if method == "fork":
+        raise ConfigurationError(
+            "start_method='fork' is refused: forking a parent that runs threads (the coordinator's) can copy a "
+            "lock another thread holds and hang the child; use 'forkserver' (POSIX) or 'spawn'")
+    if method not in ("forkserver", "spawn") or method not in multiprocessing.get_all_start_methods():
+        raise ConfigurationError(
+            f"start_method must be one of {[m for m in ('forkserver', 'spawn') if m in multiprocessing.get_all_start_methods()]}, got {method!r}")
+    return multiprocessing.get_context(method)
+
+
+def _check_chunksize(chunksize: int) -> int:
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+        raise ConfigurationError(f"chunksize must be a positive int, got {chunksize!r}")
+    return chunksize
+
+
+def _pickling_failed(ref: FunctionRef, direction: str, exc: BaseException) -> PicklingFailed:
+    what = "arguments" if direction == "arguments" else "result"
+    detail = _safe_str(exc)
+    error = PicklingFailed(
+        f"the {what} of {ref.key} could not be {'sent to' if direction == 'arguments' else 'brought back from'} "
+        f"the worker process: {type(exc).__name__}: {detail}", direction=direction, type_name=type(exc).__name__,
+        detail=detail)
+    error.__cause__ = exc
+    return error
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # noqa: BLE001 - a user's __str__ may raise
+        return "<str() failed>"
+
+
+def _decode(ref: FunctionRef, item: tuple[Any, ...]) -> Outcome[Any]:
+    kind = item[0]
+    if kind == OK:
+        return Outcome(True, item[1], None)
+    if kind == ERROR:
+        _, blob, type_name, message, text = item
+        error: BaseException | None = None
+        if blob is not None:
+            try:
+                error = pickle.loads(blob)
+            except Exception:  # noqa: BLE001 - an exception that does not unpickle here
+                error = None
+        if not isinstance(error, BaseException):
+            error = RemoteError(f"{ref.key} raised {type_name}: {message} (the exception could not be sent back "
+                                "as it is)", type_name=type_name, remote_message=message, traceback=text)
+        error.__cause__ = RemoteTraceback(text)
+        return _failure(error)
+    if kind == UNPICKLABLE_RESULT:
+        return _failure(PicklingFailed(
+            f"the result of {ref.key} could not be brought back from the worker process: {item[1]}: {item[2]}",
+            direction="result", type_name=item[1], detail=item[2]))
+    if kind == UNLOADABLE_REQUEST:
+        return _failure(PicklingFailed(
+            f"the arguments of {ref.key} could not be unpickled in the worker process (nothing ran): "
+            f"{item[1]}: {item[2]}", direction="arguments", type_name=item[1], detail=item[2]))
+    raise AssertionError(f"unknown reply kind {kind!r}")
+
+
+def _copy_crashed(exc: WorkerCrashed) -> WorkerCrashed:
+    return WorkerCrashed(str(exc), pid=exc.pid, exitcode=exc.exitcode, signal_name=exc.signal_name)
+
+
+def _copy_terminated(exc: WorkerTerminated) -> WorkerTerminated:
+    return WorkerTerminated(str(exc), pid=exc.pid, reason=exc.reason)
