@@ -28,6 +28,7 @@ from .errors import (
     WouldDeadlock,
     describe_exception,
 )
+from .lanes.references import check_importable
 from .routing import IN_CORE_PENDING, IN_PENDING, IN_POLICY, NOWHERE
 from .states import TokenState
 from .token import EMPTY_CONTEXT, NO_KWARGS, TaskToken
@@ -143,6 +144,8 @@ class AdmissionMixin(CoordinatorBase):
 
     def _plan_for(self, guarded: GuardedFunction[..., Any]) -> tuple[_Plan, _Plan | None]:
         router = self._lane_router(guarded)
+        if guarded.reference is not None:  # the process lane: the name must now lead to this function
+            check_importable(guarded)
         nested = _Plan(self.policies, guarded, router, nested=True) if any(
             p.follows_marked_parent and not p.interested(guarded) for p in self.policies) else None
         plans = (_Plan(self.policies, guarded, router), nested)
@@ -369,6 +372,8 @@ class AdmissionMixin(CoordinatorBase):
         worker: Worker | None = _worker_local.worker
         if worker is None or worker.coordinator is not self:
             return False
+        if token._plan.router.lane != "thread":
+            return False  # its own lane runs it; this thread is not that lane's, and waiting cannot deadlock it
         self._try_run_inline(token, worker)
         return True
 

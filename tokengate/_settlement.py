@@ -78,6 +78,22 @@ class SettlementMixin(CoordinatorBase):
                 token._plan.router.forget_waiting(token)
         if ok:
             self._finalize(token)
+            if started:
+                self._interrupt(token, "timeout")
+
+    def _interrupt(self, token: TaskToken[Any], reason: str) -> bool:
+        """Stop *token*'s running call if its lane can (the process lane ends its process). Thread: any.
+
+        The thread lane cannot interrupt a function: it returns False and the
+        call runs to its end, its late result discarded.
+        """
+        router = token._plan.router
+        if router.lane == "thread":
+            return False
+        for worker in router.workers:
+            if worker.current is token:
+                return bool(worker.interrupt(token, reason))
+        return False
 
     def _complete(self, token: TaskToken[Any]) -> None:
         """Hand *token* to the loop for settling. Thread: any (a worker, after setting the run slots).

@@ -17,6 +17,7 @@ import weakref
 from typing import Any, Callable, Generic, Mapping, TypeVar, overload
 
 from .complexity import ComplexityReport, analyze, default_weight
+from .lanes.references import FunctionRef, check_importable
 from .errors import ConfigurationError, CoordinatorNotRunning
 from .tags import validate_tags
 
@@ -66,6 +67,13 @@ class GuardedFunction(Generic[P, R]):
         self.weight: str = str(tags.get("weight") or default_weight(self.complexity))
         self.timeout: float | None = tags.get("timeout")
         self.lane: str = _lane_of(tags)
+        # How a worker process finds the function (process lane only): its
+        # module and qualified name, checked here; whether the name is bound
+        # to this function is checked at its first call (it is not bound yet).
+        self.reference: FunctionRef | None = None
+        if self.lane == "process":
+            check_importable(func, resolve=False)
+            self.reference = FunctionRef(func.__module__, func.__qualname__)
         self.module: str = getattr(func, "__module__", None) or "__main__"
         self.qualname: str = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
         # Policies cache per-function decisions here (e.g. parsed retry settings).

@@ -477,6 +477,7 @@ class Router:
                         "busy_time": round(w.busy_time, 6),
                         "classes": list(w.classes),
                         "alive": bool(w.thread is not None and w.thread.is_alive()),
+                        **w.describe(),
                     }
                 )
             cores.append(
@@ -495,6 +496,7 @@ class Router:
                 }
             )
         return {
+            "lane": self.lane,
             "cores": cores,
             "pending": dict(self.pending_count),
             "pending_total": self.pending_total,
