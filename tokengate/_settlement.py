@@ -159,15 +159,16 @@ class SettlementMixin(CoordinatorBase):
                         token._run_outcome = token._run_error = None
                     continue
                 if token._tstate is _EXECUTING and is_error is not None:
-                    outcome = token._run_outcome
-                    if is_error and isinstance(outcome, _UNDELIVERABLE):
-                        outcome = deliverable_exception(outcome)
-                    token._outcome = outcome
+                    token._outcome = outcome = token._run_outcome
                     token._is_error = is_error
                     token._run_outcome = token._run_error = None
                     plan = token._plan
+                    # after_run hooks (retries) judge the function's own exception...
                     if plan.after_run and self._retry_wanted(token, plan):
                         continue
+                    # ...awaiters and on_settle hooks get one a Future can carry.
+                    if is_error and isinstance(outcome, _UNDELIVERABLE):
+                        token._outcome = deliverable_exception(outcome)
                     # Once EXECUTING, a token's state is changed only on this (the
                     # loop) thread, so no lock is needed for this last move.
                     token._tstate = _FAILED if token._is_error else _COMPLETED

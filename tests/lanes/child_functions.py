@@ -129,7 +129,9 @@ def crash_on(x: int, bad: int) -> int:
 
 def mark_and_block(path: str, seconds: float = 60.0) -> str:
     """Create *path* (the test's 'the call has started'), then block."""
-    Path(path).write_text(str(os.getpid()))
+    staging = Path(f"{path}.{os.getpid()}.tmp")
+    staging.write_text(str(os.getpid()))
+    staging.rename(path)  # atomic: the test never sees the file without the pid
     time.sleep(seconds)
     return "finished"
 

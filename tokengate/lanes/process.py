@@ -312,9 +312,11 @@ class ChildProcess:
         self._last_rss_check = 0.0
         self._launched_at = 0.0
         # terminate() pokes this so a blocked call wakes even if SIGTERM is ignored.
+        # Closed by close(), or when the handle is collected unclosed.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._finalizer = weakref.finalize(self, _close_sockets, self._wake_r, self._wake_w)
 
         self._pid: int | None = None
         self._startup: float | None = None
@@ -465,8 +467,7 @@ class ChildProcess:
             self._stop_process(graceful=True)
             with self._lock:
                 self._state = ProcessState.CLOSED
-            self._wake_r.close()
-            self._wake_w.close()
+            self._finalizer()
         finally:
             self._call_lock.release()
 
@@ -700,17 +701,25 @@ class ChildProcess:
                              pid=pid, exitcode=process.exitcode, signal_name=signame)
 
     def _is_running(self) -> bool:
-        # A cheap waitpid(WNOHANG): a process that died while idle is replaced
-        # before the call is sent, so its death costs no call.
-        process = self._process
-        if process is None or process.is_alive():
-            return process is not None
-        with self._lock:
-            self._alive = False
-        self._close_conn()
-        signame, text = _exit_description(process.exitcode)
+        # An idle child never writes, so a readable pipe means it closed: the
+        # process died while idle. Checked before a call is sent (one poll, a
+        # few µs), so such a death costs no call. The pipe tells at once; the
+        # forkserver reports the exit status a moment later, so is_alive() would
+        # still say True here.
+        process, conn = self._process, self._conn
+        if process is None or conn is None:
+            return False
+        try:
+            idle_and_open = not conn.poll(0)
+        except (OSError, ValueError):
+            idle_and_open = False
+        if idle_and_open:
+            return True
+        self._stop_process(graceful=False)  # reaps it (SIGKILL after the grace if it somehow lives on)
         self._crashes += 1
+        _, text = _exit_description(process.exitcode)
         logger.warning("%s: process %s died while idle (%s)", self.name, self._pid, text)
+        self._restarts_pending_state(ProcessState.CRASHED)
         return False
 
     def _check_recycle(self) -> None:
@@ -869,6 +878,11 @@ class ChildProcess:
             pass
         except OSError:
             pass
+
+
+def _close_sockets(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def _context(start_method: str | None) -> Any:
