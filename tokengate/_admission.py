@@ -28,6 +28,7 @@ from .errors import (
     WouldDeadlock,
     describe_exception,
 )
+from .lanes.references import check_importable
 from .routing import IN_CORE_PENDING, IN_PENDING, IN_POLICY, NOWHERE
 from .states import TokenState
 from .token import EMPTY_CONTEXT, NO_KWARGS, TaskToken
@@ -98,7 +99,7 @@ class AdmissionMixin(CoordinatorBase):
             self._admit(token, plan, refuse=True)
         else:
             # Fast path: no policy takes part in admission or routing.
-            router = self._router
+            router = plan.router
             refusal: Rejected | None = None
             lock = router.lock
             lock.acquire()  # not `with`: it costs twice as much, once per call
@@ -142,9 +143,12 @@ class AdmissionMixin(CoordinatorBase):
                           operation_type=guarded.operation_type)
 
     def _plan_for(self, guarded: GuardedFunction[..., Any]) -> tuple[_Plan, _Plan | None]:
-        nested = _Plan(self.policies, guarded, nested=True) if any(
+        router = self._lane_router(guarded)
+        if guarded.reference is not None:  # the process lane: the name must now lead to this function
+            check_importable(guarded)
+        nested = _Plan(self.policies, guarded, router, nested=True) if any(
             p.follows_marked_parent and not p.interested(guarded) for p in self.policies) else None
-        plans = (_Plan(self.policies, guarded), nested)
+        plans = (_Plan(self.policies, guarded, router), nested)
         # Keyed by the function's number, not the function: a dynamically decorated
         # function (a partial) nobody references any more is collected, and its
         # plans are dropped with it.
@@ -156,7 +160,7 @@ class AdmissionMixin(CoordinatorBase):
 
     def _admit(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None:
         """Run admit hooks, then route. Raises a refusal only when *refuse* (first submission)."""
-        router = self._router
+        router = plan.router
         for p in plan.admit:
             try:
                 admitted = p.admit(token)
@@ -196,7 +200,7 @@ class AdmissionMixin(CoordinatorBase):
 
     def _route_with_hooks(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None:
         """pick_core hooks, then place or queue the token, then on_routed hooks."""
-        router = self._router
+        router = plan.router
         pin = None
         marked = token.policy_data is not None
         pickers = plan.pick_core + plan.pick_core_marked if marked else plan.pick_core
@@ -264,7 +268,7 @@ class AdmissionMixin(CoordinatorBase):
         with self._router.lock:
             ok = token._transition_settling(state, exc)
             if ok:
-                self._router.forget_waiting(token)
+                token._plan.router.forget_waiting(token)
         if ok:
             self._post_settle(token)
 
@@ -310,7 +314,7 @@ class AdmissionMixin(CoordinatorBase):
 
     def _refill(self, worker: Worker) -> bool:
         """Move pending tokens into an empty mailbox, or steal from a stuck sibling. Thread: that worker."""
-        router = self._router
+        router = worker.router
         if router.paused:
             return False
         if not router.pending_total:
@@ -345,7 +349,7 @@ class AdmissionMixin(CoordinatorBase):
         ``steal_after`` seconds, or ``steal_after`` again if it already has (the
         refill just found nothing it may take).
         """
-        left = self._router.stuck_in(worker, self._steal_after)
+        left = worker.router.stuck_in(worker, self._steal_after)
         if left is None:
             return None
         return left if left > 0 else self._steal_after
@@ -368,6 +372,8 @@ class AdmissionMixin(CoordinatorBase):
         worker: Worker | None = _worker_local.worker
         if worker is None or worker.coordinator is not self:
             return False
+        if token._plan.router.lane != "thread":
+            return False  # its own lane runs it; this thread is not that lane's, and waiting cannot deadlock it
         self._try_run_inline(token, worker)
         return True
 
@@ -388,7 +394,7 @@ class AdmissionMixin(CoordinatorBase):
                 where = token._where
                 if state is _S.WAITING and where in (IN_PENDING, IN_CORE_PENDING):
                     # Out of the queue now: until the claim only a kill or timeout can move it.
-                    self._router.forget_waiting(token)
+                    token._plan.router.forget_waiting(token)
                     claimable = _CLAIM_WAITING
                     break
                 if state is _S.ADMITTED:

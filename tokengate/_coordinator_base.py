@@ -33,6 +33,7 @@ class CoordinatorBase:
     name: str
     policies: tuple[Policy, ...]
     _router: Router
+    _routers: dict[str, Router]
     _refill_batch: int
     _steal_after: float
     _state_lock: threading.Lock
@@ -64,6 +65,10 @@ class CoordinatorBase:
     # Bound appends of the latency reservoirs (set in __init__).
     _qw_samples: Callable[[float], None]
     _rt_samples: Callable[[float], None]
+
+    # Implemented by the coordinator itself.
+    def _lane_router(self, guarded: GuardedFunction[..., Any]) -> Router:
+        raise NotImplementedError
 
     # Implemented by the admission part.
     def _admit(self, token: TaskToken[Any], plan: _Plan, *, refuse: bool) -> None: ...

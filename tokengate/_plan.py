@@ -14,6 +14,7 @@ from .states import TERMINAL_STATES, TokenState
 
 if TYPE_CHECKING:
     from .decorator import GuardedFunction
+    from .routing import Router
 
 __all__ = ["_Plan"]
 
@@ -23,7 +24,7 @@ logger = logging.getLogger("tokengate.coordinator")
 class _Plan:
     """The hooks that apply to one decorated function, computed once per coordinator."""
 
-    __slots__ = HOOKS + ("pick_core_marked", "on_routed_marked", "slow", "marked_routes", "on_settle_for")
+    __slots__ = HOOKS + ("pick_core_marked", "on_routed_marked", "slow", "marked_routes", "on_settle_for", "router")
     before_submit: tuple[Policy, ...]
     admit: tuple[Policy, ...]
     pick_core: tuple[Policy, ...]
@@ -38,8 +39,12 @@ class _Plan:
     marked_routes: bool
     # on_settle hooks per terminal state (policies may narrow with settle_states).
     on_settle_for: dict[TokenState, tuple[Policy, ...]]
+    # The router of the lane the function runs on.
+    router: Router
 
-    def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any], nested: bool = False) -> None:
+    def __init__(self, policies: Sequence[Policy], guarded: GuardedFunction[..., Any], router: Router,
+                 nested: bool = False) -> None:
+        self.router = router
         interested = [p for p in policies if _interested(p, guarded) or (nested and p.follows_marked_parent)]
         for hook in HOOKS:
             chosen = [p for p in interested if getattr(type(p), hook) is not getattr(Policy, hook)]

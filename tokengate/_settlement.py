@@ -75,9 +75,25 @@ class SettlementMixin(CoordinatorBase):
         with self._router.lock:
             ok = token._transition_settling(_S.TIMEOUT, exc)
             if ok:
-                self._router.forget_waiting(token)
+                token._plan.router.forget_waiting(token)
         if ok:
             self._finalize(token)
+            if started:
+                self._interrupt(token, "timeout")
+
+    def _interrupt(self, token: TaskToken[Any], reason: str) -> bool:
+        """Stop *token*'s running call if its lane can (the process lane ends its process). Thread: any.
+
+        The thread lane cannot interrupt a function: it returns False and the
+        call runs to its end, its late result discarded.
+        """
+        router = token._plan.router
+        if router.lane == "thread":
+            return False
+        for worker in router.workers:
+            if worker.current is token:
+                return bool(worker.interrupt(token, reason))
+        return False
 
     def _complete(self, token: TaskToken[Any]) -> None:
         """Hand *token* to the loop for settling. Thread: any (a worker, after setting the run slots).
@@ -331,7 +347,7 @@ class SettlementMixin(CoordinatorBase):
         with self._router.lock:
             ok = token._transition_settling(_S.KILLED, exc, None if any_state else _NOT_STARTED)
             if ok:
-                self._router.forget_waiting(token)
+                token._plan.router.forget_waiting(token)
         if ok:
             self._post_settle(token)
         return ok

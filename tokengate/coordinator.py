@@ -41,10 +41,11 @@ from .errors import (
 from .metrics import ExecutionRecord, RateMeter, Reservoir
 from .policy import Policy
 from .routing import IN_POLICY, Router
+from .worker import Worker
 from .states import TERMINAL_STATES, TokenState
 from .tags import WEIGHTS
 from .token import TaskToken
-from .topology import Topology, detect_topology, routing_table
+from .topology import RoutingTable, Topology, detect_topology, routing_table
 from ._admission import AdmissionMixin
 from ._plan import _Plan
 from ._settlement import SettlementMixin
@@ -108,6 +109,18 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         history_size: Settled calls kept in the execution history (default 1000).
         reservoir_size: Recent samples kept for latency percentiles (default 4096).
         name: Used in thread names and logs.
+        process_workers: Worker processes of the process lane (functions
+            tagged ``lane: "process"``), spread evenly over the domains
+            (rounded up to a multiple of ``num_cores``). Default: two per
+            domain, or more to cover the usable CPUs. ``0``: no process lane.
+        warm_processes: Start the worker processes with the coordinator, in
+            parallel on their workers' threads (``ready`` turns True when they
+            are up). Default False: each process starts at its worker's first
+            call. The FastAPI lifespan turns this on.
+        max_calls_per_process: Replace a worker process after this many calls
+            (None: never), between calls, as loky and Ray do against leaks.
+        max_process_rss: Replace a worker process whose resident memory
+            exceeds this many bytes (checked between calls; None: never).
 
     Raises:
         ConfigurationError: for any invalid option, at construction.
@@ -126,6 +139,10 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         history_size: int = 1000,
         reservoir_size: int = 4096,
         name: str = "tokengate",
+        process_workers: int | None = None,
+        warm_processes: bool = False,
+        max_calls_per_process: int | None = None,
+        max_process_rss: int | None = None,
     ) -> None:
         self.topology: Topology = detect_topology()
         cores = self.topology.usable_cpus if num_cores is None else num_cores
@@ -159,7 +176,31 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self.stop_timeout = float(stop_timeout)
         self.policies: tuple[Policy, ...] = tuple(policy_list)
         self.routing = routing_table(cores, workers_per_core, bulkhead_reserve)
-        self._router = Router(self, self.routing, mailbox_size, max_pending)
+        # One router per lane; they share the routing lock. The thread lane's
+        # router is also self._router (the lock's owner, and the hot path's).
+        self._router = Router(self, self.routing, mailbox_size, max_pending, lane="thread")
+        self._routers: dict[str, Router] = {"thread": self._router}
+        self._warm_processes = warm_processes
+        self._started_lanes = {"thread"}  # see _start_lane
+        self.process_routing: RoutingTable | None = None
+        per_domain = _process_workers_per_domain(process_workers, cores, self.topology.usable_cpus)
+        if not isinstance(warm_processes, bool):
+            raise ConfigurationError(f"warm_processes must be True or False, got {warm_processes!r}")
+        for label, value in (("max_calls_per_process", max_calls_per_process), ("max_process_rss", max_process_rss)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigurationError(f"{label} must be a positive int or None, got {value!r}")
+        if per_domain:
+            from .lanes.process_worker import ProcessWorker
+
+            child_options = {"max_calls": max_calls_per_process, "max_rss": max_process_rss}
+
+            def make_process_worker(coordinator: OperationsCoordinator, core_id: int, index: int) -> Worker:
+                return ProcessWorker(coordinator, core_id, index, child_options, warm_processes)
+
+            self.process_routing = routing_table(cores, per_domain, min(bulkhead_reserve, per_domain - 1))
+            self._routers["process"] = Router(self, self.process_routing, mailbox_size, max_pending,
+                                              lane="process", lock=self._router.lock,
+                                              make_worker=make_process_worker)
         self._refill_batch = max(1, mailbox_size // 2)
         # An idle worker takes queued tokens from a sibling whose call has run this long.
         self._steal_after = 0.005
@@ -278,6 +319,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         try:
             for worker in self._router.workers:
                 worker.start(self.name)
+            if self._warm_processes:
+                self._start_lane("process")
             for p in self.policies:
                 p.on_start(self)
                 started.append(p)
@@ -303,7 +346,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                 p.on_stop(self)
             except Exception:
                 logger.exception("policy %s failed in on_stop while undoing a failed start", p.name)
-        workers = [w for w in self._router.workers if w.thread is not None]
+        workers = [w for w in self._workers() if w.thread is not None]
         for worker in workers:
             worker.stopping = True
             worker.wake()
@@ -313,6 +356,33 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._accepting = False
         logger.error("coordinator %s: start failed; undone (%d policies stopped, %d worker threads joined)",
                      self.name, len(started), len(workers))
+
+    def _workers(self) -> list[Worker]:
+        """Every worker of every lane."""
+        return [w for router in self._routers.values() for w in router.workers]
+
+    def _lane_router(self, guarded: GuardedFunction[..., Any]) -> Router:
+        """The router of the lane *guarded* runs on (its ``lane`` tag), its workers started. Thread: any."""
+        router = self._routers.get(guarded.lane)
+        if router is None:
+            raise ConfigurationError(
+                f"{guarded.qualname}() runs on the {guarded.lane!r} lane, which coordinator {self.name!r} "
+                f"does not have (lanes: {', '.join(self._routers)}); give it process_workers > 0")
+        if guarded.lane not in self._started_lanes:
+            self._start_lane(guarded.lane)
+        return router
+
+    def _start_lane(self, lane: str) -> None:
+        """Start the worker threads of a lane other than threads: with the coordinator when warm, else at first use.
+
+        A coordinator that never runs a process-lane call starts no extra thread.
+        """
+        with self._router.lock:
+            if lane in self._started_lanes or self._phase not in ("new", "running"):
+                return
+            self._started_lanes.add(lane)
+            for worker in self._routers[lane].workers:
+                worker.start(self.name)
 
     async def __aenter__(self) -> OperationsCoordinator:
         return await self.astart()
@@ -395,11 +465,13 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             logger.warning("coordinator %s: %d tokens still unsettled after %.1fs; settling them as stopped",
                            self.name, self.inflight, grace)
         for token in list(self._live.values()):
-            self._kill_token(token, CoordinatorStopped(
-                f"coordinator {self.name!r} stopped before token {token.token_id} settled",
-                token_id=token.token_id, reason="coordinator stopped"), any_state=True)
+            running = token._tstate is _S.EXECUTING
+            if self._kill_token(token, CoordinatorStopped(
+                    f"coordinator {self.name!r} stopped before token {token.token_id} settled",
+                    token_id=token.token_id, reason="coordinator stopped"), any_state=True) and running:
+                self._interrupt(token, "coordinator stopped")
         self._settle_done(0)
-        workers = self._router.workers
+        workers = self._workers()
         for worker in workers:
             worker.stopping = True
             worker.wake()
@@ -449,47 +521,57 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             raise ConfigurationError(f"operation_type must be a non-empty string or None, got {operation_type!r}")
         with self._router.lock:
             if operation_type is None:
-                self._router.paused = True
+                for router in self._routers.values():
+                    router.paused = True
             else:
                 paused_ops = self._router.paused_ops
                 if operation_type not in paused_ops and len(paused_ops) >= MAX_PAUSED_OPERATIONS:
                     raise ConfigurationError(
                         f"{len(paused_ops)} operation types are already paused (the limit is "
                         f"{MAX_PAUSED_OPERATIONS}); resume some, or pause everything with pause()")
-                paused_ops.add(operation_type)
+                for router in self._routers.values():
+                    router.paused_ops.add(operation_type)
         logger.warning("coordinator %s: admission paused%s", self.name,
                        "" if operation_type is None else f" for {operation_type!r}")
 
     def resume(self, operation_type: str | None = None) -> None:
         """Release a pause (global or per operation); the global form also reopens a drained gate."""
-        router = self._router
         released: list[TaskToken[Any]] = []
-        with router.lock:
+        with self._router.lock:
+            for router in self._routers.values():
+                if operation_type is None:
+                    router.paused = False
+                else:
+                    router.paused_ops.discard(operation_type)
+                    released += router.release_held(operation_type)
             if operation_type is None:
-                router.paused = False
                 self._gate_open = True
                 self._accepting = self._phase == "running"
-            else:
-                router.paused_ops.discard(operation_type)
-                released = router.release_held(operation_type)
         for token in released:
             self._reroute(token)
-        for worker in router.workers:
+        for worker in self._workers():
             worker.wake()
         logger.warning("coordinator %s: admission resumed%s", self.name,
                        "" if operation_type is None else f" for {operation_type!r}")
 
     def _resume_all(self) -> None:
-        router = self._router
-        with router.lock:
-            router.paused = False
-            ops = list(router.paused_ops)
-            router.paused_ops.clear()
-            released = [t for op in ops for t in router.release_held(op)]
+        released: list[TaskToken[Any]] = []
+        with self._router.lock:
+            for router in self._routers.values():
+                router.paused = False
+                ops = list(router.paused_ops)
+                router.paused_ops.clear()
+                released += [t for op in ops for t in router.release_held(op)]
         for token in released:
             self._reroute(token)
-        for worker in router.workers:
+        for worker in self._workers():
             worker.wake()
+
+    @property
+    def ready(self) -> bool:
+        """True when running and every lane's workers are up (warm worker processes started)."""
+        return self._phase == "running" and all(
+            getattr(w, "ready", True) for router in self._routers.values() for w in router.workers)
 
     @property
     def paused(self) -> bool:
@@ -581,6 +663,12 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         exc = TokenKilled(f"token {tid} ({token.operation_type}) was killed: {reason}", token_id=tid, reason=reason)
         if self._kill_token(token, exc):
             return KillResult(tid, True, True, _S.KILLED.value, "killed before it started")
+        if token._plan.router.lane != "thread" and token._tstate is _S.EXECUTING:
+            # A lane that can stop a running call (the process lane ends its process).
+            if self._kill_token(token, exc, any_state=True):
+                self._interrupt(token, "killed")
+                return KillResult(tid, True, True, _S.KILLED.value,
+                                  "killed while running: its worker process was ended (and is replaced)")
         state = token._tstate
         if state is _S.EXECUTING:
             return KillResult(tid, False, True, state.value,
@@ -673,8 +761,9 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         """
         router = self._router
         snap = router.snapshot()
-        executing = sum(1 for w in router.workers if w.current is not None)
-        admitted = sum(core["queue_depth"] for core in snap["cores"])
+        others = {lane: r.snapshot() for lane, r in self._routers.items() if r is not router}
+        executing = sum(1 for w in self._workers() if w.current is not None)
+        admitted = sum(core["queue_depth"] for s in (snap, *others.values()) for core in s["cores"])
         uptime = 0.0 if self._started_at is None else _perf() - self._started_at
         held_by_policies = sum(1 for t in list(self._live.values()) if t._where == IN_POLICY)
         counts = {
@@ -684,7 +773,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             "rejected_at_submit": sum(self._refused.values()),
             "retries": self._retries,
             "late_completions_discarded": self._abandoned,
-            "waiting": snap["pending_total"] + sum(snap["held"].values()) + held_by_policies,
+            "waiting": sum(s["pending_total"] + sum(s["held"].values()) for s in (snap, *others.values()))
+            + held_by_policies,
             "admitted": admitted,
             "executing": executing,
             **{s.value: n + self._refused.get(s, 0) for s, n in self._by_state.items()},
@@ -715,6 +805,10 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             "max_pending": snap["max_pending"],
             "routed_by_weight": routed_by_weight,
             "cores": snap["cores"],
+            # Lanes other than threads (whose figures are the ones above): their
+            # own domains, queues and workers, with each worker process's figures.
+            "lanes": {lane: {**s, "ready": all(getattr(w, "ready", True) for w in self._routers[lane].workers),
+                             "routing": self._routers[lane].table.to_dict()} for lane, s in others.items()},
             "policies": {p.name: _safe_stats(p) for p in self.policies},
         }
 
@@ -729,6 +823,16 @@ def _safe_stats(policy: Policy) -> dict[str, Any]:
     except Exception:
         logger.exception("policy %s failed in stats()", policy.name)
         return {"error": "stats unavailable"}
+
+
+def _process_workers_per_domain(process_workers: object, num_cores: int, usable_cpus: int) -> int:
+    """Worker processes per domain for the *process_workers* option (see OperationsCoordinator)."""
+    if process_workers is None:
+        return max(2, -(-usable_cpus // num_cores))
+    if isinstance(process_workers, bool) or not isinstance(process_workers, int) or not 0 <= process_workers <= 4096:
+        raise ConfigurationError(
+            f"process_workers must be an int in 0..4096 (0: no process lane) or None, got {process_workers!r}")
+    return -(-process_workers // num_cores)
 
 
 def _check_timeout(value: object) -> None:

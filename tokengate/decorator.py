@@ -17,6 +17,7 @@ import weakref
 from typing import Any, Callable, Generic, Mapping, TypeVar, overload
 
 from .complexity import ComplexityReport, analyze, default_weight
+from .lanes.references import FunctionRef, check_importable
 from .errors import ConfigurationError, CoordinatorNotRunning
 from .tags import validate_tags
 
@@ -31,6 +32,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _uids = itertools.count(1)
+
+
+def _lane_of(tags: Mapping[str, Any]) -> str:
+    lane = tags.get("lane")
+    pool = tags.get("process_pool")
+    if pool is not None and lane is not None and (lane == "process") != pool:
+        raise ConfigurationError(f"tags lane={lane!r} and process_pool={pool!r} disagree; give one of them")
+    if lane is None:
+        lane = "process" if pool else "thread"
+    return str(lane)
 _REGISTRY: "weakref.WeakValueDictionary[str, GuardedFunction[Any, Any]]" = weakref.WeakValueDictionary()
 
 
@@ -55,6 +66,14 @@ class GuardedFunction(Generic[P, R]):
         self.complexity: ComplexityReport = analyze(func)
         self.weight: str = str(tags.get("weight") or default_weight(self.complexity))
         self.timeout: float | None = tags.get("timeout")
+        self.lane: str = _lane_of(tags)
+        # How a worker process finds the function (process lane only): its
+        # module and qualified name, checked here; whether the name is bound
+        # to this function is checked at its first call (it is not bound yet).
+        self.reference: FunctionRef | None = None
+        if self.lane == "process":
+            check_importable(func, resolve=False)
+            self.reference = FunctionRef(func.__module__, func.__qualname__)
         self.module: str = getattr(func, "__module__", None) or "__main__"
         self.qualname: str = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
         # Policies cache per-function decisions here (e.g. parsed retry settings).

@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Deque
+from typing import TYPE_CHECKING, Any, Callable, Deque
 
 from .errors import Overloaded
 from .states import TokenState
@@ -84,17 +84,32 @@ class Core:
 
 
 class Router:
-    """Routing state of one coordinator (cores, pending queues, holds)."""
+    """Routing state of one lane of a coordinator (cores, pending queues, holds)."""
 
-    def __init__(self, coordinator: OperationsCoordinator, table: RoutingTable, mailbox_size: int, max_pending: int):
+    def __init__(
+        self,
+        coordinator: OperationsCoordinator,
+        table: RoutingTable,
+        mailbox_size: int,
+        max_pending: int,
+        *,
+        lane: str = "thread",
+        lock: threading.Lock | None = None,
+        make_worker: Callable[[OperationsCoordinator, int, int], Worker] = Worker,
+    ) -> None:
         self.coordinator = coordinator
+        self.lane = lane
         self.table = table
         self.mailbox_size = mailbox_size
         self.max_pending = max_pending
-        self.lock = threading.Lock()  # the routing lock: guards everything below
+        # The routing lock: guards everything below. The routers of all lanes
+        # share one, so that a gate check and a state move are ordered across lanes.
+        self.lock = lock if lock is not None else threading.Lock()
         self.cores: dict[int, Core] = {}
         for c in range(1, table.num_cores + 1):
-            self.cores[c] = Core(c, [Worker(coordinator, c, i) for i in range(table.workers_per_core)])
+            self.cores[c] = Core(c, [make_worker(coordinator, c, i) for i in range(table.workers_per_core)])
+            for worker in self.cores[c].workers:
+                worker.router = self
         self.class_cores: dict[str, list[Core]] = {w: [self.cores[c] for c in table.allowed[w]] for w in WEIGHTS}
         self.pending: dict[str, Deque[TaskToken[Any]]] = {w: collections.deque() for w in WEIGHTS}
         self.pending_count: dict[str, int] = {w: 0 for w in WEIGHTS}
@@ -462,6 +477,7 @@ class Router:
                         "busy_time": round(w.busy_time, 6),
                         "classes": list(w.classes),
                         "alive": bool(w.thread is not None and w.thread.is_alive()),
+                        **w.describe(),
                     }
                 )
             cores.append(
@@ -480,6 +496,7 @@ class Router:
                 }
             )
         return {
+            "lane": self.lane,
             "cores": cores,
             "pending": dict(self.pending_count),
             "pending_total": self.pending_total,

@@ -16,9 +16,12 @@ from typing import Any, Callable, Mapping
 
 from .errors import ConfigurationError
 
-__all__ = ["TagSpec", "declare_tag", "declared_tags", "validate_tags", "WEIGHTS", "parse_weight"]
+__all__ = ["TagSpec", "declare_tag", "declared_tags", "validate_tags", "WEIGHTS", "LANES", "parse_weight",
+           "parse_lane"]
 
 WEIGHTS = ("heavy", "medium", "light")
+#: How a routed call runs: on a worker thread, or in a worker process.
+LANES = ("thread", "process")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,20 @@ def parse_weight(value: Any) -> str:
     return normalized
 
 
+def parse_lane(value: Any) -> str:
+    """``thread`` | ``process``, case-insensitive."""
+    if not isinstance(value, str) or value.strip().lower() not in LANES:
+        raise ConfigurationError(f"unknown lane {value!r}; use one of {', '.join(LANES)}")
+    return value.strip().lower()
+
+
+def parse_process_pool(value: Any) -> bool:
+    """The seeds' ``process_pool: True``: the same as ``lane: "process"``."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"process_pool must be True or False, got {value!r}; or use lane='process'")
+    return value
+
+
 def parse_seconds(value: Any) -> float:
     """A positive, finite number of seconds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -98,3 +115,5 @@ def parse_seconds(value: Any) -> float:
 
 declare_tag("weight", "core", parse_weight, "weight class: heavy | medium | light (default: inferred from complexity)")
 declare_tag("timeout", "core", parse_seconds, "seconds before the token settles as TIMEOUT")
+declare_tag("lane", "core", parse_lane, "how the call runs: thread (default) | process")
+declare_tag("process_pool", "core", parse_process_pool, "True: the same as lane='process' (the seeds' name)")

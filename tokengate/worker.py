@@ -35,6 +35,7 @@ from .token import EMPTY_CONTEXT, NO_KWARGS
 
 if TYPE_CHECKING:
     from .coordinator import OperationsCoordinator
+    from .routing import Router
     from .token import TaskToken
 
 __all__ = ["Worker", "run_token"]
@@ -117,7 +118,19 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
 
 
 class Worker:
-    """One thread of a worker domain (a "core"), with its bounded mailbox."""
+    """One thread of a worker domain (a "core"), with its bounded mailbox.
+
+    This is the thread lane's worker: it runs each call on its own thread. A
+    lane whose calls run elsewhere subclasses it and overrides ``run`` (how
+    one claimed call is executed), ``_thread_started`` / ``_thread_exiting``
+    (what the thread sets up and tears down) and ``describe``; routing,
+    mailboxes, refills and stealing stay the same for every lane.
+    """
+
+    #: How this worker runs one token (claim, execute, hand to the loop); see run_token.
+    run = staticmethod(run_token)
+    #: The letter in worker ids: ``core1-w0`` for threads.
+    kind = "w"
 
     __slots__ = (
         "coordinator",
@@ -135,13 +148,14 @@ class Worker:
         "classes",
         "_park",
         "thread",
+        "router",
     )
 
     def __init__(self, coordinator: OperationsCoordinator, core_id: int, index: int) -> None:
         self.coordinator = coordinator
         self.core_id = core_id
         self.index = index
-        self.worker_id = f"core{core_id}-w{index}"
+        self.worker_id = f"core{core_id}-{self.kind}{index}"
         self.mailbox: Deque[TaskToken[Any]] = collections.deque()
         self.routed = 0  # tokens placed in the mailbox; written under the routing lock
         self.finished = 0  # tokens popped and done with; written by this thread only
@@ -156,6 +170,7 @@ class Worker:
         self._park = threading.Lock()
         self._park.acquire()
         self.thread: threading.Thread | None = None
+        self.router: Router = None  # type: ignore[assignment]  # set by the Router that owns this worker
 
     def start(self, name_prefix: str) -> None:
         self.thread = threading.Thread(target=self._main, name=f"{name_prefix}-{self.worker_id}", daemon=True)
@@ -171,17 +186,32 @@ class Worker:
     def _main(self) -> None:
         current.bind_worker_thread(self.coordinator)
         current._worker_local.worker = self
-        # Worker threads start from an empty context; each call runs in a copy
-        # of its caller's context (see run_token).
-        contextvars.Context().run(self._loop)
+        try:
+            self._thread_started()
+            # Worker threads start from an empty context; each call runs in a copy
+            # of its caller's context (see run_token).
+            contextvars.Context().run(self._loop)
+        finally:
+            self._thread_exiting()
+
+    def _thread_started(self) -> None:
+        """Called on the worker's thread before it takes its first token."""
+
+    def _thread_exiting(self) -> None:
+        """Called on the worker's thread when it leaves (at stop)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Lane-specific fields for this worker's row in ``stats()["cores"][...]["workers"]``."""
+        return {}
 
     def _loop(self) -> None:
         coordinator = self.coordinator
         mailbox = self.mailbox
         pop = mailbox.popleft
         refill = coordinator._refill
-        has_work = coordinator._router.has_work_for
-        idle_hint = coordinator._router.idle_hint
+        has_work = self.router.has_work_for
+        idle_hint = self.router.idle_hint
+        run = self.run
         steal_wait = coordinator._steal_wait
         while True:
             try:
@@ -211,7 +241,7 @@ class Worker:
                 self.idle = False
                 continue
             try:
-                run_token(token, self)
+                run(token, self)
             except BaseException:  # pragma: no cover - run_token contains user errors itself
                 logger.exception("worker %s: internal error while running %r", self.worker_id, token)
             self.finished += 1

@@ -65,7 +65,7 @@ def _child_start_method(start_method: str | None) -> str:
     return default_start_method()
 
 
-def check_importable(func: Callable[..., Any], *, start_method: str | None = None) -> None:
+def check_importable(func: Callable[..., Any], *, start_method: str | None = None, resolve: bool = True) -> None:
     """Check that a worker process can find *func* by module and qualified name.
 
     Call it when a function is declared for the process lane (at decoration
@@ -77,6 +77,8 @@ def check_importable(func: Callable[..., Any], *, start_method: str | None = Non
         func: the function (or decorated function) to check.
         start_method: how worker processes start (``"forkserver"`` or
             ``"spawn"``; default: :func:`tokengate.lanes.process.default_start_method`).
+        resolve: also import the module and check that the name leads to
+            *func*. False at decoration time, when the name is not bound yet.
 
     Raises:
         ConfigurationError: naming the fix, when *func* is a lambda, a function
@@ -109,6 +111,8 @@ def check_importable(func: Callable[..., Any], *, start_method: str | None = Non
             f"{where} is defined in __main__, which a worker process started by "
             f"{_child_start_method(start_method)} cannot import reliably (console-script entry points, "
             "`python -c`, notebooks); move it into an importable module and import it from your program")
+    if not resolve:  # at decoration time the module-level name is not bound yet
+        return
     found = _lookup(module, qualname, where)
     if found is not func and found is not target and _unwrap_guarded(found) is not target:
         raise ConfigurationError(

@@ -1,0 +1,57 @@
+"""Decorated process-lane functions for tests/lanes/test_process_lane.py (importable by worker processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from tokengate import task_token_guard
+
+
+@task_token_guard(operation_type="lane.square", tags={"lane": "process", "weight": "heavy"})
+def square(x: int) -> int:
+    return x * x
+
+
+@task_token_guard(operation_type="lane.pid", tags={"process_pool": True, "weight": "light"})
+def worker_pid() -> int:
+    return os.getpid()
+
+
+@task_token_guard(operation_type="lane.fail", tags={"lane": "process", "weight": "light"})
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@task_token_guard(operation_type="lane.die", tags={"lane": "process", "weight": "light"})
+def die(how: str) -> None:
+    if how == "exit":
+        os._exit(3)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task_token_guard(operation_type="lane.block", tags={"lane": "process", "weight": "light"})
+def block(path: str, seconds: float = 60.0) -> str:
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "finished"
+
+
+@task_token_guard(operation_type="lane.block_timeout", tags={"lane": "process", "weight": "light", "timeout": 0.5})
+def block_with_timeout(path: str, seconds: float = 60.0) -> str:
+    return block.__wrapped__(path, seconds)  # type: ignore[no-any-return]
+
+
+@task_token_guard(operation_type="lane.spin", tags={"lane": "process", "weight": "heavy"})
+def spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+@task_token_guard(operation_type="lane.spin_thread", tags={"weight": "heavy"})
+def spin_thread(n: int) -> int:
+    return spin.__wrapped__(n)  # type: ignore[no-any-return]

@@ -1,0 +1,154 @@
+"""The process lane's worker: a routed call runs in a worker process, not on the worker's thread.
+
+Each :class:`ProcessWorker` is an ordinary routed worker (a thread with a
+bounded mailbox, in a weight-class domain, behind the same bulkheads) that owns
+one :class:`~tokengate.lanes.process.ChildProcess` for life. The thread claims a
+token exactly as the thread lane does, ships the call to its process by
+reference (:class:`~tokengate.lanes.references.FunctionRef`: module and
+qualified name, never the function object), blocks until the outcome comes
+back and hands it to the loop. So admission, policies, pending queues, sticky
+pins, kill, timeout, drain and statistics are shared with the thread lane, and
+a sticky key pins to one *process*, whose caches are then really reused.
+
+What only this lane can do: stop a running call. :meth:`ProcessWorker.interrupt`
+(used by ``kill()``, a ``timeout`` and ``stop()`` past its grace) ends the
+process running the token; the token settles KILLED/TIMEOUT with
+``started=True`` and the process is replaced before the next call.
+
+A process that dies during a call (segfault, ``os._exit``, the OOM killer)
+fails only that call, with :class:`~tokengate.errors.WorkerCrashed` (a retry
+policy may retry it), and is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ProcessLaneError
+from ..states import TokenState
+from ..worker import Worker
+
+if TYPE_CHECKING:
+    from ..coordinator import OperationsCoordinator
+    from ..token import TaskToken
+    from .process import ChildProcess
+
+__all__ = ["ProcessWorker", "run_in_process"]
+
+logger = logging.getLogger("tokengate.lanes")
+
+_ADMITTED = frozenset({TokenState.ADMITTED})
+_EXECUTING = TokenState.EXECUTING
+_perf = time.perf_counter
+
+
+def run_in_process(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenState] = _ADMITTED) -> bool:
+    """Claim *token* and run its call in *worker*'s process; False if it could not be claimed.
+
+    Thread: the worker's own thread (process-lane tokens are never run inline
+    by a waiting ``get()``: the waiting thread is not this lane's).
+    """
+    assert isinstance(worker, ProcessWorker)
+    guarded = token._guarded
+    args = token._args
+    kwargs = token._kwargs
+    if guarded is None or args is None or kwargs is None:
+        return False
+    ref = guarded.reference
+    assert ref is not None  # set at decoration for every process-lane function
+    with worker.current_lock:
+        # The claim (under the state lock) and `current` move together, so an
+        # interrupt that sees this token as current ends this call's process.
+        if not token._transition(_EXECUTING, claimable):
+            return False
+        worker.current = token
+    token.worker_id = worker.worker_id
+    token.core_id = worker.core_id
+    started = token.started_at = _perf()
+    try:
+        outcome = worker.child.call(ref, args, kwargs or None)
+    except Exception as exc:  # noqa: BLE001 - crashed, terminated, could not start: this call's outcome
+        value: Any = exc
+        is_error = True
+    else:
+        if outcome.ok:
+            value, is_error = outcome.value, False
+        else:
+            value, is_error = outcome.error, True
+    finished = token.finished_at = _perf()
+    with worker.current_lock:
+        worker.current = None
+    worker.busy_time += finished - started
+    worker.executed += 1
+    del args, kwargs, guarded
+    token._run_outcome = value
+    token._run_error = is_error
+    token._coordinator._complete(token)
+    del token, value
+    return True
+
+
+class ProcessWorker(Worker):
+    """A routed worker whose calls run in the worker process it owns (see the module docstring)."""
+
+    __slots__ = ("child", "options", "current_lock", "warm", "started")
+
+    run = staticmethod(run_in_process)
+    kind = "p"
+
+    def __init__(self, coordinator: OperationsCoordinator, core_id: int, index: int, options: dict[str, Any],
+                 warm: bool) -> None:
+        super().__init__(coordinator, core_id, index)
+        # The handle is made on the worker's thread when it starts (see
+        # _thread_started): a coordinator that never starts holds no socket.
+        self.child: ChildProcess = None  # type: ignore[assignment]
+        self.options = options
+        # Guards `current` against interrupt(): see run_in_process.
+        self.current_lock = threading.Lock()
+        self.warm = warm
+        self.started = threading.Event()  # set once the handle exists (and, when warm, its process is up)
+
+    def _thread_started(self) -> None:
+        from .process import ChildProcess
+
+        self.child = ChildProcess(name=f"{self.coordinator.name}-{self.worker_id}", **self.options)
+        # Warm start: each worker starts its process on its own thread, so all
+        # of a lane's processes start in parallel and off the request path.
+        if self.warm:
+            self.start_process()
+        self.started.set()
+
+    def start_process(self) -> None:
+        """Start this worker's process now if it is not running (a failure is retried by the next call)."""
+        try:
+            self.child.start()
+        except ProcessLaneError:
+            logger.exception("%s: worker process failed to start; the next call tries again", self.worker_id)
+
+    def _thread_exiting(self) -> None:
+        if self.child is not None:
+            self.child.close(timeout=0.0)
+
+    def interrupt(self, token: TaskToken[Any], reason: str) -> bool:
+        """End the process running *token* (it is replaced before the next call); False if it is not running here.
+
+        Thread: any.
+        """
+        with self.current_lock:
+            if self.current is not token or self.child is None:
+                return False
+            return self.child.terminate(reason)
+
+    @property
+    def ready(self) -> bool:
+        """True once this worker's process is up (always True when processes start on demand)."""
+        if not self.started.is_set():
+            return False
+        return not self.warm or self.child.stats().startup_seconds is not None
+
+    def describe(self) -> dict[str, Any]:
+        child = self.child
+        return {"lane": "process", "process": None if child is None else child.stats().as_dict()}
