@@ -24,12 +24,22 @@ import os
 import threading
 import time
 from collections import deque
+from multiprocessing.connection import wait
 from typing import Any, Iterable, Mapping, Sequence
 
 import psutil
 
-from ..errors import ConfigurationError, LaneClosed, ProcessLaneError
-from .process import DEFAULT_MAX_CHUNK, Batch, ChildProcess, Outcome, ProcessStats
+from ..errors import ConfigurationError, LaneClosed, ProcessLaneError, WorkerCrashed, WorkerTerminated
+from .process import (
+    DEFAULT_MAX_CHUNK,
+    Batch,
+    ChildProcess,
+    Outcome,
+    ProcessStats,
+    _chunk_payload,
+    _crashed_batch,
+    _terminated_batch,
+)
 from .references import FunctionRef
 
 __all__ = ["ProcessPoolLane", "usable_cpus"]
@@ -250,13 +260,21 @@ class ProcessPoolLane:
         self, ref: FunctionRef, items: Iterable[tuple[tuple[Any, ...], Mapping[str, Any] | None]], *,
         chunksize: int | None = None,
     ) -> Batch:
-        """Run many calls spread over every process, a chunk per message; a :class:`Batch` in order.
+        """Run many calls spread over the idle processes, a chunk per message; a :class:`Batch` in order.
 
         The default *chunksize* gives each process about four chunks (at most
         :data:`~tokengate.lanes.process.DEFAULT_MAX_CHUNK` items), so a slow
-        chunk does not leave the other processes idle. The calling thread drives
-        one process and helper threads the others (one per extra process, for
-        this call only). Per-item outcomes are as :meth:`ChildProcess.call_many`'s.
+        chunk does not leave the other processes idle. The calling thread
+        drives every process it takes (waits for at least one, takes the others
+        that are idle now), one chunk in flight per process: it pickles the
+        next chunk while the processes compute, and no second Python thread
+        competes with it for the GIL. Per-item outcomes are as
+        :meth:`ChildProcess.call_batch`'s; a termination of any of its
+        processes fails the rest of the batch with ``WorkerTerminated``.
+
+        Raises:
+            WorkerStartFailed: a replacement process could not be started.
+            LaneClosed: the pool is stopped.
         """
         pending = items if isinstance(items, list) else list(items)
         if not pending:
@@ -267,40 +285,69 @@ class ProcessPoolLane:
             raise ConfigurationError(f"chunksize must be a positive int, got {chunksize!r}")
         chunks = [pending[i:i + chunksize] for i in range(0, len(pending), chunksize)]
         results: list[Batch | None] = [None] * len(chunks)
-        next_chunk = iter(range(len(chunks)))
-        take_lock = threading.Lock()  # the iterator is shared by the driving threads
-        failures: list[BaseException] = []
+        handles = [self.acquire()]
+        while len(handles) < len(chunks):
+            extra = self._take_idle()
+            if extra is None:
+                break
+            handles.append(extra)
+        in_flight: dict[ChildProcess, int] = {}
+        cursor = 0
+        stopped: WorkerTerminated | None = None
 
-        def drive() -> None:
-            try:
-                handle = self.acquire()
-            except BaseException as exc:  # noqa: BLE001 - reported by the calling thread
-                failures.append(exc)
+        def dispatch(handle: ChildProcess) -> None:
+            nonlocal cursor, stopped
+            while cursor < len(chunks) and stopped is None:
+                index, cursor = cursor, cursor + 1
+                payload = _chunk_payload(ref, chunks[index])
+                if payload is None:  # an item does not pickle: this chunk goes item by item
+                    results[index] = handle._run_items_one_by_one(ref, chunks[index])
+                    continue
+                try:
+                    handle._send_request(payload)
+                except WorkerTerminated as exc:  # terminated while its replacement started
+                    results[index] = _terminated_batch(exc, len(chunks[index]))
+                    stopped = exc
+                    return
+                in_flight[handle] = index
                 return
-            try:
-                while True:
-                    with take_lock:
-                        index = next(next_chunk, None)
-                    if index is None:
-                        return
-                    results[index] = handle.call_batch(ref, chunks[index], chunksize=len(chunks[index]))
-            except BaseException as exc:  # noqa: BLE001 - reported by the calling thread
-                failures.append(exc)
-            finally:
-                self.release(handle)
 
-        helpers = [threading.Thread(target=drive, name=f"{self.name}-map-{i}", daemon=True)
-                   for i in range(min(len(self._handles), len(chunks)) - 1)]
-        for thread in helpers:
-            thread.start()
-        drive()
-        for thread in helpers:
-            thread.join()
-        if any(result is None for result in results):
-            if failures:
-                raise failures[0]
-            raise RuntimeError("call_many lost a chunk")  # cannot happen: every index is taken once
+        try:
+            for handle in handles:
+                dispatch(handle)
+            while in_flight:
+                watched = {obj: handle for handle in in_flight for obj in handle._wait_objects()}
+                for handle in {watched[obj] for obj in wait(list(watched))}:
+                    index = in_flight.pop(handle)
+                    size = len(chunks[index])
+                    try:
+                        data = handle._receive_reply(None, size)
+                    except WorkerCrashed as exc:
+                        results[index] = _crashed_batch(exc, size)
+                    except WorkerTerminated as exc:
+                        results[index] = _terminated_batch(exc, size)
+                        stopped = exc
+                    else:
+                        results[index] = handle._chunk_result(ref, chunks[index], data)
+                    dispatch(handle)
+        finally:
+            for handle, index in list(in_flight.items()):  # an error left replies out: collect them
+                try:
+                    handle._receive_reply(None, len(chunks[index]))
+                except ProcessLaneError:
+                    pass
+            for handle in handles:
+                self.release(handle)
         batch = Batch([], {})
-        for result in results:
-            batch.extend(result)  # type: ignore[arg-type]
+        for index, result in enumerate(results):
+            if result is None:  # never sent: the batch was stopped by a termination
+                assert stopped is not None
+                result = _terminated_batch(stopped, len(chunks[index]))
+            batch.extend(result)
         return batch
+
+    def _take_idle(self) -> ChildProcess | None:
+        with self._cond:
+            if self._stopped or not self._idle:
+                return None
+            return self._idle.pop()

@@ -46,8 +46,10 @@ from __future__ import annotations
 import atexit
 import enum
 import logging
+import math
 import multiprocessing
 import pickle
+import select
 import signal
 import socket
 import threading
@@ -91,6 +93,11 @@ R = TypeVar("R")
 #: The most items :meth:`ProcessPoolLane.call_many` puts in one message by default:
 #: large enough to amortise a round trip, small enough that a crash costs little.
 DEFAULT_MAX_CHUNK = 1024
+
+
+_HAVE_POLL = hasattr(select, "poll")
+# What a wait for a reply found.
+_REPLY, _WAKE, _DIED, _TIMEOUT = object(), object(), object(), object()
 
 
 def default_start_method() -> str:
@@ -311,6 +318,9 @@ class ChildProcess:
         self._recycle_due: str | None = None
         self._last_rss_check = 0.0
         self._launched_at = 0.0
+        self._wake_pending = False  # a wake byte may be unread: drain before the next call
+        self._poller: Any = None  # select.poll over (pipe, sentinel, wake) of the current process
+        self._poll_fds: tuple[int, int] = (-1, -1)
         # terminate() pokes this so a blocked call wakes even if SIGTERM is ignored.
         # Closed by close(), or when the handle is collected unclosed.
         self._wake_r, self._wake_w = socket.socketpair()
@@ -436,6 +446,7 @@ class ChildProcess:
             self._terminate_reason = reason
             if self._busy:
                 self._signal(signal.SIGTERM)
+                self._wake_pending = True
                 try:
                     self._wake_w.send(b"x")
                 except OSError:  # the wake socket is full: a wake-up is pending anyway
@@ -554,14 +565,17 @@ class ChildProcess:
         return batch
 
     def _run_chunk(self, ref: FunctionRef, chunk: list[tuple[tuple[Any, ...], Mapping[str, Any] | None]]) -> Batch:
-        try:
-            payload = pickle.dumps((MANY, ref.module, ref.qualname, chunk), PROTOCOL)
-        except Exception:  # noqa: BLE001 - some item does not pickle: fail just those items
+        payload = _chunk_payload(ref, chunk)
+        if payload is None:  # some item does not pickle: fail just those items
             return self._run_items_one_by_one(ref, chunk)
         try:
             data = self._round_trip(payload, None, len(chunk))
         except WorkerCrashed as exc:
-            return Batch([None] * len(chunk), {i: _copy_crashed(exc) for i in range(len(chunk))})
+            return _crashed_batch(exc, len(chunk))
+        return self._chunk_result(ref, chunk, data)
+
+    def _chunk_result(self, ref: FunctionRef, chunk: list[tuple[tuple[Any, ...], Mapping[str, Any] | None]],
+                      data: bytes) -> Batch:
         try:
             reply = pickle.loads(data)
         except Exception as exc:  # noqa: BLE001 - the results do not unpickle here
@@ -590,12 +604,20 @@ class ChildProcess:
     # -------------------------------------------------------------- internals
 
     def _round_trip(self, payload: bytes, timeout: float | None, calls: int) -> bytes:
+        self._send_request(payload)
+        return self._receive_reply(timeout, calls)
+
+    def _send_request(self, payload: bytes) -> None:
+        # First half of a round trip: take the handle, make sure a process is
+        # ready, send. On success the caller must call _receive_reply, which
+        # lets go of the handle whatever happens.
         if not self._call_lock.acquire(blocking=False):
             raise RuntimeError(
                 f"{self.name} is already running a call on another thread; use one handle per thread "
                 "(ProcessPoolLane.acquire() hands them out)")
         try:
-            self._drain_wake()  # before _busy: a wake-up that comes after it is meant for this call
+            if self._wake_pending:
+                self._drain_wake()  # before _busy: a wake-up that comes after it is meant for this call
             with self._lock:
                 if self._closed:
                     raise LaneClosed(f"{self.name} is closed")
@@ -607,17 +629,30 @@ class ChildProcess:
             elif self._startup is None:  # launched by a pool, not yet waited for
                 self._await_ready()
             conn = self._conn
-            process = self._process
-            assert conn is not None and process is not None
+            assert conn is not None
             with self._lock:
                 self._state = ProcessState.BUSY
             try:
                 conn.send_bytes(payload)
             except OSError:
-                pass  # the process is gone; its sentinel says how below
-            del payload
-            ready = wait([conn, process.sentinel, self._wake_r], timeout)
-            if conn in ready:
+                pass  # the process is gone; its sentinel says how when the reply is awaited
+        except BaseException:
+            self._leave()
+            self._call_lock.release()
+            raise
+
+    def _wait_objects(self) -> list[Any]:
+        """What a reply wait watches: the pipe, the process sentinel and the wake socket (for a multi-handle wait)."""
+        assert self._conn is not None and self._process is not None
+        return [self._conn, self._process.sentinel, self._wake_r]
+
+    def _receive_reply(self, timeout: float | None, calls: int) -> bytes:
+        # Second half of a round trip; always lets go of the handle.
+        try:
+            conn, process = self._conn, self._process
+            assert conn is not None and process is not None
+            ready = self._wait_reply(conn, process, timeout)
+            if ready is _REPLY:
                 try:
                     data = conn.recv_bytes()
                 except (EOFError, OSError):
@@ -628,10 +663,10 @@ class ChildProcess:
                     self._state = ProcessState.IDLE
                 self._check_recycle()
                 return data
-            if self._wake_r in ready:
+            if ready is _WAKE:
                 self._drain_wake()
                 raise self._terminated_now()
-            if process.sentinel in ready:
+            if ready is _DIED:
                 raise self._died("a call")
             with self._lock:
                 self._terminate_reason = "timeout"
@@ -710,7 +745,7 @@ class ChildProcess:
         if process is None or conn is None:
             return False
         try:
-            idle_and_open = not conn.poll(0)
+            idle_and_open = self._wait_reply(conn, process, 0) is _TIMEOUT
         except (OSError, ValueError):
             idle_and_open = False
         if idle_and_open:
@@ -721,6 +756,28 @@ class ChildProcess:
         logger.warning("%s: process %s died while idle (%s)", self.name, self._pid, text)
         self._restarts_pending_state(ProcessState.CRASHED)
         return False
+
+    def _wait_reply(self, conn: Connection, process: BaseProcess, timeout: float | None) -> object:
+        # What multiprocessing.connection.wait([conn, sentinel, wake]) does, with
+        # one poll object kept per process instead of a selector built and torn
+        # down per call (about a third of a trivial call's round trip).
+        poller = self._poller
+        if poller is None:
+            if not _HAVE_POLL:
+                ready = wait([conn, process.sentinel, self._wake_r], timeout)
+                return _REPLY if conn in ready else _WAKE if self._wake_r in ready else \
+                    _DIED if process.sentinel in ready else _TIMEOUT
+            poller = select.poll()
+            for fd in (conn.fileno(), process.sentinel, self._wake_r.fileno()):
+                poller.register(fd, select.POLLIN | select.POLLPRI)
+            self._poller = poller
+            self._poll_fds = (conn.fileno(), self._wake_r.fileno())
+        events = poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000)))
+        if not events:
+            return _TIMEOUT
+        conn_fd, wake_fd = self._poll_fds
+        fds = {fd for fd, _ in events}
+        return _REPLY if conn_fd in fds else _WAKE if wake_fd in fds else _DIED
 
     def _check_recycle(self) -> None:
         due: str | None = None
@@ -771,6 +828,7 @@ class ChildProcess:
             child_conn.close()
             raise
         child_conn.close()  # so that the child's death closes the pipe for us (EOF, not a hang)
+        self._poller = None  # registered with the previous process's fds
         with self._lock:
             self._process, self._conn, self._alive = process, parent_conn, True
             self._pid = process.pid
@@ -863,6 +921,7 @@ class ChildProcess:
             pass
 
     def _close_conn(self) -> None:
+        self._poller = None  # its fds may be reused once closed
         conn = self._conn
         if conn is not None:
             try:
@@ -871,6 +930,7 @@ class ChildProcess:
                 pass
 
     def _drain_wake(self) -> None:
+        self._wake_pending = False
         try:
             while self._wake_r.recv(4096):
                 pass
@@ -948,6 +1008,21 @@ def _decode(ref: FunctionRef, item: tuple[Any, ...]) -> Outcome[Any]:
             f"the arguments of {ref.key} could not be unpickled in the worker process (nothing ran): "
             f"{item[1]}: {item[2]}", direction="arguments", type_name=item[1], detail=item[2]))
     raise AssertionError(f"unknown reply kind {kind!r}")
+
+
+def _chunk_payload(ref: FunctionRef, chunk: list[tuple[tuple[Any, ...], Mapping[str, Any] | None]]) -> bytes | None:
+    try:
+        return pickle.dumps((MANY, ref.module, ref.qualname, chunk), PROTOCOL)
+    except Exception:  # noqa: BLE001 - None: the caller sends the items one by one
+        return None
+
+
+def _crashed_batch(exc: WorkerCrashed, size: int) -> Batch:
+    return Batch([None] * size, {i: _copy_crashed(exc) for i in range(size)})
+
+
+def _terminated_batch(exc: WorkerTerminated, size: int) -> Batch:
+    return Batch([None] * size, {i: _copy_terminated(exc) for i in range(size)})
 
 
 def _copy_crashed(exc: WorkerCrashed) -> WorkerCrashed:
