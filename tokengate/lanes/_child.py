@@ -6,8 +6,9 @@ requests carry no ids. Requests:
 
 * ``(CALL, module, qualname, args, kwargs_or_None)``
 * ``(MANY, module, qualname, [(args, kwargs_or_None), ...])``
+* ``(MANY_ARGS, module, qualname, [args, ...])``: a chunk without keywords
 
-Replies to CALL are one *item*; replies to MANY are ``(values, errors)``: a list
+Replies to CALL are one *item*; replies to MANY and MANY_ARGS are ``(values, errors)``: a list
 with one value per request item and a dict ``{index: item}`` for the items that
 did not return a value (so a batch of successes pickles as a plain list). An
 item is one of:
@@ -25,9 +26,10 @@ The first message the child sends is ``(READY, pid)`` or
 ``(START_FAILED, traceback_text)``. The child ends when the pipe closes (the
 parent went away or closed the handle).
 
-Each call runs in a fresh, empty :class:`contextvars.Context`: nothing of the
-parent's context crosses the process boundary, and nothing one call sets is
-seen by the next. SIGINT is ignored: the parent owns the child's lifetime, and a
+Each request (one call, or one chunk of a batch) runs in a fresh, empty
+:class:`contextvars.Context`: nothing of the parent's context crosses the
+process boundary, and nothing one request sets is seen by the next (the items
+of one chunk share their context, as calls made in a loop would). SIGINT is ignored: the parent owns the child's lifetime, and a
 Ctrl-C in a terminal (sent to the whole process group) must not fail the call
 the child is running.
 """
@@ -46,6 +48,7 @@ from typing import Any, Callable, NoReturn, Sequence
 # Message kinds (small ints pickle in one byte).
 CALL = 1
 MANY = 2
+MANY_ARGS = 3
 READY = 10
 START_FAILED = 11
 OK = 0
@@ -108,7 +111,7 @@ def _answer(request: Any, functions: dict[tuple[str, str], Callable[..., Any]],
             return dumps(([None] * count, dict.fromkeys(range(count), item)), PROTOCOL)
         functions[(module, qualname)] = func
     if kind != CALL:
-        return _run_many(func, request[3])
+        return _run_many(func, request[3], kind == MANY)
     reply = _run(func, request[3], request[4])
     try:
         return dumps(reply, PROTOCOL)
@@ -125,20 +128,8 @@ def _run(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
         return _error(exc)
 
 
-def _run_many(func: Callable[..., Any], items: list[Any]) -> bytes:
-    values: list[Any] = []
-    errors: dict[int, _Item] = {}
-    append = values.append
-    for index, item in enumerate(items):
-        try:
-            args, kwargs = item
-            if kwargs:
-                append(contextvars.Context().run(func, *args, **kwargs))
-            else:
-                append(contextvars.Context().run(func, *args))
-        except BaseException as exc:  # noqa: BLE001 - one item's failure is that item's outcome
-            append(None)
-            errors[index] = _error(exc)
+def _run_many(func: Callable[..., Any], items: list[Any], with_kwargs: bool) -> bytes:
+    values, errors = contextvars.Context().run(_loop_kwargs if with_kwargs else _loop_args, func, items)
     try:
         return pickle.dumps((values, errors), PROTOCOL)
     except BaseException:  # noqa: BLE001 - find the values that do not pickle; the rest still travel
@@ -151,6 +142,33 @@ def _run_many(func: Callable[..., Any], items: list[Any]) -> bytes:
                 values[index] = None
                 errors[index] = _unpicklable(exc)
         return pickle.dumps((values, errors), PROTOCOL)
+
+
+def _loop_args(func: Callable[..., Any], items: list[Any]) -> tuple[list[Any], dict[int, _Item]]:
+    values: list[Any] = []
+    errors: dict[int, _Item] = {}
+    append = values.append
+    for index, args in enumerate(items):
+        try:
+            append(func(*args))
+        except BaseException as exc:  # noqa: BLE001 - one item's failure is that item's outcome
+            append(None)
+            errors[index] = _error(exc)
+    return values, errors
+
+
+def _loop_kwargs(func: Callable[..., Any], items: list[Any]) -> tuple[list[Any], dict[int, _Item]]:
+    values: list[Any] = []
+    errors: dict[int, _Item] = {}
+    append = values.append
+    for index, item in enumerate(items):
+        try:
+            args, kwargs = item
+            append(func(*args, **kwargs) if kwargs else func(*args))
+        except BaseException as exc:  # noqa: BLE001 - one item's failure is that item's outcome
+            append(None)
+            errors[index] = _error(exc)
+    return values, errors
 
 
 def _error(exc: BaseException) -> _Item:

@@ -29,8 +29,9 @@ brings its outcome back, and it survives everything a process can do to it.
 
 **Context variables do not cross.** Nothing of the caller's
 :mod:`contextvars` context reaches the child (a context does not pickle), and
-each call runs in a fresh, empty context in the child, so nothing one call sets
-is seen by the next. Pass what a function needs as arguments.
+each request runs in a fresh, empty context in the child (a call, or one chunk
+of a batch, whose items share it as calls in a loop would), so nothing one call
+sets is seen by the next. Pass what a function needs as arguments.
 
 **Nested decorated calls** made inside a child raise
 :class:`~tokengate.errors.NestedCallRefused` (a
@@ -72,7 +73,18 @@ from ..errors import (
     WorkerTerminated,
 )
 from . import _child
-from ._child import CALL, ERROR, MANY, OK, PROTOCOL, READY, START_FAILED, UNLOADABLE_REQUEST, UNPICKLABLE_RESULT
+from ._child import (
+    CALL,
+    ERROR,
+    MANY,
+    MANY_ARGS,
+    OK,
+    PROTOCOL,
+    READY,
+    START_FAILED,
+    UNLOADABLE_REQUEST,
+    UNPICKLABLE_RESULT,
+)
 from .references import FunctionRef
 
 __all__ = [
@@ -1012,6 +1024,13 @@ def _decode(ref: FunctionRef, item: tuple[Any, ...]) -> Outcome[Any]:
 
 def _chunk_payload(ref: FunctionRef, chunk: list[tuple[tuple[Any, ...], Mapping[str, Any] | None]]) -> bytes | None:
     try:
+        # Most batches have no keywords: then only the argument tuples travel.
+        args_only = [args for args, kwargs in chunk if not kwargs]
+    except (TypeError, ValueError):  # an item is not an (args, kwargs) pair: the child reports it for that item
+        args_only = []
+    try:
+        if len(args_only) == len(chunk):
+            return pickle.dumps((MANY_ARGS, ref.module, ref.qualname, args_only), PROTOCOL)
         return pickle.dumps((MANY, ref.module, ref.qualname, chunk), PROTOCOL)
     except Exception:  # noqa: BLE001 - None: the caller sends the items one by one
         return None
