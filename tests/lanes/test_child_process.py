@@ -435,3 +435,10 @@ def test_bad_options_are_refused(options: dict[str, Any]) -> None:
 def test_bad_chunksize_is_refused(child: ChildProcess) -> None:
     with pytest.raises(ConfigurationError):
         child.call_many(ref(cf.inc), [((1,), None)], chunksize=0)
+
+
+def test_call_many_with_keywords_and_context_isolation_between_batches(child: ChildProcess) -> None:
+    outcomes = child.call_many(ref(cf.add), [((1,), {"y": 2}), ((3,), None), ((4,), {"y": 1})])
+    assert [o.unwrap() for o in outcomes] == [3, 3, 5]
+    assert [o.unwrap() for o in child.call_many(ref(cf.set_var), [(("a",), None)])] == ["a"]
+    assert [o.unwrap() for o in child.call_many(ref(cf.read_var), [((), None)])] == ["unset"]

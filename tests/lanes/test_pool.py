@@ -204,3 +204,55 @@ def test_bad_size_is_refused() -> None:
     for size in (0, -1, True, 1.5):
         with pytest.raises(ConfigurationError):
             ProcessPoolLane(size)  # type: ignore[arg-type]
+
+
+def test_pool_batch_crash_costs_its_chunk_and_the_pool_recovers() -> None:
+    lane = ProcessPoolLane(2, name="lanes-test-batch-crash")
+    lane.start()
+    try:
+        batch = lane.call_batch(ref(cf.crash_on), [((i, 9), None) for i in range(24)], chunksize=4)
+        assert sorted(batch.errors) == [8, 9, 10, 11]
+        assert all(isinstance(e, WorkerCrashed) for e in batch.errors.values())
+        assert [v for i, v in enumerate(batch.values) if i not in batch.errors] == [i for i in range(24) if i // 4 != 2]
+        assert lane.call_batch(ref(cf.inc), [((i,), None) for i in range(100)]).results() == list(range(1, 101))
+        assert lane.totals()["crashes"] == 1
+    finally:
+        lane.stop()
+
+
+def test_pool_batch_terminated_fails_what_did_not_run(tmp_path: Path) -> None:
+    lane = ProcessPoolLane(1, name="lanes-test-batch-terminate", terminate_grace=0.2)
+    lane.start()
+    try:
+        marker = tmp_path / "started"
+        items = [((str(tmp_path / "a"), 0.0), None), ((str(marker), 120.0), None)] + \
+            [((str(tmp_path / f"later{i}"), 0.0), None) for i in range(4)]
+        box: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: box.update(batch=lane.call_batch(ref(cf.mark_and_block), items,
+                                                                                  chunksize=1)))
+        thread.start()
+        wait_for(marker.exists, "the blocking item to start")
+        lane[0].terminate("stop the map")
+        thread.join(30)
+        batch = box["batch"]
+        assert sorted(batch.errors) == [1, 2, 3, 4, 5] and batch.values[0] == "finished"
+        assert all(isinstance(e, WorkerTerminated) and e.reason == "stop the map" for e in batch.errors.values())
+        assert not any((tmp_path / f"later{i}").exists() for i in range(4))
+    finally:
+        lane.stop()
+
+
+def test_forkserver_preload_keeps_workers_working() -> None:
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {TESTS_DIR!r})
+        from tokengate.lanes import ChildProcess, preload_in_forkserver, reference_to
+        from lanes import child_functions as cf
+        assert preload_in_forkserver() is True
+        with ChildProcess(name="preloaded") as handle:
+            assert handle.call(reference_to(cf.inc), (1,)).unwrap() == 2
+            assert handle.call(reference_to(cf.call_guarded_nested), (1,)).error.__class__.__name__ == "NestedCallRefused"
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr

@@ -18,7 +18,16 @@ inline there). See :mod:`tokengate.lanes.process` for the details.
 from __future__ import annotations
 
 from .pool import ProcessPoolLane
-from .process import Batch, ChildProcess, Outcome, ProcessState, ProcessStats, RemoteTraceback, default_start_method
+from .process import (
+    Batch,
+    ChildProcess,
+    Outcome,
+    ProcessState,
+    ProcessStats,
+    RemoteTraceback,
+    default_start_method,
+    preload_in_forkserver,
+)
 from .references import FunctionRef, check_importable, reference_to, resolve_reference
 
 __all__ = [
@@ -32,6 +41,7 @@ __all__ = [
     "RemoteTraceback",
     "check_importable",
     "default_start_method",
+    "preload_in_forkserver",
     "reference_to",
     "resolve_reference",
 ]
