@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a file: make the checkout importable (wo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._process_functions import inc  # noqa: E402
-from tokengate.lanes import ChildProcess, ProcessPoolLane, reference_to  # noqa: E402
+from tokengate.lanes import ChildProcess, ProcessPoolLane, preload_in_forkserver, reference_to  # noqa: E402
 
 
 def _median(values: list[float]) -> float:
@@ -169,10 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes in the pools (default 2)")
     parser.add_argument("--max-seconds", type=float, default=240.0, help="stop adding rounds after this long")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--preload-forkserver", action="store_true",
+                        help="call tokengate.lanes.preload_in_forkserver() first (workers start without importing "
+                             "tokengate)")
     args = parser.parse_args(argv)
     calls = args.calls or (200 if args.quick else 2000)
     batch = args.batch or (10_000 if args.quick else 100_000)
     rounds = args.rounds or (2 if args.quick else 5)
+    if args.preload_forkserver:
+        preload_in_forkserver()
     began = time.monotonic()
     deadline = began + args.max_seconds
 
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"# process lane engine room — Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"start method {multiprocessing.get_context('forkserver').get_start_method()}, load {load}")
+          f"start method forkserver{' (tokengate preloaded)' if args.preload_forkserver else ''}, load {load}")
     print(f"\n## Sequential round trip, trivial call ({calls} calls x {len(next(iter(trips.values())))} rounds)\n")
     print("| contender | median µs per call | min | max |\n|---|---|---|---|")
     for name, values in trips.items():
