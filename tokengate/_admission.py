@@ -145,7 +145,7 @@ class AdmissionMixin(CoordinatorBase):
     def _plan_for(self, guarded: GuardedFunction[..., Any]) -> tuple[_Plan, _Plan | None]:
         router = self._lane_router(guarded)
         if guarded.reference is not None:  # the process lane: the name must now lead to this function
-            check_importable(guarded)
+            check_importable(guarded.map_of or guarded)
         nested = _Plan(self.policies, guarded, router, nested=True) if any(
             p.follows_marked_parent and not p.interested(guarded) for p in self.policies) else None
         plans = (_Plan(self.policies, guarded, router), nested)

@@ -14,8 +14,9 @@ import inspect
 import itertools
 import types
 import weakref
-from typing import Any, Callable, Generic, Mapping, TypeVar, overload
+from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar, overload
 
+from .batch import MapCall, MapChunk, submit_map
 from .complexity import ComplexityReport, analyze, default_weight
 from .lanes.references import FunctionRef, check_importable
 from .errors import ConfigurationError, CoordinatorNotRunning
@@ -57,7 +58,8 @@ class GuardedFunction(Generic[P, R]):
         Rejected: a subclass, when the coordinator refuses the call (see errors).
     """
 
-    def __init__(self, func: Callable[P, R], operation_type: str, tags: dict[str, Any]) -> None:
+    def __init__(self, func: Callable[P, R], operation_type: str, tags: dict[str, Any],
+                 *, map_of: GuardedFunction[..., Any] | None = None) -> None:
         functools.update_wrapper(self, func)
         self.__wrapped__ = func
         self.func: Callable[P, R] = func
@@ -71,7 +73,12 @@ class GuardedFunction(Generic[P, R]):
         # module and qualified name, checked here; whether the name is bound
         # to this function is checked at its first call (it is not bound yet).
         self.reference: FunctionRef | None = None
-        if self.lane == "process":
+        # For the chunk calls of map(): the function whose items a chunk holds.
+        self.map_of = map_of
+        self._map_fn: GuardedFunction[..., Any] | None = None
+        if map_of is not None:
+            self.reference = map_of.reference  # a process-lane chunk runs the original, item by item
+        elif self.lane == "process":
             check_importable(func, resolve=False)
             self.reference = FunctionRef(func.__module__, func.__qualname__)
         self.module: str = getattr(func, "__module__", None) or "__main__"
@@ -97,6 +104,33 @@ class GuardedFunction(Generic[P, R]):
                 "or `coordinator.start()` from sync code"
             )
         return coordinator.submit(self, args, kwargs)
+
+    def map(self, *iterables: Iterable[Any], chunksize: int | None = None) -> MapCall[R]:
+        """Call the function once per item of *iterables* (zipped, as the builtin ``map``); ``await`` the results.
+
+        The calls are submitted now, in chunks of *chunksize* items (default:
+        about four chunks per worker of the function's lane, at most 1,024),
+        one call of the operation ``"<operation_type>[map]"`` per chunk; on the
+        process lane a chunk is one message to a worker process. ``await
+        fn.map(xs)`` (or ``.get()`` from sync code) returns the results in
+        order, or raises the first failing item's exception. See
+        :mod:`tokengate.batch`.
+
+        Raises:
+            ConfigurationError: a bad *chunksize*, or no iterable.
+            CoordinatorNotRunning, Rejected: as a plain call does.
+        """
+        return submit_map(self, iterables, chunksize)
+
+    def _map_function(self) -> GuardedFunction[..., list[Any]]:
+        """The decorated chunk runner behind :meth:`map` (made once per function)."""
+        fn = self._map_fn
+        if fn is None:
+            tags = {k: v for k, v in self.tags.items() if k in ("weight", "lane", "process_pool")}
+            tags["weight"] = self.weight
+            fn = self._map_fn = GuardedFunction(MapChunk(self.func), f"{self.operation_type}[map]", tags,
+                                                map_of=self)
+        return fn
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # Support decorating methods: bind like a function would.

@@ -187,12 +187,18 @@ class Worker:
         current.bind_worker_thread(self.coordinator)
         current._worker_local.worker = self
         try:
-            self._thread_started()
+            try:
+                self._thread_started()
+            except Exception:  # noqa: BLE001 - the worker must still serve its mailbox
+                logger.exception("worker %s: setting up its thread failed", self.worker_id)
             # Worker threads start from an empty context; each call runs in a copy
             # of its caller's context (see run_token).
             contextvars.Context().run(self._loop)
         finally:
-            self._thread_exiting()
+            try:
+                self._thread_exiting()
+            except Exception:  # noqa: BLE001 - logged; the thread is leaving anyway
+                logger.exception("worker %s: tearing down its thread failed", self.worker_id)
 
     def _thread_started(self) -> None:
         """Called on the worker's thread before it takes its first token."""

@@ -27,7 +27,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ProcessLaneError
 from ..states import TokenState
 from ..worker import Worker
 
@@ -69,15 +68,16 @@ def run_in_process(token: TaskToken[Any], worker: Worker, claimable: frozenset[T
     token.core_id = worker.core_id
     started = token.started_at = _perf()
     try:
-        outcome = worker.child.call(ref, args, kwargs or None)
-    except Exception as exc:  # noqa: BLE001 - crashed, terminated, could not start: this call's outcome
-        value: Any = exc
-        is_error = True
-    else:
-        if outcome.ok:
-            value, is_error = outcome.value, False
+        if guarded.map_of is not None:  # a map() chunk: one message, the outcome of each item back
+            items = args[0]
+            value: Any = worker.child.call_batch(ref, [(item, None) for item in items], chunksize=max(1, len(items)))
+            is_error = False
         else:
-            value, is_error = outcome.error, True
+            outcome = worker.child.call(ref, args, kwargs or None)
+            value, is_error = (outcome.value, False) if outcome.ok else (outcome.error, True)
+    except Exception as exc:  # noqa: BLE001 - crashed, terminated, could not start: this call's outcome
+        value = exc
+        is_error = True
     finished = token.finished_at = _perf()
     with worker.current_lock:
         worker.current = None
@@ -125,7 +125,7 @@ class ProcessWorker(Worker):
         """Start this worker's process now if it is not running (a failure is retried by the next call)."""
         try:
             self.child.start()
-        except ProcessLaneError:
+        except Exception:  # noqa: BLE001 - never let the worker thread die: calls then get the error
             logger.exception("%s: worker process failed to start; the next call tries again", self.worker_id)
 
     def _thread_exiting(self) -> None:
