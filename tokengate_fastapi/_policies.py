@@ -14,7 +14,7 @@ to be quick (in-memory state, or a small local SQLite store).
 from __future__ import annotations
 
 import builtins
-from typing import Any, Iterable, Protocol, TypeVar, cast
+from typing import Any, Iterable, Mapping, Protocol, TypeVar, cast
 
 from tokengate import OperationsCoordinator
 
@@ -115,12 +115,15 @@ def operation_state(coordinator: OperationsCoordinator, operation_type: str) -> 
 
 
 def operation_rows(coordinator: OperationsCoordinator,
-                   paused_operations: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Reputation rows merged with admission flags, sorted by operation type.
+                   paused_operations: Iterable[str] | None = None,
+                   lanes: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Reputation rows merged with admission flags and lanes, sorted by operation type.
 
     Without a reputation policy there are no rows, except for operations that
     are paused or held (so an operator can always see and undo those).
-    *paused_operations* saves a stats() call when the caller has a snapshot.
+    *paused_operations* saves a stats() call when the caller has a snapshot;
+    *lanes* (operation → lane, see ``_lanes.operation_lanes``) fills each
+    row's ``lane`` (None when absent).
     """
     reputation = find_reputation(coordinator)
     paused, held, blocked = _flags(coordinator, paused_operations)
@@ -136,4 +139,5 @@ def operation_rows(coordinator: OperationsCoordinator,
         row["paused"] = op in paused
         row["held"] = op in held
         row["blocked"] = op in blocked
+        row["lane"] = row.get("lane") if lanes is None else lanes.get(op)
     return [rows[op] for op in sorted(rows)]

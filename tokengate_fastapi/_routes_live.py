@@ -52,6 +52,7 @@ from .dependencies import CoordinatorDep
 from .errors import AdminError, ErrorCode, retry_after_header
 from .metrics import TokengateCollector
 from .schemas import ErrorBody, Health, Ready, error_responses
+from ._lanes import operation_lanes, process_counts, with_lanes, worker_lanes
 from ._policies import find_quarantine, operation_rows
 from ._routes_pool import stats_snapshot
 
@@ -77,6 +78,8 @@ prefix works: see <code>/stats</code> and <code>/events</code>.</p></body></html
 """
 LIVE_ROWS = 20
 NOT_READY_RETRY_AFTER = 5.0
+#: Retry-After of /ready while worker processes start (each takes well under a second).
+STARTING_RETRY_AFTER = 1.0
 #: Retry-After of a 503 past the stream cap: a slot frees when any stream ends.
 STREAMS_FULL_RETRY_AFTER = 5.0
 SSE_RETRY_MS = 1000
@@ -123,10 +126,12 @@ def _pending_quarantine(coordinator: OperationsCoordinator) -> list[dict[str, An
 def live_snapshot(coordinator: OperationsCoordinator) -> dict[str, Any]:
     """One ``/events`` payload: stats, recent history, operation rows, pending quarantine."""
     stats = stats_snapshot(coordinator)
+    lanes = worker_lanes(stats)
     return {
         "stats": stats,
-        "history": [record.to_dict() for record in coordinator.history(LIVE_ROWS)],
-        "operations": _guarded_rows("operations", lambda: operation_rows(coordinator, stats["paused_operations"])),
+        "history": with_lanes([record.to_dict() for record in coordinator.history(LIVE_ROWS)], lanes),
+        "operations": _guarded_rows("operations", lambda: operation_rows(
+            coordinator, stats["paused_operations"], operation_lanes(coordinator, lanes))),
         "quarantine": _guarded_rows("quarantine", lambda: _pending_quarantine(coordinator)),
     }
 
@@ -427,6 +432,11 @@ def _read_dashboard() -> str:
         return _FALLBACK_PAGE
 
 
+def _has_process_lane(coordinator: OperationsCoordinator) -> bool:
+    # Saves /ready a stats() snapshot on a coordinator without worker processes.
+    return coordinator.process_routing is not None
+
+
 def add_live_routes(
     router: APIRouter,
     *,
@@ -451,22 +461,38 @@ def add_live_routes(
 
     @router.get("/ready", response_model=Ready, name=name("ready"), dependencies=list(health_deps),
                 responses={**(error_responses(401) if health_deps else {}),
-                           503: {"model": Ready, "description": "Draining, paused or stopped (`Retry-After`)."}},
+                           503: {"model": Ready, "description": (
+                               "Worker processes still starting (`starting`), draining, paused or stopped "
+                               "(`Retry-After`)."),
+                               "headers": {"Retry-After": {
+                                   "description": "Whole seconds to wait before asking again.",
+                                   "schema": {"type": "string", "pattern": "^[0-9]+$"}}}}},
                 summary="Readiness")
     async def ready(coordinator: CoordinatorDep) -> Any:
-        """200 while running and neither draining nor paused; else 503 with ``Retry-After``."""
-        status: Literal["stopped", "draining", "paused"]
+        """200 while running, every worker process up, and neither draining nor paused; else 503.
+
+        The 503 names why in ``status`` (``starting``: the process lane's
+        worker processes are not all up yet, see ``processes_ready`` of
+        ``processes``) and carries ``Retry-After`` (1 s while starting, 5 s
+        otherwise).
+        """
+        status: Literal["stopped", "starting", "draining", "paused"]
+        counts = process_counts(coordinator.stats()) if _has_process_lane(coordinator) else None
+        total, up = counts if counts is not None else (None, None)
+        retry_after = NOT_READY_RETRY_AFTER
         if not coordinator.running:
             status = "stopped"
         elif coordinator.draining:
             status = "draining"
         elif coordinator.paused:
             status = "paused"
+        elif not coordinator.ready:
+            status, retry_after = "starting", STARTING_RETRY_AFTER
         else:
-            return Ready(status="ready", ready=True, pid=os.getpid())
-        body = Ready(status=status, ready=False, pid=os.getpid())
+            return Ready(status="ready", ready=True, pid=os.getpid(), processes=total, processes_ready=up)
+        body = Ready(status=status, ready=False, pid=os.getpid(), processes=total, processes_ready=up)
         return JSONResponse(body.model_dump(), status_code=503,
-                            headers={"Retry-After": retry_after_header(NOT_READY_RETRY_AFTER)})
+                            headers={"Retry-After": retry_after_header(retry_after)})
 
     @router.get("/metrics", response_class=Response, name=name("metrics"), dependencies=list(metrics_deps),
                 responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}},

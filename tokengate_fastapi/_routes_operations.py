@@ -22,6 +22,7 @@ from .schemas import (
     QuarantineReleaseResult,
     error_responses,
 )
+from ._lanes import operation_lanes, worker_lanes
 from ._policies import find_quarantine, operation_rows, operation_state, quarantine_policy, reputation_policy
 
 __all__ = ["add_operation_routes"]
@@ -54,8 +55,14 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
     @router.get("/operations", response_model=list[OperationReputation], name=name("operations.list"),
                 dependencies=deps, responses=error_responses(401, 500, 503), summary="Reputation per operation")
     async def list_operations(coordinator: CoordinatorDep) -> list[dict[str, Any]]:
-        """Reputation rows (when the reputation policy is installed) with paused/held/blocked flags."""
-        return operation_rows(coordinator)
+        """Reputation rows (when the reputation policy is installed) with paused/held/blocked flags and lane.
+
+        ``lane`` is the lane (thread or process) the operation's most recent
+        call in the execution history ran on.
+        """
+        stats = coordinator.stats()
+        return operation_rows(coordinator, stats["paused_operations"],
+                              operation_lanes(coordinator, worker_lanes(stats)))
 
     @router.post("/operations/{operation_type:path}/pause", response_model=OperationState,
                  name=name("operations.pause"), dependencies=deps, responses=auth_errors,

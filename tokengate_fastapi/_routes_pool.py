@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from tokengate import OperationsCoordinator, TokenState
 
+from ._lanes import label_thread_workers, lane_workers, with_lanes, worker_lanes
 from .dependencies import CoordinatorDep
 from .errors import AdminError, ErrorCode
 from .schemas import (
@@ -36,8 +37,8 @@ TokenId = Annotated[str, Path(pattern=r"^[0-9]{1,20}$", description="A token id 
 
 
 def stats_snapshot(coordinator: OperationsCoordinator) -> dict[str, Any]:
-    """``coordinator.stats()`` plus this process's ``pid``."""
-    return {**coordinator.stats(), "pid": os.getpid()}
+    """``coordinator.stats()`` plus this process's ``pid``; every worker row says its ``lane``."""
+    return {**label_thread_workers(coordinator.stats()), "pid": os.getpid()}
 
 
 def _pool_state(coordinator: OperationsCoordinator) -> PoolState:
@@ -111,17 +112,28 @@ def add_pool_routes(router: APIRouter, *, name: Callable[[str], str], protected:
                                                 "routed_by_weight": snap["routed_by_weight"], "cores": cores})
 
     @router.get("/workers", response_model=list[WorkerInfo], name=name("workers"), dependencies=deps,
-                responses=auth_errors, summary="Worker threads")
+                responses=auth_errors, summary="Workers of every lane")
     async def workers(coordinator: CoordinatorDep) -> list[dict[str, Any]]:
-        """Every worker: its core, mailbox depth, whether it is busy and with which operation."""
-        return [{**w, "core_id": core["core_id"]} for core in coordinator.stats()["cores"] for w in core["workers"]]
+        """Every worker of every lane: its core, mailbox depth, whether it is busy and with which operation.
+
+        Thread workers come first (``lane: "thread"``). A process-lane worker
+        (``lane: "process"``) also shows its worker process in ``process``:
+        pid, resident memory, calls, restarts, crashes, terminations,
+        recycles, state and start-up seconds.
+        """
+        return list(lane_workers(coordinator.stats()))
 
     @router.get("/history", response_model=list[ExecutionRecord], name=name("history"), dependencies=deps,
                 responses=error_responses(401, 422, 503), summary="Recent execution records")
     async def history(coordinator: CoordinatorDep,
                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
-        """The most recently settled calls, newest first (bounded by the coordinator's history_size)."""
-        return [record.to_dict() for record in coordinator.history(limit)]
+        """The most recently settled calls, newest first (bounded by the coordinator's history_size).
+
+        ``lane`` is the lane of the worker that ran the call (null for one
+        that never reached a worker, e.g. killed while queued).
+        """
+        return with_lanes([record.to_dict() for record in coordinator.history(limit)],
+                          worker_lanes(coordinator.stats()))
 
     @router.get("/tokens/{token_id}", response_model=TokenRecord, name=name("tokens.get"), dependencies=deps,
                 responses=error_responses(401, 404, 422, 503), summary="One token's status")

@@ -14,7 +14,22 @@ error vocabulary. Every answer has the same JSON body::
 * ``TokenTimeout`` → 504 ``token_timeout`` with ``token_id``, ``timeout``, ``started``;
 * ``TokenKilled`` → 409 ``token_killed`` with ``token_id``, ``reason``;
   its subclass ``CoordinatorStopped`` → 503 ``coordinator_stopped`` with ``Retry-After``;
-* ``CoordinatorNotRunning`` → 503 ``coordinator_not_running`` with ``Retry-After``.
+* ``CoordinatorNotRunning`` → 503 ``coordinator_not_running`` with ``Retry-After``;
+* the process lane's errors (``ProcessLaneError``): ``WorkerCrashed`` (the worker
+  process running the call died) → 502 ``worker_crashed`` with ``pid``,
+  ``exitcode``, ``signal_name``; ``WorkerTerminated`` → 502 ``worker_terminated``
+  with ``pid``, ``reason``; ``WorkerStartFailed`` → 503 ``worker_start_failed`` and
+  ``LaneClosed`` → 503 ``lane_closed``, both with ``Retry-After``; ``PicklingFailed``
+  (arguments or result could not cross to the worker process) → 500
+  ``pickling_failed`` with ``direction``, ``type_name``; ``RemoteError`` (the
+  function's own exception could not be sent back) → 500 ``remote_error`` with
+  ``type_name`` (never the remote traceback); ``NestedCallRefused`` → 500
+  ``nested_call_refused`` (a programming error: retrying cannot help).
+
+Why 502 for a crash: the call reached a worker process that died under it, as
+a gateway reports an upstream that failed. Only that call failed; the process
+is replaced, and the next request is served normally (the call may have run
+partly, so the answer carries no ``Retry-After``: retry only idempotent work).
 
 Malformed input is not a tokengate error: the admin routes answer it with 422
 ``invalid_argument`` themselves, and an app can give its own endpoints the
@@ -63,13 +78,21 @@ from tokengate.errors import (
     CoordinatorNotRunning,
     CoordinatorStopped,
     GateClosed,
+    LaneClosed,
+    NestedCallRefused,
     OperationBlocked,
     Overloaded,
+    PicklingFailed,
+    ProcessLaneError,
     Rejected,
+    RemoteError,
     TokengateError,
     TokenKilled,
     TokenQuarantined,
     TokenTimeout,
+    WorkerCrashed,
+    WorkerStartFailed,
+    WorkerTerminated,
 )
 
 __all__ = [
@@ -87,6 +110,8 @@ __all__ = [
 
 #: Retry-After hint when the coordinator is not running (restart or shutdown in progress).
 NOT_RUNNING_RETRY_AFTER = 5.0
+#: Retry-After hint when a worker process could not start (the next call starts it again).
+WORKER_START_RETRY_AFTER = 1.0
 _MAX_RETRY_AFTER = 86_400
 
 
@@ -106,6 +131,15 @@ class ErrorCode(str, enum.Enum):
     TOKEN_KILLED = "token_killed"
     COORDINATOR_STOPPED = "coordinator_stopped"
     COORDINATOR_NOT_RUNNING = "coordinator_not_running"
+    # the process lane (ProcessLaneError and NestedCallRefused)
+    WORKER_CRASHED = "worker_crashed"
+    WORKER_TERMINATED = "worker_terminated"
+    WORKER_START_FAILED = "worker_start_failed"
+    LANE_CLOSED = "lane_closed"
+    PICKLING_FAILED = "pickling_failed"
+    REMOTE_ERROR = "remote_error"
+    PROCESS_LANE_ERROR = "process_lane_error"
+    NESTED_CALL_REFUSED = "nested_call_refused"
     # the admin API
     UNAUTHORIZED = "unauthorized"
     ADMIN_TOKEN_NOT_CONFIGURED = "admin_token_not_configured"
@@ -204,9 +238,31 @@ def error_response(exc: TokengateError) -> JSONResponse | None:
     if isinstance(exc, TokenTimeout):
         return _json(504, ErrorCode.TOKEN_TIMEOUT, str(exc), token_id=exc.token_id, timeout=exc.timeout,
                      started=exc.started)
+    if isinstance(exc, NestedCallRefused):  # before its base class: a bug in the function, not a restart
+        return _json(500, ErrorCode.NESTED_CALL_REFUSED, str(exc))
     if isinstance(exc, CoordinatorNotRunning):
         return _json(503, ErrorCode.COORDINATOR_NOT_RUNNING, str(exc), _retry_headers(NOT_RUNNING_RETRY_AFTER))
+    if isinstance(exc, ProcessLaneError):
+        return _process_lane_response(exc)
     return None
+
+
+def _process_lane_response(exc: ProcessLaneError) -> JSONResponse:
+    if isinstance(exc, WorkerCrashed):
+        return _json(502, ErrorCode.WORKER_CRASHED, str(exc), pid=exc.pid, exitcode=exc.exitcode,
+                     signal_name=exc.signal_name)
+    if isinstance(exc, WorkerTerminated):
+        return _json(502, ErrorCode.WORKER_TERMINATED, str(exc), pid=exc.pid, reason=exc.reason)
+    if isinstance(exc, WorkerStartFailed):
+        return _json(503, ErrorCode.WORKER_START_FAILED, str(exc), _retry_headers(WORKER_START_RETRY_AFTER))
+    if isinstance(exc, LaneClosed):
+        return _json(503, ErrorCode.LANE_CLOSED, str(exc), _retry_headers(NOT_RUNNING_RETRY_AFTER))
+    if isinstance(exc, PicklingFailed):
+        return _json(500, ErrorCode.PICKLING_FAILED, str(exc), direction=exc.direction, type_name=exc.type_name)
+    if isinstance(exc, RemoteError):
+        # The child's traceback stays in the server's log, never in an answer to a client.
+        return _json(500, ErrorCode.REMOTE_ERROR, str(exc), type_name=exc.type_name)
+    return _json(500, ErrorCode.PROCESS_LANE_ERROR, str(exc))
 
 
 async def tokengate_exception_handler(request: Request, exc: Exception) -> Response:
@@ -223,7 +279,8 @@ async def tokengate_exception_handler(request: Request, exc: Exception) -> Respo
 
 
 #: The classes add_exception_handlers registers; subclasses are found through the MRO.
-HANDLED_EXCEPTIONS: tuple[type[TokengateError], ...] = (Rejected, TokenKilled, TokenTimeout, CoordinatorNotRunning)
+HANDLED_EXCEPTIONS: tuple[type[TokengateError], ...] = (Rejected, TokenKilled, TokenTimeout, CoordinatorNotRunning,
+                                                         ProcessLaneError)
 
 
 def add_exception_handlers(app: Starlette) -> None:

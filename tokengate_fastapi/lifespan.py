@@ -18,6 +18,13 @@ to the server's running event loop, published as lifespan state
 ``{"tokengate": coordinator}`` (read by :func:`~tokengate_fastapi.get_coordinator`
 through ``request.state``) and as ``app.state.tokengate``.
 
+Unless told otherwise (``warm_processes=False``), the worker processes of the
+process lane start with the server (``warm_processes=True``): in parallel, on
+their workers' threads, while the server already answers. Startup does not
+wait for them; the admin router's ``/ready`` answers 503 ``starting`` until
+they are up (``coordinator.ready``), so a load balancer sends no traffic
+before, and no request pays a process start-up.
+
 Note:
     Each server process (``uvicorn --workers N``, gunicorn) runs its own
     lifespan and so its own coordinator; admin answers carry ``pid`` for that
@@ -150,7 +157,10 @@ def tokengate_lifespan(
             validated now: one coordinator is built immediately and used by
             the first startup (no thread starts before the server does).
             Later startups reuse the same policy objects; pass a factory if
-            each startup needs fresh ones.
+            each startup needs fresh ones. ``warm_processes`` defaults to
+            True here (the core's default is False): worker processes start
+            with the server, not on the first request. A factory chooses for
+            itself.
 
     Returns:
         A callable for ``FastAPI(lifespan=...)``; call it with the app to nest
@@ -171,6 +181,11 @@ def tokengate_lifespan(
         if not callable(coordinator_factory):
             raise ConfigurationError(f"coordinator_factory must be callable, got {coordinator_factory!r}")
         return TokengateLifespan(coordinator_factory, float(drain_timeout))
+
+    # A server should not make its first process-lane request pay for starting processes.
+    # (Not with process_workers=0: there is nothing to warm.)
+    if coordinator_options.get("process_workers") != 0:
+        coordinator_options.setdefault("warm_processes", True)
 
     def factory() -> OperationsCoordinator:
         return OperationsCoordinator(**coordinator_options)

@@ -9,7 +9,8 @@ register it in that registry inside the lifespan::
     REGISTRY.register(TokengateCollector(coordinator))
 
 Labels are few and bounded: ``coordinator`` (its name), ``weight``,
-``core``, ``state`` and ``quantile``; never a token id or an operation name.
+``core``, ``state``, ``quantile`` and ``worker`` (a process-lane worker's id:
+as many as ``process_workers``); never a token id or an operation name.
 
 Note:
     The collector reads the live coordinator of *this* process, so
@@ -27,10 +28,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from tokengate import OperationsCoordinator, TERMINAL_STATES
 
+from ._lanes import LIVE_PROCESS_STATES, PROCESS_LANE
+
 __all__ = ["TokengateCollector"]
 
 _QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.95", "p95"), ("0.99", "p99"))
 _STATES = sorted(s.value for s in TERMINAL_STATES)
+#: Every state a worker process handle can be in (tokengate.lanes.process.ProcessState), reported even at 0.
+_PROCESS_STATES = ("new", "starting", "idle", "busy", "crashed", "terminated", "closed")
 
 
 class TokengateCollector:
@@ -47,7 +52,15 @@ class TokengateCollector:
       calls, plus ``quantile="1"`` for the window's maximum);
     * counters: ``tokengate_accepted_total``, ``_settled_total{state}``,
       ``_rejected_at_submit_total``, ``_retries_total``,
-      ``_routed_total{core,weight}``.
+      ``_routed_total{core,weight}``;
+    * the process lane (families without samples when the coordinator has
+      none): gauges ``tokengate_process_workers_live`` (worker processes up),
+      ``_process_workers{state}`` (worker processes by state: new, starting,
+      idle, busy, crashed, terminated, closed), ``_process_rss_bytes{worker}``;
+      counters ``_process_restarts_total``, ``_process_crashes_total``,
+      ``_process_terminations_total``, ``_process_recycles_total`` (summed
+      over the lane's workers; each worker keeps its figures for its whole
+      life, over its replacements, so the sums only grow).
 
     Holds the coordinator weakly: a collector left in a global registry
     never keeps a stopped coordinator alive (it then reports nothing).
@@ -147,3 +160,44 @@ class TokengateCollector:
             for weight, value in sorted(core["routed"].items()):
                 routed.add_metric([name, str(core["core_id"]), weight], float(value))
         yield routed
+        yield from self._process_families(stats, name)
+
+    def _process_families(self, stats: Mapping[str, Any] | None, name: str) -> Iterator[Metric]:
+        ns = self.namespace
+        lane: Mapping[str, Any] | None = None if stats is None else stats.get("lanes", {}).get(PROCESS_LANE)
+        rows: list[Mapping[str, Any]] = [] if lane is None else [
+            {"worker_id": w["worker_id"], **(w.get("process") or {})} for core in lane["cores"] for w in core["workers"]]
+        present = lane is not None
+
+        live = GaugeMetricFamily(f"{ns}_process_workers_live", "Worker processes of the process lane that are up.",
+                                 labels=["coordinator"])
+        by_state = GaugeMetricFamily(f"{ns}_process_workers", "Worker processes of the process lane, by state.",
+                                     labels=["coordinator", "state"])
+        rss = GaugeMetricFamily(f"{ns}_process_rss_bytes", "Resident memory of each worker process.",
+                                labels=["coordinator", "worker"])
+        if present:
+            live.add_metric([name], float(sum(1 for r in rows if r.get("state") in LIVE_PROCESS_STATES)))
+            states = {state: 0 for state in _PROCESS_STATES}
+            for row in rows:
+                state = str(row.get("state", "new"))
+                states[state] = states.get(state, 0) + 1
+            for state, count in sorted(states.items()):
+                by_state.add_metric([name, state], float(count))
+            for row in rows:
+                if row.get("rss_bytes") is not None:
+                    rss.add_metric([name, str(row["worker_id"])], float(row["rss_bytes"]))
+        yield live
+        yield by_state
+        yield rss
+        for metric, key, doc in (
+            ("process_restarts", "restarts", "Worker processes replaced, of any cause."),
+            ("process_crashes", "crashes", "Worker processes that died on their own (segfault, os._exit, OOM kill)."),
+            ("process_terminations", "terminations",
+             "Worker processes ended on purpose (kill or timeout of a running call, stop)."),
+            ("process_recycles", "recycles",
+             "Worker processes replaced between calls (max_calls_per_process, max_process_rss)."),
+        ):
+            family = CounterMetricFamily(f"{ns}_{metric}", doc, labels=["coordinator"])
+            if present:
+                family.add_metric([name], float(sum(int(r.get(key) or 0) for r in rows)))
+            yield family

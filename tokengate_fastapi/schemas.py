@@ -25,12 +25,14 @@ __all__ = [
     "ExecutionRecord",
     "Health",
     "KillResult",
+    "LaneInfo",
     "LatencySummary",
     "OperationKillResult",
     "OperationReputation",
     "OperationRunTime",
     "OperationState",
     "PoolState",
+    "ProcessInfo",
     "QuarantineRecord",
     "QuarantineReleaseResult",
     "Ready",
@@ -82,11 +84,31 @@ class LatencySummary(_Open):
     p99: float | None = None
 
 
+class ProcessInfo(_Open):
+    """The worker process a process-lane worker owns (its handle's figures, over all its replacements)."""
+
+    name: str
+    pid: int | None = Field(default=None, description="null before the first start and between a death and "
+                                                      "its replacement")
+    state: str = Field(description="new, starting, idle, busy, crashed, terminated or closed")
+    rss_bytes: int | None = Field(default=None, description="resident memory of the current process")
+    calls: int = Field(description="calls run by this worker's processes, all of them")
+    calls_since_start: int = Field(description="calls run by the current process")
+    restarts: int = Field(description="replacements, of any cause")
+    crashes: int = Field(description="processes that died on their own (segfault, os._exit, OOM kill)")
+    terminations: int = Field(description="processes ended on purpose (kill or timeout of a running call, stop)")
+    recycles: int = Field(description="processes replaced between calls (max_calls_per_process, max_process_rss)")
+    startup_seconds: float | None = Field(default=None, description="how long the current process took to start")
+    recycle_due: str | None = Field(default=None, description="why the current process will be replaced "
+                                                              "before its next call")
+
+
 class WorkerInfo(_Open):
-    """One worker thread: its mailbox depth and what it is running now."""
+    """One worker: its mailbox depth and what it is running now; on the process lane, its worker process."""
 
     core_id: int | None = None
     worker_id: str
+    lane: str = Field(default="thread", description="thread, or process: calls run in `process`")
     index: int
     active: bool
     queue_depth: int
@@ -96,6 +118,7 @@ class WorkerInfo(_Open):
     busy_time: float
     classes: list[str]
     alive: bool
+    process: ProcessInfo | None = Field(default=None, description="process lane only: its worker process")
 
 
 class CoreInfo(_Open):
@@ -110,6 +133,23 @@ class CoreInfo(_Open):
     routed: dict[str, int]
     routed_total: int
     workers: list[WorkerInfo]
+
+
+class LaneInfo(_Open):
+    """A lane other than threads (``stats()["lanes"][name]``): its own domains, queues and workers."""
+
+    lane: str
+    ready: bool = Field(description="every worker of the lane is up (warm worker processes started)")
+    cores: list[CoreInfo]
+    pending: dict[str, int]
+    pending_total: int
+    peak_pending: int
+    held: dict[str, int]
+    paused: bool
+    paused_operations: list[str]
+    mailbox_size: int
+    max_pending: int
+    routing: dict[str, Any]
 
 
 class StatsResponse(_Open):
@@ -138,6 +178,8 @@ class StatsResponse(_Open):
     max_pending: int
     routed_by_weight: dict[str, int]
     cores: list[CoreInfo]
+    lanes: dict[str, LaneInfo] = Field(default_factory=dict, description="lanes other than threads, by name "
+                                                                         "(the thread lane's figures are above)")
     policies: dict[str, dict[str, Any]]
 
 
@@ -188,6 +230,7 @@ class ExecutionRecord(_Open):
     finished_at: float
     error: str | None = None
     complexity: str = ""
+    lane: str | None = Field(default=None, description="thread or process: the lane of the worker that ran it")
 
 
 class TokenRecord(_Open):
@@ -255,6 +298,8 @@ class OperationReputation(_Open):
     """
 
     operation_type: str
+    lane: str | None = Field(default=None, description="thread or process: the lane its most recent call in the "
+                                                       "execution history ran on (null: none there)")
     health: str | None = Field(default=None, description="unknown, excellent, healthy, at_risk or problematic")
     attempts: int | None = None
     successes: int | None = None
@@ -335,11 +380,19 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
-    """Readiness: ``ready`` only while running and neither draining nor paused."""
+    """Readiness: ``ready`` only while running, every lane's workers up, and neither draining nor paused.
 
-    status: Literal["ready", "draining", "paused", "stopped"]
+    ``starting``: the coordinator runs but some worker processes are not up
+    yet (``processes_ready`` of ``processes``); they start with the server,
+    in parallel, off the request path.
+    """
+
+    status: Literal["ready", "starting", "draining", "paused", "stopped"]
     ready: bool
     pid: int
+    processes: int | None = Field(default=None, description="worker processes of the process lane (null: no "
+                                                            "process lane)")
+    processes_ready: int | None = Field(default=None, description="of those, the ones up")
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -360,9 +413,20 @@ _TOKEN_ERROR_DESCRIPTIONS: dict[int, str] = {
          "`operation_blocked`, `rejected` (a policy), `coordinator_stopped`, `coordinator_not_running`.",
     504: "The call's `timeout` tag expired (`token_timeout`).",
 }
+#: What a route whose calls run on the process lane can answer besides the above.
+_PROCESS_LANE_DESCRIPTIONS: dict[int, str] = {
+    500: "The call could not cross to its worker process or back (`pickling_failed`), its exception could not "
+         "be sent back (`remote_error`), or it made a decorated call inside its worker process "
+         "(`nested_call_refused`).",
+    502: "The worker process running the call died (`worker_crashed`, with `pid`, `exitcode`, `signal_name`) "
+         "or was ended (`worker_terminated`); it is replaced and later calls are served. The call may have "
+         "run partly: retry only idempotent work.",
+    503: "A worker process could not start (`worker_start_failed`) or the lane is closing (`lane_closed`).",
+}
 
 
-def tokengate_responses(*, validation: bool = True, function_failed: bool = False) -> dict[int | str, dict[str, Any]]:
+def tokengate_responses(*, validation: bool = True, function_failed: bool = False,
+                        process_lane: bool = False) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` for a route that awaits tokens: every answer tokengate can give it.
 
     Documents, as :class:`ErrorBody`, what :func:`~tokengate_fastapi.add_exception_handlers`
@@ -380,6 +444,11 @@ def tokengate_responses(*, validation: bool = True, function_failed: bool = Fals
         function_failed: Also document 500 ``function_failed``, for a route
             that answers its function's exception with that body itself
             (tokengate does not: an uncaught exception is the server's plain 500).
+        process_lane: Also document what a call on the process lane can
+            answer (``tags={"lane": "process"}``): 502 ``worker_crashed`` /
+            ``worker_terminated``, 500 ``pickling_failed`` / ``remote_error`` /
+            ``nested_call_refused``, and 503 ``worker_start_failed`` /
+            ``lane_closed``.
 
     Returns:
         A new dict each call, to pass as ``responses=`` (merge it with the route's own).
@@ -387,13 +456,17 @@ def tokengate_responses(*, validation: bool = True, function_failed: bool = Fals
     Raises:
         ConfigurationError: for a non-bool option.
     """
-    if not isinstance(validation, bool) or not isinstance(function_failed, bool):
+    if not all(isinstance(option, bool) for option in (validation, function_failed, process_lane)):
         raise ConfigurationError(f"tokengate_responses options are bools, got validation={validation!r}, "
-                        f"function_failed={function_failed!r}")
-    statuses = [409, 503, 504] + ([422] if validation else []) + ([500] if function_failed else [])
+                                 f"function_failed={function_failed!r}, process_lane={process_lane!r}")
+    descriptions = {status: _TOKEN_ERROR_DESCRIPTIONS[status]
+                    for status in [409, 503, 504] + ([422] if validation else []) + ([500] if function_failed else [])}
+    if process_lane:
+        for status, text in _PROCESS_LANE_DESCRIPTIONS.items():
+            descriptions[status] = f"{descriptions[status]} {text}" if status in descriptions else text
     responses: dict[int | str, dict[str, Any]] = {}
-    for status in sorted(statuses):
-        entry: dict[str, Any] = {"model": ErrorBody, "description": _TOKEN_ERROR_DESCRIPTIONS[status]}
+    for status in sorted(descriptions):
+        entry: dict[str, Any] = {"model": ErrorBody, "description": descriptions[status]}
         if status == 503:
             entry["headers"] = dict(_RETRY_AFTER_HEADER)
         responses[status] = entry

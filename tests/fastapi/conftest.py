@@ -69,8 +69,12 @@ def gate() -> Iterator[threading.Event]:
 
 
 def _coordinator_options(**overrides: Any) -> dict[str, Any]:
-    """Small, fast coordinators: one core, two workers, no default policies."""
-    options: dict[str, Any] = {"num_cores": 1, "workers_per_core": 2, "policies": [], "name": "tgtest"}
+    """Small, fast coordinators: one core, two workers, no default policies, no worker processes.
+
+    Tests of the process lane pass ``process_workers=N`` (the lifespan then starts them warm).
+    """
+    options: dict[str, Any] = {"num_cores": 1, "workers_per_core": 2, "policies": [], "name": "tgtest",
+                               "process_workers": 0}
     options.update(overrides)
     return options
 

@@ -140,7 +140,8 @@ async def test_kill_queued_executing_settled_unknown(app: FastAPI, serve: Callab
 async def test_drain_pause_resume_and_readiness(app: FastAPI, serve: Callable[..., Any],
                                                 auth: dict[str, str]) -> None:
     async with serve(app) as client:
-        assert (await client.get(f"{P}/ready")).json() == {"status": "ready", "ready": True, "pid": os.getpid()}
+        assert (await client.get(f"{P}/ready")).json() == {"status": "ready", "ready": True, "pid": os.getpid(),
+                                                           "processes": None, "processes_ready": None}
         # When: drain with the default options (wait, 30 s) on an idle pool
         report = (await client.post(f"{P}/drain", headers=auth)).json()
         # Then: it drained at once, and readiness says 503 with Retry-After
@@ -198,9 +199,10 @@ async def test_health_and_metrics(app: FastAPI, serve: Callable[..., Any], auth:
         assert "token_id" not in text
 
 
-#: The documented reputation fields of an /operations row, null when the policy has no data for the operation.
+#: The documented reputation fields of an /operations row, null when the policy has no data for the operation
+#: (and its lane, null when no call of it is in the execution history).
 NO_REPUTATION = {"health": None, "attempts": None, "successes": None, "failures": None, "completion_rate": None,
-                 "run_time": None}
+                 "run_time": None, "lane": None}
 
 
 async def test_operations_without_policies(app: FastAPI, serve: Callable[..., Any], auth: dict[str, str],

@@ -61,9 +61,9 @@ async def test_events_stream_snapshots(make_app: Callable[..., FastAPI], serve: 
     payload = json.loads(events[-1]["data"])
     assert set(payload) == {"stats", "history", "operations", "quarantine"}
     assert payload["stats"]["counts"]["completed"] == 1 and payload["stats"]["pid"] > 0
-    assert payload["history"][0]["operation_type"] == "sse.square"
+    assert payload["history"][0]["operation_type"] == "sse.square" and payload["history"][0]["lane"] == "thread"
     assert payload["operations"] == [{"operation_type": "sse.square", "attempts": 2, "paused": False,
-                                      "held": False, "blocked": False}]
+                                      "held": False, "blocked": False, "lane": "thread"}]
     assert [q["id"] for q in payload["quarantine"]] == ["q1"]  # pending only
 
 
