@@ -52,10 +52,7 @@ from typing import TYPE_CHECKING, Any, Deque, Mapping, NamedTuple, Protocol
 
 from .clock import Clock, MonotonicClock
 from .errors import ConfigurationError, CoordinatorNotRunning
-from .policy import Policy
-
-if TYPE_CHECKING:
-    from .coordinator import OperationsCoordinator
+from .policy import Policy, PolicyHost
 
 __all__ = [
     "ConvergenceChange",
@@ -202,7 +199,8 @@ class ConvergenceChange:
 class ConvergenceTarget(Protocol):
     """What convergence needs from a coordinator (tests pass a fake)."""
 
-    workers_per_core: int
+    @property
+    def workers_per_core(self) -> int: ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -281,14 +279,14 @@ class ConvergencePolicy(Policy):
 
     # -- lifecycle (loop thread) ---------------------------------------------
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         """Attach and start the background cycle on ``coordinator.loop``."""
         self.attach(coordinator)
         loop = coordinator.loop
         if loop is not None:
             self._task = loop.create_task(self._run(), name=f"{coordinator.name}-convergence")
 
-    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+    def on_stop(self, coordinator: PolicyHost) -> None:
         """Cancel the background cycle and detach."""
         task, self._task = self._task, None
         if task is not None:

@@ -35,16 +35,57 @@ never fails a call.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+import asyncio
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
 from .states import TokenState
 
 if TYPE_CHECKING:
-    from .coordinator import OperationsCoordinator
     from .decorator import GuardedFunction
     from .token import TaskToken
 
-__all__ = ["Policy", "HOOKS"]
+__all__ = ["Policy", "PolicyHost", "HOOKS"]
+
+
+class PolicyHost(Protocol):
+    """What a policy may use of the coordinator it is installed in: this, and nothing else.
+
+    ``on_start`` and ``on_stop`` receive it. Policies never reach into the
+    engine (routing, workers, settlement): what they need of a call they read
+    from the token's public fields (``outcome``, ``is_error``, ``state``,
+    ``tags``, ``policy_data``...), and a call they held they hand back with
+    ``release_held``. Keeping this narrow is what lets lanes and the engine
+    change without touching the policies.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def policies(self) -> Sequence[Policy]: ...
+
+    def policy(self, name: str) -> Policy | None: ...
+
+    def release_held(self, token: TaskToken[Any]) -> None: ...
+
+    def submit(self, guarded: GuardedFunction[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> TaskToken[Any]: ...
+
+    # The control API, for policies that steer the pool (convergence).
+    @property
+    def workers_per_core(self) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def set_active_workers(self, core_id: int, active: int) -> None: ...
+
+    def active_workers(self, core_id: int) -> int: ...
 
 HOOKS = ("before_submit", "admit", "pick_core", "on_routed", "after_run", "on_settle", "held_behind")
 
@@ -70,10 +111,10 @@ class Policy:
     #: Narrowing it keeps the hook off the common COMPLETED path.
     settle_states: ClassVar[frozenset[TokenState] | None] = None
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         """Called once on the loop thread when the coordinator starts."""
 
-    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+    def on_stop(self, coordinator: PolicyHost) -> None:
         """Called once on the loop thread after every token has settled at stop."""
 
     def interested(self, guarded: GuardedFunction[..., Any]) -> bool:

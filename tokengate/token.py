@@ -193,6 +193,11 @@ class TaskToken(asyncio.Future[R], Generic[R]):
         return self._tstate in _TERMINAL
 
     @property
+    def coordinator(self) -> OperationsCoordinator:
+        """The coordinator this token was submitted to."""
+        return self._coordinator
+
+    @property
     def outcome(self) -> Any:
         """The call's outcome as policies see it: the return value, or the exception when ``is_error``.
 

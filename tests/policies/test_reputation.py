@@ -504,8 +504,8 @@ class _Ran:
 
     def __init__(self, op: str, failed: bool, run_time: float | None, state: Any = None) -> None:
         self.operation_type = op
-        self._is_error = failed
-        self._outcome = Boom("x") if failed else "ok"
+        self.is_error = failed
+        self.outcome = Boom("x") if failed else "ok"
         self.started_at = None if run_time is None else 100.0
         self.finished_at = None if run_time is None else 100.0 + run_time
         self.run_time = run_time

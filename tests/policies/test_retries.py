@@ -308,8 +308,8 @@ def test_a_retry_refused_by_the_stop_is_not_counted_as_scheduled() -> None:
 class StubToken:
     def __init__(self, attempt: int, error: BaseException | None, **tags: Any) -> None:
         self.attempt = attempt
-        self._is_error = error is not None
-        self._outcome = error
+        self.is_error = error is not None
+        self.outcome = error
         self.tags = tags
         self.policy_data: dict[str, Any] | None = None
         self.operation_type = "stub"

@@ -66,7 +66,7 @@ from ..policy import Policy
 from ..tags import declare_tag
 
 if TYPE_CHECKING:
-    from ..coordinator import OperationsCoordinator
+    from ..policy import PolicyHost
     from ..decorator import GuardedFunction
     from ..token import TaskToken
 
@@ -191,7 +191,7 @@ class ConductorPolicy(Policy):
         self._lock = threading.Lock()
         self._domains: dict[int, _Domain] = {}
         self._ids = itertools.count(1)
-        self._coordinator: OperationsCoordinator | None = None
+        self._coordinator: PolicyHost | None = None
         self._pending = 0
         self._opened = 0
         self._closed = 0
@@ -199,14 +199,14 @@ class ConductorPolicy(Policy):
         self._undeclared = 0
         self._revived = 0
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         """Bind to *coordinator* (loop thread). One instance serves one coordinator."""
         if self._coordinator is not None and self._coordinator is not coordinator and self._coordinator.running:
             logger.error("ConductorPolicy instance is shared by coordinators %r and %r; give each its own",
                          self._coordinator.name, coordinator.name)
         self._coordinator = coordinator
 
-    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+    def on_stop(self, coordinator: PolicyHost) -> None:
         """Every token has settled by now, so every domain must be closed; log it if not (loop thread)."""
         with self._lock:
             left = len(self._domains)

@@ -94,7 +94,7 @@ from ..quarantine_writer import PendingWrite, QuarantineWriter, Throttled, Write
 from ..states import TokenState
 
 if TYPE_CHECKING:
-    from ..coordinator import OperationsCoordinator
+    from ..policy import PolicyHost
     from ..token import TaskToken
 
 __all__ = ["QuarantinePolicy", "footprint", "TRIGGERS"]
@@ -251,7 +251,7 @@ class QuarantinePolicy(Policy):
         self.poison_failures = poison_failures
         self.poison_capacity = poison_capacity
         self.poison_ignore: tuple[type[BaseException], ...] = ignore
-        self._coordinator: OperationsCoordinator | None = None
+        self._coordinator: PolicyHost | None = None
         self._store_lock = threading.Lock()  # guards opening/closing self._store
         self._local = threading.local()  # .release_id: set by release() around its submit
         self._lock = threading.Lock()  # guards everything below
@@ -272,7 +272,7 @@ class QuarantinePolicy(Policy):
 
     # -- lifecycle -------------------------------------------------------------
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         """Bind to *coordinator* and start the writer thread, which opens the database.
 
         Waits up to ``write_timeout`` for the database to open (an error is
@@ -295,7 +295,7 @@ class QuarantinePolicy(Policy):
             writer.stop(0)
             raise
 
-    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+    def on_stop(self, coordinator: PolicyHost) -> None:
         """Unbind; stop and join the writer thread (it closes the database if this policy opened it)."""
         self._coordinator = None
         self._stop_writer()

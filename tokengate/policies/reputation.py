@@ -62,7 +62,7 @@ from ..policy import Policy
 from ..states import TokenState
 
 if TYPE_CHECKING:
-    from ..coordinator import OperationsCoordinator
+    from ..policy import PolicyHost
     from ..token import TaskToken
 
 __all__ = ["Health", "ReputationPolicy", "classify_health"]
@@ -203,9 +203,9 @@ class ReputationPolicy(Policy):
         # operation_type -> why it is blocked. Read without the lock on the hot path (a dict lookup is atomic).
         self._blocked: dict[str, str] = {}
         self._evicted = 0
-        self._coordinator: OperationsCoordinator | None = None
+        self._coordinator: PolicyHost | None = None
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         """Bind to *coordinator* (loop thread). One instance serves one coordinator.
 
         Its successes are recorded by one writer, the coordinator's loop thread:
@@ -240,13 +240,13 @@ class ReputationPolicy(Policy):
         """Record one attempt that ran (success or failure, with its run time). Thread: loop."""
         op = token.operation_type
         started, finished = token.started_at, token.finished_at
-        if token._is_error and not self._counts(token._outcome):
-            self._record_ignored(op, type(token._outcome).__name__)
+        if token.is_error and not self._counts(token.outcome):
+            self._record_ignored(op, type(token.outcome).__name__)
             return None
-        if token._is_error or started is None or finished is None:
-            error_type = type(token._outcome).__name__ if token._is_error else None
+        if token.is_error or started is None or finished is None:
+            error_type = type(token.outcome).__name__ if token.is_error else None
             run_time = None if started is None or finished is None else finished - started
-            self._record(op, token._is_error, error_type, run_time)
+            self._record(op, token.is_error, error_type, run_time)
             return None
         # A success cannot block an operation, so it needs no lock and no check now.
         unfolded = self._unfolded

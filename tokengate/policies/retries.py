@@ -45,7 +45,7 @@ from ..states import TokenState
 from ..tags import declare_tag
 
 if TYPE_CHECKING:
-    from ..coordinator import OperationsCoordinator
+    from ..policy import PolicyHost
     from ..decorator import GuardedFunction
     from ..token import TaskToken
 
@@ -192,9 +192,9 @@ class RetryPolicy(Policy):
         self._total = _Counts()
         self._ops: collections.OrderedDict[str, _Counts] = collections.OrderedDict()
         self._evicted = 0
-        self._coordinator: OperationsCoordinator | None = None
+        self._coordinator: PolicyHost | None = None
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         self._coordinator = coordinator
 
     def interested(self, guarded: GuardedFunction[..., Any]) -> bool:
@@ -211,12 +211,12 @@ class RetryPolicy(Policy):
     def after_run(self, token: TaskToken[Any]) -> float | None:
         """Return a delay to run the token again if its attempt failed retryably; else None. Thread: loop."""
         attempt = token.attempt
-        if not token._is_error:
+        if not token.is_error:
             if attempt > 1:
                 self._count(token.operation_type, "succeeded_after_retry")
             return None
         tags = token.tags
-        retryable = isinstance(token._outcome, tags.get("retry_on", _DEFAULT_RETRY_ON))
+        retryable = isinstance(token.outcome, tags.get("retry_on", _DEFAULT_RETRY_ON))
         if not retryable:
             self._count(token.operation_type, "not_retryable")
             return None

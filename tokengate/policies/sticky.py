@@ -67,7 +67,7 @@ from ..tags import declare_tag
 if TYPE_CHECKING:
     import asyncio
 
-    from ..coordinator import OperationsCoordinator
+    from ..policy import PolicyHost
     from ..decorator import GuardedFunction
     from ..token import TaskToken
 
@@ -195,7 +195,7 @@ class StickyPolicy(Policy):
         # Guards _pins, every _Pin and _Ticket, and the counters below.
         self._lock = threading.Lock()
         self._pins: dict[Hashable, _Pin] = {}
-        self._coordinator: OperationsCoordinator | None = None
+        self._coordinator: PolicyHost | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight = 0
         self._held_core = 0
@@ -207,7 +207,7 @@ class StickyPolicy(Policy):
 
     # -- lifecycle -------------------------------------------------------------
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         """Bind to *coordinator* (loop thread). One instance serves one coordinator."""
         if self._coordinator is not None and self._coordinator is not coordinator and self._coordinator.running:
             logger.error("StickyPolicy instance is shared by coordinators %r and %r; give each its own",
@@ -215,7 +215,7 @@ class StickyPolicy(Policy):
         self._coordinator = coordinator
         self._loop = coordinator.loop
 
-    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+    def on_stop(self, coordinator: PolicyHost) -> None:
         """Every token has settled by now, so every pin must be gone; log it if not (loop thread)."""
         with self._lock:
             left = len(self._pins)

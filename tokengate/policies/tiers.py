@@ -50,7 +50,7 @@ from ..states import TokenState
 from ..tags import declare_tag
 
 if TYPE_CHECKING:
-    from ..coordinator import OperationsCoordinator
+    from ..policy import PolicyHost
     from ..decorator import GuardedFunction
     from ..token import TaskToken
 
@@ -167,14 +167,14 @@ class StorageTierPolicy(Policy):
         self._clock = clock
         self._lock = threading.Lock()  # guards every _Tier and the _SLOT/_SINCE keys of held tokens
         self._tiers: dict[StorageSpeed, _Tier] = {t: _Tier(merged[t]) for t in StorageSpeed}
-        self._coordinator: OperationsCoordinator | None = None
+        self._coordinator: PolicyHost | None = None
 
     @property
     def limits(self) -> dict[str, int]:
         """The configured limit of each tier, by tier name."""
         return {t.value: tier.limit for t, tier in self._tiers.items()}
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         """Bind to *coordinator*; warn if a policy after this one may hold calls that took a slot."""
         self._coordinator = coordinator
         policies = list(coordinator.policies)
@@ -291,7 +291,7 @@ class StorageTierPolicy(Policy):
     def _hand_back(self, token: TaskToken[Any] | None) -> None:
         # Outside our lock: release_held runs the admit hooks (ours says yes at once) and routing.
         if token is not None:
-            (self._coordinator or token._coordinator).release_held(token)
+            (self._coordinator or token.coordinator).release_held(token)
 
     @staticmethod
     def _compact(tier: _Tier) -> None:
