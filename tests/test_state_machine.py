@@ -37,6 +37,7 @@ import concurrent.futures
 import contextvars
 import functools
 import itertools
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from tokengate import (
     GateClosed,
     OperationsCoordinator,
     Overloaded,
+    Policy,
     TaskToken,
     TokenKilled,
     TokenQuarantined,
@@ -155,6 +157,9 @@ class Spec:
     children: list[tuple[TaskToken[Any], Spec]] = field(default_factory=list)
     child_refusals: int = 0
     child_gate_refusals: int = 0  # GateClosed: counted as a refusal by the coordinator, or not (see gate_refusals)
+    # Set: the submit stops inside before_submit (past the gate check) until the machine sets it.
+    stall: Optional[threading.Event] = None
+    stalled: threading.Event = field(default_factory=threading.Event)
 
     def action(self, attempt: int) -> tuple[str, str]:
         return self.actions[min(attempt, len(self.actions)) - 1]
@@ -186,8 +191,13 @@ def _body(key: int) -> tuple[str, int, int]:
         with spec.lock:
             spec.raised[attempt] = exc
         raise exc
-    if kind == "block" and not spec.gate.wait(BLOCK_LIMIT):
+    if kind in ("block", "block_raise") and not spec.gate.wait(BLOCK_LIMIT):
         return ("gate never released", spec.sid, attempt)
+    if kind == "block_raise":  # fails after the machine released it: a retry may follow
+        exc = Boom(spec.sid)
+        with spec.lock:
+            spec.raised[attempt] = exc
+        raise exc
     return ("ok", spec.sid, attempt)
 
 
@@ -283,11 +293,24 @@ actions = st.one_of(
     st.tuples(st.just("return"), st.just("")),
     st.tuples(st.just("raise"), st.sampled_from(sorted(EXCEPTIONS))),
     st.tuples(st.just("block"), st.just("")),
+    st.tuples(st.just("block_raise"), st.just("")),  # block, then raise (retryably) once released
     st.tuples(st.just("nest"), st.just("")),  # call a plain child and wait for it, then return
 )
 scripts = st.lists(actions, min_size=1, max_size=3).map(tuple)
 #: Where a call is made: the test thread, another thread, the coordinator's loop, a short-lived foreign loop.
 VIAS = ["main", "thread", "loop", "foreign"]
+
+
+class Stall(Policy):
+    """Stops a submit inside before_submit (past the coordinator's gate check) while its Spec says so."""
+
+    name = "stall"
+
+    def before_submit(self, token: TaskToken[Any]) -> None:
+        spec = SPEC.get(None)
+        if spec is not None and spec.stall is not None and token.attempt == 1:
+            spec.stalled.set()
+            spec.stall.wait(WAIT)
 
 
 # -- the model of one call -------------------------------------------------------------------------------------
@@ -304,6 +327,7 @@ class Entry:
     via: str
     awaiter: Optional[asyncio.Task[tuple[str, Any]]] = None
     disturbed: set[str] = field(default_factory=set)  # kill, cancel, stop, hold
+    ran_at_cancel: Optional[int] = None  # attempts started when its awaiter was cancelled
     must_be_killed: bool = False
     checked: bool = False
     adopted_children: int = 0  # of spec.children, how many the machine tracks as entries
@@ -365,7 +389,7 @@ def check_outcome(entry: Entry, outcome: tuple[str, Any], poison_possible: bool)
             assert _retryable(spec.raised.get(earlier)) and earlier <= fn.retries, f"a retry it should not get: {where}"
     if state is _S.COMPLETED:
         assert kind == "ok" and value == ("ok", spec.sid, attempt), f"wrong value {value!r}: {where}"
-        assert spec.action(attempt)[0] != "raise", where
+        assert spec.action(attempt)[0] not in ("raise", "block_raise"), where
     elif state is _S.FAILED:
         raised = spec.raised.get(attempt)
         assert raised is not None, f"FAILED but attempt {attempt} raised nothing: {where}"
@@ -391,6 +415,9 @@ def check_outcome(entry: Entry, outcome: tuple[str, Any], poison_possible: bool)
         assert fn.retries and attempt > 1 and ("hold" in entry.disturbed or poison_possible), \
             f"quarantined after acceptance: {where}"
         assert kind == "err" and isinstance(value, TokenQuarantined), where
+    if entry.ran_at_cancel is not None and (entry.awaiter is None or entry.awaiter.cancelled()):
+        # Nobody waits any more: no new attempt starts (one may have been starting as the cancel came).
+        assert len(spec.ran) <= entry.ran_at_cancel + 1, f"retried after its awaiter was cancelled: {where}"
     if entry.awaiter is not None and not entry.awaiter.cancelled():
         # The awaiter saw the very same outcome.
         assert entry.awaiter.done(), f"awaiter not done: {where}"
@@ -469,7 +496,7 @@ class CoordinatorMachine(RuleBasedStateMachine):
         self.c = OperationsCoordinator(
             num_cores=cfg["num_cores"], workers_per_core=cfg["workers_per_core"], mailbox_size=cfg["mailbox_size"],
             max_pending=cfg["max_pending"], stop_timeout=WAIT, name=f"sm{next(_names)}",
-            policies=[ReputationPolicy(), self.quarantine, StickyPolicy(), ConductorPolicy(),
+            policies=[Stall(), ReputationPolicy(), self.quarantine, StickyPolicy(), ConductorPolicy(),
                       StorageTierPolicy(limits={"slow": cfg["slow_limit"], "moderate": 1}), RetryPolicy(),
                       self.recorder],
         ).start()
@@ -487,7 +514,7 @@ class CoordinatorMachine(RuleBasedStateMachine):
         try:
             if self.c is not None and self.c.running and not self.failed:
                 self.settle_all()
-                self._stop(grace=WAIT, release_first=True, racing_submits=0)
+                self._stop(grace=WAIT, release_first=True, racing_submits=0, stalled_submit=None)
         finally:
             for entry in self.all_entries:
                 entry.spec.gate.set()
@@ -640,10 +667,21 @@ class CoordinatorMachine(RuleBasedStateMachine):
         if entry is None or entry not in self.live:
             return
         entry.disturbed.add("cancel")
-        if entry.awaiter is not None:
-            on_loop(self.coordinator, entry.awaiter.cancel)
-        elif not entry.foreign:
-            on_loop(self.coordinator, entry.token.cancel)  # what asyncio does when an awaiter goes away
+        if entry.foreign:
+            return
+        awaiter, token, spec = entry.awaiter, entry.token, entry.spec
+
+        def cancel() -> int:
+            if awaiter is not None:
+                awaiter.cancel()
+            else:
+                token.cancel()  # what asyncio does when an awaiter goes away
+            with spec.lock:
+                return len(spec.ran)
+
+        ran = on_loop(self.coordinator, cancel)
+        if entry.ran_at_cancel is None:
+            entry.ran_at_cancel = ran
 
     @rule(fn=st.one_of(st.none(), st.sampled_from(FUNCS)))
     @noting_failure
@@ -692,7 +730,7 @@ class CoordinatorMachine(RuleBasedStateMachine):
             unsettled = [e.token for e in self.live if not e.token.settled]
             assert not unsettled, f"drain reported drained with {unsettled} unsettled"
 
-    @rule(target=entries, fn=st.sampled_from(FUNCS), n=st.integers(1, 3))
+    @rule(target=entries, fn=st.sampled_from(FUNCS), n=st.integers(1, 20))
     @noting_failure
     def resume_racing_kill(self, fn: Fn, n: int) -> Any:
         """Pause an operation, queue calls of it, then resume it and kill them at the same time."""
@@ -722,11 +760,19 @@ class CoordinatorMachine(RuleBasedStateMachine):
             start.wait(WAIT)
             return c.kill_operation(fn.op, "race")
 
-        killed = self.executor.submit(killer)
-        start.wait(WAIT)
-        c.resume(fn.op)  # must not raise, whatever the kill does meanwhile
-        self.paused_ops.discard(fn.op)
-        killed.result(WAIT)
+        # Switch threads as often as the interpreter can, so the kills land between the resume's
+        # release of the held calls and their reroute (a 5 ms switch interval would let one
+        # side finish first nearly every time). Restored at once.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            killed = self.executor.submit(killer)
+            start.wait(WAIT)
+            c.resume(fn.op)  # must not raise, whatever the kill does meanwhile
+            self.paused_ops.discard(fn.op)
+            killed.result(WAIT)
+        finally:
+            sys.setswitchinterval(interval)
         return multiple(*made)
 
     @rule()
@@ -761,14 +807,42 @@ class CoordinatorMachine(RuleBasedStateMachine):
         assert snapshot["counts"]["inflight"] == 0, snapshot["counts"]
         assert not leftovers(snapshot), leftovers(snapshot)
 
-    @rule(grace=st.sampled_from([0.0, 0.05]), release_first=st.booleans(), racing_submits=st.integers(0, 4))
+    @rule(grace=st.sampled_from([0.0, 0.05]), release_first=st.booleans(), racing_submits=st.integers(0, 4),
+          stalled_submit=st.one_of(st.none(), st.sampled_from(FUNCS)))
     @noting_failure
-    def stop(self, grace: float, release_first: bool, racing_submits: int) -> None:
-        self._stop(grace, release_first, racing_submits)
+    def stop(self, grace: float, release_first: bool, racing_submits: int, stalled_submit: Fn | None) -> None:
+        self._stop(grace, release_first, racing_submits, stalled_submit)
         self._new_coordinator()
 
-    def _stop(self, grace: float, release_first: bool, racing_submits: int) -> None:
+    def _start_stalled_submit(self, fn: Fn) -> tuple[concurrent.futures.Future[TaskToken[Any]], Spec]:
+        """A submit from another thread that stops inside before_submit, past the gate check."""
+        spec = Spec((("return", ""),), stall=threading.Event())
+        fut = self.executor.submit(self._submit, fn, 0, spec, "main")  # "main": on that thread, directly
+        assert spec.stalled.wait(WAIT), "the stalled submit never reached before_submit"
+        return fut, spec
+
+    @rule(fn=st.sampled_from(FUNCS), from_loop=st.booleans())
+    @noting_failure
+    def drain_racing_submit(self, fn: Fn, from_loop: bool) -> None:
+        """A drain that starts while a submit is between the gate check and its acceptance."""
+        if self.gate_closed:
+            return  # the submit would be refused at the gate check, before the stall
+        fut, spec = self._start_stalled_submit(fn)
+        self.drain(0.02, from_loop)
+        assert spec.stall is not None
+        spec.stall.set()
+        try:
+            token = fut.result(WAIT)
+        except (GateClosed, Overloaded, TokenQuarantined) as exc:
+            self._count_refusal(exc)
+            return
+        raise AssertionError(f"{token!r} was accepted after drain() closed the gate (drain saw it not)")
+
+    def _stop(self, grace: float, release_first: bool, racing_submits: int, stalled_submit: Fn | None) -> None:
         c = self.coordinator
+        stalled = None  # (a closed gate refuses the submit before it can stall)
+        if stalled_submit is not None and not self.gate_closed:
+            stalled = self._start_stalled_submit(stalled_submit)
         if release_first:
             for e in self.live:
                 e.spec.gate.set()
@@ -795,6 +869,12 @@ class CoordinatorMachine(RuleBasedStateMachine):
         stopper.join(grace + 0.5 + WAIT)
         assert not stopper.is_alive(), f"stop(timeout={grace}) did not return"
         assert not c.running
+        if stalled is not None:
+            # Released after the stop swept every call: it must be refused, or have been accepted and swept.
+            stall_fut, stall_spec = stalled
+            assert stall_spec.stall is not None
+            stall_spec.stall.set()
+            racing.append((stall_fut, stall_spec, stalled_submit))  # type: ignore[arg-type]
         for fut, spec, fn in racing:
             try:
                 token = fut.result(WAIT)
@@ -959,3 +1039,145 @@ def test_every_call_settles_exactly_once_under_random_operations() -> None:
 @pytest.mark.timeout(900)
 def test_every_call_settles_exactly_once_under_random_operations_long() -> None:
     _run(max_examples=400, steps=60, derandomize=False)  # a few minutes
+
+
+# -- regressions: the machine's findings, each made deterministic --------------------------------------------------
+
+
+@task_token_guard(operation_type="sm.reg_plain", tags={"weight": "light"})
+def reg_plain(x: int) -> int:
+    return x
+
+
+@pytest.mark.parametrize("kind", sorted(EXCEPTIONS))
+def test_a_function_raising_any_exception_settles_for_get_and_await(kind: str) -> None:
+    # Given a function that raises this kind of exception (StopIteration, SystemExit, one whose __str__ fails...)
+    spec = Spec((("raise", kind),))
+    recorder = SettleRecorder()
+    c = OperationsCoordinator(num_cores=1, workers_per_core=1, policies=[recorder], name="reg-exc").start()
+    try:
+        ctx = contextvars.copy_context()
+        ctx.run(SPEC.set, spec)
+        token = ctx.run(FUNCS[0].guarded, 0)
+        # When it is awaited on the coordinator's loop and waited for with get()
+        awaited = asyncio.run_coroutine_threadsafe(_await_token(token), c.loop).result(WAIT)  # type: ignore[arg-type]
+        entry = Entry(token, spec, FUNCS[0], 0, "main")
+        got = _outcome(entry, WAIT)
+        # Then it settled once as FAILED with the function's own exception (or, for what a Future cannot
+        # carry, a RuntimeError caused by it), the same object for both, and the token can still describe it
+        check_outcome(entry, got, poison_possible=False)
+        assert awaited[0] == "err" and awaited[1] is got[1]
+        assert token.state is _S.FAILED and recorder.counts == {token.token_id: 1}
+        assert token.status()["error"]
+        assert c.history(1)[0].error
+        # and the coordinator still serves
+        assert reg_plain(5).get(timeout=WAIT) == 5
+    finally:
+        c.stop()
+
+
+def test_a_submit_stalled_past_the_gate_while_stop_runs_is_refused_or_settled() -> None:
+    # Given a submit that passed the gate check and is still in before_submit
+    c = OperationsCoordinator(num_cores=1, workers_per_core=1, policies=[Stall()], name="reg-stop").start()
+    spec = Spec((("return", ""),), stall=threading.Event())
+    ctx = contextvars.copy_context()
+    ctx.run(SPEC.set, spec)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(ctx.run, FUNCS[0].guarded, 0)
+        assert spec.stalled.wait(WAIT)
+        # When the coordinator stops meanwhile, and only then the submit goes on
+        c.stop(timeout=0.1)
+        assert spec.stall is not None
+        spec.stall.set()
+        # Then the call is refused, or it was accepted and settled by the stop: never left waiting
+        try:
+            token = fut.result(WAIT)
+        except (GateClosed, CoordinatorNotRunning):
+            pass
+        else:
+            assert token.settled, f"{token!r} was accepted after the stop and never settles"
+    assert c.inflight == 0
+    assert not wait_threads_gone(c)
+
+
+def test_a_submit_stalled_past_the_gate_while_drain_runs_is_refused() -> None:
+    # Given a submit that passed the gate check and is still in before_submit
+    c = OperationsCoordinator(num_cores=1, workers_per_core=1, policies=[Stall()], name="reg-drain").start()
+    try:
+        spec = Spec((("return", ""),), stall=threading.Event())
+        ctx = contextvars.copy_context()
+        ctx.run(SPEC.set, spec)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(ctx.run, FUNCS[0].guarded, 0)
+            assert spec.stalled.wait(WAIT)
+            # When a drain closes the gate meanwhile (and reports), and only then the submit goes on
+            report = asyncio.run(c.drain(timeout=0.05))
+            assert spec.stall is not None
+            spec.stall.set()
+            # Then the submit is refused: a drain that reported "drained" cannot have a call accepted after it
+            with pytest.raises(GateClosed):
+                fut.result(WAIT)
+        assert report.drained and c.inflight == 0
+    finally:
+        c.stop()
+
+
+def test_resume_racing_kill_operation_strands_nothing() -> None:
+    # Given calls of a paused operation, with a one-slot mailbox (so a reroute goes to the pending queue)
+    for round_ in range(30):
+        c = OperationsCoordinator(num_cores=1, workers_per_core=1, mailbox_size=1, policies=[],
+                                  name=f"reg-race{round_}").start()
+        try:
+            c.pause("sm.reg_plain")
+            tokens = [reg_plain(i) for i in range(20)]
+            start = threading.Barrier(2)
+
+            def killer(c: OperationsCoordinator = c) -> int:
+                start.wait(WAIT)
+                return c.kill_operation("sm.reg_plain")
+
+            # When resume() and kill_operation() run at once (switching threads as often as possible)
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(1e-6)
+            try:
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    killed = pool.submit(killer)
+                    start.wait(WAIT)
+                    c.resume("sm.reg_plain")  # Then it does not raise
+                    killed.result(WAIT)
+            finally:
+                sys.setswitchinterval(interval)
+            # and every call settles: run or killed, none stranded
+            for token in tokens:
+                try:
+                    assert token.get(timeout=WAIT) in range(20)
+                except TokenKilled:
+                    pass
+            assert c.inflight == 0 and not leftovers(c.stats())
+        finally:
+            c.stop()
+
+
+def test_no_retry_starts_after_the_awaiter_is_cancelled() -> None:
+    # Given a retried call whose first attempt is running (it fails once released)
+    spec = Spec((("block_raise", ""),))
+    fn = next(f for f in FUNCS if f.op == "sm.sm_retried")
+    c = OperationsCoordinator(num_cores=1, workers_per_core=1, policies=[RetryPolicy()], name="reg-cancel").start()
+    try:
+        ctx = contextvars.copy_context()
+        ctx.run(SPEC.set, spec)
+        token = ctx.run(fn.guarded, 0)
+        task = on_loop(c, lambda: asyncio.ensure_future(_await_token(token)))
+        deadline = time.monotonic() + WAIT
+        while not spec.ran and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert spec.ran == [1]
+        # When its awaiter is cancelled (the client went away), then the attempt fails
+        on_loop(c, task.cancel)
+        spec.gate.set()
+        # Then the call settles without another attempt
+        with pytest.raises(Boom):
+            token.get(timeout=WAIT)
+        assert spec.ran == [1] and token.state is _S.FAILED
+    finally:
+        c.stop()
