@@ -104,3 +104,17 @@ def test_process_lane_map_ships_chunks_to_worker_processes(run: Any) -> None:
                 await lf.fail.map(["boom"])
             assert coordinator.stats()["counts"]["completed"] >= 10
     run(main())
+
+
+def test_a_decorated_function_pickles_as_its_import_path() -> None:
+    import pickle
+
+    assert pickle.loads(pickle.dumps(lf.square)) is lf.square
+    assert pickle.loads(pickle.dumps(inc)) is inc
+
+    @task_token_guard(operation_type="map.local", tags={"weight": "light"})
+    def local() -> None:
+        return None
+
+    with pytest.raises(pickle.PicklingError):
+        pickle.dumps(local)

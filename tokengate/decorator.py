@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import itertools
+import pickle
 import types
 import weakref
 from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar, overload
@@ -131,6 +132,14 @@ class GuardedFunction(Generic[P, R]):
             fn = self._map_fn = GuardedFunction(MapChunk(self.func), f"{self.operation_type}[map]", tags,
                                                 map_of=self)
         return fn
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its import path, like a plain function: unpickling finds the
+        # decorated function again (in a worker process, for instance) instead of
+        # failing with "not the same object as __main__.f".
+        if "<locals>" in self.qualname or self.map_of is not None:
+            raise pickle.PicklingError(f"{self.key} cannot be pickled: it cannot be found by its import path")
+        return (resolve_guarded, (self.module, self.qualname))
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # Support decorating methods: bind like a function would.
