@@ -45,6 +45,7 @@ from tokengate import (
 )
 from tokengate.errors import CoordinatorStopped
 from tokengate.policies import ConductorPolicy, ReputationPolicy, RetryPolicy, StickyPolicy, StorageTierPolicy
+from tokengate.policy import PolicyHost
 
 _S = TokenState
 
@@ -99,10 +100,10 @@ class Faulty(Policy):
         if fire:
             raise self.failure(hook)
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         self._maybe_raise("on_start")
 
-    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+    def on_stop(self, coordinator: PolicyHost) -> None:
         self.stopped += 1
         self._maybe_raise("on_stop")
 
@@ -147,10 +148,10 @@ class Lifecycle(Policy):
         self.name = name  # type: ignore[misc]
         self.log = log
 
-    def on_start(self, coordinator: OperationsCoordinator) -> None:
+    def on_start(self, coordinator: PolicyHost) -> None:
         self.log.append(f"start:{self.name}")
 
-    def on_stop(self, coordinator: OperationsCoordinator) -> None:
+    def on_stop(self, coordinator: PolicyHost) -> None:
         self.log.append(f"stop:{self.name}")
 
 
@@ -466,11 +467,14 @@ def _stop_bounded(c: OperationsCoordinator, grace: float) -> None:
     assert not stopper.is_alive(), f"stop(timeout={grace}) did not return"
 
 
-def test_stop_with_a_function_that_never_returns(forever: threading.Event) -> None:
-    # Given one worker stuck in a function that holds a sticky pin and a tier slot, and a call queued behind it
+@pytest.mark.parametrize("faulty_settle", [False, True], ids=["policies-ok", "on_settle-raises"])
+def test_stop_with_a_function_that_never_returns(forever: threading.Event, faulty_settle: bool) -> None:
+    # Given one worker stuck in a function that holds a sticky pin and a tier slot, and a call queued behind
+    # it (and maybe a policy whose on_settle raises, first in the list: its hook runs last)
     recorder = SettleRecorder()
+    extra: list[Policy] = [Faulty("on_settle", FAILURES["runtime_error"])] if faulty_settle else []
     c = OperationsCoordinator(num_cores=1, workers_per_core=1, name="forever", stop_timeout=WAIT,
-                              policies=[StickyPolicy(), StorageTierPolicy(limits={"slow": 1}), RetryPolicy(),
+                              policies=[*extra, StickyPolicy(), StorageTierPolicy(limits={"slow": 1}), RetryPolicy(),
                                         recorder]).start()
     stuck = hf_forever(1)
     assert _forever_started.wait(WAIT)

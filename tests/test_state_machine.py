@@ -9,12 +9,14 @@ settle recorder) through random sequences of:
   coordinator's own loop, and from a short-lived foreign event loop; each call
   follows a script, one action per attempt: return a value, raise an exception
   of any kind (``StopIteration``, ``BaseException`` subclasses, an exception
-  whose ``__str__`` fails, one that cannot be re-created from its args...), or
-  block on an event the machine releases later (never a sleep);
+  whose ``__str__`` fails, one that cannot be re-created from its args...),
+  block on an event the machine releases later (never a sleep), block then
+  raise, or call a plain child and wait for it on the worker (``get()``);
 * kills (by token and by operation), cancels of the awaiting task, global and
   per-operation pauses and resumes, drains, quarantine holds and releases,
   a resume racing a kill, waits for timeouts, and stops (with submits racing
-  them; the machine then starts a new coordinator).
+  them; the machine then starts a new coordinator); a submit can be stalled
+  inside ``before_submit`` (past the gate check) while a drain or a stop runs.
 
 After every step (on a consistent snapshot taken on the coordinator's loop
 thread): no token settled twice; the counts by state sum to the tokens
@@ -27,7 +29,8 @@ those operations explains), ``inflight`` is 0, nothing is held, and no
 coordinator thread outlives its stop.
 
 Every wait is bounded (``settle_checks.WAIT``): a lost call fails the test
-instead of hanging it.
+instead of hanging it. A failure carries the steps as they ran. At the end of
+the file, each defect the machine found is pinned by a deterministic test.
 """
 
 from __future__ import annotations
