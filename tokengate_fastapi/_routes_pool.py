@@ -148,13 +148,15 @@ def add_pool_routes(router: APIRouter, *, name: Callable[[str], str], protected:
 
     @router.post("/tokens/{token_id}/kill", response_model=KillResult, name=name("tokens.kill"),
                  dependencies=deps, responses=error_responses(401, 404, 409, 422, 503),
-                 summary="Kill a token that has not started")
+                 summary="Kill a token that has not started, or a running process-lane call")
     async def kill_token(coordinator: CoordinatorDep, token_id: TokenId) -> KillResult:
         """Kill a waiting or queued token: it settles KILLED and its awaiter gets ``TokenKilled``.
 
-        A running function cannot be interrupted (threads cannot be stopped
-        safely), so an executing token answers 409 ``token_executing``; a
-        settled one answers 409 ``token_already_settled``.
+        A running call on the process lane is killed too: its worker process
+        is ended (and replaced before the next call). A running call on a
+        thread cannot be interrupted (threads cannot be stopped safely), so
+        it answers 409 ``token_executing``; a settled one answers 409
+        ``token_already_settled``.
         """
         result = coordinator.kill(token_id)
         if result.killed:

@@ -254,7 +254,7 @@ class TokenRecord(_Open):
 
 
 class KillResult(BaseModel):
-    """What a kill did. Only a token that has not started can be killed."""
+    """What a kill did: a token that has not started, or a running process-lane call (its process is ended)."""
 
     token_id: str
     killed: bool

@@ -25,6 +25,16 @@ from tokengate import (
     TokenTimeout,
     task_token_guard,
 )
+from tokengate.errors import (
+    LaneClosed,
+    NestedCallRefused,
+    PicklingFailed,
+    ProcessLaneError,
+    RemoteError,
+    WorkerCrashed,
+    WorkerStartFailed,
+    WorkerTerminated,
+)
 from tokengate_fastapi import ErrorCode, add_exception_handlers, error_response, tokengate_lifespan
 from tokengate_fastapi.errors import http_exception_handler, retry_after_header
 
@@ -50,6 +60,19 @@ CASES: list[tuple[Exception, int, str, str | None, dict[str, Any]]] = [
     (CoordinatorStopped("stopped", token_id="9", reason="coordinator stopped"), 503, "coordinator_stopped", "5",
      {"token_id": "9"}),
     (CoordinatorNotRunning("not running"), 503, "coordinator_not_running", "5", {}),
+    # the process lane
+    (WorkerCrashed("worker process 41 died", pid=41, exitcode=-9, signal_name="SIGKILL"), 502, "worker_crashed",
+     None, {"pid": 41, "exitcode": -9, "signal_name": "SIGKILL"}),
+    (WorkerTerminated("ended", pid=42, reason="stopping"), 502, "worker_terminated", None,
+     {"pid": 42, "reason": "stopping"}),
+    (WorkerStartFailed("could not start"), 503, "worker_start_failed", "1", {}),
+    (LaneClosed("closed"), 503, "lane_closed", "5", {}),
+    (PicklingFailed("result did not pickle", direction="result", type_name="PicklingError", detail="x"), 500,
+     "pickling_failed", None, {"direction": "result", "type_name": "PicklingError"}),
+    (RemoteError("app.f raised Weird: no", type_name="app.Weird", remote_message="no", traceback="secret frames"),
+     500, "remote_error", None, {"type_name": "app.Weird"}),
+    (NestedCallRefused("no coordinator in a worker process"), 500, "nested_call_refused", None, {}),
+    (ProcessLaneError("something else"), 500, "process_lane_error", None, {}),
 ]
 
 
@@ -81,6 +104,7 @@ async def test_each_error_maps_to_status_headers_and_body(
     assert body["detail"] == str(exc)
     for key, value in fields.items():
         assert body[key] == value
+    assert "secret frames" not in response.text  # a remote traceback never reaches a client
 
 
 async def test_unmapped_tokengate_errors_stay_500() -> None:
