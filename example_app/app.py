@@ -8,12 +8,15 @@ built on first access (never at import), with the admin token taken from
 
 What is wired, in the order a call meets it:
 
-* ``tokengate_lifespan``: a coordinator with 4 worker domains x 4 threads,
-  started on the server's loop, drained (10 s) and stopped at shutdown;
+* ``tokengate_lifespan``: a coordinator with 4 worker domains x 4 threads
+  and 4 worker processes (one per domain) for the process lane, started on
+  the server's loop (the processes warm, off the request path: ``/ready`` is
+  503 until they are up), drained (10 s) and stopped at shutdown;
 * policies: reputation (auto-block) → quarantine → sticky → conductor →
   convergence → storage tiers → retries;
 * ``CancelOnDisconnectMiddleware``: a client that leaves kills its queued call;
-* ``add_exception_handlers``: refusals become 503/409/504 JSON answers, and
+* ``add_exception_handlers``: refusals become 503/409/504 JSON answers, a
+  worker process that dies under its call a 502 ``worker_crashed``, and
   malformed input a 422 ``invalid_argument`` in the same body shape;
 * ``admin_router`` under ``/tokengate``: the authenticated admin API and dashboard.
 """
@@ -52,13 +55,17 @@ from tokengate_fastapi.errors import ErrorCode, http_exception_handler, request_
 from . import work
 
 __all__ = ["create_app", "make_policies", "ADMIN_PREFIX", "DEFAULT_QUARANTINE_PATH", "NUM_CORES",
-           "WORKERS_PER_CORE"]
+           "WORKERS_PER_CORE", "PROCESS_WORKERS"]
 
 ADMIN_PREFIX = "/tokengate"
 DEFAULT_QUARANTINE_PATH = "example-quarantine.sqlite3"
 #: Fixed so the demo routes the same way on every machine ("cores" are worker domains, not CPU pins).
 NUM_CORES = 4
 WORKERS_PER_CORE = 4
+#: Worker processes of the process lane: one per domain (the fewest it can have), so ~4 x 30 MB of RSS.
+PROCESS_WORKERS = NUM_CORES
+#: Bounds of /cpu's n: about 0.1 ms to 50 ms of pure-Python work on this project's 2-vCPU test machine.
+CPU_MAX_N = 600_000
 DRAIN_TIMEOUT = 10.0
 SLOW_TIER_LIMIT = 2
 #: What a route that awaits tokens can answer besides 200 (refusals, timeouts, malformed input):
@@ -66,6 +73,8 @@ SLOW_TIER_LIMIT = 2
 TOKEN_ERRORS = tokengate_responses()
 #: /fail and /flaky also answer their function's exception themselves: 500 function_failed.
 FAILING_ERRORS = tokengate_responses(function_failed=True)
+#: Routes whose calls run on the process lane also answer 502 worker_crashed (and the lane's 500/503s).
+PROCESS_ERRORS = tokengate_responses(process_lane=True)
 
 
 def make_policies(quarantine_path: str) -> list[Policy]:
@@ -141,6 +150,8 @@ ENDPOINTS: list[dict[str, str]] = [
     {"route": "GET /fail", "shows": "always fails (500); after 5 failures auto-blocked (503)"},
     {"route": "GET /slow?seconds=3", "shows": "a slow heavy call (<= 30 s)"},
     {"route": "POST /jobs/slow?seconds=3", "shows": "submit without waiting (202 + token_id)"},
+    {"route": "GET /cpu?n=200000", "shows": "pure-Python CPU work in a worker process (the process lane)"},
+    {"route": "GET /crash", "shows": "the worker process dies: 502 worker_crashed, and the next request works"},
 ]
 
 
@@ -165,7 +176,9 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
 
     def new_coordinator() -> OperationsCoordinator:
         # A factory, so every server start gets fresh policies (a stopped coordinator cannot restart).
+        # warm_processes: the worker processes start with the server, not on the first /cpu request.
         return OperationsCoordinator(num_cores=NUM_CORES, workers_per_core=WORKERS_PER_CORE,
+                                     process_workers=PROCESS_WORKERS, warm_processes=True,
                                      policies=make_policies(path), name="example")
 
     app = FastAPI(title="TokenGate example", version="0.1.0",
@@ -186,6 +199,7 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
             "app": "TokenGate example",
             "coordinator": {"name": coordinator.name, "cores": coordinator.num_cores,
                             "workers_per_core": coordinator.workers_per_core,
+                            "process_workers": PROCESS_WORKERS,
                             "policies": [p.name for p in coordinator.policies]},
             "endpoints": ENDPOINTS,
             "admin": {
@@ -294,6 +308,28 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
         token = work.slow(seconds)
         token.add_done_callback(_retrieve_outcome)
         return {**describe(token), "status_url": f"{ADMIN_PREFIX}/tokens/{token.token_id}"}
+
+    @app.get("/cpu", responses=PROCESS_ERRORS)
+    async def cpu(n: Annotated[int, Query(ge=1, le=CPU_MAX_N)] = 200_000) -> dict[str, Any]:
+        """*n* rounds of pure-Python CPU work in a worker process; ``pid`` is the process that ran it.
+
+        On threads such work shares one GIL; here each worker process runs
+        its own interpreter, so concurrent requests use several cores.
+        """
+        token = work.crunch(n)
+        return {**await token, **describe(token)}
+
+    @app.get("/crash", response_model=None, responses=PROCESS_ERRORS)
+    async def crash() -> dict[str, Any]:
+        """The function ends its worker process (``os._exit(3)``): always 502 ``worker_crashed``.
+
+        Only this call fails; the process is replaced before its next call,
+        and every other request goes on (``curl /cpu`` right after works).
+        After 5 crashes the reputation policy blocks the operation (503
+        ``operation_blocked``) until ``POST /tokengate/operations/example.crash/unblock``.
+        """
+        await work.crash(next(request_numbers))  # raises WorkerCrashed: 502 via the handlers
+        raise AssertionError("crash returned")  # pragma: no cover - its process always dies
 
     return app
 

@@ -19,7 +19,14 @@ function                    tags and what they show
 ``flaky``                   ``retries``: fails a few times, then succeeds on the same token
 ``always_fails``            no tag: its reputation sinks until it is auto-blocked
 ``slow``                    ``weight: heavy``: a long call to watch a drain wait for it
+``crunch``                  ``lane: process``: pure-Python CPU work in a worker process
+``crash``                   ``lane: process``: ends its worker process; only its call fails
 ==========================  ==========================================================
+
+The two process-lane functions run in worker processes, which import this
+module by name (``example_app.work``) and call the undecorated function:
+that is why decorated functions live in an importable module, never in
+``__main__`` or inside another function.
 
 Operation types are ``example.<name>``; the admin API takes them in paths,
 e.g. ``POST /tokengate/operations/example.slow/pause``.
@@ -42,6 +49,8 @@ __all__ = [
     "FlakyError",
     "always_fails",
     "build_report",
+    "crash",
+    "crunch",
     "disk_roundtrip",
     "flaky",
     "heavy_block",
@@ -225,3 +234,31 @@ def slow(seconds: float) -> float:
     """Block for *seconds*: long enough to watch it in /tokengate/workers or make a drain wait."""
     time.sleep(seconds)
     return seconds
+
+
+@task_token_guard(operation_type="example.crunch", tags={"lane": "process", "weight": "heavy"})
+def crunch(n: int) -> dict[str, int]:
+    """*n* rounds of a pure-Python checksum in a worker process (about 20 ms for 200,000 here).
+
+    Pure-Python CPU work holds the GIL, so on threads it never runs on more
+    than one core at a time; on the process lane each worker process has its
+    own interpreter and its own GIL. ``pid`` shows which process ran it.
+    """
+    acc = 0
+    for i in range(n):
+        acc = (acc * 31 + i) % 1_000_003
+    return {"n": n, "checksum": acc, "pid": os.getpid()}
+
+
+@task_token_guard(operation_type="example.crash", tags={"lane": "process", "weight": "light"})
+def crash(request_no: int) -> None:
+    """End this worker process at once with exit status 3, as a segfault or the OOM killer would.
+
+    ``os._exit`` runs no cleanup and raises nothing. Only this call fails
+    (``WorkerCrashed``, answered 502 ``worker_crashed``); the process is
+    replaced before its next call and every other call goes on. *request_no*
+    differs per request, so the quarantine's poison-call trigger (identical
+    arguments failing again and again) does not fire; the reputation policy
+    blocks the operation after 5 crashes in a row, like ``always_fails``.
+    """
+    os._exit(3)

@@ -9,6 +9,7 @@ and shadow the real one.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import uuid
 from contextlib import asynccontextmanager
@@ -21,7 +22,8 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from example_app.__main__ import admin_token, banner
-from example_app.app import NUM_CORES, create_app
+from example_app.app import CPU_MAX_N, NUM_CORES, PROCESS_WORKERS, create_app
+from example_app.work import crunch
 
 pytestmark = pytest.mark.anyio
 
@@ -72,8 +74,9 @@ async def test_index_lists_endpoints_and_admin(serve: Client) -> None:
                                                "storage_tiers", "retries"]
     routes = " ".join(e["route"] for e in body["endpoints"])
     for path in ("/light", "/medium", "/heavy", "/io", "/sticky/", "/ordered/", "/chain", "/process", "/flaky",
-                 "/fail", "/slow", "/jobs/slow"):
+                 "/fail", "/slow", "/jobs/slow", "/cpu", "/crash"):
         assert path in routes
+    assert body["coordinator"]["process_workers"] == PROCESS_WORKERS
     assert body["admin"]["dashboard"] == f"{P}/dashboard"
 
 
@@ -208,12 +211,13 @@ async def test_drain_closes_the_gate_until_resume(serve: Client) -> None:
         report = (await client.post(f"{P}/drain", params={"timeout": 10}, headers=AUTH)).json()
         assert report["drained"] is True and report["remaining"] == 0
         # Then: not ready, and new calls are refused with 503 gate_closed
-        assert (await client.get(f"{P}/ready")).status_code == 503
+        not_ready = await client.get(f"{P}/ready")
+        assert not_ready.status_code == 503 and not_ready.json()["status"] == "draining"
         refused = await client.get("/light")
         assert refused.status_code == 503 and refused.json()["error"] == "gate_closed"
-        # When: resumed, Then: ready and serving again
+        # When: resumed, Then: ready (once the worker processes, started with the server, are up) and serving
         assert (await client.post(f"{P}/resume", headers=AUTH)).status_code == 200
-        assert (await client.get(f"{P}/ready")).status_code == 200
+        await _wait_ready(client)
         assert (await client.get("/light")).status_code == 200
         history = (await client.get(f"{P}/history", params={"limit": 5}, headers=AUTH)).json()
     assert any(r["token_id"] == job.json()["token_id"] and r["state"] == "completed" for r in history)
@@ -298,3 +302,54 @@ def test_main_refuses_a_graceful_timeout_shorter_than_the_drain_and_bad_drains(
     assert stopped.value.code == 2
     assert "--drain-timeout" in capsys.readouterr().err
 
+
+
+async def _wait_ready(client: httpx.AsyncClient) -> None:
+    # The worker processes start with the server, off the request path: poll (bounded) until they are up.
+    for _ in range(600):
+        ready = await client.get(f"{P}/ready")
+        if ready.status_code == 200:
+            assert ready.json()["processes_ready"] == ready.json()["processes"] == PROCESS_WORKERS
+            return
+        assert ready.json()["status"] == "starting"
+        await asyncio.sleep(0.05)
+    raise AssertionError("the example app's worker processes did not come up")
+
+
+async def test_cpu_runs_in_a_worker_process_on_the_process_lane(serve: Client) -> None:
+    async with serve() as client:
+        await _wait_ready(client)
+        # When: /cpu is called
+        answer = (await client.get("/cpu", params={"n": 1000})).json()
+        # Then: the right result, computed in one of the worker processes the admin API lists
+        assert answer["checksum"] == crunch.__wrapped__(1000)["checksum"] and answer["n"] == 1000
+        assert answer["state"] == "completed" and answer["worker_id"].startswith(f"core{answer['core_id']}-p")
+        workers = (await client.get(f"{P}/workers", headers=AUTH)).json()
+        pids = {w["process"]["pid"] for w in workers if w["lane"] == "process"}
+        assert len(pids) == PROCESS_WORKERS and answer["pid"] in pids and answer["pid"] != os.getpid()
+        # n is bounded: past CPU_MAX_N it is a 422, not minutes of CPU
+        too_big = await client.get("/cpu", params={"n": CPU_MAX_N + 1})
+        assert too_big.status_code == 422 and too_big.json()["error"] == "invalid_argument"
+
+
+async def test_a_crash_is_contained_to_its_request(serve: Client) -> None:
+    async with serve() as client:
+        await _wait_ready(client)
+        # When: the function kills its worker process
+        crashed = await client.get("/crash")
+        # Then: that request gets the documented 502, and the next requests are served
+        assert crashed.status_code == 502, crashed.text
+        assert crashed.json()["error"] == "worker_crashed" and crashed.json()["exitcode"] == 3
+        assert [(await client.get("/cpu", params={"n": 100})).status_code for _ in range(8)] == [200] * 8
+        assert (await client.get("/light", params={"n": 10})).status_code == 200
+        workers = (await client.get(f"{P}/workers", headers=AUTH)).json()
+        assert sum(w["process"]["crashes"] for w in workers if w["lane"] == "process") == 1
+        rows = {r["operation_type"]: r for r in (await client.get(f"{P}/operations", headers=AUTH)).json()}
+        assert rows["example.crash"]["lane"] == "process" and rows["example.crash"]["failures"] == 1
+        assert rows["example.light_cpu"]["lane"] == "thread"
+        # and after 5 crashes in a row the reputation policy blocks the operation
+        for _ in range(4):
+            assert (await client.get("/crash")).status_code == 502
+        blocked = await client.get("/crash")
+        assert blocked.status_code == 503 and blocked.json()["error"] == "operation_blocked"
+        assert (await client.get("/cpu", params={"n": 100})).status_code == 200
