@@ -46,6 +46,13 @@ else by identity, so two distinct but equal custom objects route independently.
 NONE ignores the arguments: the key is the anchor alone.  numpy, pandas and
 torch are never imported here; their types are recognised only once the
 application has imported them.
+
+Keys chosen from the arguments (the ``sticky_key`` tag): :class:`ArgumentKey`
+names the parameters that form the key (or holds a function of the
+arguments); :meth:`ArgumentKey.bind` checks it against the decorated
+function's signature once and returns a :class:`BoundKey`, which picks the
+chosen values out of each call's ``args``/``kwargs`` (positional and keyword
+calls give the same values) for :func:`chosen_key` to fingerprint.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import decimal
 import enum
 import fractions
 import hashlib
+import inspect
 import operator
 import pathlib
 import sys
@@ -66,11 +74,12 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sized
 from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
-from tokengate.errors import ConfigurationError
+from tokengate.errors import ConfigurationError, Rejected
 
 __all__ = [
-    "DigestPolicy", "HashPolicy", "args_fingerprint", "digest",
-    "fast_make_hashable", "freeze", "make_hashable", "routing_key",
+    "ArgumentKey", "BoundKey", "DigestPolicy", "HashPolicy", "StickyKeyError",
+    "args_fingerprint", "chosen_key", "digest", "fast_make_hashable", "freeze",
+    "make_hashable", "routing_key",
 ]  # fmt: skip
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -387,3 +396,278 @@ def routing_key(
 ) -> tuple[str, Hashable]:
     """Return ``(anchor, args_fingerprint(args, kwargs, policy))``; always hashable."""
     return (anchor, args_fingerprint(args, kwargs, policy))
+
+
+# --------------------------------------------------------------------------
+# Keys chosen from the arguments (the sticky_key tag).
+
+
+class StickyKeyError(Rejected, ConfigurationError):
+    """A call refused at submission because its ``sticky_key`` could not give a key.
+
+    Either the tag does not fit the function (a name that is not one of its
+    parameters: found at decoration when the decorator checks tags against the
+    function, else at the function's first call, and then every call is
+    refused), or the key function raised for these arguments (its exception is
+    ``__cause__``). The call never ran and was never accepted. It is both a
+    :class:`~tokengate.errors.Rejected` and a
+    :class:`~tokengate.errors.ConfigurationError` (a ``ValueError``).
+    """
+
+    def __init__(self, message: str, *, operation_type: str | None = None) -> None:
+        super().__init__(message, operation_type=operation_type, reason="sticky_key")
+
+
+class _Missing:
+    """An argument the call did not give and whose parameter has no default (the call will fail when run)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+_Getter = Callable[[tuple[Any, ...], Mapping[str, Any]], Any]
+_P = inspect.Parameter
+
+
+def _callable_name(func: object) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    return name if isinstance(name, str) else _qualname(type(func))
+
+
+class ArgumentKey:
+    """Which arguments of a call form its key: parameter names, or a function of the arguments.
+
+    The parsed value of the ``sticky_key`` tag. ``names`` holds parameter
+    names (the key is the value of the one name, or the tuple of the values of
+    several, in the order given); ``function``, when set, is called with every
+    argument of the call by parameter name (defaults applied) and returns the
+    key, e.g. ``lambda account_id, **_: account_id.lower()``.
+
+    Only the values enter the key, not the names: functions that share a
+    ``sticky_anchor`` share a key whenever their chosen values are equal, so
+    ``deposit(account_id, ...)`` and ``withdraw(account, ...)`` can be ordered
+    together per account.
+    """
+
+    __slots__ = ("names", "function")
+
+    def __init__(self, names: tuple[str, ...] = (), function: Callable[..., Any] | None = None) -> None:
+        if bool(names) == (function is not None):
+            raise ConfigurationError("an ArgumentKey holds parameter names or a function, exactly one of them")
+        self.names = names
+        self.function = function
+
+    @classmethod
+    def parse(cls, value: Any) -> ArgumentKey:
+        """Parse a ``sticky_key`` tag value: a parameter name, a tuple (or list) of them, or a callable.
+
+        Checks what can be checked without the function (the shape, that names
+        are identifiers, that a callable's signature can be read); :meth:`bind`
+        checks the rest against the function.
+
+        Raises:
+            ConfigurationError: naming the value and the fix.
+        """
+        if isinstance(value, ArgumentKey):
+            return value
+        if isinstance(value, str):
+            return cls(names=(cls._name(value),))
+        if isinstance(value, (tuple, list)):
+            if not value:
+                raise ConfigurationError("sticky_key must name at least one parameter, got an empty "
+                                         f"{type(value).__name__}")
+            names = tuple(cls._name(item) for item in value)
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ConfigurationError(f"sticky_key names {', '.join(map(repr, twice))} more than once in {value!r}")
+            return cls(names=names)
+        if isinstance(value, type) or not callable(value):
+            raise ConfigurationError(
+                f"sticky_key must be a parameter name, a tuple of parameter names, or a function of the "
+                f"arguments (e.g. lambda account_id, **_: account_id.lower()); got {type(value).__name__} {value!r}")
+        if inspect.iscoroutinefunction(value):
+            raise ConfigurationError(f"sticky_key must be a plain function, but {value!r} is a coroutine function")
+        try:
+            inspect.signature(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read the signature of the sticky_key function {value!r}: {exc}; "
+                                     "use a plain function or lambda") from None
+        return cls(function=value)
+
+    @staticmethod
+    def _name(item: Any) -> str:
+        if not isinstance(item, str) or not item.isidentifier():
+            raise ConfigurationError(f"sticky_key entries must be parameter names, got {item!r}")
+        return item
+
+    def bind(self, func: Callable[..., Any]) -> BoundKey:
+        """Check this key against *func*'s signature; return what picks the key out of its calls.
+
+        *func* is the decorated callable as it is called (for a method, the
+        plain function with its ``self``; for a partial, its remaining
+        parameters).
+
+        Raises:
+            ConfigurationError: a name that is not a parameter of *func* (the
+                message lists its parameters), a key function that cannot take
+                *func*'s arguments by name, or a *func* whose signature cannot
+                be read.
+        """
+        try:
+            signature = inspect.signature(func)
+        except (TypeError, ValueError) as exc:
+            message = f"sticky_key needs the signature of {func!r}, which cannot be read: {exc}"
+            raise ConfigurationError(message) from None
+        params = list(signature.parameters.values())
+        where = f"{_callable_name(func)}({', '.join(_shown(p) for p in params)})"
+        getters = _getters(params)
+        if self.function is None:
+            unknown = [n for n in self.names if n not in getters]
+            if unknown:
+                close = [m for n in unknown for m in _close_names(n, list(getters))]
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                names = ", ".join(repr(n) for n in unknown)
+                raise ConfigurationError(f"sticky_key names {names}, which {'is' if len(unknown) == 1 else 'are'} "
+                                         f"not a parameter of {where}{hint}")
+            chosen = [getters[n] for n in self.names]
+            if len(chosen) == 1:
+                values = chosen[0]
+            else:
+                def values(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+                    return tuple(get(args, kwargs) for get in chosen)
+            return BoundKey(self, where, values)
+        function = self.function
+        try:
+            inspect.signature(function).bind(**{p.name: None for p in params})
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"the sticky_key function {_callable_name(function)}{inspect.signature(function)} is called with "
+                f"the arguments of {where} by name and cannot take them ({exc}); give it the parameters it needs "
+                "and **_ for the rest, e.g. lambda account_id, **_: account_id.lower()") from None
+        pairs = tuple(getters.items())
+
+        def call_function(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+            bound = {}
+            for name, get in pairs:
+                value = get(args, kwargs)
+                if value is not _MISSING:
+                    bound[name] = value
+            return function(**bound)
+
+        return BoundKey(self, where, call_function)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ArgumentKey):
+            return NotImplemented
+        return self.names == other.names and self.function is other.function
+
+    def __hash__(self) -> int:
+        return hash((self.names, id(self.function)))
+
+    def __repr__(self) -> str:
+        if self.function is not None:
+            return f"ArgumentKey({_callable_name(self.function)})"
+        return f"ArgumentKey({', '.join(map(repr, self.names))})"
+
+
+class BoundKey:
+    """An :class:`ArgumentKey` checked against one function: picks the chosen values out of its calls.
+
+    ``values(args, kwargs)`` returns the value of the one chosen parameter, the
+    tuple of the values of several, or what the key function returns;
+    positional and keyword spellings of a call give the same values, and a
+    parameter the call leaves out counts with its default. It never raises for
+    names (an argument missing with no default is ``<missing>``: the call
+    itself will fail when run); a key function's own exception propagates.
+    """
+
+    __slots__ = ("spec", "where", "values")
+
+    def __init__(self, spec: ArgumentKey, where: str, values: _Getter) -> None:
+        self.spec = spec
+        self.where = where  # "f(a, b, *, c)": for messages
+        self.values: _Getter = values
+
+    def key(self, anchor: str, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+            policy: HashPolicy) -> tuple[str, Hashable]:
+        """``chosen_key(anchor, self.values(args, kwargs), policy)``. Raises what a key function raises."""
+        return chosen_key(anchor, self.values(args, kwargs), policy)
+
+    def __repr__(self) -> str:
+        return f"<BoundKey {self.spec!r} of {self.where}>"
+
+
+def chosen_key(anchor: str, value: object, policy: HashPolicy) -> tuple[str, Hashable]:
+    """The routing key of a call whose key values were chosen: ``(anchor, fingerprint(value))``.
+
+    *policy* applies to the chosen value as it does to all the arguments in
+    :func:`routing_key`: FAST keys unknown objects by identity, STANDARD and
+    FULL look inside; NONE (which ignores the arguments) gives ``(anchor, ())``.
+    Never raises.
+    """
+    if policy is HashPolicy.STANDARD or policy is HashPolicy.FULL:
+        return (anchor, make_hashable(value))
+    if policy is HashPolicy.FAST:
+        return (anchor, fast_make_hashable(value))
+    return (anchor, ())
+
+
+def _shown(param: inspect.Parameter) -> str:
+    if param.kind is _P.VAR_POSITIONAL:
+        return f"*{param.name}"
+    if param.kind is _P.VAR_KEYWORD:
+        return f"**{param.name}"
+    return param.name
+
+
+def _close_names(name: str, names: list[str]) -> list[str]:
+    import difflib  # only on the error path
+
+    return difflib.get_close_matches(name, names, n=1)
+
+
+def _getters(params: list[inspect.Parameter]) -> dict[str, _Getter]:
+    """One getter per parameter: the value a call gives it, bound as Python binds arguments.
+
+    Assumes a call Python would accept; for others (too few arguments) a value
+    may be ``_MISSING``, and a keyword that repeats a positional argument is
+    ignored: the call fails with TypeError when it runs.
+    """
+    keywordable = frozenset(p.name for p in params if p.kind in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY))
+    out: dict[str, _Getter] = {}
+    index = 0
+    for param in params:
+        out[param.name] = _getter(param, index, keywordable)
+        if param.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD):
+            index += 1
+    return out
+
+
+def _getter(param: inspect.Parameter, index: int, keywordable: frozenset[str]) -> _Getter:
+    name = param.name
+    default = _MISSING if param.default is param.empty else param.default
+    kind = param.kind
+    # Closures specialised per kind: the hot path is one length check and an index.
+    if kind is _P.POSITIONAL_OR_KEYWORD:
+        def positional_or_keyword(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+            return args[index] if len(args) > index else kwargs.get(name, default)
+        return positional_or_keyword
+    if kind is _P.POSITIONAL_ONLY:
+        def positional_only(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+            return args[index] if len(args) > index else default
+        return positional_only
+    if kind is _P.KEYWORD_ONLY:
+        def keyword_only(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+            return kwargs.get(name, default)
+        return keyword_only
+    if kind is _P.VAR_POSITIONAL:
+        def var_positional(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+            return tuple(args[index:])
+        return var_positional
+
+    def var_keyword(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        return {k: v for k, v in kwargs.items() if k not in keywordable}
+    return var_keyword

@@ -2,18 +2,36 @@
 
 Tags (validated at decoration):
 
-* ``sticky_anchor``: a non-empty string. The call's *sticky key* is
+* ``sticky_key``: which arguments form the key, chosen by parameter name
+  (``"account_id"``, or a tuple of names) or computed by a function of the
+  arguments (``lambda account_id, **_: account_id.lower()``, called with every
+  argument by parameter name). Names are bound with the function's signature,
+  so ``f("a", 1)`` and ``f(amount=1, account_id="a")`` have the same key. The
+  call's *sticky key* is ``(anchor, fingerprint of the chosen values)``; the
+  other arguments do not matter. A name that is not a parameter is a
+  ``ConfigurationError`` listing the parameters: at decoration when the
+  decorator runs tag checks against the function, otherwise (this core has no
+  such hook yet) every call of the function is refused with
+  :class:`~tokengate.fingerprint.StickyKeyError`, a ``ConfigurationError``. A
+  key function that raises refuses that call with ``StickyKeyError`` (its
+  exception is the ``__cause__``); it runs on the submitting thread, once per
+  policy that keys the call: keep it cheap and pure.
+* ``sticky_anchor``: a non-empty string, the namespace of the keys (default:
+  the ``operation_type``). Functions that share an anchor share keys when their
+  chosen values are equal. Without ``sticky_key``, the key is
   ``fingerprint.routing_key(anchor, args, kwargs, hash_policy)``: the anchor
-  plus a fingerprint of the arguments (see :mod:`tokengate.fingerprint` for
+  plus a fingerprint of all the arguments (see :mod:`tokengate.fingerprint` for
   what the fingerprint of each kind of value is).
 * ``hash_policy``: a :class:`~tokengate.fingerprint.HashPolicy` or its value
   (``"none"`` = the key is the anchor alone, ``"fast"``, ``"standard"``
-  (default), ``"full"``).
+  (default), ``"full"``); it applies to the chosen values with ``sticky_key``
+  (``"none"`` with ``sticky_key`` is a contradiction, refused like a bad name).
 * ``ordered``: ``True`` makes calls with the same key run one at a time, in
   submission order; different keys still run in parallel. A function with
   ``ordered`` but no ``sticky_anchor`` uses its ``operation_type`` as the
-  anchor (the key is then "this function with these arguments";
-  add ``hash_policy: "none"`` to serialise every call of the function).
+  anchor (without ``sticky_key`` the key is then "this function with these
+  arguments"; add ``hash_policy: "none"`` to serialise every call of the
+  function).
 
 What a user sees:
 
@@ -55,14 +73,14 @@ import collections
 import heapq
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Deque, Hashable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Hashable, Mapping, NamedTuple, cast
 
 from .. import current
-from ..errors import ConfigurationError
-from ..fingerprint import HashPolicy, routing_key
+from ..errors import ConfigurationError, describe_exception
+from ..fingerprint import ArgumentKey, BoundKey, HashPolicy, StickyKeyError, routing_key
 from ..policy import Policy
 from ..states import TokenState
-from ..tags import declare_tag
+from ..tags import TagSpec, declare_tag
 
 if TYPE_CHECKING:
     import asyncio
@@ -96,8 +114,34 @@ def _parse_ordered(value: Any) -> bool:
     return value
 
 
+def bind_sticky_key(func: Callable[..., Any], value: ArgumentKey, tags: Mapping[str, Any]) -> BoundKey:
+    """Check a parsed ``sticky_key`` against *func* and the other tags; return its :class:`BoundKey`.
+
+    Raises:
+        ConfigurationError: a name that is not a parameter of *func* (the
+            message lists them), a key function that cannot take *func*'s
+            arguments by name, or ``hash_policy: "none"`` (which would ignore
+            the chosen values).
+    """
+    if tags.get("hash_policy") is HashPolicy.NONE:
+        raise ConfigurationError("hash_policy 'none' ignores the arguments, but sticky_key chooses some; "
+                                 "drop one of the two")
+    return value.bind(func)
+
+
+def _check_sticky_key(func: Callable[..., Any], value: Any, tags: Mapping[str, Any]) -> None:
+    bind_sticky_key(func, value, tags)
+
+
+# The decorator runs a tag's ``check(func, value, tags)`` where the core supports it (a
+# TagSpec field); until then the same check runs when a coordinator first plans the
+# function, and its calls are refused (see _config).
+_extra: dict[str, Any] = {"check": _check_sticky_key} if "check" in getattr(TagSpec, "__dataclass_fields__", {}) else {}
+cast(Any, declare_tag)("sticky_key", _OWNER, ArgumentKey.parse,
+                       "which arguments form the sticky key: a parameter name, a tuple of names, or a function "
+                       "of the arguments", **_extra)
 declare_tag("sticky_anchor", _OWNER, _parse_anchor,
-            "route calls with the same anchor + argument fingerprint to one worker domain")
+            "route calls with the same anchor + key (default: all arguments) to one worker domain")
 declare_tag("ordered", _OWNER, _parse_ordered,
             "True: calls with the same sticky key run one at a time, in submission order")
 declare_tag("hash_policy", _OWNER, HashPolicy.parse,
@@ -110,6 +154,8 @@ class _Config(NamedTuple):
     anchor: str
     hash_policy: HashPolicy
     ordered: bool
+    key: BoundKey | None  # sticky_key, bound to the function; None: all the arguments
+    error: str | None  # a sticky_key that does not fit the function: every call is refused with this
 
 
 def _config(guarded: GuardedFunction[..., Any]) -> _Config | None:
@@ -120,11 +166,19 @@ def _config(guarded: GuardedFunction[..., Any]) -> _Config | None:
     tags = guarded.tags
     ordered = bool(tags.get("ordered", False))
     anchor: str | None = tags.get("sticky_anchor")
-    if anchor is None and ordered:
-        anchor = guarded.operation_type  # documented: ordered alone keys by the function
+    chosen: ArgumentKey | None = tags.get("sticky_key")
+    if anchor is None and (ordered or chosen is not None):
+        anchor = guarded.operation_type  # documented: ordered or sticky_key alone key by the function
     config = None
     if anchor is not None:
-        config = _Config(anchor, tags.get("hash_policy", HashPolicy.STANDARD), ordered)
+        key = error = None
+        if chosen is not None:
+            try:
+                key = bind_sticky_key(guarded.func, chosen, tags)
+            except ConfigurationError as exc:
+                error = f"task_token_guard({guarded.operation_type!r}): tag 'sticky_key': {exc}"
+                logger.error("%s; every call of %s is refused", error, guarded.key)
+        config = _Config(anchor, tags.get("hash_policy", HashPolicy.STANDARD), ordered, key, error)
     elif "hash_policy" in tags:
         logger.warning("%s: hash_policy has no effect without sticky_anchor or ordered", guarded.key)
     cache[_CACHE] = config
@@ -223,23 +277,38 @@ class StickyPolicy(Policy):
             logger.error("sticky: %d pins still registered after stop (a bug; please report it)", left)
 
     def interested(self, guarded: GuardedFunction[..., Any]) -> bool:
-        """Only functions with ``sticky_anchor`` or ``ordered`` pay for this policy."""
+        """Only functions with ``sticky_key``, ``sticky_anchor`` or ``ordered`` pay for this policy."""
         return _config(guarded) is not None
 
     # -- hooks -----------------------------------------------------------------
 
     def before_submit(self, token: TaskToken[Any]) -> None:
-        """Compute the key once and count the call in flight from now on (submitting thread)."""
+        """Compute the key once and count the call in flight from now on (submitting thread).
+
+        Raises:
+            StickyKeyError: the function's ``sticky_key`` does not fit it, or
+                its key function raised for these arguments.
+        """
         data = token.policy_data
-        if data is None:
-            data = token.policy_data = {}
-        elif _SLOT in data:
+        if data is not None and _SLOT in data:
             return  # a retry: already counted under the same key
         guarded = token.guarded
         config = None if guarded is None else _config(guarded)
         if config is None:
             return
-        key = routing_key(config.anchor, token.args or (), token.kwargs or {}, config.hash_policy)
+        chosen = config.key
+        if chosen is not None:
+            try:
+                key: Hashable = chosen.key(config.anchor, token.args or (), token.kwargs or {}, config.hash_policy)
+            except Exception as exc:
+                raise StickyKeyError(f"{token.operation_type}: the sticky_key function raised "
+                                     f"{describe_exception(exc)}", operation_type=token.operation_type) from exc
+        elif config.error is not None:
+            raise StickyKeyError(config.error, operation_type=token.operation_type)
+        else:
+            key = routing_key(config.anchor, token.args or (), token.kwargs or {}, config.hash_policy)
+        if data is None:
+            data = token.policy_data = {}
         with self._lock:
             pin = self._pins.get(key)
             if pin is None:
