@@ -18,7 +18,7 @@ from typing import IO, Any
 import httpx
 import psutil
 
-__all__ = ["Server", "Flood", "free_port"]
+__all__ = ["Server", "Flood", "free_port", "read_schedstat", "schedstat_delta"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -35,15 +35,67 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Server:
-    """``python -m benchmarks._http_server --kind <kind>`` on a free port; its stderr goes to a log file."""
+def read_schedstat(pid: int) -> dict[int, tuple[int, int, int]]:
+    """Per thread of *pid*: (ns on CPU, ns waiting on a run queue, time slices), from ``/proc/<pid>/task``.
 
-    def __init__(self, kind: str, cfg: dict[str, Any], out: Path) -> None:
+    Empty where ``/proc`` has no schedstat (not Linux, or the kernel lacks
+    ``CONFIG_SCHEDSTATS``); a thread that exits while being read is skipped.
+    """
+    out: dict[int, tuple[int, int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                run, wait, slices = (int(x) for x in f.read().split()[:3])
+        except (OSError, ValueError):
+            continue
+        out[int(tid)] = (run, wait, slices)
+    return out
+
+
+def schedstat_delta(pid: int, before: dict[int, tuple[int, int, int]], after: dict[int, tuple[int, int, int]],
+                    requests: int) -> dict[str, Any]:
+    """The event-loop thread's (the main thread: uvicorn runs the loop there) and the other threads' share.
+
+    Per group: CPU ms and run-queue wait ms in the interval, time slices, and
+    per request (*requests*: what the server answered in the interval). A
+    run-queue wait is time the thread was runnable but another task held the
+    CPU; time blocked on the GIL is not in it (a thread waiting for the GIL
+    sleeps on a condition variable), which is why the probes also measure it.
+    """
+    def group(tids: list[int]) -> dict[str, float]:
+        run = sum(after[t][0] - before.get(t, (0, 0, 0))[0] for t in tids)
+        wait = sum(after[t][1] - before.get(t, (0, 0, 0))[1] for t in tids)
+        slices = sum(after[t][2] - before.get(t, (0, 0, 0))[2] for t in tids)
+        n = max(1, requests)
+        return {"threads": len(tids), "cpu_ms": run / 1e6, "runqueue_wait_ms": wait / 1e6, "slices": slices,
+                "cpu_us_per_request": run / 1e3 / n, "runqueue_wait_us_per_request": wait / 1e3 / n,
+                "slices_per_request": slices / n,
+                "runqueue_wait_us_per_slice": wait / 1e3 / max(1, slices)}
+
+    return {"loop_thread": group([t for t in after if t == pid]),
+            "other_threads": group([t for t in after if t != pid])}
+
+
+class Server:
+    """``python -m benchmarks._http_server --kind <kind>`` on a free port; its stderr goes to a log file.
+
+    *app* names this server in results and logs (several servers may share a
+    kind); *threads* is passed to a plain app (``0``: anyio's default limiter).
+    """
+
+    def __init__(self, kind: str, cfg: dict[str, Any], out: Path, *, app: str | None = None,
+                 threads: int | None = None) -> None:
         self.kind = kind
+        self.app = app or kind
+        self.threads = threads
         self.cfg = cfg
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = out / f"http-server-{kind}.log"
+        self.log_path = out / f"http-server-{self.app}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._ps: psutil.Process | None = None
         self._log: IO[bytes] | None = None
@@ -55,6 +107,8 @@ class Server:
         cmd = [sys.executable, "-m", "benchmarks._http_server", "--kind", self.kind, "--port", str(self.port),
                "--num-cores", str(self.cfg["num_cores"]), "--workers-per-core", str(self.cfg["workers_per_core"]),
                "--heavy-ms", str(self.cfg["heavy_ms"]), "--lifespan", self.cfg.get("lifespan", "auto")]
+        if self.threads is not None:
+            cmd += ["--threads", str(self.threads)]
         self.proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self._ps = psutil.Process(self.proc.pid)
@@ -83,6 +137,10 @@ class Server:
         t = self._ps.cpu_times()
         return float(t.user + t.system)
 
+    def schedstat(self) -> dict[int, tuple[int, int, int]]:
+        """Per-thread scheduler figures of the server process now (``read_schedstat``)."""
+        return {} if self.proc is None else read_schedstat(self.proc.pid)
+
     def stop(self) -> None:
         """SIGTERM (uvicorn shuts down gracefully, lifespan included), then SIGKILL after 20 s. Idempotent."""
         proc = self.proc
@@ -105,11 +163,16 @@ class Server:
 
 
 class Flood:
-    """The flood generator (``_http_flood``) as an asyncio subprocess: start, wait for ready, stop, collect.
+    """The httpx flood generator (``_http_flood``) as an asyncio subprocess: start, wait for ready, stop, collect.
+
+    The fallback when wrk is not installed (its Python clients cost ~1 ms of CPU
+    per request and compete with the server for the machine's cores).
 
     Bounded three ways: its own ``max_seconds``, a per-client request cap, and
     ``stop()`` (a line on its stdin, then a kill if it does not exit in time).
     """
+
+    generator = "httpx"
 
     def __init__(self, url: str, clients: int, max_seconds: float, cap: int) -> None:
         self.args = ["--url", url, "--clients", str(clients), "--max-seconds", str(max_seconds), "--cap", str(cap)]
@@ -127,7 +190,7 @@ class Flood:
             raise RuntimeError(f"flood generator did not start: {line!r}")
 
     async def stop(self) -> dict[str, Any]:
-        """Ask it to stop; return ``{"completions": [monotonic, ...], "errors": n}``."""
+        """Ask it to stop; return ``{"completions": [monotonic, ...], "errors": n, "requests": n, "generator"}``."""
         proc = self.proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         try:
@@ -143,6 +206,8 @@ class Flood:
         import json
 
         result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        result["requests"] = len(result["completions"]) + result["errors"]
+        result["generator"] = self.generator
         return result
 
     def kill(self) -> None:

@@ -6,14 +6,18 @@
   (``tokengate_fastapi.tokengate_lifespan`` when importable, else an
   ``async with OperationsCoordinator(...)`` lifespan of our own).
 * ``plain``: the same endpoints as plain ``def``, run by Starlette on anyio's
-  default thread pool, whose limiter is set in the lifespan to the same total
-  thread count (``num_cores × workers_per_core``).
+  default thread pool. ``threads=0`` leaves anyio's limiter at its default (40
+  tokens: what a FastAPI user gets); any other value sets the limiter's
+  ``total_tokens`` in the lifespan (the benchmark uses TokenGate's total,
+  ``num_cores × workers_per_core``).
 
 Routes: ``/heavy`` (blocks ``heavy_ms`` with ``time.sleep``), ``/light`` (a
 trivial computation, the probe), ``/trivial`` (returns at once, for req/s),
 ``/ping`` (``async def``, no thread: a control probe of the event loop alone),
 ``/health`` (``async def``, no thread: readiness and configuration),
-``/stats`` (``async def``: pool statistics).
+``/stats`` (``async def``: pool statistics, and ``heavy_done``, the number of
+``/heavy`` requests answered so far, from which the benchmark computes heavy
+throughput without trusting the load generator's clock).
 
 The server binds 127.0.0.1 only. Run as a subprocess by ``bench_http``.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -66,14 +71,27 @@ def _tokengate_lifespan(num_cores: int, workers_per_core: int, mode: str) -> tup
     return lifespan, "own lifespan: async with OperationsCoordinator(...)"
 
 
-def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int, lifespan_mode: str = "auto") -> Any:
-    """Build the ``tokengate`` or ``plain`` app (FastAPI is imported here, not at module import)."""
+def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int, lifespan_mode: str = "auto",
+             threads: int | None = None) -> Any:
+    """Build the ``tokengate`` or ``plain`` app (FastAPI is imported here, not at module import).
+
+    *threads* is the plain app's limiter: ``None`` = ``num_cores × workers_per_core``
+    (the same total as TokenGate), ``0`` = anyio's default (left untouched).
+    """
     from fastapi import FastAPI
 
     heavy_s = heavy_ms / 1000
     total = num_cores * workers_per_core
+    if threads is None:
+        threads = total
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = anyio's default), got {threads}")
     info: dict[str, Any] = {"kind": kind, "pid": os.getpid(), "num_cores": num_cores,
                             "workers_per_core": workers_per_core, "total_threads": total, "heavy_ms": heavy_ms}
+    # /heavy answers, counted by the endpoint (the plain app's runs on pool threads: a lock, whose
+    # cost is nothing next to the 200 ms sleep).
+    done = [0]
+    done_lock = threading.Lock()
 
     if kind == "tokengate":
         lifespan, how = _tokengate_lifespan(num_cores, workers_per_core, lifespan_mode)
@@ -82,7 +100,9 @@ def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int,
 
         @app.get("/heavy", response_model=None)
         async def heavy_tg() -> dict[str, bool]:
-            return await heavy_block(heavy_s)
+            out = await heavy_block(heavy_s)
+            done[0] += 1  # on the loop thread
+            return out
 
         @app.get("/light", response_model=None)
         async def light_tg() -> dict[str, int]:
@@ -99,7 +119,8 @@ def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int,
                 return {"error": "no coordinator"}
             s = c.stats()
             return {"counts": s["counts"], "routed_by_weight": s["routed_by_weight"],
-                    "max_workers": s["routing"]["max_workers"], "queue_wait": s["queue_wait"]}
+                    "max_workers": s["routing"]["max_workers"], "queue_wait": s["queue_wait"],
+                    "heavy_done": done[0]}
 
     elif kind == "plain":
 
@@ -108,15 +129,19 @@ def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int,
             import anyio.to_thread
 
             # The default limiter is per event loop: set it once the server's loop runs.
-            anyio.to_thread.current_default_thread_limiter().total_tokens = total
+            if threads:
+                anyio.to_thread.current_default_thread_limiter().total_tokens = threads
             yield
 
-        info["lifespan"] = "anyio default limiter total_tokens set in lifespan"
+        info["lifespan"] = ("anyio default limiter total_tokens set in lifespan" if threads
+                            else "anyio default limiter untouched")
         app = FastAPI(lifespan=plain_lifespan)
 
         @app.get("/heavy", response_model=None)
         def heavy_plain() -> dict[str, bool]:
             time.sleep(heavy_s)
+            with done_lock:
+                done[0] += 1
             return {"ok": True}
 
         @app.get("/light", response_model=None)
@@ -134,7 +159,7 @@ def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int,
             lim = anyio.to_thread.current_default_thread_limiter()
             st = lim.statistics()
             return {"total_tokens": lim.total_tokens, "borrowed_tokens": st.borrowed_tokens,
-                    "tasks_waiting": st.tasks_waiting}
+                    "tasks_waiting": st.tasks_waiting, "heavy_done": done[0]}
     else:
         raise ValueError(f"unknown app kind {kind!r}; use 'tokengate' or 'plain'")
 
@@ -153,6 +178,7 @@ def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int,
             import anyio.to_thread
 
             out["limiter_total_tokens"] = anyio.to_thread.current_default_thread_limiter().total_tokens
+            out["total_threads"] = out["limiter_total_tokens"]
         return out
 
     return app
@@ -174,9 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers-per-core", type=int, required=True)
     p.add_argument("--heavy-ms", type=int, default=200)
     p.add_argument("--lifespan", choices=["auto", "own", "tokengate_fastapi"], default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="plain app: limiter tokens (0 = anyio's default; default: num_cores x workers_per_core)")
     ns = p.parse_args(argv)
     app = make_app(ns.kind, num_cores=ns.num_cores, workers_per_core=ns.workers_per_core, heavy_ms=ns.heavy_ms,
-                   lifespan_mode=ns.lifespan)
+                   lifespan_mode=ns.lifespan, threads=ns.threads)
     # Same server settings for both apps: asyncio loop, h11, no access log.
     uvicorn.run(app, host="127.0.0.1", port=ns.port, log_level="warning", access_log=False, loop="asyncio",
                 http="h11", lifespan="on", timeout_graceful_shutdown=10)
