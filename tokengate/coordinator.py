@@ -319,7 +319,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         try:
             for worker in self._router.workers:
                 worker.start(self.name)
-            if self._warm_processes:
+            if self._warm_processes and "process" in self._routers:
                 self._start_lane("process")
             for p in self.policies:
                 p.on_start(self)

@@ -145,3 +145,18 @@ def test_awaiting_from_async_code(lane_coordinator: Any) -> None:
     async def main() -> list[int]:
         return list(await asyncio.gather(*[lf.square(i).as_future() for i in range(10)]))
     assert asyncio.run(main()) == [i * i for i in range(10)]
+
+
+def test_ready_without_warm_processes_and_warm_without_a_process_lane() -> None:
+    lazy = OperationsCoordinator(policies=[], process_workers=2, warm_processes=False, name="lanelazy")
+    lazy.start()
+    try:
+        assert lazy.ready  # processes start at their first call: nothing to wait for
+    finally:
+        lazy.stop()
+    none = OperationsCoordinator(policies=[], process_workers=0, warm_processes=True, name="lanenone")
+    none.start()
+    try:
+        assert none.ready and "process" not in none.stats()["lanes"]
+    finally:
+        none.stop()

@@ -145,9 +145,9 @@ class ProcessWorker(Worker):
     @property
     def ready(self) -> bool:
         """True once this worker's process is up (always True when processes start on demand)."""
-        if not self.started.is_set():
-            return False
-        return not self.warm or self.child.stats().startup_seconds is not None
+        if not self.warm:
+            return True
+        return self.started.is_set() and self.child.stats().startup_seconds is not None
 
     def describe(self) -> dict[str, Any]:
         child = self.child
