@@ -12,10 +12,12 @@ import os
 from fastapi import FastAPI
 
 from tokengate import task_token_guard
-from tokengate.errors import TokenQuarantined
+from tokengate.errors import TokenQuarantined, WorkerCrashed
 from tokengate.policies.quarantine import QuarantinePolicy
 from tokengate.policies.reputation import ReputationPolicy
 from tokengate_fastapi import admin_router, tokengate_lifespan
+
+import _dash_work
 
 # Set by conftest.py, which starts this app.
 ADMIN_TOKEN = os.environ["DASH_ADMIN_TOKEN"]
@@ -44,7 +46,7 @@ def held(x: int) -> int:
 
 
 app = FastAPI(lifespan=tokengate_lifespan(
-    num_cores=2, workers_per_core=2,
+    num_cores=2, workers_per_core=2, process_workers=2,  # one worker process per domain, started warm
     policies=[ReputationPolicy(), QuarantinePolicy(":memory:")],
 ))
 app.include_router(admin_router(token=ADMIN_TOKEN), prefix=PREFIX)
@@ -75,3 +77,19 @@ async def make_held(x: int) -> dict[str, str | None]:
     except TokenQuarantined as exc:
         return {"quarantine_id": exc.quarantine_id}
     return {"quarantine_id": None}
+
+
+@app.post("/pid")
+async def pid() -> dict[str, int]:
+    """Run one process-lane call; answer the pid of the worker process that ran it."""
+    return {"pid": await _dash_work.worker_pid()}
+
+
+@app.post("/crash")
+async def crash() -> dict[str, int | None]:
+    """Run a process-lane call that ends its worker process; answer the dead process's pid."""
+    try:
+        await _dash_work.crash()
+    except WorkerCrashed as exc:
+        return {"crashed_pid": exc.pid}
+    raise AssertionError("crash() returned")

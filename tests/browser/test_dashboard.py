@@ -96,7 +96,7 @@ def test_live_counts_drain_and_resume(tab: Tab, dash_server: DashServer, tmp_pat
             # When: Drain is clicked
             page.get_by_test_id("btn-drain").click()
             # Then: the readiness indicator and the server both say 503
-            expect(page.get_by_test_id("ready-status")).to_have_text("Not ready (503)")
+            expect(page.get_by_test_id("ready-status")).to_have_text("Not ready (draining)")
             assert http.get(dash_server.prefix + "/ready").status_code == 503
             expect(page.get_by_test_id("phase")).to_contain_text("draining")
 
@@ -181,3 +181,30 @@ def test_quarantine_release_and_discard(tab: Tab, dash_server: DashServer) -> No
             assert tab.errors == []
         finally:
             http.post(ops + "/unhold")
+
+
+def test_process_workers_and_a_contained_crash(tab: Tab, dash_server: DashServer) -> None:
+    page = tab.page
+    with dash_server.client() as http:
+        # Given: a signed-in dashboard; the app's two worker processes started with the server
+        _login(page, dash_server, dash_server.token)
+        expect(page.get_by_test_id("ready-status")).to_have_text("Ready")
+        table = page.get_by_test_id("processes-table")
+        expect(table.locator("tbody tr")).to_have_count(2)
+        workers = [w for w in http.get(dash_server.prefix + "/workers").json() if w["lane"] == "process"]
+        for worker in workers:
+            row = page.get_by_test_id("process-" + worker["worker_id"])
+            expect(row).to_contain_text(str(worker["process"]["pid"]))
+        expect(page.get_by_test_id("processes-note")).to_contain_text("2 of 2 worker processes up")
+        assert isinstance(http.post("/pid").json()["pid"], int)
+
+        # When: a process-lane call kills its worker process
+        dead = http.post("/crash").json()["crashed_pid"]
+        # Then: the dashboard shows the crash on the worker that owned it, and the lane in the tables
+        victim = next(w["worker_id"] for w in workers if w["process"]["pid"] == dead)
+        expect(page.get_by_test_id("process-crashes-" + victim)).to_have_text("1")
+        expect(page.locator('[data-operation="dash_crash"]')).to_contain_text("process")
+        expect(page.get_by_test_id("history-table")).to_contain_text("WorkerCrashed")
+        # and the next process-lane call is served
+        assert isinstance(http.post("/pid").json()["pid"], int)
+    assert tab.errors == []

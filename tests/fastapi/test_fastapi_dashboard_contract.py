@@ -29,6 +29,8 @@ from tokengate import (ConductorPolicy, RetryPolicy, StickyPolicy, StorageTierPo
 from tokengate.policies.quarantine import QuarantinePolicy
 from tokengate.policies.reputation import ReputationPolicy
 
+import _fastapi_process_functions as pf
+
 P = "/tokengate"
 DASHBOARD = Path(tokengate_fastapi.__file__).parent / "static" / "dashboard.html"
 
@@ -39,6 +41,9 @@ SCHEMAS = {
     "latency": "LatencySummary",
     "core": "CoreInfo",
     "worker": "WorkerInfo",
+    "lane": "LaneInfo",
+    "process_worker": "WorkerInfo",
+    "process": "ProcessInfo",
     "history": "ExecutionRecord",
     "operation": "OperationReputation",
     "operation_run_time": "OperationRunTime",
@@ -54,6 +59,7 @@ READERS: dict[str, dict[str, str]] = {
     "renderLatency": {"s": "stats", "s.run_time": "latency"},
     "renderPending": {"s": "stats"},
     "renderCores": {"s": "stats", "c": "core", "w": "worker"},
+    "renderProcesses": {"s": "stats", "lane": "lane", "c": "core", "pw": "process_worker", "p": "process"},
     "renderHistory": {"r": "history", "a": "history", "b": "history"},
     "renderOperations": {"o": "operation", "rt": "operation_run_time"},
     "renderQuarantine": {"q": "quarantine"},
@@ -165,8 +171,15 @@ def _objects(kind: str, answer: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from (stats["queue_wait"], stats["run_time"])
     elif kind == "core":
         yield from stats["cores"]
+        yield from (core for lane in stats["lanes"].values() for core in lane["cores"])
     elif kind == "worker":
         yield from (w for core in stats["cores"] for w in core["workers"])
+    elif kind == "lane":
+        yield from stats["lanes"].values()
+    elif kind == "process_worker":
+        yield from (w for core in stats["lanes"]["process"]["cores"] for w in core["workers"])
+    elif kind == "process":
+        yield from (w["process"] for core in stats["lanes"]["process"]["cores"] for w in core["workers"])
     elif kind == "history":
         yield from answer["history"]
     elif kind == "operation":
@@ -185,9 +198,15 @@ async def test_real_answers_have_every_field_the_dashboard_reads(make_app: Calla
                                                                  tmp_path: Path) -> None:
     policies = [ReputationPolicy(), QuarantinePolicy(str(tmp_path / "q.sqlite3")), StickyPolicy(),
                 ConductorPolicy(), StorageTierPolicy(), RetryPolicy()]
-    app = make_app(policies=policies)
+    app = make_app(policies=policies, process_workers=1)
     async with serve(app) as client:
-        # Given: completed, retried-then-failed and quarantined calls
+        # Given: a worker process up (started with the server), and a call it ran
+        for _ in range(600):  # bounded: about 30 s
+            if (await client.get(f"{P}/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert isinstance(await pf.worker_pid(), int)
+        # completed, retried-then-failed and quarantined calls
         assert list(await asyncio.gather(*(square(i) for i in range(3)))) == [0, 1, 4]
         with pytest.raises(KeyError):
             await fails(1)
