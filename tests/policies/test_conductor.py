@@ -429,7 +429,8 @@ def test_stats_are_bounded_and_json_ready(standalone: Factory) -> None:
     stats = c.stats()["policies"]["conductor"]
     json.dumps(stats)
     assert stats["domains"] == 3 and len(stats["listed"]) == 2 and stats["truncated"] is True
-    assert set(stats["listed"][0]) == {"seed", "lead", "core", "pending", "age"}
+    assert set(stats["listed"][0]) == {"seed", "lead", "core", "pending", "age", "key"}
+    assert stats["listed"][0]["key"] is None  # a lead without sticky_key: its seed comes from its token id
     c.resume()
     for t in tokens:
         t.get(WAIT)

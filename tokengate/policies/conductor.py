@@ -7,6 +7,15 @@ Tags (validated at decoration):
   whose *seed* is ``digest(f"{token_id}:{freeze(external_calls)!r}",
   digest_policy)``, unique per lead call because it contains the token id
   (computed when first read: only logs and statistics use it).
+* ``sticky_key`` (declared by the sticky policy) on a lead: the seed is made
+  from the lead's key instead of its token id, ``digest(f"{key!r}:
+  {freeze(external_calls)!r}")`` with ``key = (anchor, fingerprint of the
+  chosen values)`` (``hash_policy`` applies), so every lead of one account
+  (say) has the same seed, and ``stats()`` lists each domain's key. The
+  sticky policy, installed before this one by default, pins the leads of a
+  key to one worker domain (and, with ``ordered``, runs them one at a time);
+  their children follow each lead there. A key that cannot be computed
+  refuses the lead with :class:`~tokengate.fingerprint.StickyKeyError`.
 * ``digest_policy``: a :class:`~tokengate.fingerprint.DigestPolicy` or its
   value: ``"full"`` (SHA-256, 64 hex chars, default), ``"short"`` (16),
   ``"fast"`` (BLAKE2s, 16), ``"minimal"`` (8). The seed is a label for logs and
@@ -60,10 +69,11 @@ import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import current
-from ..errors import ConfigurationError
-from ..fingerprint import DigestPolicy, digest, freeze
+from ..errors import ConfigurationError, describe_exception
+from ..fingerprint import BoundKey, DigestPolicy, HashPolicy, StickyKeyError, digest, freeze
 from ..policy import Policy
 from ..tags import declare_tag
+from .sticky import bind_sticky_key
 
 if TYPE_CHECKING:
     from ..policy import PolicyHost
@@ -78,6 +88,7 @@ _OWNER = "tokengate.policies.conductor"
 _SLOT = "conductor.member"  # token.policy_data key: this call's _Member (kept after settle: no user data)
 _CACHE = "tokengate.conductor"  # guarded.policy_cache key: a lead function's _Lead
 _SEED_PREFIX = 12
+_KEY_CHARS = 80  # a keyed domain's key as listed in stats()
 
 
 def _parse_calls(value: Any) -> tuple[str, ...]:
@@ -104,27 +115,51 @@ class _Lead(NamedTuple):
     calls: frozenset[str]
     frozen: str  # repr(freeze(external_calls)): the constant part of every seed
     digest_policy: DigestPolicy
+    # sticky_key: the seed comes from the lead's key (anchor + chosen values), not its token id.
+    anchor: str
+    hash_policy: HashPolicy
+    key: BoundKey | None
+    error: str | None  # a sticky_key that does not fit the function: its calls are refused
 
 
 def _lead(guarded: GuardedFunction[..., Any]) -> _Lead:
     cached: _Lead | None = guarded.policy_cache.get(_CACHE)
     if cached is None:
-        calls = guarded.tags["external_calls"]
-        cached = _Lead(frozenset(calls), repr(freeze(calls)),
-                       guarded.tags.get("digest_policy", DigestPolicy.FULL))
+        tags = guarded.tags
+        calls = tags["external_calls"]
+        key = error = None
+        chosen = tags.get("sticky_key")
+        if chosen is not None:
+            try:
+                key = bind_sticky_key(guarded.func, chosen, tags)
+            except ConfigurationError as exc:
+                error = f"task_token_guard({guarded.operation_type!r}): tag 'sticky_key': {exc}"
+        cached = _Lead(frozenset(calls), repr(freeze(calls)), tags.get("digest_policy", DigestPolicy.FULL),
+                       tags.get("sticky_anchor") or guarded.operation_type,
+                       tags.get("hash_policy", HashPolicy.STANDARD), key, error)
         guarded.policy_cache[_CACHE] = cached
     return cached
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a user object's __repr__ may fail; the key is then known by its type
+        return f"<{type(value).__qualname__}>"
 
 
 class _Domain:
     """One lead's call chain. ``core`` and ``pending`` are guarded by the policy's lock."""
 
-    __slots__ = ("ident", "lead_id", "lead", "core", "pending", "owner", "opened_at", "_seed")
+    __slots__ = ("ident", "lead_id", "lead", "key", "core", "pending", "owner", "opened_at", "_seed")
 
-    def __init__(self, ident: int, lead_id: str, lead: _Lead, core: int | None, owner: ConductorPolicy) -> None:
+    def __init__(self, ident: int, lead_id: str, lead: _Lead, core: int | None, owner: ConductorPolicy,
+                 key: str | None = None) -> None:
         self.ident = ident
         self.lead_id = lead_id
         self.lead = lead
+        # repr() of a keyed lead's (anchor, fingerprint): a string, so that no user object outlives the call.
+        self.key = key
         self.core = core  # where the lead runs; None until its first call (or its parent's core)
         self.pending = 1  # the lead itself
         self.owner = owner
@@ -136,7 +171,8 @@ class _Domain:
         """The digest, computed when first read: it is a label, so the hot path never hashes."""
         seed = self._seed
         if seed is None:  # two threads may both compute it: same value, no lock needed
-            seed = self._seed = digest(f"{self.lead_id}:{self.lead.frozen}", self.lead.digest_policy)
+            material = self.lead_id if self.key is None else self.key
+            seed = self._seed = digest(f"{material}:{self.lead.frozen}", self.lead.digest_policy)
         return seed
 
 
@@ -229,6 +265,10 @@ class ConductorPolicy(Policy):
         """Open a lead's domain, or join the running parent's domain (submitting thread).
 
         Runs before the call is routed, so a child is counted before it can finish.
+
+        Raises:
+            StickyKeyError: a lead's ``sticky_key`` does not fit it, or its key
+                function raised for these arguments.
         """
         data = token.policy_data
         if data is not None and _SLOT in data:
@@ -244,16 +284,19 @@ class ConductorPolicy(Policy):
                 parent_core = parent.core_id
         if calls is None and parent_domain is None:
             return  # the common case: a plain call outside any domain
-        if data is None:
-            data = token.policy_data = {}
         guarded = token.guarded
         lead = None if calls is None or guarded is None else _lead(guarded)
+        key = None
+        if lead is not None and (lead.key is not None or lead.error is not None):
+            key = self._key(token, lead)
+        if data is None:
+            data = token.policy_data = {}
         with self._lock:
             if parent_domain is not None:
                 self._join(parent_domain, token, parent_core)
             if lead is not None:
                 own = _Domain(next(self._ids), token.token_id, lead,
-                              None if parent_domain is None else parent_domain.core, self)
+                              None if parent_domain is None else parent_domain.core, self, key)
                 self._domains[own.ident] = own
                 self._opened += 1
                 self._pending += 1
@@ -262,6 +305,19 @@ class ConductorPolicy(Policy):
                 assert parent_domain is not None
                 member = _Member(parent_domain, parent_domain, None)
         data[_SLOT] = member
+
+    @staticmethod
+    def _key(token: TaskToken[Any], lead: _Lead) -> str:
+        """The repr of a keyed lead's sticky key; refuses the call when it cannot be computed."""
+        if lead.key is None:
+            raise StickyKeyError(lead.error or "sticky_key does not fit the function",
+                                 operation_type=token.operation_type)
+        try:
+            key = lead.key.key(lead.anchor, token.args or (), token.kwargs or {}, lead.hash_policy)
+        except Exception as exc:
+            raise StickyKeyError(f"{token.operation_type}: the sticky_key function raised "
+                                 f"{describe_exception(exc)}", operation_type=token.operation_type) from exc
+        return _safe_repr(key)
 
     def _join(self, domain: _Domain, token: TaskToken[Any], parent_core: int | None) -> None:
         """Count *token* in *domain*. Caller holds the lock."""
@@ -341,7 +397,8 @@ class ConductorPolicy(Policy):
             }
         listed = [
             {"seed": d.seed[:_SEED_PREFIX], "lead": d.lead_id, "core": d.core, "pending": d.pending,
-             "age": round(now - d.opened_at, 3)}
+             "age": round(now - d.opened_at, 3),
+             "key": d.key if d.key is None or len(d.key) <= _KEY_CHARS else d.key[: _KEY_CHARS - 3] + "..."}
             for d in heapq.nlargest(self.max_listed, domains, key=lambda d: d.pending)
         ]
         return {**totals, "listed": listed, "truncated": len(domains) > len(listed)}
