@@ -23,9 +23,11 @@ from hypothesis import strategies as st
 
 from tokengate.errors import ConfigurationError
 from tokengate.fingerprint import (
+    ArgumentKey,
     DigestPolicy,
     HashPolicy,
     args_fingerprint,
+    chosen_key,
     digest,
     fast_make_hashable,
     freeze,
@@ -552,3 +554,142 @@ def test_routing_key_shape(policy: HashPolicy) -> None:
     assert routing_key("other", (1, [2]), {"b": {3}, "a": "x"}, policy) != key
     assert routing_key("anchor", (1, [3]), {"b": {3}, "a": "x"}, policy) != key
     assert routing_key("anchor", (1, [2]), {"b": {3}, "a": "x"}, policy.value) == key  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Keys chosen from the arguments: ArgumentKey, BoundKey, chosen_key
+
+
+def _every_kind(a: int, /, b: int, c: int = 3, *rest: int, d: int, e: int = 5, **extra: int) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "kwargs", "value"),
+    [
+        ("a", (1, 2), {"d": 4}, 1),
+        ("b", (1, 2), {"d": 4}, 2),
+        ("b", (1,), {"b": 2, "d": 4}, 2),
+        ("c", (1, 2), {"d": 4}, 3),  # the default
+        ("c", (1, 2, 30), {"d": 4}, 30),
+        ("c", (1,), {"b": 2, "c": 30, "d": 4}, 30),
+        ("rest", (1, 2, 3, 7, 8), {"d": 4}, (7, 8)),
+        ("rest", (1, 2), {"d": 4}, ()),
+        ("d", (1, 2), {"d": 4}, 4),
+        ("e", (1, 2), {"d": 4}, 5),
+        ("extra", (1, 2), {"d": 4, "z": 9, "a": 1}, {"z": 9, "a": 1}),  # a positional-only name may be a keyword
+    ],
+)
+def test_bound_names_pick_each_kind_of_parameter(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                                 value: Any) -> None:
+    assert ArgumentKey.parse(name).bind(_every_kind).values(args, kwargs) == value
+
+
+def test_positional_and_keyword_spellings_give_one_key() -> None:
+    def pay(account_id: str, amount: int, ref: str = "") -> None:
+        return None
+
+    bound = ArgumentKey.parse("account_id").bind(pay)
+    keys = {bound.key("pay", args, kwargs, HashPolicy.STANDARD)
+            for args, kwargs in [(("acme", 1), {}), (("acme",), {"amount": 2}),
+                                 ((), {"amount": 3, "account_id": "acme"}), (("acme", 4, "r"), {})]}
+    assert keys == {("pay", "acme")}
+    several = ArgumentKey.parse(("ref", "account_id")).bind(pay)
+    assert several.values(("acme", 1), {}) == ("", "acme")
+    assert several.values((), {"account_id": "acme", "amount": 1, "ref": "x"}) == ("x", "acme")
+
+
+def test_a_missing_argument_has_a_marker_key_not_an_error() -> None:
+    def pay(account_id: str) -> None:
+        return None
+
+    value = ArgumentKey.parse("account_id").bind(pay).values((), {})
+    assert repr(value) == "<missing>"
+    assert chosen_key("pay", value, HashPolicy.STANDARD) == chosen_key("pay", value, HashPolicy.STANDARD)
+
+
+def test_a_key_function_gets_every_argument_by_name_with_defaults() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def key(**arguments: Any) -> str:
+        seen.append(arguments)
+        return "k"
+
+    bound = ArgumentKey.parse(key).bind(_every_kind)
+    assert bound.values((1, 2, 3, 7), {"d": 4, "z": 9}) == "k"
+    assert seen == [{"a": 1, "b": 2, "c": 3, "rest": (7,), "d": 4, "e": 5, "extra": {"z": 9}}]
+    # An argument the call leaves out with no default is not passed: the key function decides
+    seen.clear()
+    bound.values((1,), {})
+    assert seen == [{"a": 1, "c": 3, "rest": (), "e": 5, "extra": {}}]
+
+
+def test_a_key_function_exception_propagates() -> None:
+    bound = ArgumentKey.parse(lambda doc, **_: doc["id"]).bind(lambda doc: None)
+    with pytest.raises(KeyError):
+        bound.values(({},), {})
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("", "parameter names"),
+        ("two words", "parameter names"),
+        (["a", 1], "parameter names"),
+        ([], "at least one"),
+        (("a", "b", "a"), "more than once"),
+        (None, "parameter name, a tuple"),
+        (int, "parameter name, a tuple"),
+    ],
+)
+def test_argument_key_parse_refuses(value: Any, fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        ArgumentKey.parse(value)
+
+
+def test_bind_refuses_what_does_not_fit_the_function() -> None:
+    with pytest.raises(ConfigurationError, match=r"'x', 'y', which are not a parameter of .*_every_kind\(a, b, c, "
+                                                 r"\*rest, d, e, \*\*extra\)"):
+        ArgumentKey.parse(("x", "b", "y")).bind(_every_kind)
+    with pytest.raises(ConfigurationError, match="did you mean 'rest'"):
+        ArgumentKey.parse("rst").bind(_every_kind)
+    with pytest.raises(ConfigurationError, match="cannot take them"):
+        ArgumentKey.parse(lambda a, b: a).bind(_every_kind)
+    with pytest.raises(ConfigurationError, match="cannot take them"):
+        ArgumentKey.parse(lambda q, **_: q).bind(_every_kind)  # q is not an argument of the function
+    with pytest.raises(ConfigurationError, match="signature"):
+        ArgumentKey.parse("a").bind(type)
+
+
+def test_argument_key_equality_and_repr() -> None:
+    def key(**_: Any) -> int:
+        return 1
+
+    assert ArgumentKey.parse("a") == ArgumentKey.parse(["a"]) == ArgumentKey(names=("a",))
+    assert ArgumentKey.parse("a") != ArgumentKey.parse(("a", "b"))
+    assert ArgumentKey.parse(key) == ArgumentKey.parse(key)
+    assert hash(ArgumentKey.parse(key)) == hash(ArgumentKey(function=key))
+    assert repr(ArgumentKey.parse(key)).startswith("ArgumentKey(test_argument_key_equality_and_repr.")
+    with pytest.raises(ConfigurationError):
+        ArgumentKey()
+
+
+def test_chosen_key_applies_the_hash_policy() -> None:
+    one, other = Plain(1), Plain(1)
+    assert chosen_key("a", one, HashPolicy.STANDARD) == chosen_key("a", other, HashPolicy.STANDARD)
+    assert chosen_key("a", one, HashPolicy.FAST) != chosen_key("a", other, HashPolicy.FAST)
+    assert chosen_key("a", [1, {2}], HashPolicy.FULL) == ("a", make_hashable([1, {2}]))
+    assert chosen_key("a", HashRaises(), HashPolicy.STANDARD)[0] == "a"  # never raises
+    assert chosen_key("a", 1, HashPolicy.NONE) == ("a", ())
+
+
+@settings(max_examples=200, deadline=None)
+@given(account=st.text(max_size=8), amount=st.integers(), ref=st.text(max_size=4), spelling=st.integers(0, 3))
+def test_any_spelling_of_a_call_gives_its_account_key(account: str, amount: int, ref: str, spelling: int) -> None:
+    def pay(account_id: str, amount: int, ref: str = "") -> None:
+        return None
+
+    bound = ArgumentKey.parse("account_id").bind(pay)
+    args, kwargs = [((account, amount, ref), {}), ((account,), {"amount": amount, "ref": ref}),
+                    ((), {"ref": ref, "amount": amount, "account_id": account}), ((account, amount), {})][spelling]
+    assert bound.key("pay", args, kwargs, HashPolicy.STANDARD) == ("pay", account)
