@@ -14,8 +14,10 @@ Zero failures is the contract: every status, body, content type and header
 the server sends is documented, malformed input is refused, ``Allow`` lists
 every method a path serves. The only server errors accepted are the
 documented ones: 503 (tokengate's refusals, with ``Retry-After``) anywhere,
-and 500 ``function_failed`` from ``/fail`` and ``/flaky``, whose function
-fails on purpose. Long valid sleeps are shortened by
+500 ``function_failed`` from ``/fail`` and ``/flaky``, whose function
+fails on purpose, and 502 ``worker_crashed`` from ``/crash``, whose function
+ends its worker process on purpose (the ``/cpu`` calls around it must still
+answer 200: the crash is contained). Long valid sleeps are shortened by
 ``_contract_fuzz_hooks.py`` to keep the run bounded. The server's output must
 hold no traceback.
 
@@ -54,6 +56,10 @@ expected-statuses = ["2xx", "3xx", "4xx", "503"]
 [[operations]]
 include-path = ["/fail", "/flaky"]
 checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "500", "503"]
+
+[[operations]]
+include-path = ["/crash"]
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "502", "503"]
 """
 
 
