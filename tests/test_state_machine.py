@@ -257,6 +257,7 @@ class Fn:
     timed: bool = False
     sticky: bool = False
     tier: Optional[str] = None
+    lead: bool = False  # a conductor lead: its calls open a domain its children join
 
     def __repr__(self) -> str:
         return f"Fn({self.op})"
@@ -271,7 +272,8 @@ def _make(name: str, tags: dict[str, Any]) -> Fn:
     guarded = task_token_guard(operation_type=f"sm.{name}", tags=tags)(fn)
     globals()[name] = guarded
     return Fn(guarded, f"sm.{name}", retries=tags.get("retries", 0), timed="timeout" in tags,
-              sticky="sticky_anchor" in tags or bool(tags.get("ordered")), tier=tags.get("storage_speed"))
+              sticky="sticky_anchor" in tags or bool(tags.get("ordered")), tier=tags.get("storage_speed"),
+              lead="external_calls" in tags)
 
 
 _RETRY = {"retries": 2, "retry_backoff": {"base": 0.001, "cap": 0.004}}
@@ -288,6 +290,7 @@ FUNCS: list[Fn] = [
     _make("sm_timed_ordered", {"weight": "medium", "sticky_anchor": "smt", "ordered": True,
                                "timeout": TIMEOUT_TAG}),
     _make("sm_timed_retried", {"weight": "light", "timeout": TIMEOUT_TAG, "storage_speed": "slow", **_RETRY}),
+    _make("sm_lead", {"weight": "heavy", "external_calls": ["sm.sm_plain"]}),
 ]
 OPS = sorted({f.op for f in FUNCS})
 PLAIN = FUNCS[0]  # what a nest calls
@@ -1012,6 +1015,10 @@ class CoordinatorMachine(RuleBasedStateMachine):
             assert len(live) == stats["counts"]["inflight"], (len(live), stats["counts"])
         sticky = stats["policies"]["sticky"]
         assert sticky["inflight"] == sum(1 for e in live if e.fn.sticky), (sticky, live)
+        if exact:
+            # A conductor domain lives while its lead or a member is in flight (members are plain nests).
+            domains = stats["policies"]["conductor"]["domains"]
+            assert domains <= sum(1 for e in live if e.fn.lead), (domains, live)
         for tier, row in stats["policies"]["storage_tiers"]["tiers"].items():
             mine = sum(1 for e in live if e.fn.tier == tier)
             assert row["active"] <= row["limit"], (tier, row)
