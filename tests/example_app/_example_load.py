@@ -145,7 +145,7 @@ def _processed_or_quarantined(status: int, body: Any) -> bool:
 
 
 def standard_mix(*, spike_every: int = 0) -> list[Request]:
-    """Light, heavy, sticky, ordered and retried calls, and batches (with a spike every *spike_every*-th).
+    """Light, heavy, sticky, ordered, retried and process-lane calls, and batches (a spike every *spike_every*-th).
 
     A spike (a batch far larger than the warm-up's) is quarantined: 409
     ``token_quarantined`` is its normal answer.
@@ -162,4 +162,5 @@ def standard_mix(*, spike_every: int = 0) -> list[Request]:
         Request("ordered", "GET", lambda n, i: f"/ordered/acct-{n}?calls=3", _ok("in_order", True)),
         Request("retried", "GET", lambda n, i: "/flaky?fail_times=1", _ok("result")),
         Request("batch", "POST", lambda n, i: "/process", _processed_or_quarantined, json=batch),
+        Request("cpu", "GET", lambda n, i: "/cpu?n=20000", _ok("checksum")),  # the process lane
     ]

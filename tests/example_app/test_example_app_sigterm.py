@@ -1,9 +1,10 @@
 """SIGTERM under load: a real ``python -m example_app`` answers every request it accepted, then exits.
 
 The server runs with a short drain (``--drain-timeout 2``). A bounded mixed
-load (light, heavy, sticky, ordered, retried, batches) runs from threads on
-127.0.0.1, two long calls are in flight (one finishes inside the drain, one
-outlives it), and quarantine records exist. Then SIGTERM. Required:
+load (light, heavy, sticky, ordered, retried, batches, process-lane ``/cpu``)
+runs from threads on 127.0.0.1, two long calls are in flight (one finishes
+inside the drain, one outlives it), and quarantine records exist. Then
+SIGTERM. Required:
 
 * every request that got a response got its normal answer or the documented
   503 JSON (``gate_closed`` during the drain, ``coordinator_stopped`` for the
@@ -11,6 +12,7 @@ outlives it), and quarantine records exist. Then SIGTERM. Required:
   signal got a response; new requests were refused with 503 while draining;
 * the process exits within its budget (drain + graceful timeout + slack);
 * its output holds no traceback and no cancelled task;
+* no worker process of the process lane outlives it;
 * after a restart on the same database, the quarantine records written
   before the signal are intact.
 
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from _example_load import Load, Outcome, classify, standard_mix
@@ -73,6 +76,13 @@ def _wait_until(what: str, check: Any, timeout: float = 15.0) -> None:
         time.sleep(0.05)  # polling another process: there is no event to wait on
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _slow_running(client: httpx.Client) -> int:
     workers = client.get("/tokengate/workers", headers=AUTH).json()
     return sum(1 for w in workers if w.get("running_operation") == "example.slow")
@@ -114,6 +124,8 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_cleanly(tmp
                 caller.start()
             _wait_until("both long calls to run", lambda: _slow_running(client) == 2)
             _wait_until("the load to flow", lambda: load.count() >= 40)
+            worker_pids = [w["process"]["pid"] for w in client.get("/tokengate/workers", headers=AUTH).json()
+                           if w["lane"] == "process" and w["process"]["pid"] is not None]
         # When: SIGTERM arrives mid-run
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -153,6 +165,9 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_cleanly(tmp
     assert long.status == 503 and isinstance(long.body, dict) and long.body.get("error") == "coordinator_stopped" \
         and long.retry_after, long
     assert short.ended < exited and long.ended - signalled < EXIT_BUDGET
+    # no worker process of the process lane outlives the server
+    assert worker_pids and verdicts["normal"] and any(o.name == "cpu" and o.status == 200 for o in load.snapshot())
+    _wait_until("the worker processes to end", lambda: not [p for p in worker_pids if _alive(p)], timeout=10)
     print(f"\nSIGTERM test: exit {exited - signalled:.2f} s after the signal (budget {EXIT_BUDGET:.0f} s); "
           f"answers {dict(verdicts)}; after the signal {dict(after_signal)}")
 
