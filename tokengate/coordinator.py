@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Deque, Iterable
+from typing import TYPE_CHECKING, Any, Deque, Iterable
 
 from . import current
 from .decorator import GuardedFunction
@@ -49,6 +49,9 @@ from .topology import RoutingTable, Topology, detect_topology, routing_table
 from ._admission import AdmissionMixin
 from ._plan import _Plan
 from ._settlement import SettlementMixin
+
+if TYPE_CHECKING:
+    from .lanes.dask import DaskLane
 
 __all__ = ["OperationsCoordinator", "KillResult", "DrainReport"]
 
@@ -121,6 +124,25 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             (None: never), between calls, as loky and Ray do against leaks.
         max_process_rss: Replace a worker process whose resident memory
             exceeds this many bytes (checked between calls; None: never).
+        dask_address: The Dask scheduler of the Dask lane (functions tagged
+            ``lane: "dask"``), e.g. ``"tcp://10.0.0.5:8786"``. Default: the
+            ``TOKENGATE_DASK_ADDRESS`` environment variable, else an embedded
+            ``LocalCluster`` (worker processes with one thread each, as many
+            as ``dask_local_workers``) started by the lane and closed at stop.
+        dask_inflight: Calls in flight on the cluster per domain (the lane's
+            workers per domain), so each weight class has a bounded number of
+            calls on the cluster and the rest wait in TokenGate's queues.
+            Default 8 when ``distributed`` is installed (``tokengate[dask]``),
+            else no Dask lane. ``0``: no Dask lane.
+        warm_dask: Connect (and start the embedded cluster) with the
+            coordinator; the start fails with ``ClusterUnavailable`` if the
+            scheduler cannot be reached, unless ``dask_optional``. Default
+            False: the lane connects at its first call.
+        dask_optional: An unreachable scheduler does not fail the start nor
+            hold ``ready`` back: Dask-lane calls settle with
+            ``ClusterUnavailable`` (HTTP 503) until the lane connects.
+        dask_local_workers: Worker processes of the embedded cluster
+            (default: the usable CPUs).
 
     Raises:
         ConfigurationError: for any invalid option, at construction.
@@ -143,6 +165,11 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         warm_processes: bool = False,
         max_calls_per_process: int | None = None,
         max_process_rss: int | None = None,
+        dask_address: str | None = None,
+        dask_inflight: int | None = None,
+        warm_dask: bool = False,
+        dask_optional: bool = False,
+        dask_local_workers: int | None = None,
     ) -> None:
         self.topology: Topology = detect_topology()
         cores = self.topology.usable_cpus if num_cores is None else num_cores
@@ -201,6 +228,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             self._routers["process"] = Router(self, self.process_routing, mailbox_size, max_pending,
                                               lane="process", lock=self._router.lock,
                                               make_worker=make_process_worker)
+        self._dask = self._make_dask_lane(dask_address, dask_inflight, warm_dask, dask_optional, dask_local_workers,
+                                          mailbox_size, max_pending, bulkhead_reserve)
         self._refill_batch = max(1, mailbox_size // 2)
         # An idle worker takes queued tokens from a sibling whose call has run this long.
         self._steal_after = 0.005
@@ -264,6 +293,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             return self
         self._check_startable()
         self._begin(asyncio.get_running_loop())
+        if self._dask is not None and self._dask.warm:
+            await self._await_dask_start()
         return self
 
     def start(self) -> OperationsCoordinator:
@@ -300,6 +331,12 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         if failure:
             self._own_thread.join(timeout=10)  # it closes its loop and ends: leave no thread behind
             raise failure[0]
+        if self._dask is not None and self._dask.warm and self._loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._await_dask_start(), self._loop).result()
+            except BaseException:
+                self._join_own_thread()  # the failed start stopped its loop: leave no thread behind
+                raise
         return self
 
     def _check_startable(self) -> None:
@@ -321,6 +358,9 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                 worker.start(self.name)
             if self._warm_processes and "process" in self._routers:
                 self._start_lane("process")
+            if self._dask is not None and self._dask.warm:
+                self._start_lane("dask")
+                self._dask.start(loop)
             for p in self.policies:
                 p.on_start(self)
                 started.append(p)
@@ -367,7 +407,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         if router is None:
             raise ConfigurationError(
                 f"{guarded.qualname}() runs on the {guarded.lane!r} lane, which coordinator {self.name!r} "
-                f"does not have (lanes: {', '.join(self._routers)}); give it process_workers > 0")
+                f"does not have (lanes: {', '.join(self._routers)}); give it "
+                + ("dask_inflight > 0 (and install tokengate[dask])" if guarded.lane == "dask" else "process_workers > 0"))
         if guarded.lane not in self._started_lanes:
             self._start_lane(guarded.lane)
         return router
@@ -383,6 +424,50 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             self._started_lanes.add(lane)
             for worker in self._routers[lane].workers:
                 worker.start(self.name)
+
+    def _make_dask_lane(self, address: str | None, inflight: int | None, warm: bool, optional: bool,
+                        local_workers: int | None, mailbox_size: int, max_pending: int,
+                        bulkhead_reserve: int) -> DaskLane | None:
+        """Build the Dask lane's router and its DaskLane (None: no Dask lane). See the dask_* options."""
+        from .lanes import dask as dask_lane
+
+        for label, flag in (("warm_dask", warm), ("dask_optional", optional)):
+            if not isinstance(flag, bool):
+                raise ConfigurationError(f"{label} must be True or False, got {flag!r}")
+        if local_workers is not None:
+            _check_int("dask_local_workers", local_workers, 1, 1024)
+        resolved = dask_lane.address_from(address)
+        if inflight is None:
+            if not dask_lane.distributed_available():
+                if address is not None or warm or local_workers is not None:
+                    dask_lane.require_distributed("the Dask lane (dask_address, warm_dask, dask_local_workers)")
+                return None
+            inflight = 8
+        _check_int("dask_inflight", inflight, 0, 4096)
+        if inflight == 0:
+            return None
+        dask_lane.require_distributed("the Dask lane (dask_inflight > 0)")
+        from .lanes.dask_worker import DaskWorker
+
+        lane = dask_lane.DaskLane(name=self.name, address=resolved, optional=optional, warm=warm,
+                                  local_workers=local_workers or self.topology.usable_cpus)
+
+        def make_dask_worker(coordinator: OperationsCoordinator, core_id: int, index: int) -> Worker:
+            return DaskWorker(coordinator, core_id, index, lane)
+
+        table = routing_table(self.num_cores, inflight, min(bulkhead_reserve, inflight - 1))
+        self._routers["dask"] = Router(self, table, mailbox_size, max_pending, lane="dask",
+                                       lock=self._router.lock, make_worker=make_dask_worker)
+        return lane
+
+    async def _await_dask_start(self) -> None:
+        """A warm Dask lane: wait for its connection; a required one that failed fails the start (stopped first)."""
+        assert self._dask is not None
+        try:
+            await self._dask.wait_started()
+        except BaseException:
+            await self._shutdown(0.0)
+            raise
 
     async def __aenter__(self) -> OperationsCoordinator:
         return await self.astart()
@@ -484,6 +569,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         stuck = [w.worker_id for w in workers if w.thread is not None and w.thread.is_alive()]
         if stuck:
             logger.warning("coordinator %s: workers still running user code at stop: %s", self.name, stuck)
+        if self._dask is not None:  # after its workers: closes the client and any embedded cluster
+            await self._dask.aclose()
         self._settle_done(0)
         for p in reversed(self.policies):
             try:
@@ -808,7 +895,9 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             # Lanes other than threads (whose figures are the ones above): their
             # own domains, queues and workers, with each worker process's figures.
             "lanes": {lane: {**s, "ready": all(getattr(w, "ready", True) for w in self._routers[lane].workers),
-                             "routing": self._routers[lane].table.to_dict()} for lane, s in others.items()},
+                             "routing": self._routers[lane].table.to_dict(),
+                             **({"cluster": self._dask.describe()} if lane == "dask" and self._dask else {})}
+                      for lane, s in others.items()},
             "policies": {p.name: _safe_stats(p) for p in self.policies},
         }
 

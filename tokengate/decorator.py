@@ -82,6 +82,10 @@ class GuardedFunction(Generic[P, R]):
         elif self.lane == "process":
             check_importable(func, resolve=False)
             self.reference = FunctionRef(func.__module__, func.__qualname__)
+        elif self.lane == "dask":  # travels by cloudpickle (by value if need be): only the library is checked
+            from .lanes.dask import require_distributed
+
+            require_distributed(f"{operation_type!r} (tags lane='dask')")
         self.module: str = getattr(func, "__module__", None) or "__main__"
         self.qualname: str = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
         # Policies cache per-function decisions here (e.g. parsed retry settings).

@@ -20,8 +20,8 @@ __all__ = ["TagSpec", "declare_tag", "declared_tags", "validate_tags", "WEIGHTS"
            "parse_lane"]
 
 WEIGHTS = ("heavy", "medium", "light")
-#: How a routed call runs: on a worker thread, or in a worker process.
-LANES = ("thread", "process")
+#: How a routed call runs: on a worker thread, in a worker process, or on a Dask cluster.
+LANES = ("thread", "process", "dask")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def parse_weight(value: Any) -> str:
 
 
 def parse_lane(value: Any) -> str:
-    """``thread`` | ``process``, case-insensitive."""
+    """``thread`` | ``process`` | ``dask``, case-insensitive."""
     if not isinstance(value, str) or value.strip().lower() not in LANES:
         raise ConfigurationError(f"unknown lane {value!r}; use one of {', '.join(LANES)}")
     return value.strip().lower()
@@ -115,5 +115,5 @@ def parse_seconds(value: Any) -> float:
 
 declare_tag("weight", "core", parse_weight, "weight class: heavy | medium | light (default: inferred from complexity)")
 declare_tag("timeout", "core", parse_seconds, "seconds before the token settles as TIMEOUT")
-declare_tag("lane", "core", parse_lane, "how the call runs: thread (default) | process")
+declare_tag("lane", "core", parse_lane, "how the call runs: thread (default) | process | dask")
 declare_tag("process_pool", "core", parse_process_pool, "True: the same as lane='process' (the seeds' name)")

@@ -1,0 +1,675 @@
+"""The Dask lane's engine room: one asynchronous ``distributed.Client`` per coordinator, on its loop.
+
+:class:`DaskLane` owns the connection to a Dask scheduler (``dask_address``, or
+the ``TOKENGATE_DASK_ADDRESS`` environment variable, or else an embedded
+``LocalCluster`` it starts and closes itself) and moves calls between the
+lane's routed worker threads (:mod:`tokengate.lanes.dask_worker`) and the
+cluster:
+
+* A worker thread hands a claimed call to :meth:`DaskLane.run` and blocks until
+  its outcome is back, so the lane's worker count per domain *is* the bound on
+  calls in flight on the cluster per weight class; everything else waits in
+  TokenGate's pending queues, where kill, pause and drain reach it.
+* Calls are submitted on the coordinator's loop, **batched per burst**: the
+  first call of a burst schedules one flush, which submits everything queued
+  by then with one ``client.map`` per (resource, pinned worker) group; results
+  that finish together are fetched with one ``client.gather``.
+* ``pure=False`` always (every call runs, side effects included); each task's
+  key is ``<operation_type>-<token id>-<random>``, so it is readable on the Dask
+  dashboard and unique across coordinators sharing a cluster.
+* **Weight classes map to resources**: a heavy call asks for the Dask resource
+  ``heavy=1`` when at least one worker declares it (``dask worker --resources
+  "heavy=1"``), and runs on any worker when none does. The embedded cluster
+  declares ``heavy``, ``medium`` and ``light`` on every worker.
+* **Locality**: a call pinned by the sticky policy (its key) or the conductor
+  (its chain) goes to one Dask worker chosen by rendezvous hashing over the
+  workers that may run its class, with ``allow_other_workers=True``: while that
+  worker is in the cluster every call of the key runs there; when it leaves,
+  Dask runs the call anywhere and the key moves to the next worker of its hash
+  order (only that worker's keys move).
+
+What the outcome of a call can be, besides the function's value:
+
+* the function's own exception, unchanged in type, with the remote traceback
+  (as ``distributed`` gives it);
+* :class:`~tokengate.errors.WorkerCrashed` when Dask gives up on the task after
+  its workers died (``KilledWorker``, after Dask's own retries:
+  ``distributed.scheduler.allowed-failures``, default 3);
+* :class:`~tokengate.lanes.dask_errors.ClusterUnavailable` (503) when there is
+  no connection to the scheduler, or it was lost while the call was out;
+* :class:`~tokengate.lanes.dask_errors.TaskCancelledOnCluster` when someone
+  else cancelled the task.
+
+Nothing here logs on the call path; connects, losses, reconnects and closes are
+logged on ``tokengate.lanes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib.util
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, Callable, Deque, Hashable, Mapping
+
+from ..errors import ConfigurationError, WorkerCrashed, describe_exception
+from .dask_errors import ClusterUnavailable, TaskCancelledOnCluster
+
+__all__ = [
+    "ADDRESS_ENV",
+    "DaskCall",
+    "DaskLane",
+    "EXTRA_HINT",
+    "distributed_available",
+    "require_distributed",
+    "rendezvous",
+]
+
+logger = logging.getLogger("tokengate.lanes")
+
+#: The environment variable naming the scheduler when no ``dask_address`` is given.
+ADDRESS_ENV = "TOKENGATE_DASK_ADDRESS"
+#: How to install the lane's dependency.
+EXTRA_HINT = "pip install 'tokengate[dask]'"
+#: Resources the embedded cluster declares on every worker (one task of each class per worker thread).
+LOCAL_RESOURCES = {"heavy": 1, "medium": 1, "light": 1}
+# Seconds between refreshes of the worker list (resources, pins) and connection checks.
+_MONITOR_INTERVAL = 2.0
+# Seconds between two attempts to reconnect after the client gave up.
+_RECONNECT_INTERVAL = 2.0
+# Seconds aclose() gives the client and the embedded cluster to close.
+_CLOSE_TIMEOUT = 15.0
+
+
+def distributed_available() -> bool:
+    """True if ``distributed`` can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("distributed") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_distributed(what: str) -> None:
+    """Raise ConfigurationError naming the extra to install when ``distributed`` is missing."""
+    if not distributed_available():
+        raise ConfigurationError(
+            f"{what} needs Dask distributed, which is not installed; install the extra: {EXTRA_HINT}")
+
+
+def rendezvous(key: Hashable, candidates: list[str]) -> str:
+    """The candidate *key* is pinned to: highest ``hash((key, candidate))`` (stable while it stays)."""
+    return max(candidates, key=lambda address: hash((key, address)))
+
+
+class _Payload:
+    """One call as it travels to a Dask worker: opaque to Dask's graph parser (no tuple is read as a task)."""
+
+    __slots__ = ("func", "args", "kwargs")
+
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None) -> None:
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.func, self.args, self.kwargs)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.func, self.args, self.kwargs = state
+
+
+def _invoke(payload: _Payload) -> Any:
+    """Run one call on a Dask worker (the task's function)."""
+    if payload.kwargs:
+        return payload.func(*payload.args, **payload.kwargs)
+    return payload.func(*payload.args)
+
+
+class DaskCall:
+    """One call on its way to the cluster and back; the outcome is set exactly once (see DaskLane._finish)."""
+
+    __slots__ = ("payload", "weight", "affinity", "key", "future", "done", "value", "is_error", "cancelled",
+                 "submitted_at")
+
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None,
+                 weight: str, affinity: Hashable | None, key: str) -> None:
+        self.payload: _Payload | None = _Payload(func, args, kwargs)
+        self.weight = weight
+        self.affinity = affinity
+        self.key = key
+        self.future: Any = None  # the distributed.Future, set on the loop
+        self.done = threading.Event()
+        self.value: Any = None
+        self.is_error = False
+        self.cancelled = False
+        self.submitted_at = 0.0
+
+
+def task_key(operation_type: str, token_id: str) -> str:
+    """A Dask key for a call: readable on the dashboard, unique across coordinators sharing a cluster."""
+    return f"{operation_type}-{token_id}-{uuid.uuid4().hex[:12]}"
+
+
+class DaskLane:
+    """The connection to one Dask scheduler and the calls on it (see the module docstring).
+
+    Args:
+        name: the coordinator's name (logs, the client's name).
+        address: the scheduler's address; None for an embedded ``LocalCluster``.
+        local_workers: worker processes of the embedded cluster (one thread each).
+        optional: an unreachable scheduler at a warm start does not fail the
+            start; the lane refuses calls with ``ClusterUnavailable`` until it
+            connects, and ``ready`` does not wait for it.
+        warm: connect when the coordinator starts (else at the first Dask call).
+
+    Threads: :meth:`run` and :meth:`cancel` from any thread; everything that
+    touches the client runs on the coordinator's loop.
+    """
+
+    def __init__(self, *, name: str, address: str | None, local_workers: int, optional: bool, warm: bool) -> None:
+        self.name = name
+        self.configured_address = address
+        self.local_workers = local_workers
+        self.optional = optional
+        self.warm = warm
+        #: new | connecting | connected | unavailable | closed
+        self.state = "new"
+        self.error: str | None = None
+        self.address: str | None = address
+        self.client: Any = None
+        self.cluster: Any = None
+        self.dashboard_link: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._outbox: Deque[DaskCall] = collections.deque()
+        self._flush_scheduled = False
+        self._inflight: set[DaskCall] = set()  # submitted, outcome not back; guarded by _lock
+        self._to_gather: list[DaskCall] = []  # finished on the cluster, result not fetched yet (loop only)
+        self._gather_scheduled = False
+        self._attempt_done = threading.Event()  # set when a connection attempt has ended (either way)
+        self._connect_task: asyncio.Task[None] | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._last_attempt = 0.0
+        self._workers: dict[str, dict[str, Any]] = {}
+        self.counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "cancelled": 0,
+                       "refused_unavailable": 0, "lost": 0, "connects": 0, "reconnects": 0}
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Begin connecting (once) on *loop*. Thread: any."""
+        with self._lock:
+            if self.state != "new":
+                return
+            self._loop = loop
+            self.state = "connecting"
+        if _on_loop(loop):
+            self._begin_connect()
+        else:
+            loop.call_soon_threadsafe(self._begin_connect)
+
+    def _begin_connect(self) -> None:
+        """Thread: loop."""
+        if self.state in ("closed", "connected") or (self._connect_task is not None and not self._connect_task.done()):
+            return
+        self._attempt_done.clear()
+        self._last_attempt = time.monotonic()
+        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def wait_started(self) -> None:
+        """Wait for the first connection attempt; raise its error unless the lane is optional. Thread: loop.
+
+        Raises:
+            ClusterUnavailable: the scheduler could not be reached (or the
+                embedded cluster could not start) and the lane is required.
+        """
+        if self._connect_task is None:  # start() was called from a worker thread: its callback may not have run
+            self._begin_connect()
+        task = self._connect_task
+        if task is not None:
+            await asyncio.shield(task)
+        if self.state != "connected" and not self.optional:
+            raise ClusterUnavailable(
+                f"the Dask lane of coordinator {self.name!r} could not connect to "
+                f"{self._where()}: {self.error}", address=self.address, reason="unreachable at start")
+
+    async def _connect(self) -> None:
+        """Connect the client (starting the embedded cluster first if there is no address). Thread: loop."""
+        try:
+            from distributed import Client, LocalCluster
+
+            reconnect = self.counts["connects"] > 0
+            if self.configured_address is None and self.cluster is None:
+                self.cluster = await LocalCluster(
+                    n_workers=self.local_workers, threads_per_worker=1, processes=True, asynchronous=True,
+                    host="127.0.0.1", dashboard_address="127.0.0.1:0" if importlib.util.find_spec("bokeh") else None,
+                    resources=dict(LOCAL_RESOURCES), name=f"{self.name}-dask")  # type: ignore[no-untyped-call]
+            address = self.configured_address or self.cluster.scheduler_address
+            self.address = address
+            client = await Client(address, asynchronous=True, name=f"tokengate-{self.name}",
+                                  set_as_default=False)  # type: ignore[no-untyped-call]
+            if self.state == "closed":  # closed while connecting
+                await client.close()
+                return
+            self.client = client
+            self.dashboard_link = _dashboard_link(client)
+            self.error = None
+            await self._refresh_workers()
+            self.state = "connected"
+            self.counts["connects"] += 1
+            if reconnect:
+                self.counts["reconnects"] += 1
+            logger.info("coordinator %s: Dask lane %s %s (%d workers)", self.name,
+                        "reconnected to" if reconnect else "connected to", self._where(), len(self._workers))
+            if self._monitor_task is None:
+                self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+        except Exception as exc:  # noqa: BLE001 - any failure to connect is the lane's state, not a crash
+            self.error = describe_exception(exc)
+            if self.state != "closed":
+                self.state = "unavailable"
+            logger.error("coordinator %s: Dask lane cannot reach %s: %s", self.name, self._where(), self.error)
+        finally:
+            self._attempt_done.set()
+
+    def _where(self) -> str:
+        if self.configured_address is None:
+            return "its embedded LocalCluster" + (f" at {self.address}" if self.address else "")
+        return f"the scheduler at {self.configured_address}"
+
+    async def _monitor(self) -> None:
+        """Refresh the worker list; notice a lost connection and reconnect. Thread: loop."""
+        while self.state != "closed":
+            await asyncio.sleep(_MONITOR_INTERVAL)
+            self.check_connection()
+            if self.state == "connected":
+                try:
+                    await self._refresh_workers()
+                except Exception as exc:  # noqa: BLE001 - a failed refresh keeps the old list
+                    logger.debug("Dask lane %s: refreshing workers failed: %s", self.name, exc)
+
+    def check_connection(self) -> None:
+        """Move to ``unavailable`` if the client lost its scheduler; start a reconnect when due. Thread: loop."""
+        client = self.client
+        if self.state == "connected" and (client is None or client.status != "running"):
+            self.state = "unavailable"
+            self.error = f"lost the connection to the scheduler (client {getattr(client, 'status', None)})"
+            logger.error("coordinator %s: Dask lane %s", self.name, self.error)
+        if self.state != "unavailable":
+            return
+        if client is not None and client.status == "running":  # Dask's own reconnect succeeded
+            self.state = "connected"
+            self.error = None
+            self.counts["reconnects"] += 1
+            logger.warning("coordinator %s: Dask lane reconnected to %s", self.name, self._where())
+            return
+        if client is not None and client.status == "connecting":
+            return  # Dask is retrying by itself
+        if time.monotonic() - self._last_attempt >= _RECONNECT_INTERVAL:
+            if client is not None:
+                self.client = None
+                self._spawn(_close_quietly(client))
+            self._begin_connect()
+
+    async def _refresh_workers(self) -> None:
+        info = await self.client.scheduler.identity(n_workers=-1)
+        workers = info.get("workers", {})
+        self._workers = {
+            address: {"name": str(w.get("name", "")), "nthreads": w.get("nthreads"),
+                      "resources": dict(w.get("resources") or {}), "memory_limit": w.get("memory_limit")}
+            for address, w in workers.items()}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Fail what is still out, close the client and the embedded cluster (its processes end). Thread: loop.
+
+        Idempotent. Bounded: each close gets at most 15 s; a failure is logged.
+        """
+        if self.state == "closed":
+            return
+        was = self.state
+        self.state = "closed"
+        self._attempt_done.set()
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+        if self._connect_task is not None and not self._connect_task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._connect_task), _CLOSE_TIMEOUT)
+            except Exception:  # noqa: BLE001 - it logged its own failure
+                pass
+        with self._lock:
+            leftover = list(self._outbox) + list(self._inflight)
+            self._outbox.clear()
+        for call in leftover:
+            self._finish(call, ClusterUnavailable(f"the Dask lane of coordinator {self.name!r} closed",
+                                                  address=self.address, reason="closed"), True)
+        for task in list(self._background):
+            task.cancel()
+        client, cluster = self.client, self.cluster
+        self.client = self.cluster = None
+        if client is not None:
+            await _close_quietly(client)
+        if cluster is not None:
+            try:
+                await asyncio.wait_for(cluster.close(), _CLOSE_TIMEOUT)
+            except Exception:  # noqa: BLE001 - logged; the stop goes on
+                logger.exception("coordinator %s: closing the embedded Dask cluster failed", self.name)
+        if was != "new":
+            logger.info("coordinator %s: Dask lane closed", self.name)
+
+    @property
+    def ready(self) -> bool:
+        """True when calls can go to the cluster, or the lane does not hold readiness back.
+
+        An optional lane, and a lane that starts at first use and was not used
+        yet, never hold readiness back.
+        """
+        state = self.state
+        return state == "connected" or self.optional or (state == "new" and not self.warm)
+
+    # -- calls ---------------------------------------------------------------
+
+    def run(self, call: DaskCall, wait_connect: float | None = None) -> None:
+        """Send *call* to the cluster and block until its outcome is set. Thread: a worker thread.
+
+        A first connection still under way is waited for (*wait_connect*
+        seconds, None: as long as it takes); without a connection the call
+        fails at once with ClusterUnavailable (and a reconnect is scheduled).
+        """
+        if self.state == "connecting":
+            self._attempt_done.wait(wait_connect)
+        loop = self._loop
+        if self.state != "connected" or loop is None:
+            self.counts["refused_unavailable"] += 1
+            if loop is not None and self.state == "unavailable":
+                loop.call_soon_threadsafe(self.check_connection)
+            self._finish(call, self._unavailable(), True)
+            return
+        with self._lock:
+            self._outbox.append(call)
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+        if schedule:
+            try:
+                loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # the loop is closed: nothing will ever submit it
+                self._finish(call, self._unavailable(), True)
+        call.done.wait()
+
+    def _unavailable(self) -> ClusterUnavailable:
+        return ClusterUnavailable(
+            f"the Dask lane of coordinator {self.name!r} has no connection to {self._where()}"
+            + (f": {self.error}" if self.error else f" ({self.state})"),
+            address=self.address, reason=self.state)
+
+    def cancel(self, call: DaskCall, reason: str, outcome: BaseException) -> bool:
+        """Stop waiting for *call* and cancel its task on the cluster; False if its outcome was already set.
+
+        Thread: any. A task that has not started on a worker never runs; one
+        already running keeps its Dask worker thread until the function
+        returns, and its result is dropped (Dask cannot interrupt a thread).
+        """
+        with self._lock:
+            if call.done.is_set():
+                return False
+            call.cancelled = True
+        if not self._finish(call, outcome, True):
+            return False
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._cancel_on_cluster, call, reason)
+            except RuntimeError:  # loop closed: the client is gone with it
+                pass
+        return True
+
+    def _cancel_on_cluster(self, call: DaskCall, reason: str) -> None:
+        """Thread: loop."""
+        future, call.future = call.future, None
+        if future is not None and self.client is not None and self.state != "closed":
+            self.counts["cancelled"] += 1
+            self._spawn(_cancel_quietly(self.client, future, reason))
+
+    def _finish(self, call: DaskCall, value: Any, is_error: bool) -> bool:
+        """Set *call*'s outcome once and wake its worker thread; False if it was already set. Thread: any."""
+        with self._lock:
+            if call.done.is_set():
+                return False
+            call.value = value
+            call.is_error = is_error
+            call.payload = None
+            self._inflight.discard(call)
+            call.done.set()
+        return True
+
+    def _flush(self) -> None:
+        """Submit every queued call: one ``client.map`` per (resource, pinned worker) group. Thread: loop."""
+        with self._lock:
+            batch = list(self._outbox)
+            self._outbox.clear()
+            self._flush_scheduled = False
+        client = self.client
+        if self.state != "connected" or client is None or client.status != "running":
+            self.check_connection()
+            for call in batch:
+                self.counts["refused_unavailable"] += 1
+                self._finish(call, self._unavailable(), True)
+            return
+        groups: dict[tuple[str | None, str | None], list[DaskCall]] = {}
+        for call in batch:
+            if call.cancelled:
+                continue
+            candidates, resource = self._placement(call.weight)
+            pinned = None if call.affinity is None or not candidates else rendezvous(call.affinity, candidates)
+            groups.setdefault((resource, pinned), []).append(call)
+        for (resource, pinned), calls in groups.items():
+            self._submit(client, calls, resource, pinned)
+
+    def _placement(self, weight: str) -> tuple[list[str], str | None]:
+        """Workers a class may use, and the resource to ask for (None when no worker declares it)."""
+        declaring = [a for a, w in self._workers.items() if w["resources"].get(weight, 0) > 0]
+        if declaring:
+            return sorted(declaring), weight
+        return sorted(self._workers), None
+
+    def _submit(self, client: Any, calls: list[DaskCall], resource: str | None, pinned: str | None) -> None:
+        options: dict[str, Any] = {"pure": False}
+        if resource is not None:
+            options["resources"] = {resource: 1}
+        if pinned is not None:
+            options["workers"] = [pinned]
+            options["allow_other_workers"] = True  # the documented fallback when the pinned worker left
+        try:
+            futures = client.map(_invoke, [c.payload for c in calls], key=[c.key for c in calls], **options)
+        except Exception as exc:  # noqa: BLE001 - typically a payload that does not pickle
+            if len(calls) > 1:  # find the culprit: only its call fails
+                for call in calls:
+                    self._submit(client, [call], resource, pinned)
+                return
+            self.counts["failed"] += 1
+            self._finish(calls[0], exc, True)
+            return
+        now = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        for call, future in zip(calls, futures):
+            call.submitted_at = now
+            with self._lock:
+                if call.done.is_set():  # cancelled meanwhile: cancel its task too
+                    self._spawn(_cancel_quietly(client, future, "cancelled"))
+                    continue
+                call.future = future
+                self._inflight.add(call)
+            self.counts["submitted"] += 1
+            loop.create_task(self._watch(call, future))
+
+    async def _watch(self, call: DaskCall, future: Any) -> None:
+        """Wait for the task to end; fetch finished results in batches. Thread: loop."""
+        try:
+            await future.exception()  # waits without fetching the result (public, in asynchronous mode)
+        except BaseException:  # noqa: BLE001 - cancelled futures raise here on some versions
+            pass
+        if call.done.is_set():
+            return
+        status = future.status
+        if status == "finished":
+            self._to_gather.append(call)
+            if not self._gather_scheduled:
+                self._gather_scheduled = True
+                asyncio.get_running_loop().call_soon(self._start_gather)
+            return
+        if status == "error":
+            exc = await future.exception()
+            tb = await future.traceback()
+            self._finish(call, self._translate(exc, tb), True)
+            return
+        # cancelled: by a lost connection, or by someone else
+        reason = _cancel_reason(future)
+        if "connection" in reason:
+            self.counts["lost"] += 1
+            outcome: BaseException = ClusterUnavailable(
+                f"the connection to the Dask scheduler was lost while task {call.key} was on the cluster "
+                "(it may have run partly)", address=self.address, reason="connection lost")
+            self.check_connection()
+        else:
+            outcome = TaskCancelledOnCluster(f"task {call.key} was cancelled on the Dask cluster: {reason}",
+                                             reason=reason)
+        self._finish(call, outcome, True)
+
+    def _translate(self, exc: BaseException | None, tb: Any) -> BaseException:
+        if exc is None:
+            self.counts["failed"] += 1
+            return RuntimeError("the Dask task failed without an exception")
+        if type(exc).__name__ == "KilledWorker":
+            self.counts["crashed"] += 1
+            crashed = WorkerCrashed(
+                f"the Dask worker running this call died (after Dask's own retries): {exc}")
+            crashed.__cause__ = exc
+            return crashed
+        self.counts["failed"] += 1
+        if tb is not None:
+            try:
+                exc = exc.with_traceback(tb)
+            except Exception:  # noqa: BLE001 - a traceback that cannot be attached is only lost detail
+                pass
+        return exc
+
+    def _start_gather(self) -> None:
+        self._gather_scheduled = False
+        batch, self._to_gather = self._to_gather, []
+        batch = [c for c in batch if not c.done.is_set() and c.future is not None]
+        if batch:
+            asyncio.get_running_loop().create_task(self._gather(batch))
+
+    async def _gather(self, batch: list[DaskCall]) -> None:
+        """One ``client.gather`` for results that finished together; one by one if that fails. Thread: loop."""
+        client = self.client
+        if client is None:
+            for call in batch:
+                self._finish(call, self._unavailable(), True)
+            return
+        try:
+            values = await client.gather([c.future for c in batch])
+        except BaseException:  # noqa: BLE001 - e.g. a result lost with its worker: fall back one by one
+            if len(batch) == 1:
+                await self._gather_one(batch[0])
+                return
+            for call in batch:
+                await self._gather_one(call)
+            return
+        for call, value in zip(batch, values):
+            self.counts["completed"] += 1
+            self._finish(call, value, False)
+
+    async def _gather_one(self, call: DaskCall) -> None:
+        future = call.future
+        if future is None or call.done.is_set():
+            return
+        try:
+            value = await future
+        except BaseException as exc:  # noqa: BLE001 - the outcome of this call
+            if isinstance(exc, asyncio.CancelledError) and not future.cancelled():
+                raise
+            self._finish(call, self._translate(exc, exc.__traceback__) if future.status == "error"
+                         else self._unavailable(), True)
+            return
+        self.counts["completed"] += 1
+        self._finish(call, value, False)
+
+    # -- statistics ----------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The cluster as ``stats()["lanes"]["dask"]["cluster"]`` shows it. Thread: any."""
+        with self._lock:
+            inflight = list(self._inflight)
+        by_class = {w: 0 for w in LOCAL_RESOURCES}
+        for call in inflight:
+            by_class[call.weight] = by_class.get(call.weight, 0) + 1
+        return {
+            "state": self.state,
+            "required": not self.optional,
+            "embedded": self.configured_address is None,
+            "scheduler_address": self.address,
+            "dashboard_link": self.dashboard_link,
+            "error": self.error,
+            "workers": [{"address": a, **w} for a, w in sorted(self._workers.items())],
+            "inflight": len(inflight),
+            "inflight_by_class": by_class,
+            **self.counts,
+        }
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _dashboard_link(client: Any) -> str | None:
+    try:
+        info = client.scheduler_info()
+        if "dashboard" in info.get("services", {}):
+            return str(client.dashboard_link)
+    except Exception:  # noqa: BLE001 - no dashboard is an answer
+        pass
+    return None
+
+
+def _cancel_reason(future: Any) -> str:
+    exc = getattr(getattr(future, "_state", None), "exception", None)
+    return str(getattr(exc, "reason", "") or "cancelled")
+
+
+async def _cancel_quietly(client: Any, future: Any, reason: str) -> None:
+    try:
+        await client.cancel([future], reason=reason)
+    except Exception as exc:  # noqa: BLE001 - the connection may be gone; the task then goes with it
+        logger.debug("cancelling a Dask task failed: %s", exc)
+
+
+async def _close_quietly(client: Any) -> None:
+    try:
+        await asyncio.wait_for(client.close(), _CLOSE_TIMEOUT)
+    except Exception:  # noqa: BLE001 - logged; the stop goes on
+        logger.exception("closing the Dask client failed")
+
+
+def address_from(option: str | None) -> str | None:
+    """The scheduler address: the option, else ``TOKENGATE_DASK_ADDRESS``, else None (embedded cluster).
+
+    Raises:
+        ConfigurationError: an address that is not a non-empty string.
+    """
+    if option is None:
+        option = os.environ.get(ADDRESS_ENV) or None
+    if option is not None and (not isinstance(option, str) or not option.strip()):
+        raise ConfigurationError(f"dask_address must be a scheduler address like 'tcp://host:8786', got {option!r}")
+    return None if option is None else option.strip()
