@@ -250,11 +250,12 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
     @app.get("/ordered/{account}", responses=TOKEN_ERRORS)
     async def ordered(account: Annotated[str, Path(min_length=1, max_length=64)],
                       calls: Annotated[int, Query(ge=1, le=50)] = 5) -> dict[str, Any]:
-        """Append *calls* ledger entries to one account; they run one at a time, in submission order."""
-        tokens = [work.ledger_append(account) for _ in range(calls)]
+        """Append *calls* ledger entries of varying amounts to one account; they run one at a time, in order."""
+        amounts = [10 * (i + 1) for i in range(calls)]  # the key is the account alone (sticky_key), not the amount
+        tokens = [work.ledger_append(account, amount) for amount in amounts]
         sequence = list(await asyncio.gather(*tokens))
         in_order = sequence == list(range(sequence[0], sequence[0] + len(sequence)))
-        return {"account": account, "sequence": sequence, "in_order": in_order,
+        return {"account": account, "amounts": amounts, "sequence": sequence, "in_order": in_order,
                 "calls": [describe(t) for t in tokens]}
 
     @app.get("/chain", responses=TOKEN_ERRORS)

@@ -13,7 +13,7 @@ function                    tags and what they show
 ``heavy_block``             ``weight: heavy``: a blocking sleep, kept off the light domains
 ``disk_roundtrip``          ``storage_speed: slow``: at most 2 run at once (tier limit)
 ``user_cache``              ``sticky_anchor``: one user's overlapping calls share a domain
-``ledger_append``           ``ordered``: one account's calls run one at a time, in order
+``ledger_append``           ``sticky_key`` + ``ordered``: per account, one at a time
 ``build_report``            ``external_calls``: a lead whose children run on its domain
 ``process_batch``           no tag: quarantined when its argument size spikes
 ``flaky``                   ``retries``: fails a few times, then succeeds on the same token
@@ -125,14 +125,15 @@ _LEDGER: dict[str, int] = {}
 
 
 @task_token_guard(operation_type="example.ledger_append",
-                  tags={"weight": "light", "sticky_anchor": "ledger", "ordered": True})
-def ledger_append(account: str) -> int:
-    """Append an entry to *account* and return its sequence number (1, 2, 3...).
+                  tags={"weight": "light", "sticky_key": "account", "ordered": True})
+def ledger_append(account: str, amount: int) -> int:
+    """Append an entry of *amount* to *account* and return its sequence number (1, 2, 3...).
 
     A read, a pause, a write: two concurrent calls for one account would both
-    read the same value and lose an entry. ``ordered`` runs the calls of one
-    key one at a time in submission order; different accounts still run in
-    parallel.
+    read the same value and lose an entry. ``sticky_key: "account"`` makes the
+    account alone the key (the amount differs on every call), and ``ordered``
+    runs the calls of one key one at a time in submission order; different
+    accounts still run in parallel.
     """
     seen = _LEDGER.get(account, 0)
     time.sleep(0.005)  # the window in which an unordered twin would read the same value
