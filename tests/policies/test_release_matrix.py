@@ -1,7 +1,8 @@
 """Every resource a policy holds for a call is released in every terminal state the call can reach.
 
 Resources: a sticky pin, an ordered key's running call and a call queued behind
-it, a conductor domain, a storage-tier slot and a place in a tier's FIFO, and a
+it (with a key of all the arguments, and with a ``sticky_key`` chosen from
+them), a conductor domain, a storage-tier slot and a place in a tier's FIFO, and a
 call held by a per-operation pause. Terminal states: COMPLETED, FAILED, KILLED
 (by an operator, and by a stop), TIMEOUT, REJECTED (by a later policy at
 submission and at admission) and QUARANTINED (an operation on hold).
@@ -106,6 +107,20 @@ def ordered_blocker(mode: str) -> str:
     return _block(mode)
 
 
+# An ordered key chosen from the arguments: the mode differs on every call, the account (a default) does not.
+_KEYED = {**_HEAVY, "sticky_anchor": "rel-keyed", "sticky_key": "account", "ordered": True}
+
+
+@task_token_guard(operation_type="rel.keyed", tags={**_KEYED, "timeout": NEVER})
+def keyed_call(mode: str, account: str = "acme") -> str:
+    return _behave(mode)
+
+
+@task_token_guard(operation_type="rel.keyed_blocker", tags=_KEYED)
+def keyed_blocker(mode: str, account: str = "acme") -> str:
+    return _block(mode)
+
+
 @task_token_guard(operation_type="rel.lead", tags={**_HEAVY, "external_calls": ["rel.child"], "timeout": NEVER})
 def lead_call(mode: str) -> str:
     return _behave(mode)
@@ -173,6 +188,8 @@ RESOURCES = {
         Resource("pin", pin_call, None, _pins, pin_call),
         Resource("ordered_running", ordered_call, None, _pins, ordered_call),
         Resource("ordered_queued", ordered_call, ordered_blocker, _pins, ordered_call),
+        Resource("keyed_running", keyed_call, None, _pins, keyed_call),
+        Resource("keyed_queued", keyed_call, keyed_blocker, _pins, keyed_call),
         Resource("domain", lead_call, None, _domains, None),
         Resource("tier_slot", tier_call, None, _slots, tier_call),
         Resource("tier_fifo", tier_call, tier_blocker, _slots, tier_call),

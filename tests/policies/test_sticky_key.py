@@ -509,3 +509,20 @@ def test_random_interleavings_keep_each_account_in_order(calls: list[tuple[str, 
         recorder.assert_each_settled_once()
     finally:
         c.stop()
+
+
+# -- the locality benchmark's new key form --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_locality_benchmark_measures_the_new_key_form() -> None:
+    """Shape only (never speed): every scenario ran, leaving no pin or domain behind (run() checks that)."""
+    from benchmarks import bench_locality_core
+
+    result = bench_locality_core.run(n=300, repeats=1, keys=8)
+    assert set(result["results"]) == set(bench_locality_core.SCENARIOS)
+    assert all(r["tokens_per_s"] > 0 for r in result["results"].values())
+    assert set(result["key_form"]) == {"sticky_key", "ordered_key"}
+    assert {f["vs"] for f in result["key_form"].values()} == {"sticky_args3", "ordered_args3"}
+    assert set(result["key_cost_us"]) == {"all_args_1", "all_args_3", "by_name_3", "function_3"}
+    assert all(cost > 0 for cost in result["key_cost_us"].values())
