@@ -247,7 +247,7 @@ class DaskLane:
             if self.configured_address is None and self.cluster is None:
                 self.cluster = await LocalCluster(
                     n_workers=self.local_workers, threads_per_worker=1, processes=True, asynchronous=True,
-                    host="127.0.0.1", dashboard_address="127.0.0.1:0" if importlib.util.find_spec("bokeh") else None,
+                    host="127.0.0.1", dashboard_address="127.0.0.1:0",  # its HTTP server: loopback, a free port
                     resources=dict(LOCAL_RESOURCES), name=f"{self.name}-dask")  # type: ignore[no-untyped-call]
             address = self.configured_address or self.cluster.scheduler_address
             self.address = address
