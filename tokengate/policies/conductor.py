@@ -132,8 +132,9 @@ def _lead(guarded: GuardedFunction[..., Any]) -> _Lead:
         if chosen is not None:
             try:
                 key = bind_sticky_key(guarded.func, chosen, tags)
-            except ConfigurationError as exc:
-                error = f"task_token_guard({guarded.operation_type!r}): tag 'sticky_key': {exc}"
+            except Exception as exc:  # a ConfigurationError, or an odd callable's signature failing otherwise
+                why = str(exc) if isinstance(exc, ConfigurationError) else describe_exception(exc)
+                error = f"task_token_guard({guarded.operation_type!r}): tag 'sticky_key': {why}"
         cached = _Lead(frozenset(calls), repr(freeze(calls)), tags.get("digest_policy", DigestPolicy.FULL),
                        tags.get("sticky_anchor") or guarded.operation_type,
                        tags.get("hash_policy", HashPolicy.STANDARD), key, error)

@@ -175,8 +175,9 @@ def _config(guarded: GuardedFunction[..., Any]) -> _Config | None:
         if chosen is not None:
             try:
                 key = bind_sticky_key(guarded.func, chosen, tags)
-            except ConfigurationError as exc:
-                error = f"task_token_guard({guarded.operation_type!r}): tag 'sticky_key': {exc}"
+            except Exception as exc:  # a ConfigurationError, or an odd callable's signature failing otherwise
+                why = str(exc) if isinstance(exc, ConfigurationError) else describe_exception(exc)
+                error = f"task_token_guard({guarded.operation_type!r}): tag 'sticky_key': {why}"
                 logger.error("%s; every call of %s is refused", error, guarded.key)
         config = _Config(anchor, tags.get("hash_policy", HashPolicy.STANDARD), ordered, key, error)
     elif "hash_policy" in tags:
