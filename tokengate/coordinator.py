@@ -404,6 +404,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
     def _lane_router(self, guarded: GuardedFunction[..., Any]) -> Router:
         """The router of the lane *guarded* runs on (its ``lane`` tag), its workers started. Thread: any."""
         router = self._routers.get(guarded.lane)
+        if router is None and guarded.lane == "dask" and self._dask_lazy is not None:
+            router = self._add_lazy_dask_lane()
         if router is None:
             raise ConfigurationError(
                 f"{guarded.qualname}() runs on the {guarded.lane!r} lane, which coordinator {self.name!r} "
@@ -437,10 +439,14 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         if local_workers is not None:
             _check_int("dask_local_workers", local_workers, 1, 1024)
         resolved = dask_lane.address_from(address)
+        self._dask_lazy: tuple[Any, ...] | None = None
         if inflight is None:
-            if not dask_lane.distributed_available():
-                if address is not None or warm or local_workers is not None:
-                    dask_lane.require_distributed("the Dask lane (dask_address, warm_dask, dask_local_workers)")
+            asked = resolved is not None or warm or local_workers is not None
+            if not asked:
+                # Not configured: the lane (router, workers) is made at the first Dask-lane call, if
+                # distributed is installed, so coordinators that never use it show no Dask workers.
+                if dask_lane.distributed_available():
+                    self._dask_lazy = (optional, mailbox_size, max_pending, bulkhead_reserve)
                 return None
             inflight = 8
         _check_int("dask_inflight", inflight, 0, 4096)
@@ -459,6 +465,21 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._routers["dask"] = Router(self, table, mailbox_size, max_pending, lane="dask",
                                        lock=self._router.lock, make_worker=make_dask_worker)
         return lane
+
+    def _add_lazy_dask_lane(self) -> Router | None:
+        """Make the unconfigured Dask lane at its first call (embedded cluster or TOKENGATE_DASK_ADDRESS). Thread: any."""
+        with self._router.lock:
+            if self._dask is None and self._dask_lazy is not None and self._phase in ("new", "running"):
+                optional, mailbox_size, max_pending, bulkhead_reserve = self._dask_lazy
+                routers = dict(self._routers)  # copy-on-write: other threads may be iterating the old dict
+                current_routers, self._routers = self._routers, routers
+                try:
+                    self._dask = self._make_dask_lane(None, 8, False, optional, None, mailbox_size, max_pending,
+                                                      bulkhead_reserve)
+                except BaseException:
+                    self._routers = current_routers
+                    raise
+            return self._routers.get("dask")
 
     async def _await_dask_start(self) -> None:
         """A warm Dask lane: wait for its connection; a required one that failed fails the start (stopped first)."""

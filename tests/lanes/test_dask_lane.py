@@ -173,6 +173,19 @@ def test_sticky_keys_pin_to_one_dask_worker(make: Callable[..., OperationsCoordi
     assert len({next(iter(p)) for p in by_user.values()}) == 2
 
 
+def test_an_unconfigured_lane_is_made_at_its_first_call(cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    coordinator = OperationsCoordinator(num_cores=1, policies=[], stop_timeout=10.0)
+    coordinator.start()
+    try:
+        assert "dask" not in coordinator.stats()["lanes"]  # nothing of the lane until it is used
+        monkeypatch.setenv(dask_lane.ADDRESS_ENV, cluster.scheduler_address)  # read when the lane is made
+        assert df.square(6).get(timeout=WAIT) == 36
+        info = coordinator.stats()["lanes"]["dask"]["cluster"]
+        assert info["scheduler_address"] == cluster.scheduler_address and not info["embedded"]
+    finally:
+        coordinator.stop()
+
+
 def test_rendezvous_moves_only_the_keys_of_a_worker_that_left() -> None:
     workers = [f"tcp://10.0.0.{i}:1234" for i in range(5)]
     keys = [("sticky", k) for k in range(500)]
