@@ -151,10 +151,9 @@ def test_a_hook_raising_while_settling_does_not_stall_the_chunk(
             tokens = [ok(i) for i in range(40)]
             results = await _gather(tokens)
             assert all(t.settled for t in tokens)
-            for i, r in enumerate(results):
-                # An Exception from a hook is logged and ignored; a BaseException
-                # from after_run settles that token with SettlementFailed.
-                assert r == i or isinstance(r, SettlementFailed), r
+            # A hook that raises (even a BaseException) is logged and ignored:
+            # the call keeps its own outcome.
+            assert results == list(range(40))
             report = await coordinator.drain(timeout=10)
             assert report.drained and coordinator.inflight == 0
     run(main())

@@ -189,6 +189,9 @@ class SettlementMixin(CoordinatorBase):
             except Exception:
                 logger.exception("policy %s failed in after_run", p.name)
                 continue
+            except BaseException:  # noqa: BLE001 - a hook must not change the call's outcome
+                logger.exception("policy %s raised a BaseException in after_run", p.name)
+                continue
             if d is not None and delay is None:
                 delay = d
         # No further attempt for a call nobody waits for any more (its awaiter
