@@ -188,3 +188,27 @@ def test_sys_exit_in_a_function_does_not_stop_the_coordinators_loop(standalone: 
         raise_it(SystemExit(0)).get(timeout=10)
     assert coordinator.running and ok(5).get(timeout=10) == 5
     assert sys.exc_info() == (None, None, None)
+
+
+def test_a_failure_inside_settlement_itself_settles_that_token_with_settlement_failed(
+        run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[_HookRaises("on_settle", RuntimeError("x"))]) as coordinator:
+            original = coordinator._run_settle_hooks
+            broken: list[Any] = []
+
+            def explode_once(token: Any, plan: Any) -> None:
+                if not broken:  # an internal bug on the first token only
+                    broken.append(token)
+                    raise KeyboardInterrupt("a bug inside settlement")
+                original(token, plan)
+
+            monkeypatch.setattr(coordinator, "_run_settle_hooks", explode_once)
+            results = await _gather([ok(i) for i in range(20)])
+            failed = [r for r in results if isinstance(r, SettlementFailed)]
+            assert len(failed) == 1 and isinstance(failed[0].__cause__, KeyboardInterrupt)
+            assert sorted(r for r in results if not isinstance(r, SettlementFailed)) == \
+                [i for i in range(20) if i != results.index(failed[0])]
+            report = await coordinator.drain(timeout=10)
+            assert report.drained and coordinator.inflight == 0
+    run(main())
