@@ -1,15 +1,17 @@
 """Soak: a real ``python -m example_app`` under a bounded mixed load for a few minutes stays flat and settled.
 
 The load (3 threads on 127.0.0.1) cycles light, heavy, sticky, ordered,
-retried and batch calls, every 25th batch of a thread a spike the quarantine
-holds. Beside it, an operator polls the admin API (stats, quarantine
+retried, batch and process-lane (``/cpu``) calls, every 25th batch of a
+thread a spike the quarantine holds; it starts once ``/ready`` says the
+worker processes are up, as a load balancer would. Beside it, an operator polls the admin API (stats, quarantine
 listing, metrics, operations, readiness) four times a second, and the
 server's RSS and open file descriptors are sampled every 2 s.
 
 Asserted (no timing): every answer is the endpoint's normal one (a
 quarantined spike's 409 included); every admin probe answers 200; after the
 warm-up (the first quarter) RSS grows by at most ``RSS_TOLERANCE_MB`` and the
-open descriptors by at most ``FD_TOLERANCE`` (the median of the last three
+open descriptors by at most ``FD_TOLERANCE``, and the worker processes'
+summed RSS by at most ``RSS_TOLERANCE_MB`` too (no process restarted) (the median of the last three
 samples against the median of the first three after the warm-up); when the
 load stops, every accepted call settles (``inflight`` 0, accepted ==
 settled); the server logs no traceback.
@@ -90,11 +92,18 @@ def test_soak_rss_and_descriptors_stay_flat_and_every_call_settles(tmp_path: Pat
             "--quarantine-db", str(tmp_path / "quarantine.sqlite3")]
     env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": python_path_with(REPO),
            "TOKENGATE_ADMIN_TOKEN": ADMIN_TOKEN}
-    samples: list[tuple[float, float, int]] = []  # (at, rss MB, open fds)
+    samples: list[tuple[float, float, int, float]] = []  # (at, rss MB, open fds, worker processes' rss MB)
     with running_server(argv, cwd=tmp_path, env=env, log=tmp_path / "server.log",
                         health_path="/tokengate/health", port=port) as server:
         process = psutil.Process(server.proc.pid)
         with httpx.Client(base_url=server.base, timeout=10) as client:
+            for _ in range(600):  # the worker processes start with the server: wait (bounded) until they are up
+                if client.get("/tokengate/ready").status_code == 200:
+                    break
+                time.sleep(0.05)  # polling another process: there is no event to wait on
+            workers = [w for w in client.get("/tokengate/workers", headers=AUTH).json() if w["lane"] == "process"]
+            children = [psutil.Process(w["process"]["pid"]) for w in workers]
+            assert children and all(w["process"]["state"] == "idle" for w in workers), workers
             for i in range(5):  # teach the quarantine the usual batch size
                 assert client.post("/process", json={"items": [i, 1, 2]}).status_code == 200
         stop = threading.Event()
@@ -107,7 +116,8 @@ def test_soak_rss_and_descriptors_stay_flat_and_every_call_settles(tmp_path: Pat
         # Given the load running for SOAK_SECONDS, sample the server's memory and descriptors
         while time.monotonic() - started < SOAK_SECONDS:
             assert server.proc.poll() is None, server.output()[-5000:]
-            samples.append((time.monotonic() - started, process.memory_info().rss / 2**20, process.num_fds()))
+            samples.append((time.monotonic() - started, process.memory_info().rss / 2**20, process.num_fds(),
+                            sum(child.memory_info().rss for child in children) / 2**20))
             stop.wait(SAMPLE_EVERY)
         load.stop()
         stop.set()
@@ -121,6 +131,8 @@ def test_soak_rss_and_descriptors_stay_flat_and_every_call_settles(tmp_path: Pat
             while counts["inflight"] and time.monotonic() < deadline:
                 time.sleep(0.1)  # polling another process: there is no event to wait on
                 counts = client.get("/tokengate/stats").json()["counts"]
+            processes = [w["process"] for w in client.get("/tokengate/workers", headers=AUTH).json()
+                         if w["lane"] == "process"]
         output = server.output()
 
     assert counts["inflight"] == 0 and counts["accepted"] == counts["settled"], counts
@@ -141,6 +153,8 @@ def test_soak_rss_and_descriptors_stay_flat_and_every_call_settles(tmp_path: Pat
     assert len(warm) >= 6, samples
     rss_start, rss_end = statistics.median(s[1] for s in warm[:3]), statistics.median(s[1] for s in warm[-3:])
     fd_start, fd_end = statistics.median(s[2] for s in warm[:3]), statistics.median(s[2] for s in warm[-3:])
+    workers_start, workers_end = (statistics.median(s[3] for s in warm[:3]),
+                                  statistics.median(s[3] for s in warm[-3:]))
 
     latencies = [p[3] * 1000 for p in operator.probes]
     window = 30.0
@@ -154,6 +168,11 @@ def test_soak_rss_and_descriptors_stay_flat_and_every_call_settles(tmp_path: Pat
         "by_kind": dict(by_kind), "quarantined": quarantined, "settled": counts["settled"],
         "rss_mb": {"first": round(samples[0][1], 1), "after_warm_up": round(rss_start, 1), "end": round(rss_end, 1),
                    "growth_after_warm_up": round(rss_end - rss_start, 1), "tolerance": RSS_TOLERANCE_MB},
+        "worker_processes": {"count": len(processes), "calls": sum(p["calls"] for p in processes),
+                             "restarts": sum(p["restarts"] for p in processes),
+                             "rss_mb_first": round(samples[0][3], 1), "rss_mb_after_warm_up": round(workers_start, 1),
+                             "rss_mb_end": round(workers_end, 1),
+                             "growth_after_warm_up": round(workers_end - workers_start, 1)},
         "open_fds": {"first": samples[0][2], "after_warm_up": fd_start, "end": fd_end, "tolerance": FD_TOLERANCE},
         "admin_ms": {"probes": len(latencies), "p50": round(_percentile(latencies, 0.5), 1),
                      "p99": round(_percentile(latencies, 0.99), 1), "max": round(max(latencies), 1),
@@ -164,3 +183,5 @@ def test_soak_rss_and_descriptors_stay_flat_and_every_call_settles(tmp_path: Pat
     print("\nsoak report:", json.dumps(report, indent=2))
     assert rss_end - rss_start <= RSS_TOLERANCE_MB, report
     assert fd_end - fd_start <= FD_TOLERANCE, report
+    assert sum(p["restarts"] for p in processes) == 0 and sum(p["calls"] for p in processes) >= by_kind["cpu"], report
+    assert workers_end - workers_start <= RSS_TOLERANCE_MB, report
