@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ._common import BenchOptions
+# Absolute imports: anyio.to_process (the lanes benchmark's anchor) re-runs the main module by path
+# in its worker processes, where a relative import has no parent package.
+from benchmarks._common import BenchOptions
 
 BENCHMARKS: dict[str, str] = {
     "dispatch": "benchmarks.bench_dispatch",
@@ -29,6 +31,8 @@ BENCHMARKS: dict[str, str] = {
     "memory": "benchmarks.bench_memory",
     "features": "benchmarks.bench_features",
     "http": "benchmarks.bench_http",
+    "lanes": "benchmarks.bench_lanes",
+    "dask": "benchmarks.bench_dask",
 }
 STANDARD = ("dispatch", "waves", "memory", "features", "http")
 
@@ -71,13 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--e2e-seconds", type=float, default=None, help="max seconds of the rps phase (default 8)")
     g.add_argument("--lifespan", choices=["auto", "own", "tokengate_fastapi"], default=None,
                    help="how the TokenGate app starts its coordinator (default auto: tokengate_fastapi if importable)")
+    g = p.add_argument_group("lanes")
+    g.add_argument("--process-workers", type=int, default=None, help="worker processes of the lane and of every "
+                   "anchor pool (default: usable CPUs)")
+    g.add_argument("--cpu-calls", type=int, default=None, help="CPU-bound calls gathered per trial (default 64)")
+    g.add_argument("--cpu-ms", type=float, default=None, help="one CPU-bound call's size in ms of one core (default 20)")
+    g.add_argument("--fan-out", type=int, default=None, help="trivial calls gathered per trial (default 20000)")
+    g.add_argument("--round-trip-calls", type=int, default=None, help="sequential round trips (default 2000)")
+    g.add_argument("--crash-calls", type=int, default=None, help="calls per crash storm, 1 in 10 crashes (default 200)")
+    g.add_argument("--map-calls", type=int, default=None, help="calls per map trial (default 100000)")
+    g.add_argument("--startup-repeats", type=int, default=None, help="fresh coordinators started (default 3)")
     return p
 
 
 def options_from(ns: argparse.Namespace) -> BenchOptions:
     keys = ("contenders", "batches", "calls", "profile", "max_wave", "large_wave", "tokens", "batch_size",
             "features_n", "workers_per_core", "clients", "heavy_ms", "flood_seconds", "probes",
-            "e2e_requests", "e2e_seconds", "lifespan")
+            "e2e_requests", "e2e_seconds", "lifespan", "process_workers", "cpu_calls", "cpu_ms", "fan_out",
+            "round_trip_calls", "crash_calls", "map_calls", "startup_repeats")
     sizes: dict[str, Any] = {k: getattr(ns, k) for k in keys if getattr(ns, k) not in (None, False)}
     return BenchOptions(out=ns.out, quick=ns.quick, repeats=ns.repeats, progress=not ns.no_progress, sizes=sizes)
 
@@ -96,7 +111,7 @@ def run_standard(options: BenchOptions, argv: Sequence[str]) -> dict[str, Any]:
     skewing the next (the memory benchmark's RSS baseline above all). A
     benchmark that crashes is reported and the rest still run.
     """
-    from ._standard import summarize
+    from benchmarks._standard import summarize
 
     results: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
