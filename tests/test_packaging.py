@@ -32,6 +32,6 @@ def test_the_wheel_installs_only_tokengate_and_tokengate_fastapi(tmp_path: Path)
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"tokengate", "tokengate_fastapi"}, top
     for needed in ("tokengate/py.typed", "tokengate_fastapi/py.typed", "tokengate/lanes/_child.py",
-                   "tokengate/lanes/process_worker.py", "tokengate/policies/sticky.py",
+                   "tokengate/lanes/process_worker.py", "tokengate/policies/sticky.py", "tokengate/quarantine/writer.py",
                    "tokengate_fastapi/static/dashboard.html"):
         assert needed in names, needed

@@ -21,7 +21,7 @@ import pytest
 
 from tokengate import OperationsCoordinator, Policy, TokenQuarantined, TokenState, task_token_guard
 from tokengate.policies.quarantine import QuarantinePolicy
-from tokengate.quarantine_store import QuarantineRecord, QuarantineStore, QuarantineStoreError
+from tokengate.quarantine.store import QuarantineRecord, QuarantineStore, QuarantineStoreError
 
 
 @task_token_guard(operation_type="qf.add")

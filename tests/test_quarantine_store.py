@@ -1,4 +1,4 @@
-"""Tests for tokengate.quarantine_store."""
+"""Tests for tokengate.quarantine.store."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tokengate.errors import ConfigurationError
-from tokengate.quarantine_store import (
+from tokengate.quarantine.store import (
     QuarantineFullError,
     QuarantineRecord,
     QuarantineStateError,
@@ -320,7 +320,7 @@ def test_existing_loose_file_is_tightened(tmp_path: Path, caplog: pytest.LogCapt
     path = tmp_path / "loose.sqlite3"
     path.touch()
     os.chmod(path, 0o644)
-    with caplog.at_level(logging.WARNING, logger="tokengate.quarantine_store"):
+    with caplog.at_level(logging.WARNING, logger="tokengate.quarantine.store"):
         with QuarantineStore(path) as s:
             _add(s)
     assert _mode(path) == 0o600
@@ -331,7 +331,7 @@ def test_existing_loose_file_is_tightened(tmp_path: Path, caplog: pytest.LogCapt
 def test_owner_only_file_is_not_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "tight.sqlite3"
     QuarantineStore(path).close()
-    with caplog.at_level(logging.WARNING, logger="tokengate.quarantine_store"):
+    with caplog.at_level(logging.WARNING, logger="tokengate.quarantine.store"):
         QuarantineStore(path).close()
     assert not [r for r in caplog.records if "tightening" in r.getMessage()]
 
@@ -363,7 +363,7 @@ def test_sqlite_error_in_add_is_wrapped_and_not_logged_per_call(
     with store._lock:
         assert store._conn is not None
         store._conn.execute("DROP TABLE quarantine")
-    with caplog.at_level(logging.ERROR, logger="tokengate.quarantine_store"):
+    with caplog.at_level(logging.ERROR, logger="tokengate.quarantine.store"):
         with pytest.raises(QuarantineStoreError) as info:
             _add(store)
     assert isinstance(info.value.__cause__, sqlite3.Error)
@@ -488,7 +488,7 @@ def _set_claim(path: Path, id: str, owner: str | None) -> None:
 
 
 def test_claim_names_this_store_and_unclaim_ends_it(file_store: QuarantineStore) -> None:
-    from tokengate.quarantine_store import process_identity
+    from tokengate.quarantine.store import process_identity
 
     rec = _add(file_store)
     claimed = file_store.claim(rec.id)
@@ -535,7 +535,7 @@ def test_the_claim_of_a_process_that_exited_is_taken_over(file_store: Quarantine
     _set_claim(tmp_path / "q.sqlite3", rec.id, owner)
 
     # Then the stale claim does not block: discard and claim both work
-    from tokengate.quarantine_store import claim_is_live
+    from tokengate.quarantine.store import claim_is_live
 
     assert not claim_is_live(owner)
     assert file_store.claim(rec.id).claimed_by == file_store.claimant
@@ -564,7 +564,7 @@ def test_two_stores_of_one_process_respect_each_others_claims(tmp_path: Path) ->
 @pytest.mark.parametrize("owner", ["build-host-7:1:1700000000.00", "not a claim"])
 def test_a_claim_from_another_host_or_unknown_format_counts_as_live(
         file_store: QuarantineStore, tmp_path: Path, owner: str) -> None:
-    from tokengate.quarantine_store import claim_is_live
+    from tokengate.quarantine.store import claim_is_live
 
     rec = _add(file_store)
     _set_claim(tmp_path / "q.sqlite3", rec.id, owner)
@@ -576,7 +576,7 @@ def test_a_claim_from_another_host_or_unknown_format_counts_as_live(
 def test_the_same_pid_started_at_another_time_is_a_stale_claim() -> None:
     import socket
 
-    from tokengate.quarantine_store import claim_is_live
+    from tokengate.quarantine.store import claim_is_live
 
     # pid reuse: our pid, but a start time that is not ours
     assert not claim_is_live(f"{socket.gethostname()}:{os.getpid()}:12.00")
@@ -601,7 +601,7 @@ def test_only_one_of_several_processes_wins_the_claim(file_store: QuarantineStor
     go = tmp_path / "go"
     script = (
         "import os, sys, time\n"
-        "from tokengate.quarantine_store import QuarantineStore, QuarantineStateError\n"
+        "from tokengate.quarantine.store import QuarantineStore, QuarantineStateError\n"
         "s = QuarantineStore(sys.argv[1])\n"
         "while not os.path.exists(sys.argv[3]): time.sleep(0.001)\n"
         "try:\n"

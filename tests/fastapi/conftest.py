@@ -24,7 +24,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from tokengate import OperationsCoordinator, Policy, TaskToken, task_token_guard
-from tokengate.quarantine_store import QuarantineStateError
+from tokengate.quarantine.store import QuarantineStateError
 from tokengate_fastapi import admin_router, tokengate_lifespan
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"

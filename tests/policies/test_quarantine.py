@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,7 @@ from tokengate import (
 )
 from tokengate.policies.quarantine import QuarantinePolicy, footprint
 from tokengate.policies.retries import RetryPolicy  # also declares the retries tags used below
-from tokengate.quarantine_store import DEFAULT_PATH, QuarantineStateError, QuarantineStore, QuarantineStoreError
+from tokengate.quarantine.store import DEFAULT_PATH, QuarantineStateError, QuarantineStore, QuarantineStoreError
 
 # -- decorated functions (module level, so a release can find them again) --------------
 
@@ -663,7 +664,7 @@ def test_a_release_claimed_by_another_live_process_is_refused_unless_forced(db: 
 
     import psutil
 
-    from tokengate.quarantine_store import _HOST
+    from tokengate.quarantine.store import _HOST
 
     policy = QuarantinePolicy(db)
     other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
@@ -716,8 +717,12 @@ def test_a_failing_store_admits_the_call_and_logs_an_error(db: str, caplog: pyte
             with caplog.at_level(logging.ERROR, logger="tokengate.policies.quarantine"):
                 # When the store cannot persist the call, then it runs instead of vanishing
                 assert add(4, 5).get(timeout=10) == 9
+                # The writer thread logs after it let the call go: wait for the line (bounded).
+                deadline = time.monotonic() + 10
+                while not any("q.add" in r.getMessage() and "admitted" in r.getMessage() for r in caplog.records):
+                    assert time.monotonic() < deadline, "the admitted call was never logged"
+                    time.sleep(0.005)
             assert coordinator.running
-            assert any("q.add" in r.getMessage() and "admitted" in r.getMessage() for r in caplog.records)
             assert policy.stats()["store_errors"] == 1
     finally:
         store.close()

@@ -1,7 +1,7 @@
 """Quarantine: hold anomalous calls for operator review instead of running them.
 
 :class:`QuarantinePolicy` refuses a call in ``before_submit`` and persists it
-(:mod:`tokengate.quarantine_store`) when one of three triggers fires:
+(:mod:`tokengate.quarantine.store`) when one of three triggers fires:
 
 * ``argument_spike``: the call's argument footprint (a cheap estimate, see
   :func:`footprint`) is more than ``spike_factor`` times the operation's recent
@@ -21,7 +21,7 @@
 Writing the record, and when the caller hears about it:
     A call is reported quarantined only once its record is committed, so an
     acknowledged record is never lost. The database is written by one writer
-    thread (:mod:`tokengate.quarantine_writer`), never by the submitting
+    thread (:mod:`tokengate.quarantine.writer`), never by the submitting
     thread, with a bounded queue (``queue_size``). A call made from a thread
     that runs no event loop (sync code, a worker thread) waits up to
     ``write_timeout`` and gets :class:`~tokengate.errors.TokenQuarantined` at
@@ -80,7 +80,7 @@ from ..errors import ConfigurationError, CoordinatorNotRunning, TokenQuarantined
 from ..fingerprint import DigestPolicy, HashPolicy, digest, routing_key
 from ..policy import Policy
 from .footprint import Footprints as _Footprints, footprint
-from ..quarantine_store import (
+from ..quarantine.store import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_MAX_RECORDS,
     DEFAULT_MAX_TOTAL_PAYLOAD_BYTES,
@@ -90,7 +90,7 @@ from ..quarantine_store import (
     QuarantineStore,
     QuarantineStoreError,
 )
-from ..quarantine_writer import PendingWrite, QuarantineWriter, Throttled, WriteState
+from ..quarantine.writer import PendingWrite, QuarantineWriter, Throttled, WriteState
 from ..states import TokenState
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class QuarantinePolicy(Policy):
     """Hold anomalous calls (argument spikes, poison calls, held operations) for review.
 
     Args:
-        store: A :class:`~tokengate.quarantine_store.QuarantineStore` (the
+        store: A :class:`~tokengate.quarantine.store.QuarantineStore` (the
             caller owns and closes it), a database path, or ``None`` for
             ``"tokengate-quarantine.sqlite3"`` in the current directory. A path
             is made absolute now and opened (created owner-only) at coordinator
@@ -159,7 +159,7 @@ class QuarantinePolicy(Policy):
         retry_interval: Seconds between attempts to open an unopenable database.
         max_records, max_total_payload_bytes, max_payload_bytes: Retention
             limits of a store this policy opens (see
-            :class:`~tokengate.quarantine_store.QuarantineStore`); give them to
+            :class:`~tokengate.quarantine.store.QuarantineStore`); give them to
             the store itself when passing a store.
         clock: Monotonic seconds, for the spike baseline (tests pass a fake).
 

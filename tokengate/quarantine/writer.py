@@ -33,11 +33,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .quarantine_record import QuarantineFullError, QuarantineRecord, QuarantineStoreError
+from .record import QuarantineFullError, QuarantineRecord, QuarantineStoreError
 
 if TYPE_CHECKING:
-    from .quarantine_store import QuarantineStore
-    from .token import TaskToken
+    from .store import QuarantineStore
+    from ..token import TaskToken
 
 __all__ = ["PendingWrite", "QuarantineWriter", "Throttled", "WriteState"]
 

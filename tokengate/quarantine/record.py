@@ -3,7 +3,7 @@
 :class:`QuarantineRecord` is the immutable row the store returns;
 :func:`summarize_args` turns a call's arguments into short, truncated,
 never-raising text an operator can read (the pickled payload is the only
-dangerous part; see :mod:`tokengate.quarantine_store`).
+dangerous part; see :mod:`tokengate.quarantine.store`).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ import psutil
 
 from tokengate.errors import ConfigurationError
 
-from .quarantine_record import (
+from .record import (
     QuarantineFullError,
     QuarantineRecord,
     QuarantineStateError,
