@@ -32,9 +32,8 @@ BENCHMARKS: dict[str, str] = {
     "features": "benchmarks.bench_features",
     "http": "benchmarks.bench_http",
     "lanes": "benchmarks.bench_lanes",
-    "dask": "benchmarks.bench_dask",
 }
-STANDARD = ("dispatch", "waves", "memory", "features", "http")
+STANDARD = ("dispatch", "waves", "memory", "features", "http", "lanes")
 
 
 def _ints(text: str) -> list[int]:

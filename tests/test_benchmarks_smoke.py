@@ -188,6 +188,78 @@ def test_http_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "http-server-tokengate.log").exists()
 
 
+def test_lanes_smoke(tmp_path: Path) -> None:
+    # Given the lanes benchmark cut to tiny sizes: 2 worker processes, 4 calls of ~2 ms per CPU workload,
+    # 100 trivial calls fanned out, 20 round trips, a 20-call crash storm (calls 9 and 19 crash), 500 mapped
+    from benchmarks import bench_lanes
+
+    # When it runs
+    result = bench_lanes.run(_options(tmp_path, process_workers=2, cpu_calls=4, cpu_ms=2.0,
+                                      cpu_workloads=["spin", "hash_chain"], fan_out=100, round_trip_calls=20,
+                                      crash_calls=20, map_calls=500, startup_repeats=1))
+
+    # Then every section has sane figures and every call returned the right value
+    _check_common(result, "lanes", tmp_path)
+    res = result["results"]
+    assert _positive(res["startup"]["coordinator_to_ready_s"]["median"])
+    assert res["startup"]["process_startup_s"]["n"] == 2
+    assert set(res["cpu"]) == {"spin", "hash_chain"}
+    for r in res["cpu"].values():
+        assert r["wrong_results"] == 0 and r["arg"] >= 1
+        assert all(_positive(r["wall_s"][n]["median"]) for n in ("process_lane", "thread_lane", "ppe_run_in_executor"))
+        assert _positive(r["process_vs_thread"]) and _positive(r["process_vs_ppe"])
+    assert res["fan_out"]["wrong_batches"] == 0
+    assert res["fan_out"]["per_contender"]["ppe_run_in_executor"]["ratio_vs_ppe"] == 1.0
+    assert all(_positive(r["median_per_s"]) for r in res["fan_out"]["per_contender"].values())
+    rt = res["round_trip"]["per_contender"]
+    assert rt["anyio_to_process"]["ratio_p50_vs_anyio"] == 1.0
+    assert all(_positive(r["p50_us"]) and r["p99_us"] >= r["p50_us"] for r in rt.values())
+    # And the crash storm: exactly the crashing calls settled as WorkerCrashed, every other one completed
+    storm = res["crash_storm"]
+    assert storm["calls"] == 20 and storm["crash_calls"] == 2
+    assert storm["worker_crashed"] == 2 and storm["completed"] == 18
+    assert storm["wrong_results"] == storm["other_errors"] == storm["crash_calls_completed"] == 0
+    assert storm["lane_crashes_counted"] == 2
+    assert storm["completed_fraction"] == storm["crashed_as_worker_crashed_fraction"] == 1.0
+    # And map is measured exactly when decorated functions have it
+    assert res["map"]["available"] is bench_lanes.map_available()
+    if res["map"]["available"]:
+        assert res["map"]["wrong_batches"] == 0
+        assert all(_positive(r["median_per_s"]) for r in res["map"]["per_contender"].values())
+    for r in res["breakdown"].values():
+        assert _positive(r["wall_us_per_call"]) and r["children"] >= 1
+    # 2 CPU workloads x 2 targets, fan-out, round trip, 2 crash storm, 2 map
+    assert len(result["targets"]) == 10
+    by_name = {t["name"]: t for t in result["targets"]}
+    assert all(t["verdict"] == "PASS" for name, t in by_name.items() if name.startswith("crash storm"))
+
+
+def test_lanes_map_rows_say_not_measured_without_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given decorated functions without map (before issue 13's batching lands, or if it goes away)
+    import asyncio
+
+    from benchmarks import bench_lanes
+    from tokengate import GuardedFunction
+
+    if hasattr(GuardedFunction, "map"):
+        monkeypatch.delattr(GuardedFunction, "map")
+    assert not bench_lanes.map_available()
+
+    # When the map section runs and the targets are computed
+    section = asyncio.run(bench_lanes._map(_options(Path(".")), None, None, 10, 1, lambda n: None))  # type: ignore[arg-type]
+    result = {"results": {"cpu": {}, "map": section,
+                          "fan_out": {"calls": 1, "per_contender": {"process_lane": {"ratio_vs_ppe": 1.0}}},
+                          "round_trip": {"per_contender": {"process_lane": {"ratio_p50_vs_anyio": 1.0}}},
+                          "crash_storm": {"calls": 1, "completed_fraction": 1.0,
+                                          "crashed_as_worker_crashed_fraction": 1.0}}}
+    targets = [t.to_dict() for t in bench_lanes._targets(result)]
+
+    # Then both map rows are reported, unmeasured (n/a) and saying why, never invented
+    rows = [t for t in targets if t["name"].startswith("map")]
+    assert len(rows) == 2
+    assert all(t["measured"] is None and t["verdict"] == "n/a" and "map not available" in t["name"] for t in rows)
+
+
 def test_cli_parses_sizes_into_options(tmp_path: Path) -> None:
     # Given a command line with per-benchmark sizes
     ns = build_parser().parse_args(["dispatch", "--quick", "--out", str(tmp_path), "--batches", "10,20_000",
