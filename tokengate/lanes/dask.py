@@ -133,11 +133,14 @@ class DaskCall:
     """One call on its way to the cluster and back; the outcome is set exactly once (see DaskLane._finish)."""
 
     __slots__ = ("payload", "weight", "affinity", "key", "future", "done", "value", "is_error", "cancelled",
-                 "submitted_at")
+                 "submitted_at", "token")
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None,
-                 weight: str, affinity: Hashable | None, key: str) -> None:
+                 weight: str, affinity: Hashable | None, key: str, token: Any = None) -> None:
         self.payload: _Payload | None = _Payload(func, args, kwargs)
+        # The token this call settles: its outcome goes to the coordinator from
+        # where it arrives (the loop), not via the worker thread (one hop less).
+        self.token: Any = token
         self.weight = weight
         self.affinity = affinity
         self.key = key
@@ -439,7 +442,12 @@ class DaskLane:
             self._spawn(_cancel_quietly(self.client, future, reason))
 
     def _finish(self, call: DaskCall, value: Any, is_error: bool) -> bool:
-        """Set *call*'s outcome once and wake its worker thread; False if it was already set. Thread: any."""
+        """Set *call*'s outcome once, hand its token to the coordinator, wake its worker thread.
+
+        False if the outcome was already set. Thread: any (mostly the loop:
+        then the token is settled without a hop through the worker thread,
+        which only frees its slot).
+        """
         with self._lock:
             if call.done.is_set():
                 return False
@@ -447,6 +455,14 @@ class DaskLane:
             call.is_error = is_error
             call.payload = None
             self._inflight.discard(call)
+            token, call.token = call.token, None
+            if token is None:
+                call.done.set()
+        if token is not None:
+            token.finished_at = time.perf_counter()
+            token._run_outcome = value
+            token._run_error = is_error
+            token._coordinator._complete(token)
             call.done.set()
         return True
 

@@ -72,7 +72,7 @@ def run_on_dask(token: TaskToken[Any], worker: Worker, claimable: frozenset[Toke
     if guarded is None or args is None or kwargs is None:
         return False
     call = DaskCall(guarded.func, args, kwargs or None, guarded.weight, affinity_of(token),
-                    task_key(token.operation_type, token.token_id))
+                    task_key(token.operation_type, token.token_id), token)
     with worker.current_lock:
         # The claim and `current` move together, so an interrupt that sees this
         # token as current cancels this call's task.
@@ -83,22 +83,19 @@ def run_on_dask(token: TaskToken[Any], worker: Worker, claimable: frozenset[Toke
     token.worker_id = worker.worker_id
     token.core_id = worker.core_id
     started = token.started_at = _perf()
+    del args, kwargs, guarded
     try:
+        # Returns once the call's outcome is set; DaskLane._finish has then
+        # already handed the token to the coordinator (from the loop).
         worker.lane.run(call, wait_connect=None)
-        value, is_error = call.value, call.is_error
     except Exception as exc:  # noqa: BLE001 - an internal failure is this call's outcome, never a lost call
-        value, is_error = exc, True
-    finished = token.finished_at = _perf()
+        worker.lane._finish(call, exc, True)
     with worker.current_lock:
         worker.current = None
         worker.call = None
-    worker.busy_time += finished - started
+    worker.busy_time += _perf() - started
     worker.executed += 1
-    del args, kwargs, guarded, call
-    token._run_outcome = value
-    token._run_error = is_error
-    token._coordinator._complete(token)
-    del token, value
+    del token, call
     return True
 
 
