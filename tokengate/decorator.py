@@ -21,7 +21,7 @@ from .batch import MapCall, MapChunk, submit_map
 from .complexity import ComplexityReport, analyze, default_weight
 from .lanes.references import FunctionRef, check_importable
 from .errors import ConfigurationError, CoordinatorNotRunning
-from .tags import validate_tags
+from .tags import check_tags, validate_tags
 
 from typing import ParamSpec
 
@@ -188,7 +188,9 @@ def task_token_guard(
 
     Raises:
         ConfigurationError: for an ``async def`` function, an async generator,
-            a non-callable, an unknown tag key or a bad tag value.
+            a non-callable, an unknown tag key, a bad tag value, or a tag
+            value that does not fit the function (e.g. a ``sticky_key`` that
+            names no parameter of it).
     """
 
     def decorate(f: Callable[P, R]) -> GuardedFunction[P, R]:
@@ -210,6 +212,7 @@ def task_token_guard(
             raise ConfigurationError(f"operation_type must be a non-empty string, got {operation_type!r}")
         op = operation_type if operation_type is not None else f"{module}.{name}"
         normalized = validate_tags(tags, where=f"task_token_guard({op!r})")
+        check_tags(f, normalized, where=f"task_token_guard({op!r})")  # values that must fit the function
         guarded = GuardedFunction(f, op, normalized)
         _REGISTRY[guarded.key] = guarded
         return guarded

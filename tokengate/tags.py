@@ -16,8 +16,12 @@ from typing import Any, Callable, Mapping
 
 from .errors import ConfigurationError
 
-__all__ = ["TagSpec", "declare_tag", "declared_tags", "validate_tags", "WEIGHTS", "LANES", "parse_weight",
-           "parse_lane"]
+__all__ = ["TagSpec", "TagCheck", "declare_tag", "declared_tags", "validate_tags", "check_tags", "WEIGHTS", "LANES",
+           "parse_weight", "parse_lane"]
+
+#: A tag's check against the function it decorates: ``check(func, value, tags)`` with the
+#: normalized value and all the normalized tags; raises ConfigurationError when they do not fit.
+TagCheck = Callable[[Callable[..., Any], Any, Mapping[str, Any]], None]
 
 WEIGHTS = ("heavy", "medium", "light")
 #: How a routed call runs: on a worker thread, in a worker process, or on a Dask cluster.
@@ -30,23 +34,34 @@ class TagSpec:
 
     ``parse`` receives the raw value and returns the normalized one, or raises
     ``ConfigurationError`` with a message that names the value and the fix.
+    ``check``, if given, runs at decoration after every tag was parsed, with the
+    function, this tag's normalized value and all the normalized tags: for what
+    a value alone cannot say (a parameter name that must exist in the
+    function's signature, two tags that contradict each other). It raises
+    ``ConfigurationError`` too, and must not call the function.
     """
 
     name: str
     owner: str
     parse: Callable[[Any], Any]
     doc: str
+    check: TagCheck | None = None
 
 
 _DECLARED: dict[str, TagSpec] = {}
 
 
-def declare_tag(name: str, owner: str, parse: Callable[[Any], Any], doc: str) -> TagSpec:
-    """Declare a tag key. Idempotent for the same owner; a clash between owners is a bug."""
+def declare_tag(name: str, owner: str, parse: Callable[[Any], Any], doc: str, *,
+                check: TagCheck | None = None) -> TagSpec:
+    """Declare a tag key. Idempotent for the same owner; a clash between owners is a bug.
+
+    *check* (optional) checks a parsed value against the decorated function:
+    see :class:`TagSpec`.
+    """
     existing = _DECLARED.get(name)
     if existing is not None and existing.owner != owner:
         raise ConfigurationError(f"tag {name!r} is already declared by {existing.owner!r}")
-    spec = TagSpec(name, owner, parse, doc)
+    spec = TagSpec(name, owner, parse, doc, check)
     _DECLARED[name] = spec
     return spec
 
@@ -77,6 +92,22 @@ def validate_tags(tags: Mapping[str, Any] | None, *, where: str) -> dict[str, An
         except ConfigurationError as exc:
             raise ConfigurationError(f"{where}: tag {key!r}: {exc}") from None
     return out
+
+
+def check_tags(func: Callable[..., Any], tags: Mapping[str, Any], *, where: str) -> None:
+    """Run the ``check`` of every tag in *tags* (normalized by :func:`validate_tags`) against *func*.
+
+    Raises:
+        ConfigurationError: the first check that fails, prefixed with *where* and the tag's name.
+    """
+    for key, value in tags.items():
+        spec = _DECLARED.get(key)
+        if spec is None or spec.check is None:
+            continue
+        try:
+            spec.check(func, value, tags)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{where}: tag {key!r}: {exc}") from None
 
 
 def parse_weight(value: Any) -> str:

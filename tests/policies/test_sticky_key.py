@@ -28,7 +28,6 @@ from tokengate.errors import ConfigurationError
 from tokengate.fingerprint import ArgumentKey, StickyKeyError
 from tokengate.policies.conductor import ConductorPolicy, current_seed
 from tokengate.policies.sticky import StickyPolicy
-from tokengate.tags import TagSpec
 
 from .test_sticky import WAIT, Factory, Recorder, outcome, start, sticky_stats, wait_until
 
@@ -146,10 +145,6 @@ def test_hash_policy_none_contradicts_a_chosen_key(standalone: Factory) -> None:
     assert "hash_policy 'none'" in str(error)
 
 
-_CORE_CHECKS = "check" in getattr(TagSpec, "__dataclass_fields__", {})
-
-
-@pytest.mark.skipif(not _CORE_CHECKS, reason="this core runs no tag checks at decoration yet (the proposed hook)")
 @pytest.mark.parametrize("tags", [{"sticky_key": "acount_id"}, {"sticky_key": "account_id", "hash_policy": "none"},
                                   {"sticky_key": lambda account_id: account_id}])
 def test_with_core_tag_checks_a_bad_key_fails_at_decoration(tags: dict[str, Any]) -> None:

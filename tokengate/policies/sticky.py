@@ -9,10 +9,8 @@ Tags (validated at decoration):
   so ``f("a", 1)`` and ``f(amount=1, account_id="a")`` have the same key. The
   call's *sticky key* is ``(anchor, fingerprint of the chosen values)``; the
   other arguments do not matter. A name that is not a parameter is a
-  ``ConfigurationError`` listing the parameters: at decoration when the
-  decorator runs tag checks against the function, otherwise (this core has no
-  such hook yet) every call of the function is refused with
-  :class:`~tokengate.fingerprint.StickyKeyError`, a ``ConfigurationError``. A
+  ``ConfigurationError`` listing the parameters, at decoration (the tag's
+  ``check`` against the function, run by the decorator). A
   key function that raises refuses that call with ``StickyKeyError`` (its
   exception is the ``__cause__``); it runs on the submitting thread, once per
   policy that keys the call: keep it cheap and pure.
@@ -73,14 +71,14 @@ import collections
 import heapq
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Deque, Hashable, Mapping, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Deque, Hashable, Mapping, NamedTuple
 
 from .. import current
 from ..errors import ConfigurationError, describe_exception
 from ..fingerprint import ArgumentKey, BoundKey, HashPolicy, StickyKeyError, routing_key
 from ..policy import Policy
 from ..states import TokenState
-from ..tags import TagSpec, declare_tag
+from ..tags import declare_tag
 
 if TYPE_CHECKING:
     import asyncio
@@ -133,13 +131,10 @@ def _check_sticky_key(func: Callable[..., Any], value: Any, tags: Mapping[str, A
     bind_sticky_key(func, value, tags)
 
 
-# The decorator runs a tag's ``check(func, value, tags)`` where the core supports it (a
-# TagSpec field); until then the same check runs when a coordinator first plans the
-# function, and its calls are refused (see _config).
-_extra: dict[str, Any] = {"check": _check_sticky_key} if "check" in getattr(TagSpec, "__dataclass_fields__", {}) else {}
-cast(Any, declare_tag)("sticky_key", _OWNER, ArgumentKey.parse,
-                       "which arguments form the sticky key: a parameter name, a tuple of names, or a function "
-                       "of the arguments", **_extra)
+# The decorator runs the check against the function at decoration.
+declare_tag("sticky_key", _OWNER, ArgumentKey.parse,
+            "which arguments form the sticky key: a parameter name, a tuple of names, or a function of the arguments",
+            check=_check_sticky_key)
 declare_tag("sticky_anchor", _OWNER, _parse_anchor,
             "route calls with the same anchor + key (default: all arguments) to one worker domain")
 declare_tag("ordered", _OWNER, _parse_ordered,
