@@ -182,8 +182,8 @@ def tokengate_lifespan(
             raise ConfigurationError(f"coordinator_factory must be callable, got {coordinator_factory!r}")
         return TokengateLifespan(coordinator_factory, float(drain_timeout))
 
-    # A server should not make its first process-lane request pay for starting processes.
-    # (Not with process_workers=0: there is nothing to warm.)
+    # A server should not make its first process-lane request pay for starting processes
+    # (with process_workers=0 there is nothing to warm, so the option is left out).
     if coordinator_options.get("process_workers") != 0:
         coordinator_options.setdefault("warm_processes", True)
 

@@ -213,19 +213,17 @@ async def test_warm_processes_false_is_respected(make_app: Callable[..., FastAPI
         assert (await client.get("/pid")).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: coordinator.ready stays False with warm_processes=False until "
-                                       "the first process-lane call (ProcessWorker.ready needs its thread started)")
 async def test_ready_with_processes_on_demand(make_app: Callable[..., FastAPI], serve: Callable[..., Any]) -> None:
+    # Regression (found here, fixed in the core in 6cd8f53): /ready stayed 503 until the first process-lane call.
     app = _process_app(make_app, warm_processes=False)
     async with serve(app) as client:
-        # Processes start at the first call, so a server is ready without them (ProcessWorker.ready's docstring).
-        assert (await client.get(f"{P}/ready")).status_code == 200
+        # Processes start at the first call, so a server is ready without them
+        ready = await client.get(f"{P}/ready")
+        assert ready.status_code == 200 and ready.json()["processes"] == 2, ready.text
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="core bug: warm_processes=True with process_workers=0 fails start() with KeyError "
-                          "'process' (tokengate_lifespan does not pass warm_processes then)")
 def test_core_warm_processes_without_a_process_lane_starts() -> None:
+    # Regression (found here, fixed in the core in 6cd8f53): start() raised KeyError 'process'.
     coordinator = OperationsCoordinator(num_cores=1, workers_per_core=1, policies=[], process_workers=0,
                                         warm_processes=True, name="tgtest-warm0")
     coordinator.start()
