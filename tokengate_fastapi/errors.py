@@ -24,7 +24,11 @@ error vocabulary. Every answer has the same JSON body::
   ``pickling_failed`` with ``direction``, ``type_name``; ``RemoteError`` (the
   function's own exception could not be sent back) → 500 ``remote_error`` with
   ``type_name`` (never the remote traceback); ``NestedCallRefused`` → 500
-  ``nested_call_refused`` (a programming error: retrying cannot help).
+  ``nested_call_refused`` (a programming error: retrying cannot help);
+* a refusal that is also a ``ConfigurationError`` (``StickyKeyError``: a
+  ``sticky_key`` function that raised for these arguments) → 500
+  ``call_misconfigured`` with ``operation_type`` and no ``Retry-After``: the
+  server's own configuration refused the call, and retrying cannot help.
 
 Why 502 for a crash: the call reached a worker process that died under it, as
 a gateway reports an upstream that failed. Only that call failed; the process
@@ -140,6 +144,8 @@ class ErrorCode(str, enum.Enum):
     REMOTE_ERROR = "remote_error"
     PROCESS_LANE_ERROR = "process_lane_error"
     NESTED_CALL_REFUSED = "nested_call_refused"
+    #: A refusal that is a ConfigurationError too (StickyKeyError): the server's configuration, not load.
+    CALL_MISCONFIGURED = "call_misconfigured"
     # the admin API
     UNAUTHORIZED = "unauthorized"
     ADMIN_TOKEN_NOT_CONFIGURED = "admin_token_not_configured"
@@ -224,6 +230,8 @@ def error_response(exc: TokengateError) -> JSONResponse | None:
     if isinstance(exc, TokenQuarantined):
         return _json(409, ErrorCode.TOKEN_QUARANTINED, str(exc), quarantine_id=exc.quarantine_id,
                      operation_type=exc.operation_type, trigger=exc.trigger)
+    if isinstance(exc, Rejected) and isinstance(exc, ConfigurationError):
+        return _json(500, ErrorCode.CALL_MISCONFIGURED, str(exc), operation_type=exc.operation_type)
     if isinstance(exc, Rejected):
         retry_after: float | None = getattr(exc, "retry_after", None)
         extra: dict[str, Any] = {"operation_type": exc.operation_type, "reason": exc.reason}

@@ -25,6 +25,7 @@ from tokengate import (
     TokenTimeout,
     task_token_guard,
 )
+from tokengate.fingerprint import StickyKeyError
 from tokengate.errors import (
     LaneClosed,
     NestedCallRefused,
@@ -73,6 +74,9 @@ CASES: list[tuple[Exception, int, str, str | None, dict[str, Any]]] = [
      500, "remote_error", None, {"type_name": "app.Weird"}),
     (NestedCallRefused("no coordinator in a worker process"), 500, "nested_call_refused", None, {}),
     (ProcessLaneError("something else"), 500, "process_lane_error", None, {}),
+    # a refusal that is the server's own configuration: never retried
+    (StickyKeyError("sticky_key function raised", operation_type="pay"), 500, "call_misconfigured", None,
+     {"operation_type": "pay"}),
 ]
 
 
