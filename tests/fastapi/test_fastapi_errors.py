@@ -25,7 +25,6 @@ from tokengate import (
     TokenTimeout,
     task_token_guard,
 )
-from tokengate.fingerprint import StickyKeyError
 from tokengate.errors import (
     LaneClosed,
     NestedCallRefused,
@@ -36,6 +35,7 @@ from tokengate.errors import (
     WorkerStartFailed,
     WorkerTerminated,
 )
+from tokengate.fingerprint import StickyKeyError
 from tokengate_fastapi import ErrorCode, add_exception_handlers, error_response, tokengate_lifespan
 from tokengate_fastapi.errors import http_exception_handler, retry_after_header
 
