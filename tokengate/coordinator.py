@@ -51,6 +51,9 @@ from ._plan import _Plan
 from ._settlement import SettlementMixin
 
 if TYPE_CHECKING:
+    import os
+
+    from .fleet import Fleet
     from .lanes.dask import DaskLane
 
 __all__ = ["OperationsCoordinator", "KillResult", "DrainReport"]
@@ -143,6 +146,13 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             ``ClusterUnavailable`` (HTTP 503) until the lane connects.
         dask_local_workers: Worker processes of the embedded cluster
             (default: the usable CPUs).
+        fleet_dir: A directory shared by the server processes of one app
+            (``uvicorn --workers N``, gunicorn): this coordinator joins their
+            fleet when it starts and leaves it when it stops, so the admin
+            API can answer for, and control, every process (see
+            :mod:`tokengate.fleet`). Default: the ``TOKENGATE_FLEET_DIR``
+            environment variable; unset or empty: no fleet. ``fleet`` is the
+            :class:`~tokengate.fleet.Fleet` (None without one).
 
     Raises:
         ConfigurationError: for any invalid option, at construction.
@@ -170,6 +180,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         warm_dask: bool = False,
         dask_optional: bool = False,
         dask_local_workers: int | None = None,
+        fleet_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.topology: Topology = detect_topology()
         cores = self.topology.usable_cpus if num_cores is None else num_cores
@@ -274,6 +285,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._history: Deque[tuple[Any, ...]] = collections.deque(maxlen=history_size)
         self._started_at: float | None = None
         self._started_wall: float | None = None
+        self.fleet: Fleet | None = _make_fleet(fleet_dir)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -295,6 +307,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._begin(asyncio.get_running_loop())
         if self._dask is not None and self._dask.warm:
             await self._await_dask_start()
+        if self.fleet is not None:  # bounded: a broken fleet file never holds the start
+            await self.fleet.joined()
         return self
 
     def start(self) -> OperationsCoordinator:
@@ -337,6 +351,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             except BaseException:
                 self._join_own_thread()  # the failed start stopped its loop: leave no thread behind
                 raise
+        if self.fleet is not None:
+            self.fleet.wait_joined()
         return self
 
     def _check_startable(self) -> None:
@@ -370,6 +386,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         self._phase = "running"
         self._accepting = self._gate_open
         current.push(self)
+        if self.fleet is not None:
+            self.fleet.start(self)  # its thread joins; the fleet's standing state is applied on this loop
         logger.info(
             "coordinator %s started (%s): %d cores x %d workers",
             self.name, "standalone" if self._own_thread else "attached", self.num_cores, self.workers_per_core,
@@ -598,6 +616,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                 p.on_stop(self)
             except Exception:
                 logger.exception("policy %s failed in on_stop", p.name)
+        if self.fleet is not None:  # leaves with the final counters (the write is on the fleet thread)
+            await self.fleet.aclose()
         current.remove(self)
         self._plans.clear()
         self._phase = "stopped"
@@ -925,6 +945,13 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
     def __repr__(self) -> str:
         return (f"<OperationsCoordinator {self.name!r} {self._phase} cores={self.num_cores} "
                 f"workers_per_core={self.workers_per_core} inflight={self.inflight}>")
+
+
+def _make_fleet(fleet_dir: object) -> Fleet | None:
+    from .fleet import Fleet, fleet_dir_from_env
+
+    directory = fleet_dir_from_env() if fleet_dir is None else fleet_dir
+    return None if directory is None else Fleet(directory)  # type: ignore[arg-type]
 
 
 def _safe_stats(policy: Policy) -> dict[str, Any]:
