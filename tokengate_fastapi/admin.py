@@ -9,6 +9,8 @@ Routes, relative to the prefix ([auth] = needs ``Authorization: Bearer <token>``
 
 * [auth] ``GET /stats`` · ``GET /affinity`` · ``GET /workers`` · ``GET /history?limit=`` ·
   ``GET /tokens/{id}`` · ``POST /tokens/{id}/kill``
+* [auth] ``GET /history/series?after=``: time series of the last ``series_window`` seconds, sampled
+  every ``series_interval`` seconds from the app's start (the dashboard's charts)
 * [auth] ``GET /operations`` · ``POST /operations/{op}/pause|resume|unblock|hold|unhold|kill``
 * [auth] ``GET /quarantine?status=&operation=&limit=&offset=`` · ``GET /quarantine/{id}`` ·
   ``POST /quarantine/{id}/release`` · ``DELETE /quarantine/{id}``
@@ -40,6 +42,8 @@ from .errors import AdminRoute
 from ._routes_live import add_live_routes
 from ._routes_operations import add_operation_routes
 from ._routes_pool import add_pool_routes
+from ._routes_series import add_series_routes
+from ._series import DEFAULT_INTERVAL, DEFAULT_WINDOW, SeriesRecorders
 
 __all__ = ["admin_router"]
 
@@ -68,6 +72,8 @@ def admin_router(
     sse_max_streams: int = 100,
     include_in_schema: bool = True,
     name_prefix: str = "tokengate",
+    series_interval: float = DEFAULT_INTERVAL,
+    series_window: float = DEFAULT_WINDOW,
 ) -> APIRouter:
     """Build the admin API router; mount it with ``app.include_router(router, prefix=...)``.
 
@@ -96,25 +102,35 @@ def admin_router(
         include_in_schema: List the routes in the app's OpenAPI schema.
         name_prefix: Route names are ``f"{name_prefix}:stats"`` and so on, for
             ``request.url_for``.
+        series_interval: Seconds between two samples of ``GET /history/series``
+            (default 1; at least 0.05). The sampler is a task on the server's
+            loop, started with the app by this router's lifespan (FastAPI's
+            ``include_router`` merges it into the app's) and stopped at shutdown.
+        series_window: Seconds of series kept in memory (default 300: five
+            minutes); at most 20,000 points (``series_window / series_interval``).
 
     Raises:
         ConfigurationError: for an empty or whitespace-containing token, a bad
-            interval, duration or stream cap, or an empty *name_prefix*.
+            interval, duration or stream cap, an empty *name_prefix*, or a bad
+            series interval or window.
     """
     interval = _check_seconds("sse_interval", sse_interval, 3600)
     max_duration = _check_seconds("sse_max_duration", sse_max_duration, 86_400)
     max_streams = _check_count("sse_max_streams", sse_max_streams, 100_000)
     if not isinstance(name_prefix, str) or not name_prefix.strip():
         raise ConfigurationError(f"name_prefix must be a non-empty string, got {name_prefix!r}")
+    series = SeriesRecorders(series_interval, series_window)
     auth = AdminAuth(token, allow_unauthenticated=allow_unauthenticated, where=f"{name_prefix} admin router")
 
     def name(suffix: str) -> str:
         return f"{name_prefix}:{suffix}"
 
     protected: list[DependsParam] = [Depends(auth.require)]
-    router = APIRouter(route_class=AdminRoute, include_in_schema=include_in_schema)
+    # The lifespan starts the series sampler with the app, so a dashboard opened late sees the past.
+    router = APIRouter(route_class=AdminRoute, include_in_schema=include_in_schema, lifespan=series.lifespan)
     add_pool_routes(router, name=name, protected=protected)
     add_operation_routes(router, name=name, protected=protected)
+    add_series_routes(router, name=name, protected=protected, recorders=series)
     add_live_routes(
         router,
         name=name,
