@@ -340,40 +340,50 @@ class Fleet:
     # -- control (loop side) -----------------------------------------------------------
 
     async def broadcast(self, action: str, operation: str | None = None, args: Mapping[str, Any] | None = None,
-                        *, target: str | None = None, timeout: float | None = None) -> CommandReport:
+                        *, target: str | None = None, timeout: float | None = None,
+                        concurrent_local: bool = False) -> CommandReport:
         """Apply *action* here (unless *target* is another member) and on every other live member.
 
-        Returns once every live member acknowledged it, or after *timeout*
-        seconds (default ``ack_timeout``) with the silent ones in
-        ``missing``. With *target*, only that member applies it (token look-ups
-        and kills). Thread: the coordinator's loop.
+        By default it is applied here first, and an error here (a bad
+        operation name, a policy this coordinator lacks) is raised before
+        anything is sent, as it would fail on the others too. With
+        *concurrent_local* (a waiting drain) the command is sent first and
+        applied here meanwhile; an error here is then reported in the result.
+        Returns once every other live member acknowledged it, or after
+        *timeout* seconds (default ``ack_timeout``) with the silent ones in
+        ``missing``. With *target*, only that member applies it (token
+        look-ups and kills). Thread: the coordinator's loop.
 
         Raises:
             ConfigurationError: for an unknown action.
+            Exception: whatever applying it here raised (not with *concurrent_local*).
         """
         if action not in ACTIONS:
             raise ConfigurationError(f"unknown fleet action {action!r}; known: {', '.join(sorted(ACTIONS))}")
         wait = self.ack_timeout if timeout is None else max(0.0, float(timeout))
         me = self.member_id
+        key = me or f"pid-{self._pid}"
         report = CommandReport(action, operation, None, me)
+        here = target is None or target == me or me is None
+        local: Ack | None = None
+        if here and not concurrent_local:
+            result = await self._execute(action, operation, args or {})  # raises: nothing was sent
+            local = Ack(key, True, "applied", result, self.clock())
         future: concurrent.futures.Future[CommandReport] | None = None
         if me is not None and target != me:
             future = concurrent.futures.Future()
-            report_args = dict(args or {})
-            if not self._put(("issue", action, operation, report_args, target, wait, future)):
+            if not self._put(("issue", action, operation, dict(args or {}), target, wait, future)):
                 future = None
                 report.error = "the fleet thread's queue is full; applied on this member only"
         elif me is None:
             report.error = self.view.error or "this member has not joined the fleet yet; applied on this member only"
-        if target is None or target == me or me is None:
-            key = me or f"pid-{self._pid}"
-            report.pids[key] = self._pid
-            report.acks[key] = await self._apply_here(action, operation, args or {})
+        if here and local is None:
+            local = await self._apply_here(action, operation, args or {})
         if future is not None:
-            remote = await asyncio.wrap_future(future)
-            remote.acks = {**report.acks, **remote.acks}
-            remote.pids = {**report.pids, **remote.pids}
-            return remote
+            report = await asyncio.wrap_future(future)
+        if local is not None:
+            report.acks = {key: local, **report.acks}
+            report.pids = {key: self._pid, **report.pids}
         return report
 
     async def _apply_here(self, action: str, operation: str | None, args: Mapping[str, Any]) -> Ack:

@@ -39,7 +39,7 @@ import weakref
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, NamedTuple, Sequence
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.params import Depends
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -48,10 +48,11 @@ from starlette.types import Receive, Scope, Send
 
 from tokengate import OperationsCoordinator
 
-from .dependencies import CoordinatorDep
+from .dependencies import STATE_KEY, CoordinatorDep
+from .fleet import Scope as FleetScope, fleet_health, fleet_of
 from .errors import AdminError, ErrorCode, retry_after_header
 from .metrics import TokengateCollector
-from .schemas import ErrorBody, Health, Ready, error_responses
+from .schemas import ErrorBody, FleetHealth, Health, Ready, error_responses
 from ._lanes import operation_lanes, process_counts, with_lanes, worker_lanes
 from ._policies import find_quarantine, operation_rows
 from ._routes_pool import stats_snapshot
@@ -432,6 +433,11 @@ def _read_dashboard() -> str:
         return _FALLBACK_PAGE
 
 
+def _member(coordinator: OperationsCoordinator) -> str | None:
+    fleet = fleet_of(coordinator)
+    return None if fleet is None else fleet.member_id
+
+
 def _has_process_lane(coordinator: OperationsCoordinator) -> bool:
     # Saves /ready a stats() snapshot on a coordinator without worker processes.
     return coordinator.process_routing is not None
@@ -455,9 +461,18 @@ def add_live_routes(
 
     @router.get("/health", response_model=Health, name=name("health"), dependencies=list(health_deps),
                 responses=error_responses(401, 503) if health_deps else None, summary="Liveness")
-    async def health() -> Health:
-        """200 whenever the event loop answers; never depends on load (restarting on load is an outage)."""
-        return Health(pid=os.getpid())
+    async def health(request: Request, scope: FleetScope = "fleet") -> Health:
+        """200 whenever the event loop answers; never depends on load (restarting on load is an outage).
+
+        Liveness is this process's own. In a fleet, ``fleet`` also lists
+        every live member with its heartbeat and snapshot ages (and whether
+        its loop looks stuck), and the members that left or died recently.
+        """
+        coordinator = getattr(request.state, STATE_KEY, None) or getattr(request.app.state, STATE_KEY, None)
+        fleet = fleet_of(coordinator, scope) if isinstance(coordinator, OperationsCoordinator) else None
+        if fleet is None:
+            return Health(pid=os.getpid())
+        return Health(pid=os.getpid(), member=fleet.member_id, fleet=FleetHealth.model_validate(fleet_health(fleet)))
 
     @router.get("/ready", response_model=Ready, name=name("ready"), dependencies=list(health_deps),
                 responses={**(error_responses(401) if health_deps else {}),
@@ -470,6 +485,9 @@ def add_live_routes(
                 summary="Readiness")
     async def ready(coordinator: CoordinatorDep) -> Any:
         """200 while running, every worker process up, and neither draining nor paused; else 503.
+
+        Always this process's own readiness, also in a fleet (an orchestrator
+        asks each process about itself); ``member`` names it.
 
         The 503 names why in ``status`` (``starting``: the process lane's
         worker processes are not all up yet, see ``processes_ready`` of
@@ -489,8 +507,10 @@ def add_live_routes(
         elif not coordinator.ready:
             status, retry_after = "starting", STARTING_RETRY_AFTER
         else:
-            return Ready(status="ready", ready=True, pid=os.getpid(), processes=total, processes_ready=up)
-        body = Ready(status=status, ready=False, pid=os.getpid(), processes=total, processes_ready=up)
+            return Ready(status="ready", ready=True, pid=os.getpid(), processes=total, processes_ready=up,
+                         member=_member(coordinator))
+        body = Ready(status=status, ready=False, pid=os.getpid(), processes=total, processes_ready=up,
+                     member=_member(coordinator))
         return JSONResponse(body.model_dump(), status_code=503,
                             headers={"Retry-After": retry_after_header(retry_after)})
 

@@ -12,9 +12,14 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 from fastapi import APIRouter, Path, Query
 from fastapi.params import Depends
 
+from tokengate import OperationsCoordinator
+from tokengate.fleet import CommandReport
+
 from .dependencies import CoordinatorDep
 from .errors import AdminError, ErrorCode
+from .fleet import Scope, applied_results, control, fleet_of, fleet_operations
 from .schemas import (
+    FleetControl,
     OperationKillResult,
     OperationReputation,
     OperationState,
@@ -46,6 +51,19 @@ def _not_found(quarantine_id: str) -> AdminError:
                       quarantine_id=quarantine_id)
 
 
+def _with_fleet(state: dict[str, Any], report: CommandReport | None) -> dict[str, Any]:
+    return state if report is None else {**state, "fleet": FleetControl.model_validate(report.to_dict())}
+
+
+async def _operation_control(coordinator: OperationsCoordinator, action: str, operation_type: str,
+                             local: Callable[[], Any]) -> dict[str, Any]:
+    """Apply an operation action on every member of the fleet, or here only (*local*) without a fleet."""
+    report = await control(coordinator, action, operation_type)
+    if report is None:
+        local()
+    return _with_fleet(operation_state(coordinator, operation_type), report)
+
+
 def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], protected: Sequence[Depends]) -> None:
     """Add the operation and quarantine routes to *router*; *protected* is the auth dependency list."""
     deps = list(protected)
@@ -54,62 +72,82 @@ def add_operation_routes(router: APIRouter, *, name: Callable[[str], str], prote
 
     @router.get("/operations", response_model=list[OperationReputation], name=name("operations.list"),
                 dependencies=deps, responses=error_responses(401, 500, 503), summary="Reputation per operation")
-    async def list_operations(coordinator: CoordinatorDep) -> list[dict[str, Any]]:
+    async def list_operations(coordinator: CoordinatorDep, scope: Scope = "fleet") -> list[dict[str, Any]]:
         """Reputation rows (when the reputation policy is installed) with paused/held/blocked flags and lane.
 
         ``lane`` is the lane (thread or process) the operation's most recent
-        call in the execution history ran on.
+        call in the execution history ran on. In a fleet, one row per
+        operation over every live member (attempts, successes and failures
+        summed; a flag set on any member; the worst health), with each
+        member's own row in ``members``.
         """
         stats = coordinator.stats()
-        return operation_rows(coordinator, stats["paused_operations"],
+        rows = operation_rows(coordinator, stats["paused_operations"],
                               operation_lanes(coordinator, worker_lanes(stats)))
+        fleet = fleet_of(coordinator, scope)
+        return rows if fleet is None else fleet_operations(fleet, rows)
 
     @router.post("/operations/{operation_type:path}/pause", response_model=OperationState,
                  name=name("operations.pause"), dependencies=deps, responses=auth_errors,
                  summary="Pause one operation")
     async def pause_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
-        """New calls of this operation wait until resumed (they are held, not refused)."""
-        coordinator.pause(operation_type)
-        return operation_state(coordinator, operation_type)
+        """New calls of this operation wait until resumed (they are held, not refused). In a fleet: every member."""
+        return await _operation_control(coordinator, "pause_operation", operation_type,
+                                        lambda: coordinator.pause(operation_type))
 
     @router.post("/operations/{operation_type:path}/resume", response_model=OperationState,
                  name=name("operations.resume"), dependencies=deps, responses=auth_errors,
                  summary="Resume one operation")
     async def resume_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
-        """Release the calls held by a pause of this operation."""
-        coordinator.resume(operation_type)
-        return operation_state(coordinator, operation_type)
+        """Release the calls held by a pause of this operation (in a fleet: on every member)."""
+        return await _operation_control(coordinator, "resume_operation", operation_type,
+                                        lambda: coordinator.resume(operation_type))
 
     @router.post("/operations/{operation_type:path}/unblock", response_model=OperationState,
                  name=name("operations.unblock"), dependencies=deps, responses=policy_errors,
                  summary="Lift a reputation block")
     async def unblock_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
-        """Lift the reputation policy's automatic block of this operation."""
-        reputation_policy(coordinator).unblock(operation_type)
-        return operation_state(coordinator, operation_type)
+        """Lift the reputation policy's automatic block of this operation (in a fleet: on every member)."""
+        reputation = reputation_policy(coordinator)
+        return await _operation_control(coordinator, "unblock", operation_type,
+                                        lambda: reputation.unblock(operation_type))
 
     @router.post("/operations/{operation_type:path}/hold", response_model=OperationState,
                  name=name("operations.hold"), dependencies=deps, responses=policy_errors,
                  summary="Quarantine every new call of an operation")
     async def hold_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
-        """New calls of this operation go to the quarantine for review instead of running."""
-        quarantine_policy(coordinator).hold(operation_type)
-        return operation_state(coordinator, operation_type)
+        """New calls of this operation go to the quarantine for review instead of running.
+
+        In a fleet: on every member, and on members that start while it is held.
+        """
+        quarantine = quarantine_policy(coordinator)
+        return await _operation_control(coordinator, "hold", operation_type,
+                                        lambda: quarantine.hold(operation_type))
 
     @router.post("/operations/{operation_type:path}/unhold", response_model=OperationState,
                  name=name("operations.unhold"), dependencies=deps, responses=policy_errors,
                  summary="Stop quarantining an operation")
     async def unhold_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> dict[str, Any]:
-        """New calls of this operation run again (records already held stay in the quarantine)."""
-        quarantine_policy(coordinator).unhold(operation_type)
-        return operation_state(coordinator, operation_type)
+        """New calls of this operation run again (records already held stay in the quarantine). Fleet: every member."""
+        quarantine = quarantine_policy(coordinator)
+        return await _operation_control(coordinator, "unhold", operation_type,
+                                        lambda: quarantine.unhold(operation_type))
 
     @router.post("/operations/{operation_type:path}/kill", response_model=OperationKillResult,
                  name=name("operations.kill"), dependencies=deps, responses=auth_errors,
                  summary="Kill every not-yet-started call of an operation")
     async def kill_operation(coordinator: CoordinatorDep, operation_type: OperationType) -> OperationKillResult:
-        """Waiting and queued calls settle KILLED; running ones finish (threads cannot be interrupted)."""
-        return OperationKillResult(operation_type=operation_type, killed=coordinator.kill_operation(operation_type))
+        """Waiting and queued calls settle KILLED; running ones finish (threads cannot be interrupted).
+
+        In a fleet: on every member; ``killed`` is the fleet's total.
+        """
+        report = await control(coordinator, "kill_operation", operation_type)
+        if report is None:
+            return OperationKillResult(operation_type=operation_type,
+                                       killed=coordinator.kill_operation(operation_type))
+        killed = sum(int(r.get("killed") or 0) for r in applied_results(report) if isinstance(r, dict))
+        return OperationKillResult(operation_type=operation_type, killed=killed,
+                                   fleet=FleetControl.model_validate(report.to_dict()))
 
     @router.get("/quarantine", response_model=list[QuarantineRecord], name=name("quarantine.list"),
                 dependencies=deps, responses=error_responses(401, 422, 500, 503), summary="Quarantined calls")

@@ -15,6 +15,7 @@ Routes, relative to the prefix ([auth] = needs ``Authorization: Bearer <token>``
 * [auth] ``GET /quarantine?status=&operation=&limit=&offset=`` · ``GET /quarantine/{id}`` ·
   ``POST /quarantine/{id}/release`` · ``DELETE /quarantine/{id}``
 * [auth] ``POST /drain`` · ``POST /pause`` · ``POST /resume``
+* [auth] ``GET /fleet``: the fleet's members and standing state (fleet mode)
 * ``GET /health`` and ``GET /ready``: open unless ``public_health=False``
 * [auth] ``GET /metrics``: unless ``public_metrics=True``
 * [auth] ``GET /events``: Server-Sent Events (one snapshot per tick shared by every stream; at most
@@ -25,7 +26,11 @@ Errors use the body ``{"error": <ErrorCode>, "detail": ...}``: unknown ids 404,
 malformed input 422, a method the route does not serve 405, a kill of a running
 token 409 saying why. Credentials are checked before a request body is parsed.
 Answers carry ``pid`` where it matters: with ``--workers N`` every process has
-its own coordinator, so aggregate across processes in Prometheus, not here.
+its own coordinator. Give them a fleet directory (``fleet_dir`` /
+``TOKENGATE_FLEET_DIR``) and every read route answers for the whole fleet,
+every control route acts on every process, and token ids become
+``<member>-<number>`` (see :mod:`tokengate_fastapi.fleet`); each answer then
+names its member in ``X-TokenGate-Member``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from tokengate.errors import ConfigurationError
 
 from .auth import AdminAuth
 from .errors import AdminRoute
+from .fleet import member_header
+from ._routes_fleet import add_fleet_routes
 from ._routes_live import add_live_routes
 from ._routes_operations import add_operation_routes
 from ._routes_pool import add_pool_routes
@@ -127,9 +134,12 @@ def admin_router(
 
     protected: list[DependsParam] = [Depends(auth.require)]
     # The lifespan starts the series sampler with the app, so a dashboard opened late sees the past.
-    router = APIRouter(route_class=AdminRoute, include_in_schema=include_in_schema, lifespan=series.lifespan)
+    # Every answer names the fleet member (server process) that produced it (X-TokenGate-Member).
+    router = APIRouter(route_class=AdminRoute, include_in_schema=include_in_schema, lifespan=series.lifespan,
+                       dependencies=[Depends(member_header)])
     add_pool_routes(router, name=name, protected=protected)
     add_operation_routes(router, name=name, protected=protected)
+    add_fleet_routes(router, name=name, protected=protected)
     add_series_routes(router, name=name, protected=protected, recorders=series)
     add_live_routes(
         router,

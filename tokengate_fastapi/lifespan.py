@@ -28,8 +28,11 @@ before, and no request pays a process start-up.
 Note:
     Each server process (``uvicorn --workers N``, gunicorn) runs its own
     lifespan and so its own coordinator; admin answers carry ``pid`` for that
-    reason. Anything per event loop (anyio limiters, run vars) must likewise be
-    created inside a lifespan, never at import.
+    reason. Pass ``fleet_dir=`` (or set ``TOKENGATE_FLEET_DIR``) and the
+    coordinators form one fleet that the admin API observes and controls as
+    a whole (:mod:`tokengate.fleet`). Anything per event loop (anyio
+    limiters, run vars) must likewise be created inside a lifespan, never at
+    import.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from tokengate import OperationsCoordinator
 from tokengate.errors import ConfigurationError
 
 from .dependencies import STATE_KEY
+from .fleet import install_snapshot_parts
 from ._routes_live import close_event_streams
 
 __all__ = ["tokengate_lifespan", "TokengateLifespan", "TokengateState"]
@@ -96,6 +100,7 @@ class TokengateLifespan:
     @asynccontextmanager
     async def _run(self, app: Starlette) -> AsyncIterator[TokengateState]:
         coordinator = self._take_coordinator()
+        install_snapshot_parts(coordinator)  # fleet mode: publish what the admin API shows
         await coordinator.astart()
         setattr(app.state, STATE_KEY, coordinator)
         try:

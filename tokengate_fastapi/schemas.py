@@ -9,7 +9,7 @@ field never breaks the API; the declared fields are the documented contract.
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from tokengate.errors import ConfigurationError
 
@@ -23,6 +23,16 @@ __all__ = [
     "DrainRequest",
     "ErrorBody",
     "ExecutionRecord",
+    "FleetAffinity",
+    "FleetApplied",
+    "FleetControl",
+    "FleetHealth",
+    "FleetInfo",
+    "FleetMember",
+    "FleetMemberStats",
+    "FleetNotApplied",
+    "FleetStats",
+    "FleetTotals",
     "Health",
     "KillResult",
     "LaneInfo",
@@ -57,6 +67,27 @@ _ERROR_DESCRIPTIONS = {
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+#: Fields that only fleet mode fills: left out of an answer while they are null, so a server without
+#: a fleet answers exactly as before.
+_FLEET_FIELDS = ("member", "fleet", "members", "age")
+
+
+class _FleetAware(BaseModel):
+    # No return annotation on purpose: pydantic would document the annotation instead of the model in OpenAPI.
+    @model_serializer(mode="wrap")
+    def _drop_null_fleet_fields(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in _FLEET_FIELDS:
+                if key in data and data[key] is None:
+                    del data[key]
+        return data
+
+
+class _OpenFleetAware(_FleetAware, _Open):
+    pass
 
 
 class ErrorBody(_Open):
@@ -103,7 +134,135 @@ class ProcessInfo(_Open):
                                                               "before its next call")
 
 
-class WorkerInfo(_Open):
+class FleetMember(_Open):
+    """One live member of the fleet: which process it is and how fresh its figures are (seconds)."""
+
+    member: str = Field(description="the member id (6 hex digits), the prefix of its fleet token ids")
+    pid: int
+    host: str
+    version: str
+    process_started_at: float
+    joined_at: float
+    heartbeat_age: float = Field(description="seconds since its fleet thread last wrote a heartbeat")
+    snapshot_age: float | None = Field(default=None, description="seconds since the figures shown for it were "
+                                                                 "taken (0 for the member that answered)")
+    loop_stuck: bool = Field(description="its process beats but its event loop has not published for four "
+                                         "heartbeats (something blocks that loop)")
+    self: bool = Field(description="this member produced the answer")
+
+
+class FleetMemberStats(FleetMember):
+    """A member's row in ``GET /stats``: its state and main figures."""
+
+    phase: str | None = None
+    paused: bool | None = None
+    draining: bool | None = None
+    paused_operations: list[str] = Field(default_factory=list)
+    counts: dict[str, int] = Field(default_factory=dict)
+    throughput_per_s: float | None = None
+    pending_total: int | None = None
+    held_total: int | None = None
+    queue_wait_p99: float | None = None
+    run_time_p99: float | None = None
+    uptime: float | None = None
+
+
+class FleetTotals(_Open):
+    """Fleet-wide figures: counters of live members plus those that left or died (``retired``); gauges of live ones."""
+
+    members: int
+    paused_members: int
+    draining_members: int
+    stuck_members: int
+    counts: dict[str, int]
+    throughput_per_s: float
+    pending_total: int
+    held_total: int
+
+
+class FleetStats(_Open):
+    """The fleet part of ``GET /stats``: totals and one row per live member."""
+
+    member: str | None = Field(description="the member that answered (null: not joined yet)")
+    fleet: str
+    error: str | None = Field(default=None, description="why the fleet file could not be used (figures are then "
+                                                        "this process's only)")
+    totals: FleetTotals
+    members: list[FleetMemberStats]
+    retired: dict[str, float] = Field(default_factory=dict, description="summed counters of departed members")
+    desired: dict[str, Any] = Field(default_factory=dict, description="the fleet's standing control state, applied "
+                                                                      "by a member when it joins")
+
+
+class FleetAffinity(_Open):
+    """The fleet part of ``GET /affinity``: routed counts per weight class, summed and per member."""
+
+    member: str | None = None
+    routed_by_weight: dict[str, int]
+    members: list[dict[str, Any]]
+
+
+class FleetHealth(_Open):
+    """The fleet part of ``GET /health``: every live member, and the ones that left or died recently."""
+
+    member: str | None = None
+    fleet: str
+    error: str | None = None
+    members: list[FleetMember]
+    departed: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class FleetApplied(_Open):
+    """A member that applied a control action, with its own result."""
+
+    member: str
+    pid: int | None = None
+    result: Any = None
+
+
+class FleetNotApplied(_Open):
+    """A member that did not apply a control action, and why."""
+
+    member: str
+    pid: int | None = None
+    reason: str
+
+
+class FleetControl(_Open):
+    """Which members applied a control action (fleet mode). Standing changes also reach members that start later."""
+
+    command: int | None = Field(default=None, description="its sequence number in the fleet file (null: not "
+                                                          "written, see error)")
+    action: str
+    operation: str | None = None
+    member: str | None = Field(default=None, description="the member that answered and sent it")
+    applied: list[FleetApplied]
+    not_applied: list[FleetNotApplied]
+    error: str | None = None
+
+
+class FleetInfo(_Open):
+    """``GET /fleet``: the fleet's settings, members, departed members, standing state and retired counters."""
+
+    enabled: bool
+    directory: str | None = None
+    fleet: str | None = None
+    member: str | None = None
+    joined: bool = False
+    error: str | None = None
+    heartbeat_interval: float | None = None
+    stale_after: float | None = Field(default=None, description="seconds without a heartbeat after which a "
+                                                                "member is marked gone")
+    poll_interval: float | None = None
+    snapshot_build_seconds: float | None = Field(default=None, description="what the last snapshot cost this "
+                                                                           "member's event loop")
+    desired: dict[str, Any] = Field(default_factory=dict)
+    members: list[FleetMember] = Field(default_factory=list)
+    departed: list[dict[str, Any]] = Field(default_factory=list)
+    retired: dict[str, float] = Field(default_factory=dict)
+
+
+class WorkerInfo(_OpenFleetAware):
     """One worker: its mailbox depth and what it is running now; on the process lane, its worker process."""
 
     core_id: int | None = None
@@ -119,6 +278,8 @@ class WorkerInfo(_Open):
     classes: list[str]
     alive: bool
     process: ProcessInfo | None = Field(default=None, description="process lane only: its worker process")
+    member: str | None = Field(default=None, description="fleet mode: the member this worker belongs to")
+    age: float | None = Field(default=None, description="fleet mode: seconds since these figures were taken")
 
 
 class CoreInfo(_Open):
@@ -152,7 +313,7 @@ class LaneInfo(_Open):
     routing: dict[str, Any]
 
 
-class StatsResponse(_Open):
+class StatsResponse(_OpenFleetAware):
     """``coordinator.stats()`` plus ``pid`` (each server process has its own coordinator)."""
 
     pid: int
@@ -181,6 +342,10 @@ class StatsResponse(_Open):
     lanes: dict[str, LaneInfo] = Field(default_factory=dict, description="lanes other than threads, by name "
                                                                          "(the thread lane's figures are above)")
     policies: dict[str, dict[str, Any]]
+    member: str | None = Field(default=None, description="fleet mode: the member that answered (the figures "
+                                                         "above are its own)")
+    fleet: FleetStats | None = Field(default=None, description="fleet mode: totals and every member "
+                                                               "(null without a fleet or with ?scope=member)")
 
 
 class WorkerQueue(BaseModel):
@@ -205,16 +370,18 @@ class CoreAffinity(BaseModel):
     workers: list[WorkerQueue]
 
 
-class AffinityResponse(BaseModel):
+class AffinityResponse(_FleetAware):
     """Per-core, per-weight routed counts and live queue depth per worker."""
 
     pid: int
     mailbox_size: int
     routed_by_weight: dict[str, int]
     cores: list[CoreAffinity]
+    member: str | None = None
+    fleet: FleetAffinity | None = None
 
 
-class ExecutionRecord(_Open):
+class ExecutionRecord(_OpenFleetAware):
     """One settled call from the bounded execution history (newest first). Times in seconds."""
 
     token_id: str
@@ -231,9 +398,11 @@ class ExecutionRecord(_Open):
     error: str | None = None
     complexity: str = ""
     lane: str | None = Field(default=None, description="thread or process: the lane of the worker that ran it")
+    member: str | None = Field(default=None, description="fleet mode: the member that ran it (its token_id is "
+                                                         "then `<member>-<number>`)")
 
 
-class TokenRecord(_Open):
+class TokenRecord(_OpenFleetAware):
     """A token's status: live tokens have the timing fields, settled ones come from the history."""
 
     token_id: str
@@ -251,9 +420,10 @@ class TokenRecord(_Open):
     finished_at: float | None = None
     kill_reason: str | None = None
     error: str | None = None
+    member: str | None = Field(default=None, description="fleet mode: the member holding the token")
 
 
-class KillResult(BaseModel):
+class KillResult(_FleetAware):
     """What a kill did: a token that has not started, or a running process-lane call (its process is ended)."""
 
     token_id: str
@@ -261,22 +431,26 @@ class KillResult(BaseModel):
     found: bool
     state: str | None = None
     message: str
+    member: str | None = None
 
 
-class OperationKillResult(BaseModel):
-    """How many not-yet-started calls of one operation were killed."""
+class OperationKillResult(_FleetAware):
+    """How many not-yet-started calls of one operation were killed (fleet mode: on every member)."""
 
     operation_type: str
     killed: int
+    fleet: FleetControl | None = None
 
 
-class OperationState(BaseModel):
+class OperationState(_FleetAware):
     """The admission flags of one operation after a control action."""
 
     operation_type: str
     paused: bool
     held: bool
     blocked: bool
+    fleet: FleetControl | None = Field(default=None, description="fleet mode: the members that applied it "
+                                                                 "(the flags above are the answering member's)")
 
 
 class OperationRunTime(_Open):
@@ -289,12 +463,17 @@ class OperationRunTime(_Open):
     samples: int | None = None
 
 
-class OperationReputation(_Open):
+class OperationReputation(_OpenFleetAware):
     """One operation's reputation row (fields from the reputation policy) plus its admission flags.
 
     The reputation fields are null for an operation the reputation policy
     has not seen, or when it is not installed (a paused or held operation
     still gets a row, so it can be seen and resumed).
+
+    Fleet mode: one row per operation over every live member (attempts,
+    successes and failures summed; a flag set on any member; the worst
+    health; the busiest member's run time), plus ``members``: each member's
+    own row with its ``member``.
     """
 
     operation_type: str
@@ -353,16 +532,19 @@ class DrainRequest(BaseModel):
     timeout: float = Field(default=30.0, ge=0, le=300)
 
 
-class DrainReport(BaseModel):
+class DrainReport(_FleetAware):
     """What a drain saw. With ``wait=false`` it is the state right after the gate closed."""
 
     drained: bool
     settled_during_drain: int
     remaining: int
     elapsed: float
+    fleet: FleetControl | None = Field(default=None, description="fleet mode: every member's report; the fields "
+                                                                 "above are then the fleet's (all drained, sums, "
+                                                                 "longest)")
 
 
-class PoolState(BaseModel):
+class PoolState(_FleetAware):
     """Global admission state after ``/pause`` or ``/resume``."""
 
     pid: int
@@ -370,16 +552,20 @@ class PoolState(BaseModel):
     paused: bool
     draining: bool
     inflight: int
+    member: str | None = None
+    fleet: FleetControl | None = None
 
 
-class Health(BaseModel):
+class Health(_FleetAware):
     """Liveness: the event loop answers."""
 
     status: Literal["ok"] = "ok"
     pid: int
+    member: str | None = None
+    fleet: FleetHealth | None = None
 
 
-class Ready(BaseModel):
+class Ready(_FleetAware):
     """Readiness: ``ready`` only while running, every lane's workers up, and neither draining nor paused.
 
     ``starting``: the coordinator runs but some worker processes are not up
@@ -393,6 +579,8 @@ class Ready(BaseModel):
     processes: int | None = Field(default=None, description="worker processes of the process lane (null: no "
                                                             "process lane)")
     processes_ready: int | None = Field(default=None, description="of those, the ones up")
+    member: str | None = Field(default=None, description="fleet mode: this process's member id (readiness is "
+                                                         "always this process's own)")
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
