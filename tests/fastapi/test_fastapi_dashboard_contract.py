@@ -48,6 +48,9 @@ SCHEMAS = {
     "operation": "OperationReputation",
     "operation_run_time": "OperationRunTime",
     "quarantine": "QuarantineRecord",
+    "series": "SeriesResponse",
+    "series_latency": "SeriesPercentiles",
+    "series_refusals": "SeriesRefusals",
 }
 
 #: In each function of the page, which expressions hold which kind of object ("s.run_time" is a latency).
@@ -63,6 +66,7 @@ READERS: dict[str, dict[str, str]] = {
     "renderHistory": {"r": "history", "a": "history", "b": "history"},
     "renderOperations": {"o": "operation", "rt": "operation_run_time"},
     "renderQuarantine": {"q": "quarantine"},
+    "renderSeries": {"d": "series", "d.queue_wait": "series_latency", "d.run_time": "series_latency"},
 }
 
 
@@ -104,6 +108,10 @@ def fields_read_by_the_code(html: str | None = None) -> dict[str, set[str]]:
     counts_table = re.search(r"const COUNTS = \[(.*?)\];", script, re.S)
     assert counts_table is not None
     read["counts"].update(re.findall(r'\["(\w+)", "[^"]*"\]', counts_table.group(1)))
+    # so do the refusal kinds of the history charts
+    refusals_table = re.search(r"const REFUSALS = \[(.*?)\];", script, re.S)
+    assert refusals_table is not None
+    read.setdefault("series_refusals", set()).update(re.findall(r'\["(\w+)", "[^"]*"\]', refusals_table.group(1)))
     return read
 
 
@@ -135,11 +143,11 @@ def test_the_dashboard_s_admin_calls_exist(make_app: Callable[..., FastAPI]) -> 
     # the routes and methods the page calls: api(method, path) and the event stream
     paths = make_app().openapi()["paths"]
     html = DASHBOARD.read_text(encoding="utf-8")
-    calls = set(re.findall(r'api\("(GET|POST|DELETE)", "(/[a-z]+)"', html))
+    calls = set(re.findall(r'api\("(GET|POST|DELETE)", "(/[a-z/]+)"', html))
     calls |= set(re.findall(r'act\("[^"]+", "(GET|POST|DELETE)", "(/[a-z]+)"', html))
     calls |= {("POST", "/quarantine/{quarantine_id}/release"), ("DELETE", "/quarantine/{quarantine_id}"),
               ("GET", "/events")}
-    assert {("GET", "/stats"), ("GET", "/ready"), ("POST", "/drain")} <= calls
+    assert {("GET", "/stats"), ("GET", "/ready"), ("POST", "/drain"), ("GET", "/history/series")} <= calls
     for method, path in calls:
         assert method.lower() in paths[P + path], (method, path)
     assert 'act("Release " + id, "POST", path + "/release"' in html and 'act("Discard " + id, "DELETE", path' in html
@@ -188,6 +196,12 @@ def _objects(kind: str, answer: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from (row["run_time"] for row in answer["operations"])
     elif kind == "quarantine":
         yield from answer["quarantine"]
+    elif kind == "series":
+        yield answer["series"]
+    elif kind == "series_latency":
+        yield from (answer["series"]["queue_wait"], answer["series"]["run_time"])
+    elif kind == "series_refusals":
+        yield answer["series"]["refusals"]
     else:
         raise AssertionError(f"no real answer for {kind!r}: add it here")
 
@@ -218,7 +232,8 @@ async def test_real_answers_have_every_field_the_dashboard_reads(make_app: Calla
                 "history": (await client.get(f"{P}/history", params={"limit": 20}, headers=auth)).json(),
                 "operations": (await client.get(f"{P}/operations", headers=auth)).json(),
                 "quarantine": (await client.get(f"{P}/quarantine", params={"status": "pending"},
-                                                headers=auth)).json()}
+                                                headers=auth)).json(),
+                "series": (await client.get(f"{P}/history/series", headers=auth)).json()}
         stream = (await client.get(f"{P}/events", params={"max_events": 1}, headers=auth)).text
     event = json.loads(next(line for line in stream.splitlines() if line.startswith("data: "))[len("data: "):])
     # Then: every declared field is in every object of its kind, in both
@@ -226,6 +241,8 @@ async def test_real_answers_have_every_field_the_dashboard_reads(make_app: Calla
         for kind, names in declared_fields().items():
             if kind == "events" and source == "REST":
                 continue
+            if kind.startswith("series") and source == "/events":
+                continue  # the charts poll GET /history/series; the stream does not carry the series
             objects = list(_objects(kind, answer))
             assert objects, (source, kind)  # the scenario produced at least one of each
             for obj in objects:
