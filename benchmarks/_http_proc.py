@@ -23,9 +23,11 @@ __all__ = ["Server", "Flood", "free_port", "read_schedstat", "schedstat_delta"]
 _REPO = Path(__file__).resolve().parent.parent
 
 
-def _child_env() -> dict[str, str]:
-    # The children import `benchmarks` from this checkout, installed or not.
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
+def _child_env(core_path: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    # The children import `benchmarks` from this checkout, installed or not; *core_path* (a
+    # checkout whose `tokengate` should be imported instead, for A/B runs) goes first.
+    path = os.pathsep.join(filter(None, [core_path, str(_REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **(extra or {}), "PYTHONPATH": path}
 
 
 def free_port() -> int:
@@ -84,12 +86,17 @@ class Server:
     """``python -m benchmarks._http_server --kind <kind>`` on a free port; its stderr goes to a log file.
 
     *app* names this server in results and logs (several servers may share a
-    kind); *threads* is passed to a plain app (``0``: anyio's default limiter).
+    kind); *threads* is passed to a plain app (``0``: anyio's default limiter);
+    *core_path* and *env* are for diagnostics (``_http_diag``): a checkout whose
+    ``tokengate`` the server imports, and extra environment variables.
     """
 
     def __init__(self, kind: str, cfg: dict[str, Any], out: Path, *, app: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, core_path: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.kind = kind
+        self.core_path = core_path
+        self.env = env
         self.app = app or kind
         self.threads = threads
         self.cfg = cfg
@@ -103,13 +110,14 @@ class Server:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = _child_env()
+        env = _child_env(self.core_path, self.env)
         cmd = [sys.executable, "-m", "benchmarks._http_server", "--kind", self.kind, "--port", str(self.port),
                "--num-cores", str(self.cfg["num_cores"]), "--workers-per-core", str(self.cfg["workers_per_core"]),
                "--heavy-ms", str(self.cfg["heavy_ms"]), "--lifespan", self.cfg.get("lifespan", "auto")]
         if self.threads is not None:
             cmd += ["--threads", str(self.threads)]
-        self.proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        # With a core_path the server starts there: the working directory comes first on sys.path.
+        self.proc = subprocess.Popen(cmd, cwd=self.core_path or _REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self._ps = psutil.Process(self.proc.pid)
 

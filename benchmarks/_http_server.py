@@ -25,12 +25,15 @@ The server binds 127.0.0.1 only. Run as a subprocess by ``bench_http``.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
+import random
 import threading
 import time
 from typing import Any, AsyncIterator
 
+import tokengate
 from tokengate import OperationsCoordinator, current_coordinator, task_token_guard
 
 __all__ = ["make_app", "main"]
@@ -54,6 +57,9 @@ def trivial() -> dict[str, bool]:
 
 def _tokengate_lifespan(num_cores: int, workers_per_core: int, mode: str) -> tuple[Any, str]:
     kwargs: dict[str, Any] = {"num_cores": num_cores, "workers_per_core": workers_per_core}
+    # Diagnostics only (benchmarks._http_diag): run without the default policies.
+    if os.environ.get("BENCH_HTTP_POLICIES") == "none":
+        kwargs["policies"] = []
     if mode in ("auto", "tokengate_fastapi"):
         try:
             from tokengate_fastapi import tokengate_lifespan
@@ -81,28 +87,55 @@ def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int,
     from fastapi import FastAPI
 
     heavy_s = heavy_ms / 1000
+    # Diagnostics only (benchmarks._http_diag): each /heavy call sleeps heavy_s x uniform(1 - j, 1 + j),
+    # as real blocking calls vary, instead of exactly heavy_s.
+    jitter = float(os.environ.get("BENCH_HTTP_HEAVY_JITTER") or 0.0)
+    if jitter:
+        heavy_s_fixed = heavy_s
+
+        def heavy_time() -> float:
+            return heavy_s_fixed * random.uniform(1 - jitter, 1 + jitter)
+    else:
+        def heavy_time() -> float:
+            return heavy_s
     total = num_cores * workers_per_core
     if threads is None:
         threads = total
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0 = anyio's default), got {threads}")
     info: dict[str, Any] = {"kind": kind, "pid": os.getpid(), "num_cores": num_cores,
-                            "workers_per_core": workers_per_core, "total_threads": total, "heavy_ms": heavy_ms}
+                            "workers_per_core": workers_per_core, "total_threads": total, "heavy_ms": heavy_ms,
+                            "tokengate_file": tokengate.__file__}
     # /heavy answers, counted by the endpoint (the plain app's runs on pool threads: a lock, whose
     # cost is nothing next to the 200 ms sleep).
     done = [0]
     done_lock = threading.Lock()
+    # When the last /heavy answers completed (perf_counter): how bunched they are shows whether the
+    # flood's completions arrive in waves (GET /heavy_times; diagnostics).
+    done_times: collections.deque[float] = collections.deque(maxlen=4096)
 
     if kind == "tokengate":
         lifespan, how = _tokengate_lifespan(num_cores, workers_per_core, lifespan_mode)
         info["lifespan"] = how
         app = FastAPI(lifespan=lifespan)
 
-        @app.get("/heavy", response_model=None)
-        async def heavy_tg() -> dict[str, bool]:
-            out = await heavy_block(heavy_s)
-            done[0] += 1  # on the loop thread
-            return out
+        if os.environ.get("BENCH_HTTP_HEAVY") == "anyio":
+            # Diagnostics only: the flood bypasses TokenGate (a def endpoint on anyio's pool), so
+            # what remains of a tail is the coordinator's mere presence, not its dispatching.
+            @app.get("/heavy", response_model=None)
+            def heavy_tg_anyio() -> dict[str, bool]:
+                time.sleep(heavy_time())
+                with done_lock:
+                    done[0] += 1
+                    done_times.append(time.perf_counter())
+                return {"ok": True}
+        else:
+            @app.get("/heavy", response_model=None)
+            async def heavy_tg() -> dict[str, bool]:
+                out = await heavy_block(heavy_time())
+                done[0] += 1  # on the loop thread
+                done_times.append(time.perf_counter())
+                return out
 
         @app.get("/light", response_model=None)
         async def light_tg() -> dict[str, int]:
@@ -139,9 +172,10 @@ def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int,
 
         @app.get("/heavy", response_model=None)
         def heavy_plain() -> dict[str, bool]:
-            time.sleep(heavy_s)
+            time.sleep(heavy_time())
             with done_lock:
                 done[0] += 1
+                done_times.append(time.perf_counter())
             return {"ok": True}
 
         @app.get("/light", response_model=None)
@@ -162,6 +196,10 @@ def make_app(kind: str, *, num_cores: int, workers_per_core: int, heavy_ms: int,
                     "tasks_waiting": st.tasks_waiting, "heavy_done": done[0]}
     else:
         raise ValueError(f"unknown app kind {kind!r}; use 'tokengate' or 'plain'")
+
+    @app.get("/heavy_times", response_model=None)
+    async def heavy_times() -> dict[str, Any]:
+        return {"times": list(done_times)}
 
     @app.get("/ping", response_model=None)
     async def ping() -> dict[str, bool]:
@@ -193,6 +231,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # `kill -USR1 <pid>` dumps every thread's stack into the server log: for diagnosing a stuck run.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Diagnostics only (benchmarks._http_diag): the interpreter's GIL switch interval for this
+    # server, to see how much of a tail is GIL hand-off. A library must never set it.
+    switch = os.environ.get("BENCH_HTTP_SWITCH_INTERVAL")
+    if switch:
+        import sys
+
+        sys.setswitchinterval(float(switch))
     p = argparse.ArgumentParser(prog="python -m benchmarks._http_server")
     p.add_argument("--kind", choices=["tokengate", "plain"], required=True)
     p.add_argument("--port", type=int, required=True)
