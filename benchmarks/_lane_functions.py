@@ -11,7 +11,9 @@ The CPU workloads are tagged ``heavy`` on both lanes, so both get the same
 routing (heavy owns domain 1 and may spill onto the others); the trivial
 function's weight is left to inference (``light``), as a user would get it.
 
-CPU workloads (each sized by the benchmark to about 20 ms of one core):
+CPU workloads (each sized by the benchmark to about 20 ms of one core; every
+contender's call returns ``(value, CPU seconds the call used on its thread)``,
+so the benchmark can add up the CPU really spent in the calls):
 
 * :func:`spin`: a bare pure-Python arithmetic loop;
 * :func:`cpu_crunch`, :func:`data_sort`, :func:`hash_chain`: the seeds'
@@ -27,12 +29,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 from typing import Any, Callable
 
 from tokengate import GuardedFunction, task_token_guard
 
 __all__ = [
-    "inc", "spin", "cpu_crunch", "data_sort", "hash_chain", "crash_or_inc",
+    "inc", "spin", "cpu_crunch", "data_sort", "hash_chain", "crash_or_inc", "measured",
     "inc_p", "inc_t", "crash_or_inc_p", "CPU_WORKLOADS",
 ]
 
@@ -82,6 +85,34 @@ def hash_chain(iterations: int) -> str:
     return h.hex()
 
 
+def measured(fn: Callable[[int], Any], arg: int) -> tuple[Any, float]:
+    """``(fn(arg), CPU seconds of this thread spent in it)``: in a worker process that is the call's own CPU time.
+
+    ``time.thread_time`` counts only the calling thread, so a thread-lane call
+    waiting for the GIL is not billed: the sum over calls ÷ wall time is the
+    real parallelism of a contender, comparable across lanes.
+    """
+    c0 = time.thread_time()
+    value = fn(arg)
+    return value, time.thread_time() - c0
+
+
+def spin_m(n: int) -> tuple[int, float]:
+    return measured(spin, n)
+
+
+def cpu_crunch_m(n: int) -> tuple[int, float]:
+    return measured(cpu_crunch, n)
+
+
+def data_sort_m(size: int) -> tuple[int, float]:
+    return measured(data_sort, size)
+
+
+def hash_chain_m(iterations: int) -> tuple[str, float]:
+    return measured(hash_chain, iterations)
+
+
 def crash_or_inc(x: int, crash: bool) -> int:
     """``x + 1``, or end this process at once (``os._exit``, no cleanup) when *crash* is true."""
     if crash:
@@ -105,43 +136,43 @@ def inc_t(x: int) -> int:
 
 
 @task_token_guard(operation_type="lanes.spin_p", tags=_HEAVY_PROCESS)
-def spin_p(n: int) -> int:
-    return spin(n)
+def spin_p(n: int) -> tuple[int, float]:
+    return measured(spin, n)
 
 
 @task_token_guard(operation_type="lanes.spin_t", tags=_HEAVY_THREAD)
-def spin_t(n: int) -> int:
-    return spin(n)
+def spin_t(n: int) -> tuple[int, float]:
+    return measured(spin, n)
 
 
 @task_token_guard(operation_type="lanes.cpu_crunch_p", tags=_HEAVY_PROCESS)
-def cpu_crunch_p(n: int) -> int:
-    return cpu_crunch(n)
+def cpu_crunch_p(n: int) -> tuple[int, float]:
+    return measured(cpu_crunch, n)
 
 
 @task_token_guard(operation_type="lanes.cpu_crunch_t", tags=_HEAVY_THREAD)
-def cpu_crunch_t(n: int) -> int:
-    return cpu_crunch(n)
+def cpu_crunch_t(n: int) -> tuple[int, float]:
+    return measured(cpu_crunch, n)
 
 
 @task_token_guard(operation_type="lanes.data_sort_p", tags=_HEAVY_PROCESS)
-def data_sort_p(size: int) -> int:
-    return data_sort(size)
+def data_sort_p(size: int) -> tuple[int, float]:
+    return measured(data_sort, size)
 
 
 @task_token_guard(operation_type="lanes.data_sort_t", tags=_HEAVY_THREAD)
-def data_sort_t(size: int) -> int:
-    return data_sort(size)
+def data_sort_t(size: int) -> tuple[int, float]:
+    return measured(data_sort, size)
 
 
 @task_token_guard(operation_type="lanes.hash_chain_p", tags=_HEAVY_PROCESS)
-def hash_chain_p(iterations: int) -> str:
-    return hash_chain(iterations)
+def hash_chain_p(iterations: int) -> tuple[str, float]:
+    return measured(hash_chain, iterations)
 
 
 @task_token_guard(operation_type="lanes.hash_chain_t", tags=_HEAVY_THREAD)
-def hash_chain_t(iterations: int) -> str:
-    return hash_chain(iterations)
+def hash_chain_t(iterations: int) -> tuple[str, float]:
+    return measured(hash_chain, iterations)
 
 
 @task_token_guard(operation_type="lanes.crash_or_inc_p", tags=_PROCESS)
@@ -149,10 +180,13 @@ def crash_or_inc_p(x: int, crash: bool) -> int:
     return crash_or_inc(x, crash)
 
 
-#: name → (plain body, process-lane twin, thread-lane twin, a first guess at the argument for ~20 ms)
-CPU_WORKLOADS: dict[str, tuple[Callable[[int], Any], GuardedFunction[[int], Any], GuardedFunction[[int], Any], int]] = {
-    "spin": (spin, spin_p, spin_t, 150_000),
-    "cpu_crunch": (cpu_crunch, cpu_crunch_p, cpu_crunch_t, 20_000),
-    "data_sort": (data_sort, data_sort_p, data_sort_t, 20_000),
-    "hash_chain": (hash_chain, hash_chain_p, hash_chain_t, 40_000),
+#: name → (plain body, its measured form (what the pool runs), process-lane twin, thread-lane twin,
+#: a first guess at the argument for ~20 ms)
+CPU_WORKLOADS: dict[str, tuple[Callable[[int], Any], Callable[[int], tuple[Any, float]],
+                               GuardedFunction[[int], tuple[Any, float]], GuardedFunction[[int], tuple[Any, float]],
+                               int]] = {
+    "spin": (spin, spin_m, spin_p, spin_t, 150_000),
+    "cpu_crunch": (cpu_crunch, cpu_crunch_m, cpu_crunch_p, cpu_crunch_t, 20_000),
+    "data_sort": (data_sort, data_sort_m, data_sort_p, data_sort_t, 20_000),
+    "hash_chain": (hash_chain, hash_chain_m, hash_chain_p, hash_chain_t, 40_000),
 }

@@ -180,30 +180,34 @@ async def _cpu(options: BenchOptions, coordinator: OperationsCoordinator, pool: 
     loop = asyncio.get_running_loop()
     out: dict[str, Any] = {}
     for wl in workloads:
-        plain, on_process, on_thread, guess = lfn.CPU_WORKLOADS[wl]
+        plain, plain_measured, on_process, on_thread, guess = lfn.CPU_WORKLOADS[wl]
         arg, inline_ms = _calibrate(plain, guess, target_ms)
         expected = plain(arg)
 
-        def make(name: str) -> Callable[[int], Awaitable[list[Any]]]:
+        def make(name: str) -> Callable[[int], Awaitable[list[tuple[Any, float]]]]:
             if name == "process_lane":
                 return lambda k: asyncio.gather(*[on_process(arg) for _ in range(k)])
             if name == "thread_lane":
                 return lambda k: asyncio.gather(*[on_thread(arg) for _ in range(k)])
-            return lambda k: asyncio.gather(*[loop.run_in_executor(pool, plain, arg) for _ in range(k)])
+            return lambda k: asyncio.gather(*[loop.run_in_executor(pool, plain_measured, arg) for _ in range(k)])
 
         names = ["process_lane", "thread_lane", "ppe_run_in_executor"]
         trials = {n: make(n) for n in names}
         for n in names:  # warm: every worker process has imported and run this function
             await trials[n](8)
         wall: dict[str, list[float]] = {n: [] for n in names}
+        cpu_par: dict[str, list[float]] = {n: [] for n in names}
         wrong = 0
         executed_before = {w["worker_id"]: w["executed"] for w in _lane_workers(coordinator)}
         for _r, n in interleave(repeats, names):
             await settle()
             t0 = _perf()
             results = await trials[n](calls)
-            wall[n].append(_perf() - t0)
-            wrong += sum(1 for v in results if v != expected)
+            elapsed = _perf() - t0
+            wall[n].append(elapsed)
+            # Σ CPU the calls used on their own threads ÷ wall: the cores this contender really used.
+            cpu_par[n].append(sum(cpu for _v, cpu in results) / elapsed)
+            wrong += sum(1 for v, _cpu in results if v != expected)
             advance(1)
         # How the process lane spread the calls over its worker processes (all trials of this workload).
         spread = {w["worker_id"]: w["executed"] - executed_before.get(w["worker_id"], 0)
@@ -216,6 +220,8 @@ async def _cpu(options: BenchOptions, coordinator: OperationsCoordinator, pool: 
             "wall_s": {n: {"median": med[n], "runs": v} for n, v in wall.items()},
             # > 1 only with real parallelism: the serial time of the work over the wall time.
             "speedup_vs_serial": {n: ratio(serial, med[n]) for n in names},
+            "cpu_parallelism": {n: median(v) for n, v in cpu_par.items()},
+            "cpu_parallelism_runs": cpu_par,
             "process_vs_thread": ratio(med["thread_lane"], med["process_lane"]),
             "process_vs_ppe": ratio(med["ppe_run_in_executor"], med["process_lane"]),
             # timeit's rule (interference only slows a trial): the best trial of each, beside the median.
@@ -562,8 +568,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "all are started and warmed before any timed trial",
         "trivial calls (x + 1) are inferred 'light': on 2 domains they run on domain 2's process workers only; "
         "the CPU workloads are tagged 'heavy' on both lanes (heavy may spill onto every domain)",
-        "CPU workloads are sized at run time to about cpu_ms of one core (best of 3 inline calls); 'speed-up vs "
-        "serial' = calls x inline time / wall time (2.0 is the limit on 2 CPUs)",
+        "CPU workloads are sized at run time to about cpu_ms of one core (best of 3 inline calls); CPU par. = the "
+        "calls' own CPU time (time.thread_time inside each call) summed / wall time (2.0 is the limit on 2 CPUs)",
         "ProcessPoolExecutor.map runs blocking on the loop thread (its best case); map contenders need "
         "GuardedFunction.map, decided at run time",
     ]
@@ -625,18 +631,19 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
 
     t = TableData(f"lanes: CPU-bound, {cfg['cpu_calls']} calls gathered (wall s, median)",
                   ["workload", "arg", "inline ms", "process lane", "thread lane", "PPE", "× thread lane", "× PPE",
-                   "best: × thread", "best: × PPE", "vs serial: process / thread / PPE", "calls per process",
+                   "best: × thread", "best: × PPE", "CPU par.: process / thread / PPE", "calls per process",
                    "wrong"])
     for wl, r in res["cpu"].items():
         w = r["wall_s"]
         t.add(wl, r["arg"], r["inline_ms"], w["process_lane"]["median"], w["thread_lane"]["median"],
               w["ppe_run_in_executor"]["median"], r["process_vs_thread"], r["process_vs_ppe"],
               r["best_process_vs_thread"], r["best_process_vs_ppe"],
-              " / ".join(fmt(r["speedup_vs_serial"][n]) for n in ("process_lane", "thread_lane", "ppe_run_in_executor")),
+              " / ".join(fmt(r["cpu_parallelism"][n]) for n in ("process_lane", "thread_lane", "ppe_run_in_executor")),
               " / ".join(str(v) for v in r["process_calls_per_worker"].values()), r["wrong_results"])
     t.caption = ("× = the other's wall time ÷ the process lane's (median; 'best' = best trial of each); PPE = "
-                 "run_in_executor on ProcessPoolExecutor(forkserver); vs serial = calls × inline time ÷ wall: how many "
-                 "cores each contender really got (≤ 2.0 on 2 CPUs; PPE's shows what the machine gave this run)")
+                 "run_in_executor on ProcessPoolExecutor(forkserver); CPU par. = Σ CPU time of the calls (each on its own "
+                 "thread, time.thread_time) ÷ wall: the cores each contender really used (≤ 2.0 on 2 CPUs; PPE's shows "
+                 "what the machine gave this run)")
     tables.append(t)
 
     fo = res["fan_out"]
