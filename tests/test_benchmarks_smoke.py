@@ -169,21 +169,27 @@ def test_http_smoke(tmp_path: Path) -> None:
     # Given both apps served by real uvicorn subprocesses, with a short, small flood
     from benchmarks import bench_http
 
-    # When the http benchmark runs
-    result = bench_http.run(_options(tmp_path, clients=16, heavy_ms=50, flood_seconds=1.0, idle_seconds=0.5,
-                                     probes=10, e2e_requests=100, e2e_seconds=1.0))
+    # When the http benchmark runs (wrk floods when installed, else the httpx flood process)
+    result = bench_http.run(_options(tmp_path, clients=16, heavy_ms=50, flood_seconds=1.0, max_flood_seconds=2.0,
+                                     idle_seconds=0.5, probes=10, e2e_requests=100, e2e_seconds=1.0))
 
-    # Then both apps served every request and every ratio is reported
+    # Then all three apps served every request, probes alternated light and ping, and every ratio is reported
     _check_common(result, "http", tmp_path)
-    for kind in ("tokengate", "plain"):
+    assert set(result["results"]["isolation"]) == {"tokengate", "plain", "plain_same"}
+    for kind in ("tokengate", "plain", "plain_same"):
         iso = result["results"]["isolation"][kind]
         assert iso["probe_errors"] == 0 and iso["heavy_errors"] == 0
         assert iso["idle"]["n"] > 0 and iso["flood"]["n"] > 0
+        assert iso["flood_ping"]["n"] == iso["flood"]["n"]  # one /ping per /light: alternating rounds
+        assert len(iso["runs_flood_p99_ms"]) == 1
         assert _positive(iso["heavy_per_s"])
         assert _positive(result["results"]["e2e"][kind]["rps"])
         assert all(run["errors"] == 0 for run in result["results"]["e2e"][kind]["runs"])
-    assert result["contenders"]["plain"]["limiter_total_tokens"] == result["contenders"]["plain"]["threads"]
-    assert len(result["targets"]) == 4
+    contenders = result["contenders"]
+    assert contenders["plain"]["limiter_total_tokens"] == 40  # anyio's default, left untouched
+    assert contenders["plain_same"]["limiter_total_tokens"] == contenders["tokengate"]["threads"]
+    assert len(result["targets"]) == 6
+    assert result["config"]["flood_generator"] in ("wrk", "httpx")
     # And the servers' logs were written (the processes ran and were stopped)
     assert (tmp_path / "http-server-tokengate.log").exists()
 
@@ -293,6 +299,108 @@ def test_helpers_percentile_interleave_and_target_verdicts() -> None:
     assert Target("t", 5.1, 5.0, ">=").verdict == "PASS"
     assert Target("t", 1.2, 1.0, "<=").verdict == "FAIL"
     assert Target("t", None, 1.0, "<=").verdict == "n/a"
+
+
+_WRK_SUMMARY = """Running 14s test @ http://127.0.0.1:8000/heavy
+  2 threads and 100 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   512.31ms   20.12ms   1.20s    90.00%
+  Latency Distribution
+     50%  510.00ms
+     75%  520.50ms
+     90%  900.00us
+     99%    1.20s
+  2713 requests in 14.02s, 400.00KB read
+  Socket errors: connect 0, read 1, write 0, timeout 2
+  Non-2xx or 3xx responses: 4
+Requests/sec:    193.51
+"""
+
+
+def test_parse_wrk_reads_requests_errors_and_the_latency_distribution_in_ms() -> None:
+    from benchmarks._http_wrk import parse_wrk
+
+    out = parse_wrk(_WRK_SUMMARY)
+
+    assert out["requests"] == 2713 and out["errors"] == 4 + 1 + 2
+    assert out["elapsed_s"] == pytest.approx(14.02)
+    assert out["p50_ms"] == 510.0 and out["p75_ms"] == 520.5
+    assert out["p90_ms"] == pytest.approx(0.9) and out["p99_ms"] == 1200.0  # us and s converted
+    # A killed wrk prints nothing: zeros, not an exception
+    assert parse_wrk("") == {"requests": 0, "errors": 0, "elapsed_s": 0.0}
+
+
+def test_wrk_flood_refuses_fewer_connections_than_threads() -> None:
+    from benchmarks._http_wrk import WrkFlood
+
+    with pytest.raises(ValueError, match="connections >= threads"):
+        WrkFlood("wrk", "http://127.0.0.1:9/heavy", connections=1, threads=2, max_seconds=1)
+
+
+def test_schedstat_delta_splits_the_loop_thread_from_the_others() -> None:
+    from benchmarks._http_proc import read_schedstat, schedstat_delta
+
+    # Given the loop thread (tid == pid) and two workers, one of which appeared during the interval
+    before = {100: (1_000_000, 500_000, 10), 101: (0, 0, 0)}
+    after = {100: (3_000_000, 1_500_000, 14), 101: (400_000, 800_000, 6), 102: (200_000, 0, 2)}
+
+    out = schedstat_delta(100, before, after, requests=4)
+
+    # Then the loop's CPU, run-queue wait and slices are its own, per answered request too
+    assert out["loop_thread"]["threads"] == 1 and out["other_threads"]["threads"] == 2
+    assert out["loop_thread"]["cpu_ms"] == 2.0 and out["loop_thread"]["runqueue_wait_ms"] == 1.0
+    assert out["loop_thread"]["cpu_us_per_request"] == 500.0 and out["loop_thread"]["slices_per_request"] == 1.0
+    assert out["other_threads"]["cpu_ms"] == pytest.approx(0.6) and out["other_threads"]["slices"] == 8
+    # And on Linux this process's own threads can be read (empty where /proc has no schedstat)
+    import os
+
+    mine = read_schedstat(os.getpid())
+    assert not mine or os.getpid() in mine
+
+
+def test_http_probes_alternate_light_and_ping_and_stop_at_their_bounds() -> None:
+    # Given a server double: /light and /ping answer 200, except every third /light answers 500
+    import asyncio
+
+    import httpx
+
+    from benchmarks import bench_http
+
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if request.url.path == "/light" and calls.count("/light") % 3 == 0:
+            return httpx.Response(500)
+        return httpx.Response(200, json={"ok": True})
+
+    async def run(**bounds: Any) -> tuple[list[float], list[float], int]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://127.0.0.1:9") as c:
+            return await bench_http._probes(c, gap_s=0.0, **bounds)
+
+    # When the probes need 4 light samples (no minimum time, generous time bound)
+    light, ping, errors = asyncio.run(run(min_seconds=0.0, max_seconds=60.0, min_light=4, max_rounds=100))
+
+    # Then rounds alternate /light and /ping, stop once 4 light answers succeeded, and count the errors
+    assert calls[:4] == ["/light", "/ping", "/light", "/ping"]
+    assert len(light) == 4 and len(ping) == 5 and errors == 1  # 5 rounds: the third /light failed
+    # And the round bound holds even when the sample target is out of reach
+    calls.clear()
+    light, ping, errors = asyncio.run(run(min_seconds=0.0, max_seconds=60.0, min_light=1000, max_rounds=5))
+    assert len(calls) == 10 and len(ping) == 5
+
+
+def test_http_diag_bunching_tells_waves_from_an_even_spread() -> None:
+    from benchmarks._http_diag import _bunching, _parse_variant
+
+    even = [i * 0.005 for i in range(200)]  # one completion every 5 ms: 195/s spread evenly
+    waves = [w * 0.2 + i * 0.0002 for w in range(10) for i in range(20)]  # 20 at once every 200 ms
+    assert _bunching(even) <= 2
+    assert _bunching(waves) >= 15
+    assert _parse_variant("b:tokengate:core=/x,switch=0.001") == {"label": "b", "kind": "tokengate",
+                                                                   "core": "/x", "switch": "0.001"}
+    with pytest.raises(SystemExit):
+        _parse_variant("b:flask")
 
 
 _FAKE_WRK = '''#!{python}
