@@ -386,6 +386,25 @@ class Fleet:
             report.pids = {key: self._pid, **report.pids}
         return report
 
+    async def scrape(self, timeout: float = 5.0) -> FleetView:
+        """Every live member's last published snapshot and the retired counters, read from the file now.
+
+        For ``/metrics``: whichever process is asked, the answer is the file's
+        latest state (this member included, as last published), so counters
+        never go backwards between two scrapes that reach different processes.
+        The read runs on the fleet thread. Thread: the coordinator's loop.
+
+        Raises:
+            RuntimeError: when the fleet has not joined, or the read failed or
+                did not finish within *timeout* seconds.
+        """
+        if self.member_id is None:
+            raise RuntimeError(self.view.error or "this member has not joined the fleet")
+        future: concurrent.futures.Future[FleetView] = concurrent.futures.Future()
+        if not self._put(("scrape", future)):
+            raise RuntimeError("the fleet thread's queue is full")
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+
     async def _apply_here(self, action: str, operation: str | None, args: Mapping[str, Any]) -> Ack:
         try:
             result = await self._execute(action, operation, args)
@@ -574,6 +593,19 @@ class Fleet:
                 store.ack(seq, self.member_id, ok=ack.ok, detail=ack.detail, result=ack.result)
             except FleetStoreError as exc:
                 self._failed(exc)
+        elif kind == "scrape":
+            future = item[1]
+            if store is None:
+                future.set_exception(RuntimeError(self.view.error or "the fleet file is not open"))
+                return
+            try:
+                live, snaps, retired = store.scrape(self.name)
+                parsed = {m: (at, json.loads(text)) for m, (at, text) in snaps.items()}
+            except (FleetStoreError, ValueError) as exc:
+                future.set_exception(RuntimeError(f"reading the fleet file failed: {exc}"))
+                return
+            future.set_result(dataclasses.replace(self.view, members=tuple(live), snapshots=parsed,
+                                                  retired=retired, refreshed_at=self.clock()))
         elif kind == "issue":
             _, action, operation, args, target, wait, future = item
             report = CommandReport(action, operation, None, self.member_id)
@@ -671,7 +703,10 @@ class Fleet:
                               desired=desired, error=None)
         # The next snapshot: built on the loop, written by this thread when it arrives.
         if not self._snapshot_pending:
-            self._snapshot_pending = self._call_on_loop(self._build_snapshot)
+            # Set before scheduling: the loop may build (and clear the flag) before call_soon_threadsafe returns.
+            self._snapshot_pending = True
+            if not self._call_on_loop(self._build_snapshot):
+                self._snapshot_pending = False
         return fresh
 
     def _leave(self, store: FleetStore | None, final: dict[str, float] | None, waits: dict[int, _Wait]) -> None:
@@ -688,6 +723,8 @@ class Fleet:
             if item[0] == "issue":
                 item[-1].set_result(CommandReport(item[1], item[2], None, self.member_id,
                                                   error="the fleet stopped"))
+            elif item[0] == "scrape":
+                item[1].set_exception(RuntimeError("the fleet stopped"))
         try:
             if store is not None and self.member_id is not None:
                 store.leave(self.member_id, counters=final)

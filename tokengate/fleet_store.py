@@ -427,6 +427,24 @@ class FleetStore:
         result: dict[str, tuple[float, str]] = self._read(read)
         return result
 
+    def scrape(self, fleet: str) -> tuple[list[MemberInfo], dict[str, tuple[float, str]], dict[str, float]]:
+        """Live members, their published snapshots and the retired counters, read in one transaction.
+
+        One consistent state of the file: a member that is marked gone moves
+        its counters to the retired totals in the same transaction that drops
+        its snapshot, so the sum of both never goes backwards between reads.
+        """
+        def read(conn: sqlite3.Connection) -> tuple[list[MemberInfo], dict[str, tuple[float, str]], dict[str, float]]:
+            members = _members(conn, fleet, ("live",))
+            snaps = {r[0]: (r[1], r[2]) for r in conn.execute(
+                "SELECT member_id, snapshot_at, snapshot FROM members WHERE fleet = ? AND state = 'live' "
+                "AND snapshot IS NOT NULL", (fleet,))}
+            retired = {k: v for k, v in conn.execute("SELECT key, value FROM retired WHERE fleet = ?", (fleet,))}
+            return members, snaps, retired
+
+        result: tuple[list[MemberInfo], dict[str, tuple[float, str]], dict[str, float]] = self._read(read)
+        return result
+
     def retired(self, fleet: str) -> dict[str, float]:
         """The summed counters of every member that left or died (and is still remembered or not)."""
         rows = self._read(lambda c: c.execute("SELECT key, value FROM retired WHERE fleet = ?", (fleet,)).fetchall())

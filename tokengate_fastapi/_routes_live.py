@@ -51,7 +51,7 @@ from tokengate import OperationsCoordinator
 from .dependencies import STATE_KEY, CoordinatorDep
 from .fleet import Scope as FleetScope, fleet_health, fleet_of
 from .errors import AdminError, ErrorCode, retry_after_header
-from .metrics import TokengateCollector
+from .metrics import FixedCollector, TokengateCollector, fleet_families
 from .schemas import ErrorBody, FleetHealth, Health, Ready, error_responses
 from ._lanes import operation_lanes, process_counts, with_lanes, worker_lanes
 from ._policies import find_quarantine, operation_rows
@@ -519,8 +519,25 @@ def add_live_routes(
                                  "description": "Prometheus text exposition."},
                            **(error_responses(401, 503) if metrics_deps else {})},
                 summary="Prometheus metrics")
-    async def metrics(coordinator: CoordinatorDep) -> Response:
-        """The :class:`~tokengate_fastapi.TokengateCollector` families, read at scrape time."""
+    async def metrics(coordinator: CoordinatorDep, scope: FleetScope = "fleet") -> Response:
+        """The :class:`~tokengate_fastapi.TokengateCollector` families, read at scrape time.
+
+        In a fleet: every member's families with a ``member`` label and the
+        ``tokengate_fleet_*`` totals, read from the fleet file at scrape time
+        (see :func:`~tokengate_fastapi.metrics.fleet_families`), so any
+        process answers for all of them. Should that read fail, this
+        process's own figures are served (and the failure logged).
+        """
+        fleet = fleet_of(coordinator, scope)
+        if fleet is not None:
+            try:
+                view = await fleet.scrape()
+            except (RuntimeError, asyncio.TimeoutError) as exc:
+                logger.warning("tokengate /metrics: could not read the fleet (%s); serving this process only", exc)
+            else:
+                scrape = CollectorRegistry(auto_describe=False)
+                scrape.register(FixedCollector(fleet_families(view, now=fleet.clock())))
+                return Response(generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
         registry = registries.get(coordinator)
         if registry is None:
             registry = CollectorRegistry(auto_describe=False)

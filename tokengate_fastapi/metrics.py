@@ -14,9 +14,14 @@ as many as ``process_workers``); never a token id or an operation name.
 
 Note:
     The collector reads the live coordinator of *this* process, so
-    ``PROMETHEUS_MULTIPROC_DIR`` multiprocess mode cannot aggregate it: with
-    several server workers, scrape each worker (or run one per pod). Two
-    coordinators in one registry need different ``namespace`` values.
+    ``PROMETHEUS_MULTIPROC_DIR`` multiprocess mode cannot aggregate it (its
+    files hold values a process wrote, not a collector read at scrape time).
+    With several server workers, give them a fleet (``fleet_dir`` /
+    ``TOKENGATE_FLEET_DIR``): the admin router's ``/metrics`` then answers
+    for the whole fleet with :func:`fleet_families` (every family gets a
+    ``member`` label, plus ``tokengate_fleet_*`` totals), whichever process
+    is scraped. Two coordinators in one registry need different
+    ``namespace`` values.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ import weakref
 from typing import Any, Iterable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 from tokengate import OperationsCoordinator, TERMINAL_STATES
+from tokengate.fleet import MONOTONIC_COUNTS, FleetView
 
 from ._lanes import LIVE_PROCESS_STATES, PROCESS_LANE
 
-__all__ = ["TokengateCollector"]
+__all__ = ["TokengateCollector", "FixedCollector", "fleet_families"]
 
 _QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.95", "p95"), ("0.99", "p99"))
 _STATES = sorted(s.value for s in TERMINAL_STATES)
@@ -201,3 +208,76 @@ class TokengateCollector:
             if present:
                 family.add_metric([name], float(sum(int(r.get(key) or 0) for r in rows)))
             yield family
+
+
+class FixedCollector:
+    """A collector that returns families computed beforehand (one fleet scrape)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        """The families given at construction."""
+        return self._families
+
+
+def fleet_families(view: FleetView, *, now: float, namespace: str = "tokengate") -> list[Metric]:
+    """Metric families for a whole fleet, from one consistent read of the fleet file (``Fleet.scrape()``).
+
+    Every :class:`TokengateCollector` family, once per live member, with a
+    ``member`` label added (each member as of its last published snapshot,
+    at most about one heartbeat old), plus:
+
+    * ``tokengate_fleet_members`` (gauge): live members;
+    * ``tokengate_fleet_snapshot_age_seconds{member}`` (gauge): how old each
+      member's figures are;
+    * ``tokengate_fleet_accepted_total``, ``_fleet_settled_total{state}``,
+      ``_fleet_retries_total``, ``_fleet_rejected_at_submit_total``
+      (counters): live members plus every member that left or died, so they
+      never go backwards when a process goes away (a member killed without
+      leaving loses at most its last heartbeat's worth of counts).
+
+    Whichever process is scraped answers from the same file, so the
+    counters stay monotonic across scrapes that reach different processes.
+    """
+    ns = namespace
+    per_member: dict[str, Metric] = {}
+    collector = TokengateCollector.__new__(TokengateCollector)
+    collector.namespace = ns
+    counts: dict[str, float] = {key: float(view.retired.get(key, 0.0)) for key in MONOTONIC_COUNTS}
+    ages = GaugeMetricFamily(f"{ns}_fleet_snapshot_age_seconds", "Seconds since each member published its figures.",
+                             labels=["coordinator", "member"])
+    for member in view.members:
+        entry = view.snapshots.get(member.member_id)
+        stats = entry[1].get("stats") if entry is not None and isinstance(entry[1], Mapping) else None
+        if not isinstance(stats, Mapping):
+            continue
+        ages.add_metric([view.fleet, member.member_id], max(0.0, now - entry[0]))  # type: ignore[index]
+        for key in MONOTONIC_COUNTS:
+            counts[key] += float((stats.get("counts") or {}).get(key) or 0)
+        for family in collector._families(stats):
+            target = per_member.get(family.name)
+            if target is None:
+                target = per_member[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            target.samples += [Sample(s.name, {**s.labels, "member": member.member_id}, s.value, s.timestamp,
+                                      s.exemplar) for s in family.samples]
+    fleet: list[Metric] = [ages]
+    live = GaugeMetricFamily(f"{ns}_fleet_members", "Live members of the fleet (server processes).",
+                             labels=["coordinator"])
+    live.add_metric([view.fleet], float(len(view.members)))
+    fleet.append(live)
+    for metric, key, doc in (
+        ("fleet_accepted", "accepted", "Calls accepted by every member, departed ones included."),
+        ("fleet_retries", "retries", "Attempts retried by every member, departed ones included."),
+        ("fleet_rejected_at_submit", "rejected_at_submit",
+         "Calls refused before acceptance by every member, departed ones included."),
+    ):
+        family = CounterMetricFamily(f"{ns}_{metric}", doc, labels=["coordinator"])
+        family.add_metric([view.fleet], counts[key])
+        fleet.append(family)
+    settled = CounterMetricFamily(f"{ns}_fleet_settled", "Calls settled by every member, by terminal state, "
+                                  "departed members included.", labels=["coordinator", "state"])
+    for state in _STATES:
+        settled.add_metric([view.fleet, state], counts.get(state, 0.0))
+    fleet.append(settled)
+    return [*per_member.values(), *fleet]
