@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import httpx
 import pytest
@@ -46,8 +46,9 @@ def _client(base_url: str) -> httpx.Client:
     return httpx.Client(base_url=base_url, timeout=10.0, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
 
 
-def _open(browser: Browser, base_url: str, errors: list[str], color_scheme: str = "light") -> Page:
-    context = browser.new_context(viewport={"width": 1400, "height": 1000}, color_scheme=color_scheme)  # type: ignore[arg-type]
+def _open(browser: Browser, base_url: str, errors: list[str],
+          color_scheme: Literal["light", "dark"] = "light") -> Page:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, color_scheme=color_scheme)
     context.set_default_timeout(UI_TIMEOUT_MS)
     page = context.new_page()
     page.on("pageerror", lambda exc: errors.append(str(exc)))

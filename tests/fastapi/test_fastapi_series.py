@@ -11,10 +11,11 @@ import asyncio
 import logging
 import math
 import threading
-from typing import Any, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from tokengate import (GateClosed, OperationBlocked, OperationsCoordinator, Overloaded, TokenKilled, TokenQuarantined,
                        TokenTimeout, task_token_guard)
@@ -435,11 +436,8 @@ async def test_the_first_request_starts_a_sampler_the_lifespan_did_not(serve: Ca
                                                                        auth: dict[str, str], admin_token: str) -> None:
     # Given: a router included in another router, whose lifespan the app merges too, and an app whose own
     # lifespan sets no app.state.tokengate (the coordinator is only in the lifespan state)
-    from contextlib import asynccontextmanager
-    from fastapi import APIRouter
-
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> Any:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with OperationsCoordinator(num_cores=1, workers_per_core=2, policies=[], process_workers=0) as c:
             yield {"tokengate": c}
 
