@@ -303,3 +303,17 @@ def test_quarantine_hold_bounds_how_many_operations_are_held(tmp_path: Any) -> N
     policy.unhold("op0")
     policy.hold("one-too-many")
     assert len(policy.held_operations()) == MAX_HELD_OPERATIONS
+
+
+def test_calls_refused_by_a_closed_gate_are_counted_as_rejected(run: Any) -> None:
+    async def main() -> None:
+        async with OperationsCoordinator(policies=[]) as coordinator:
+            assert await quick(1) == 1
+            await coordinator.drain(timeout=5)
+            for i in range(5):
+                with pytest.raises(GateClosed):
+                    quick(i)
+            counts = coordinator.stats()["counts"]
+            assert counts["rejected"] == 5 and counts["rejected_at_submit"] == 5
+            coordinator.resume()
+    run(main())

@@ -126,6 +126,14 @@ class AdmissionMixin(CoordinatorBase):
         return token
 
     def _gate_refusal(self, guarded: GuardedFunction[..., Any]) -> Exception:
+        """The refusal of a call that found the gate closed; a GateClosed is counted as REJECTED.
+
+        Counted like the same refusal found under the routing lock (see
+        _closed_gate), so statistics do not depend on which check saw it.
+        """
+        if self._phase in ("running", "stopping"):
+            with self._router.lock:
+                self._refused[_REJECTED] += 1
         if self._phase == "running":
             return GateClosed(
                 f"coordinator {self.name!r} is draining; {guarded.operation_type!r} refused "

@@ -228,10 +228,6 @@ async def test_draining_and_paused_are_marked_and_throughput_falls_to_zero() -> 
     assert snap["paused"] == [False, False, True]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core: a call refused by a closed gate (GateClosed at submit's first check) is counted nowhere in stats() "
-    "(counts.rejected, rejected_at_submit), while the same refusal at the re-check under the routing lock is; "
-    "the series cannot show a drain's refusals until the core counts them"))
 async def test_calls_refused_during_a_drain_are_counted_as_closed_refusals() -> None:
     clock = FakeClock()
     async with OperationsCoordinator(num_cores=1, workers_per_core=2, policies=[], process_workers=0) as c:
