@@ -495,6 +495,9 @@ def add_live_routes(
         otherwise).
         """
         status: Literal["stopped", "starting", "draining", "paused"]
+        # Readiness first, the counts after: processes only come up, so a "ready"
+        # answer never shows fewer processes up than it has.
+        processes_up = coordinator.ready
         counts = process_counts(coordinator.stats()) if _has_process_lane(coordinator) else None
         total, up = counts if counts is not None else (None, None)
         retry_after = NOT_READY_RETRY_AFTER
@@ -504,7 +507,7 @@ def add_live_routes(
             status = "draining"
         elif coordinator.paused:
             status = "paused"
-        elif not coordinator.ready:
+        elif not processes_up:
             status, retry_after = "starting", STARTING_RETRY_AFTER
         else:
             return Ready(status="ready", ready=True, pid=os.getpid(), processes=total, processes_ready=up,

@@ -39,7 +39,8 @@ def block(path: str, seconds: float = 60.0) -> str:
     return "finished"
 
 
-@task_token_guard(operation_type="lane.block_timeout", tags={"lane": "process", "weight": "light", "timeout": 0.5})
+# The timeout leaves a replacement process (after another test's kill) time to start on a loaded machine.
+@task_token_guard(operation_type="lane.block_timeout", tags={"lane": "process", "weight": "light", "timeout": 4.0})
 def block_with_timeout(path: str, seconds: float = 60.0) -> str:
     return block.__wrapped__(path, seconds)  # type: ignore[no-any-return]
 
