@@ -33,7 +33,7 @@ from fastapi import Query, Request, Response
 from tokengate import OperationsCoordinator
 from tokengate.fleet import MONOTONIC_COUNTS, CommandReport, Fleet, FleetView, member_row
 
-from ._lanes import label_thread_workers, lane_workers, operation_lanes, with_lanes, worker_lanes
+from ._lanes import label_thread_workers, lane_workers, with_lanes, worker_lanes
 from ._policies import operation_rows
 from .dependencies import STATE_KEY
 
@@ -47,7 +47,7 @@ MEMBER_HEADER = "X-TokenGate-Member"
 TOKEN_ID_PATTERN = r"^(?:[0-9a-z]{1,16}-)?[0-9]{1,20}$"
 _TOKEN_ID = re.compile(TOKEN_ID_PATTERN)
 #: Rows of history each member publishes (the fleet-wide /history merges at most this many per other member).
-SNAPSHOT_HISTORY_ROWS = 200
+SNAPSHOT_HISTORY_ROWS = 100
 
 Scope = Annotated[Literal["fleet", "member"], Query(
     description="fleet: answer for every server process of the fleet (the default when a fleet is "
@@ -77,23 +77,35 @@ def install_snapshot_parts(coordinator: OperationsCoordinator) -> None:
     """Make the coordinator's fleet publish what the admin API shows: stats, history (with lanes), operations.
 
     Called by the lifespan before the coordinator starts; a no-op without a fleet.
+    The three parts share one ``stats()`` and one history read per snapshot
+    (the parts run in order, in one loop callback): about a millisecond of
+    the loop once per heartbeat (``benchmarks/bench_fleet.py`` measures it).
+    An operation's ``lane`` comes from the published rows only.
     """
     fleet = getattr(coordinator, "fleet", None)
     if not isinstance(fleet, Fleet):
         return
     fleet.history_rows = SNAPSHOT_HISTORY_ROWS
+    shared: dict[str, Any] = {}
 
     def stats() -> dict[str, Any]:
-        return {**label_thread_workers(coordinator.stats()), "pid": os.getpid()}
+        snap = {**label_thread_workers(coordinator.stats()), "pid": os.getpid()}
+        shared["stats"] = snap
+        return snap
 
     def history() -> list[dict[str, Any]]:
-        lanes = worker_lanes(coordinator.stats())
-        return with_lanes([r.to_dict() for r in coordinator.history(SNAPSHOT_HISTORY_ROWS)], lanes)
+        snap = shared.get("stats") or coordinator.stats()
+        rows = with_lanes([r.to_dict() for r in coordinator.history(SNAPSHOT_HISTORY_ROWS)], worker_lanes(snap))
+        shared["history"] = rows
+        return rows
 
     def operations() -> list[dict[str, Any]]:
-        snap = coordinator.stats()
-        return operation_rows(coordinator, snap["paused_operations"],
-                              operation_lanes(coordinator, worker_lanes(snap)))
+        snap = shared.pop("stats", None) or coordinator.stats()
+        lanes: dict[str, str] = {}
+        for row in shared.pop("history", None) or ():  # newest first: the first lane seen is the latest
+            if row.get("lane") is not None:
+                lanes.setdefault(str(row["operation_type"]), str(row["lane"]))
+        return operation_rows(coordinator, snap["paused_operations"], lanes)
 
     fleet.snapshot_parts.update({"stats": stats, "history": history, "operations": operations})
 
