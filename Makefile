@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    start the example app on http://127.0.0.1:8000 (creates .venv on first use)
+#   make run-fleet  the same with 2 uvicorn worker processes observed and controlled as one fleet
 #   make test   run the test suite (creates .venv on first use)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench typecheck clean
+.PHONY: run run-fleet test test-fast bench typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +17,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/python -m example_app
+
+# Two server processes, one fleet (./example-fleet): any process answers for both and controls both.
+run-fleet: $(STAMP)
+	$(BIN)/python -m example_app --workers 2
 
 test: $(STAMP)
 	bash scripts/ensure-debian-package.sh chromium chromium "the browser test (Playwright drives Debian's chromium)"

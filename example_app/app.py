@@ -54,11 +54,16 @@ from tokengate_fastapi.errors import ErrorCode, http_exception_handler, request_
 
 from . import work
 
-__all__ = ["create_app", "make_policies", "ADMIN_PREFIX", "DEFAULT_QUARANTINE_PATH", "NUM_CORES",
+__all__ = ["create_app", "make_policies", "ADMIN_PREFIX", "DEFAULT_QUARANTINE_PATH", "DEFAULT_FLEET_DIR",
+           "QUARANTINE_ENV_VAR", "NUM_CORES",
            "WORKERS_PER_CORE", "PROCESS_WORKERS"]
 
 ADMIN_PREFIX = "/tokengate"
 DEFAULT_QUARANTINE_PATH = "example-quarantine.sqlite3"
+#: The fleet directory of ``python -m example_app --workers N`` (relative to the working directory).
+DEFAULT_FLEET_DIR = "example-fleet"
+#: The quarantine file of ``uvicorn example_app.app:app`` (``python -m example_app --workers N`` sets it).
+QUARANTINE_ENV_VAR = "TOKENGATE_EXAMPLE_QUARANTINE_DB"
 #: Fixed so the demo routes the same way on every machine ("cores" are worker domains, not CPU pins).
 NUM_CORES = 4
 WORKERS_PER_CORE = 4
@@ -156,7 +161,7 @@ ENDPOINTS: list[dict[str, str]] = [
 
 
 def create_app(admin_token: str | None = None, quarantine_path: str | None = None,
-               drain_timeout: float = DRAIN_TIMEOUT) -> FastAPI:
+               drain_timeout: float = DRAIN_TIMEOUT, fleet_dir: str | None = None) -> FastAPI:
     """Build the example app (nothing starts until the server runs its lifespan).
 
     Args:
@@ -169,6 +174,9 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
         drain_timeout: Seconds the shutdown waits for accepted calls (default
             10) before stopping the coordinator; see ``example_app/serve.py``
             for the order of a shutdown.
+        fleet_dir: The fleet directory shared by the app's server processes
+            (``uvicorn --workers N``). ``None`` reads ``$TOKENGATE_FLEET_DIR``
+            when the server starts; with neither, no fleet.
     """
     path = quarantine_path or DEFAULT_QUARANTINE_PATH
     if path != ":memory:":
@@ -179,7 +187,7 @@ def create_app(admin_token: str | None = None, quarantine_path: str | None = Non
         # warm_processes: the worker processes start with the server, not on the first /cpu request.
         return OperationsCoordinator(num_cores=NUM_CORES, workers_per_core=WORKERS_PER_CORE,
                                      process_workers=PROCESS_WORKERS, warm_processes=True,
-                                     policies=make_policies(path), name="example")
+                                     policies=make_policies(path), name="example", fleet_dir=fleet_dir)
 
     app = FastAPI(title="TokenGate example", version="0.1.0",
                   lifespan=tokengate_lifespan(coordinator_factory=new_coordinator, drain_timeout=drain_timeout))
@@ -343,6 +351,6 @@ def __getattr__(name: str) -> Any:
     global _app
     if name == "app":
         if _app is None:
-            _app = create_app()
+            _app = create_app(quarantine_path=os.environ.get(QUARANTINE_ENV_VAR) or None)
         return _app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -538,6 +538,10 @@ class Fleet:
             self._failed(exc)
             return None, 0
         try:
+            # Mark dead members gone first: whether this member is the first live one decides
+            # whether it inherits the fleet's standing state.
+            store.sweep(self.name, stale_after=self.stale_after, forget_after=self.forget_after,
+                        is_dead=_pid_is_dead)
             self.member_id = store.register(self.name, pid=self._pid, host=_HOST,
                                             process_started_at=_process_start(self._pid),
                                             version=_version(), member_id=self.member_id)

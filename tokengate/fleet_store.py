@@ -284,7 +284,10 @@ class FleetStore:
         """Add a live member to *fleet* and return its id (6 hex digits, unique in the file).
 
         With *member_id* (a member coming back after being marked gone and
-        cleaned up), that id is registered again.
+        cleaned up), that id is registered again. A member that finds no
+        other live member starts a new fleet: the standing state of the last
+        one (a drain before a deploy, say) is cleared, so a restarted server
+        does not come up drained; a member joining live ones inherits it.
         """
         now = self.clock()
 
@@ -293,6 +296,11 @@ class FleetStore:
                 candidate = member_id or secrets.token_hex(3)
                 taken = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (candidate,)).fetchone()
                 if taken is None:
+                    alone = conn.execute("SELECT COUNT(*) FROM members WHERE fleet = ? AND state = 'live'",
+                                         (fleet,)).fetchone()[0] == 0
+                    if alone and conn.execute("DELETE FROM desired WHERE fleet = ?", (fleet,)).rowcount:
+                        logger.warning("fleet %s: first live member; the standing state of the previous run "
+                                       "(pause, drain, held operations) is cleared", fleet)
                     conn.execute(
                         "INSERT INTO members (member_id, fleet, pid, host, process_started_at, version, joined_at, "
                         "heartbeat_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'live')",

@@ -187,3 +187,14 @@ def test_fleet_dir_from_env() -> None:
 def test_member_info_round_trips() -> None:
     info = MemberInfo("abc123", "app", 1, "h", 1.0, "v", 2.0, 3.0, "live")
     assert MemberInfo(**info.to_dict()) == info
+
+
+def test_the_first_live_member_starts_a_new_fleet_and_later_ones_inherit(store: FleetStore) -> None:
+    a = _join(store, 1)
+    store.issue("app", a, "drain")
+    b = _join(store, 2)  # joins a live member: inherits the drain
+    assert store.desired("app").draining
+    store.leave(a)
+    store.leave(b)
+    _join(store, 3)  # the whole server was restarted: it must not come up drained
+    assert store.desired("app") == DesiredState()
