@@ -135,7 +135,8 @@ def test_totals_drain_and_hold_reach_every_process(server: RunningServer, client
     assert drained.status_code == 200, drained.text
     report = drained.json()["fleet"]
     assert {r["pid"] for r in report["applied"]} == pids and report["not_applied"] == []
-    assert time.monotonic() - started < 2.0  # every member acknowledged within the bound
+    # Both applied it (a member silent past the 2 s acknowledgement deadline would be in not_applied).
+    print(f"drain acknowledged by both members in {time.monotonic() - started:.3f} s")
     for response in from_every_pid(client, f"{base}{P}/ready", pids).values():
         assert response.status_code == 503 and response.json()["status"] == "draining"
         assert "Retry-After" in response.headers
@@ -177,8 +178,8 @@ def test_a_killed_process_leaves_the_view_and_its_replacement_joins_paused(
         gone = [d for d in info["departed"] if d["member_id"] == victim["member"]]
         return info if gone and victim["member"] not in {m["member"] for m in info["members"]} else None
 
-    info = wait_until(victim_gone, "the killed process to leave the view", timeout=GONE_WITHIN + 5)
-    assert time.monotonic() - killed_at <= GONE_WITHIN + 1
+    info = wait_until(victim_gone, "the killed process to leave the view", timeout=GONE_WITHIN)
+    print(f"killed member left the view after {time.monotonic() - killed_at:.2f} s")
     [departed] = [d for d in info["departed"] if d["member_id"] == victim["member"]]
     assert departed["state"] == "gone" and departed["reason"]
     stats = client.get(base + P + "/stats", headers=AUTH).json()["fleet"]
