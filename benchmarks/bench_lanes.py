@@ -107,6 +107,15 @@ def _lane_pids(coordinator: OperationsCoordinator) -> list[int]:
     return [w["process"]["pid"] for w in _lane_workers(coordinator) if w.get("process") and w["process"]["pid"]]
 
 
+def _executed(coordinator: OperationsCoordinator) -> dict[str, int]:
+    """Calls (map: chunks) each process-lane worker has run so far, by worker id."""
+    return {w["worker_id"]: int(w["executed"]) for w in _lane_workers(coordinator)}
+
+
+def _spread_since(coordinator: OperationsCoordinator, before: dict[str, int]) -> dict[str, int]:
+    return {wid: n - before.get(wid, 0) for wid, n in _executed(coordinator).items()}
+
+
 def _lane_counter(coordinator: OperationsCoordinator, key: str) -> int:
     return sum(int(w["process"][key]) for w in _lane_workers(coordinator) if w.get("process"))
 
@@ -198,7 +207,7 @@ async def _cpu(options: BenchOptions, coordinator: OperationsCoordinator, pool: 
         wall: dict[str, list[float]] = {n: [] for n in names}
         cpu_par: dict[str, list[float]] = {n: [] for n in names}
         wrong = 0
-        executed_before = {w["worker_id"]: w["executed"] for w in _lane_workers(coordinator)}
+        executed_before = _executed(coordinator)
         for _r, n in interleave(repeats, names):
             await settle()
             t0 = _perf()
@@ -210,8 +219,7 @@ async def _cpu(options: BenchOptions, coordinator: OperationsCoordinator, pool: 
             wrong += sum(1 for v, _cpu in results if v != expected)
             advance(1)
         # How the process lane spread the calls over its worker processes (all trials of this workload).
-        spread = {w["worker_id"]: w["executed"] - executed_before.get(w["worker_id"], 0)
-                  for w in _lane_workers(coordinator)}
+        spread = _spread_since(coordinator, executed_before)
         med = {n: median(v) for n, v in wall.items()}
         serial = calls * inline_ms / 1e3
         out[wl] = {
@@ -234,8 +242,8 @@ async def _cpu(options: BenchOptions, coordinator: OperationsCoordinator, pool: 
 # -- trivial calls ------------------------------------------------------------------------------
 
 
-async def _fan_out(options: BenchOptions, pool: cf.ProcessPoolExecutor, n: int, repeats: int,
-                   advance: Callable[[int], None]) -> dict[str, Any]:
+async def _fan_out(options: BenchOptions, coordinator: OperationsCoordinator, pool: cf.ProcessPoolExecutor, n: int,
+                   repeats: int, advance: Callable[[int], None]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     inc, inc_p, inc_t = lfn.inc, lfn.inc_p, lfn.inc_t
     trials: dict[str, Callable[[], Awaitable[list[Any]]]] = {
@@ -248,6 +256,7 @@ async def _fan_out(options: BenchOptions, pool: cf.ProcessPoolExecutor, n: int, 
         await fn()
     per_s: dict[str, list[float]] = {name: [] for name in trials}
     wrong = 0
+    before = _executed(coordinator)
     for _r, name in interleave(repeats, list(trials)):
         await settle()
         t0 = _perf()
@@ -256,7 +265,7 @@ async def _fan_out(options: BenchOptions, pool: cf.ProcessPoolExecutor, n: int, 
         wrong += int(sum(values) != expected)
         advance(1)
     base = median(per_s["ppe_run_in_executor"])
-    return {"calls": n, "wrong_batches": wrong,
+    return {"calls": n, "wrong_batches": wrong, "process_calls_per_worker": _spread_since(coordinator, before),
             "per_contender": {name: {"median_per_s": median(v), "runs_per_s": v, "best_per_s": max(v),
                                      "ratio_vs_ppe": ratio(median(v), base),
                                      "ratio_best_vs_ppe": ratio(max(v), max(per_s["ppe_run_in_executor"]))}
@@ -378,10 +387,12 @@ async def _crash_storm(coordinator: OperationsCoordinator, n: int, repeats: int,
 # -- map --------------------------------------------------------------------------------------------
 
 
-async def _map(options: BenchOptions, pool: cf.ProcessPoolExecutor, thread_pool: cf.ThreadPoolExecutor,
-               n: int, repeats: int, advance: Callable[[int], None]) -> dict[str, Any]:
+async def _map(options: BenchOptions, coordinator: OperationsCoordinator | None, pool: cf.ProcessPoolExecutor,
+               thread_pool: cf.ThreadPoolExecutor, n: int, repeats: int,
+               advance: Callable[[int], None]) -> dict[str, Any]:
     if not map_available():
         return {"available": False, "reason": "not measured: map not available (GuardedFunction has no map)"}
+    assert coordinator is not None
     loop = asyncio.get_running_loop()
     inc = lfn.inc
     xs = range(n)
@@ -405,6 +416,7 @@ async def _map(options: BenchOptions, pool: cf.ProcessPoolExecutor, thread_pool:
         await fn()
     per_s: dict[str, list[float]] = {name: [] for name in trials}
     wrong = 0
+    before = _executed(coordinator)
     for _r, name in interleave(repeats, list(trials)):
         await settle()
         t0 = _perf()
@@ -416,6 +428,8 @@ async def _map(options: BenchOptions, pool: cf.ProcessPoolExecutor, thread_pool:
     best_ppe = max((k for k in med if k.startswith("ppe_map")), key=lambda k: med[k])
     return {
         "available": True, "calls": n, "wrong_batches": wrong,
+        # chunks each worker process ran (the map's chunks are calls of "<operation>[map]")
+        "process_chunks_per_worker": _spread_since(coordinator, before),
         "per_contender": {name: {"median_per_s": med[name], "runs_per_s": v, "best_per_s": max(v)}
                           for name, v in per_s.items()},
         "best_ppe_map": best_ppe,
@@ -518,11 +532,11 @@ async def _measure(options: BenchOptions, cfg: dict[str, Any], result: dict[str,
                 }
                 res["cpu"] = await _cpu(options, coordinator, pool, cfg["cpu_calls"], cfg["cpu_ms"], repeats,
                                         workloads, advance)
-                res["fan_out"] = await _fan_out(options, pool, cfg["fan_out"], repeats, advance)
+                res["fan_out"] = await _fan_out(options, coordinator, pool, cfg["fan_out"], repeats, advance)
                 res["round_trip"] = await _round_trip(options, pool, cfg["round_trip_calls"], repeats, advance)
                 with _quiet_crash_warnings():
                     res["crash_storm"] = await _crash_storm(coordinator, cfg["crash_calls"], repeats, advance)
-                res["map"] = await _map(options, pool, thread_pool, cfg["map_calls"], repeats, advance)
+                res["map"] = await _map(options, coordinator, pool, thread_pool, cfg["map_calls"], repeats, advance)
                 res["breakdown"] = await _breakdown(coordinator, pool, cfg["fan_out"])
                 res["lane_after"] = {"processes": len(_lane_workers(coordinator)),
                                      "crashes": _lane_counter(coordinator, "crashes"),
@@ -651,6 +665,9 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
                   ["contender", "calls/s", "× PPE", "best trial calls/s", "best × PPE's best"])
     for name, r in fo["per_contender"].items():
         t.add(name, r["median_per_s"], r["ratio_vs_ppe"], r["best_per_s"], r["ratio_best_vs_ppe"])
+    t.caption = ("process-lane calls per worker process: "
+                 + " / ".join(str(v) for v in fo["process_calls_per_worker"].values())
+                 + " (light calls run on the light domain's processes only)")
     tables.append(t)
 
     rt = res["round_trip"]
@@ -678,7 +695,9 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
             t.add(name, r["median_per_s"], r["best_per_s"])
         t.caption = (f"process map ÷ best PPE.map ({mp['best_ppe_map']}) = {fmt(mp['process_map_vs_best_ppe_map'])} "
                      f"(best trials: {fmt(mp['best_trials_process_map_vs_best_ppe_map'])}); "
-                     f"thread map ÷ run_in_executor fanned out = {fmt(mp['thread_map_vs_run_in_executor'])}")
+                     f"thread map ÷ run_in_executor fanned out = {fmt(mp['thread_map_vs_run_in_executor'])}; "
+                     "process-lane chunks per worker process: "
+                     + " / ".join(str(v) for v in mp["process_chunks_per_worker"].values()))
     else:
         t = TableData("lanes: map", ["status"])
         t.add(mp["reason"])

@@ -217,6 +217,7 @@ def test_lanes_smoke(tmp_path: Path) -> None:
         # the calls report their own CPU time: a contender cannot use more than the usable CPUs
         assert all(0 < r["cpu_parallelism"][n] <= result["machine"]["usable_cpus"] * 1.05 for n in r["wall_s"])
     assert res["fan_out"]["wrong_batches"] == 0
+    assert sum(res["fan_out"]["process_calls_per_worker"].values()) >= 100  # 1 repeat + the warm-up batch
     assert res["fan_out"]["per_contender"]["ppe_run_in_executor"]["ratio_vs_ppe"] == 1.0
     assert all(_positive(r["median_per_s"]) for r in res["fan_out"]["per_contender"].values())
     rt = res["round_trip"]["per_contender"]
@@ -254,7 +255,7 @@ def test_lanes_map_rows_say_not_measured_without_map(monkeypatch: pytest.MonkeyP
     assert not bench_lanes.map_available()
 
     # When the map section runs and the targets are computed
-    section = asyncio.run(bench_lanes._map(_options(Path(".")), None, None, 10, 1, lambda n: None))  # type: ignore[arg-type]
+    section = asyncio.run(bench_lanes._map(_options(Path(".")), None, None, None, 10, 1, lambda n: None))  # type: ignore[arg-type]
     result = {"results": {"cpu": {}, "map": section,
                           "fan_out": {"calls": 1, "per_contender": {"process_lane": {"ratio_vs_ppe": 1.0}}},
                           "round_trip": {"per_contender": {"process_lane": {"ratio_p50_vs_anyio": 1.0}}},
