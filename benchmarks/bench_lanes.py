@@ -16,7 +16,9 @@ Sections:
   / ``hash_chain``, each sized at run time to about 20 ms of one core. Process
   lane vs the same function on the thread lane (target ≥ 1.8× on 2 cores; the
   limit is 2.0×) and vs ``run_in_executor`` on ``ProcessPoolExecutor``
-  (forkserver) (target ≥ 1×).
+  (forkserver) (target ≥ 1×). Each call returns its own CPU time, so the
+  cores each contender really used (Σ call CPU ÷ wall) are reported: on a busy
+  host they show that a ratio measured nothing.
 * **trivial fan-out**: 20,000 ``x + 1`` calls gathered: process lane vs
   ``run_in_executor`` on ``ProcessPoolExecutor`` (target ≥ 5×); the thread
   lane is shown for scale.
