@@ -198,3 +198,16 @@ def test_the_first_live_member_starts_a_new_fleet_and_later_ones_inherit(store: 
     store.leave(b)
     _join(store, 3)  # the whole server was restarted: it must not come up drained
     assert store.desired("app") == DesiredState()
+
+
+def test_a_member_whose_thread_beats_but_loop_does_not_publish_is_shown_stuck() -> None:
+    from tokengate.fleet import FleetView, member_row
+
+    member = MemberInfo("abc123", "app", 1, "h", 1.0, "v", joined_at=0.0, heartbeat_at=99.5, state="live")
+    fresh = FleetView(fleet="app", members=(member,), snapshots={"abc123": (99.0, {})})
+    assert member_row(member, fresh, now=100.0, heartbeat_interval=1.0)["loop_stuck"] is False
+    old = FleetView(fleet="app", members=(member,), snapshots={"abc123": (95.0, {})})
+    row = member_row(member, old, now=100.0, heartbeat_interval=1.0)
+    assert row["loop_stuck"] is True and row["snapshot_age"] == 5.0 and row["heartbeat_age"] == 0.5
+    silent = MemberInfo(**{**member.to_dict(), "heartbeat_at": 90.0})  # dead, not stuck: it will be marked gone
+    assert member_row(silent, old, now=100.0, heartbeat_interval=1.0)["loop_stuck"] is False

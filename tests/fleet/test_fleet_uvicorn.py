@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -166,12 +167,44 @@ def test_a_killed_process_leaves_the_view_and_its_replacement_joins_paused(
     base = server.base
     members = two_members(client, base)["members"]
     pids = {m["pid"] for m in members}
-    paused = client.post(base + P + "/pause", headers=AUTH).json()
-    assert {r["pid"] for r in paused["fleet"]["applied"]} == pids
+    # Calls held by an operation pause on both processes: the victim's must not stay in the fleet's figures.
+    held_op = client.post(base + P + "/operations/fleet.work/pause", headers=AUTH).json()
+    assert {r["pid"] for r in held_op["fleet"]["applied"]} == pids
 
-    victim = next(m for m in members if not m["self"])
-    os.kill(victim["pid"], signal.SIGKILL)
-    killed_at = time.monotonic()
+    def held_by_pid() -> dict[int, int]:
+        rows = client.get(base + P + "/stats", headers=AUTH).json()["fleet"]["members"]
+        return {m["pid"]: m["held_total"] or 0 for m in rows}
+
+    with ThreadPoolExecutor(max_workers=12) as pool, httpx.Client(
+            timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as waiting_client:
+        def held_call(x: int) -> int | None:
+            try:
+                return waiting_client.get(f"{base}/work/{x}").status_code
+            except httpx.TransportError:  # the victim's connections die with it
+                return None
+
+        futures = []
+        for x in range(12):  # bounded: until both processes hold some (the kernel picks who accepts)
+            futures.append(pool.submit(held_call, x))
+            if x >= 3 and all(v > 0 for v in held_by_pid().values()) and len(held_by_pid()) == 2:
+                break
+        wait_until(lambda: all(v > 0 for v in held_by_pid().values()), "held calls on both processes")
+        paused = client.post(base + P + "/pause", headers=AUTH).json()
+        assert {r["pid"] for r in paused["fleet"]["applied"]} == pids
+
+        answering = client.get(base + P + "/fleet", headers=AUTH).json()["member"]
+        victim = next(m for m in members if m["member"] != answering)
+        survivor = next(m for m in members if m["member"] != victim["member"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _after_kill(client, base, pids, victim, survivor, killed_at)
+        client.post(base + P + "/operations/fleet.work/resume", headers=AUTH)
+        results = [f.result() for f in futures]
+    assert 200 in results  # the survivor's held calls ran once resumed; the victim's died with it
+
+
+def _after_kill(client: httpx.Client, base: str, pids: set[int], victim: dict[str, Any], survivor: dict[str, Any],
+                killed_at: float) -> None:
 
     def victim_gone() -> dict[str, Any] | None:
         info = fleet(client, base)
@@ -182,8 +215,16 @@ def test_a_killed_process_leaves_the_view_and_its_replacement_joins_paused(
     print(f"killed member left the view after {time.monotonic() - killed_at:.2f} s")
     [departed] = [d for d in info["departed"] if d["member_id"] == victim["member"]]
     assert departed["state"] == "gone" and departed["reason"]
-    stats = client.get(base + P + "/stats", headers=AUTH).json()["fleet"]
-    assert victim["member"] not in {m["member"] for m in stats["members"]}  # its figures left with it
+    def survivor_only() -> dict[str, Any] | None:
+        fleet_stats: dict[str, Any] = client.get(base + P + "/stats", headers=AUTH).json()["fleet"]
+        rows = {m["member"]: m for m in fleet_stats["members"]}
+        return fleet_stats if victim["member"] not in rows and survivor["member"] in rows else None
+
+    stats = wait_until(survivor_only, "a view without the victim")  # any process may answer
+    rows = {m["member"]: m for m in stats["members"]}
+    # Its held calls left with it: the fleet's held total is the survivor's alone (new members hold none yet).
+    assert stats["totals"]["held_total"] == sum(m["held_total"] or 0 for m in rows.values())
+    assert rows[survivor["member"]]["held_total"] == stats["totals"]["held_total"] > 0
 
     # uvicorn replaces the dead worker; the newcomer starts in the fleet's standing state: paused.
     def replacement() -> dict[str, Any] | None:
@@ -198,6 +239,8 @@ def test_a_killed_process_leaves_the_view_and_its_replacement_joins_paused(
         return bool(row and row["paused"] is True)
 
     wait_until(newcomer_paused, "the replacement's published state")
+    rows = {m["member"]: m for m in client.get(base + P + "/stats", headers=AUTH).json()["fleet"]["members"]}
+    assert "fleet.work" in rows[newcomer["member"]]["paused_operations"]  # the operation pause too
     ready = from_every_pid(client, f"{base}{P}/ready", {newcomer["pid"]})[newcomer["pid"]]
     assert ready.status_code == 503 and ready.json()["status"] == "paused"
     resumed = client.post(base + P + "/resume", headers=AUTH).json()
