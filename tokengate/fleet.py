@@ -196,7 +196,7 @@ class Fleet:
             applies a broadcast action.
         ack_timeout: Seconds :meth:`broadcast` waits for the other members'
             acknowledgements by default (2).
-        history_rows: Execution records in each published snapshot (200).
+        history_rows: Execution records in each published snapshot (200; the FastAPI lifespan sets 100).
         forget_after: Seconds after which departed members and old commands
             are deleted from the file (600).
         queue_size: Bound of the fleet thread's queue (1024).

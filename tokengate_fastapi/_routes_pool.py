@@ -192,7 +192,7 @@ def add_pool_routes(router: APIRouter, *, name: Callable[[str], str], protected:
 
         In a fleet, every live member's calls merged by ``finished_at``, each
         with its ``member`` and a fleet token id ``<member>-<number>``; other
-        members contribute their latest published calls (200 each, at most
+        members contribute their latest published calls (100 each, at most
         about one heartbeat old).
         """
         rows = with_lanes([record.to_dict() for record in coordinator.history(limit)],
