@@ -19,12 +19,11 @@ result is dropped. The token settles KILLED/TIMEOUT at once either way.
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import TYPE_CHECKING, Any, Hashable
 
 from ..states import TokenState
 from ..worker import Worker
+from .base import LaneWorker
 from .dask import DaskCall, DaskLane, task_key
 from .dask_errors import ClusterUnavailable
 
@@ -35,8 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["DaskWorker", "run_on_dask", "affinity_of"]
 
 _ADMITTED = frozenset({TokenState.ADMITTED})
-_EXECUTING = TokenState.EXECUTING
-_perf = time.perf_counter
 
 
 def affinity_of(token: TaskToken[Any]) -> Hashable | None:
@@ -73,16 +70,14 @@ def run_on_dask(token: TaskToken[Any], worker: Worker, claimable: frozenset[Toke
         return False
     call = DaskCall(guarded.func, args, kwargs or None, guarded.weight, affinity_of(token),
                     task_key(token.operation_type, token.token_id), token)
-    with worker.current_lock:
-        # The claim and `current` move together, so an interrupt that sees this
-        # token as current cancels this call's task.
-        if not token._transition(_EXECUTING, claimable):
-            return False
-        worker.current = token
+
+    def record() -> None:
         worker.call = call
-    token.worker_id = worker.worker_id
-    token.core_id = worker.core_id
-    started = token.started_at = _perf()
+
+    if worker.take_call(token, claimable, record) is None:
+        return False
+    started = token.started_at
+    assert started is not None
     del args, kwargs, guarded
     try:
         # Returns once the call's outcome is set; DaskLane._finish has then
@@ -90,19 +85,18 @@ def run_on_dask(token: TaskToken[Any], worker: Worker, claimable: frozenset[Toke
         worker.lane.run(call, wait_connect=None)
     except Exception as exc:  # noqa: BLE001 - an internal failure is this call's outcome, never a lost call
         worker.lane._finish(call, exc, True)
-    with worker.current_lock:
-        worker.current = None
+    def forget() -> None:
         worker.call = None
-    worker.busy_time += _perf() - started
-    worker.executed += 1
+
+    worker.leave_call(started, forget)
     del token, call
     return True
 
 
-class DaskWorker(Worker):
+class DaskWorker(LaneWorker):
     """A routed worker whose calls run on the Dask cluster (see the module docstring)."""
 
-    __slots__ = ("lane", "current_lock", "call")
+    __slots__ = ("lane", "call")
 
     run = staticmethod(run_on_dask)
     kind = "d"
@@ -110,8 +104,7 @@ class DaskWorker(Worker):
     def __init__(self, coordinator: OperationsCoordinator, core_id: int, index: int, lane: DaskLane) -> None:
         super().__init__(coordinator, core_id, index)
         self.lane = lane
-        self.current_lock = threading.Lock()  # guards `current` and `call` against interrupt()
-        self.call: DaskCall | None = None
+        self.call: DaskCall | None = None  # guarded with `current` by current_lock (see LaneWorker)
 
     def _thread_started(self) -> None:
         loop = self.coordinator.loop

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from ..states import TokenState
 from ..worker import Worker
+from .base import LaneWorker
 
 if TYPE_CHECKING:
     from ..coordinator import OperationsCoordinator
@@ -40,8 +40,6 @@ __all__ = ["ProcessWorker", "run_in_process"]
 logger = logging.getLogger("tokengate.lanes")
 
 _ADMITTED = frozenset({TokenState.ADMITTED})
-_EXECUTING = TokenState.EXECUTING
-_perf = time.perf_counter
 
 
 def run_in_process(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenState] = _ADMITTED) -> bool:
@@ -51,22 +49,15 @@ def run_in_process(token: TaskToken[Any], worker: Worker, claimable: frozenset[T
     by a waiting ``get()``: the waiting thread is not this lane's).
     """
     assert isinstance(worker, ProcessWorker)
-    guarded = token._guarded
-    args = token._args
-    kwargs = token._kwargs
-    if guarded is None or args is None or kwargs is None:
+    call = worker.take_call(token, claimable)
+    if call is None:
         return False
+    guarded, args, kwargs = call
+    del call
     ref = guarded.reference
     assert ref is not None  # set at decoration for every process-lane function
-    with worker.current_lock:
-        # The claim (under the state lock) and `current` move together, so an
-        # interrupt that sees this token as current ends this call's process.
-        if not token._transition(_EXECUTING, claimable):
-            return False
-        worker.current = token
-    token.worker_id = worker.worker_id
-    token.core_id = worker.core_id
-    started = token.started_at = _perf()
+    started = token.started_at
+    assert started is not None
     try:
         if guarded.map_of is not None:  # a map() chunk: one message, the outcome of each item back
             items = args[0]
@@ -78,11 +69,7 @@ def run_in_process(token: TaskToken[Any], worker: Worker, claimable: frozenset[T
     except Exception as exc:  # noqa: BLE001 - crashed, terminated, could not start: this call's outcome
         value = exc
         is_error = True
-    finished = token.finished_at = _perf()
-    with worker.current_lock:
-        worker.current = None
-    worker.busy_time += finished - started
-    worker.executed += 1
+    token.finished_at = worker.leave_call(started)
     del args, kwargs, guarded
     token._run_outcome = value
     token._run_error = is_error
@@ -91,10 +78,10 @@ def run_in_process(token: TaskToken[Any], worker: Worker, claimable: frozenset[T
     return True
 
 
-class ProcessWorker(Worker):
+class ProcessWorker(LaneWorker):
     """A routed worker whose calls run in the worker process it owns (see the module docstring)."""
 
-    __slots__ = ("child", "options", "current_lock", "warm", "started")
+    __slots__ = ("child", "options", "warm", "started")
 
     run = staticmethod(run_in_process)
     kind = "p"
@@ -106,8 +93,6 @@ class ProcessWorker(Worker):
         # _thread_started): a coordinator that never starts holds no socket.
         self.child: ChildProcess = None  # type: ignore[assignment]
         self.options = options
-        # Guards `current` against interrupt(): see run_in_process.
-        self.current_lock = threading.Lock()
         self.warm = warm
         self.started = threading.Event()  # set once the handle exists (and, when warm, its process is up)
 
