@@ -223,6 +223,8 @@ async def test_every_admin_route_with_every_real_policy(make_app: Callable[..., 
         assert (await client.get(f"{P}/ready")).status_code == 200
         metrics = (await client.get(f"{P}/metrics", headers=auth)).text
         assert 'tokengate_settled_total{coordinator="tgtest",state="quarantined"} 1.0' in metrics
+        # The released record's outcome is stored by the quarantine's writer thread: wait for it.
+        assert await asyncio.to_thread(coordinator.policy("quarantine").flush)  # type: ignore[union-attr]
         event = (await client.get(f"{P}/events", params={"max_events": 1}, headers=auth)).text
         payload = json.loads(next(line for line in event.splitlines() if line.startswith("data: "))[6:])
         assert {r["operation_type"] for r in payload["operations"]} >= {"real.ordered", "real.fails"}
