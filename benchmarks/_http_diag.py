@@ -20,9 +20,11 @@ Per round and variant it prints light and ping p50/p99, heavy req/s and the
 loop thread's schedstat figures; then the pooled figures.
 
 Optionally ``--py-spy PATH`` records the first variant's server for
-``--py-spy-seconds`` during its first flood (``py-spy record --gil --idle``
-style dumps go to ``<out>/pyspy-<label>.txt``): evidence of where the loop
-thread waits. Servers listen on 127.0.0.1 only; every loop is bounded.
+``--py-spy-seconds`` during its first flood (``py-spy record --gil
+--nonblocking --threads --format raw`` at 200 Hz, into
+``<out>/pyspy-<label>.txt``): which thread holds the GIL, doing what. A
+blocking py-spy at 1,000 Hz stops the server often enough to wreck the round
+it samples. Servers listen on 127.0.0.1 only; every loop is bounded.
 """
 
 from __future__ import annotations

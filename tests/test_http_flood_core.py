@@ -26,7 +26,7 @@ def _blocked_heavy() -> None:
     "core: a bulkhead-reserved worker beside a sibling whose queue holds only calls of another class "
     "parks with a steal_after (5 ms) timeout and wakes ~200 times a second for as long as that queue lasts "
     "(each wake takes the routing lock and the GIL), though steal() can never give it one of those calls; "
-    "fixed by /tmp/j_patches/01-steal-wait-skips-unstealable.patch (Router.stuck_in counts only queues "
+    "fixed by the patch proposed with issue 17 (Router.stuck_in counts only queues "
     "whose last token the worker may take)"))
 def test_a_reserved_worker_does_not_poll_beside_queues_it_may_not_steal() -> None:
     async def scenario() -> float | None:
