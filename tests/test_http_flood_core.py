@@ -1,7 +1,7 @@
 """Core findings of the http flood investigation (issue 17), as regression tests.
 
-Each test pins one behaviour the investigation found in the engine; a finding
-the core has not fixed yet is a strict xfail naming the patch that fixes it.
+Each test pins one behaviour the investigation found in the engine, so a
+later change cannot bring it back.
 """
 
 from __future__ import annotations
@@ -22,12 +22,6 @@ def _blocked_heavy() -> None:
     _gate.wait(10)  # bounded: the test sets the gate long before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core: a bulkhead-reserved worker beside a sibling whose queue holds only calls of another class "
-    "parks with a steal_after (5 ms) timeout and wakes ~200 times a second for as long as that queue lasts "
-    "(each wake takes the routing lock and the GIL), though steal() can never give it one of those calls; "
-    "fixed by the patch proposed with issue 17 (Router.stuck_in counts only queues "
-    "whose last token the worker may take)"))
 def test_a_reserved_worker_does_not_poll_beside_queues_it_may_not_steal() -> None:
     async def scenario() -> float | None:
         _gate.clear()

@@ -269,6 +269,10 @@ class Router:
     def stuck_in(self, worker: Worker, stuck_after: float) -> float | None:
         """Seconds until a sibling of *worker* with tokens queued behind its running call counts as stuck.
 
+        Only a queue whose last token *worker* may take counts (what ``steal``
+        would take: a class of the worker's, or a token pinned to the domain);
+        a bulkhead-reserved worker beside queues of another class sleeps until
+        woken instead of polling every ``stuck_after`` seconds.
         ``<= 0`` when one already does; None when no sibling has such a queue
         (or *worker* is inactive: inactive workers do not steal). A lock-free
         look: callers re-check under the lock (see steal).
@@ -278,8 +282,17 @@ class Router:
             return None
         now = _perf()
         soonest: float | None = None
+        classes = worker.classes
         for sibling in core.workers:
             if sibling is worker or not sibling.mailbox:
+                continue
+            try:
+                last = sibling.mailbox[-1]  # what steal() would take
+            except IndexError:  # emptied since the look above
+                continue
+            # A token this worker may not run (the bulkhead) cannot be stolen: waking up for
+            # it every stuck_after seconds would only cost lock and GIL hand-offs.
+            if last.weight not in classes and last._where != IN_CORE_PENDING:
                 continue
             running = sibling.current
             started = running.started_at if running is not None else None
