@@ -10,7 +10,6 @@ import asyncio
 import threading
 import time
 
-
 from tokengate import OperationsCoordinator, task_token_guard
 
 _gate = threading.Event()
