@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,7 +36,8 @@ P = "/tokengate"
 DASHBOARD = Path(tokengate_fastapi.__file__).parent / "static" / "dashboard.html"
 
 #: The admin schema (OpenAPI component) each kind of object the page reads is documented by.
-#: "counts" (a dict of counters) and "events" (the stream's payload) have none: real answers only.
+#: "counts" (a dict of counters), "events" (the stream's payload) and the policies' own sections
+#: ("sticky", "sticky_pin": a policy's stats() is not an admin schema) have none: real answers only.
 SCHEMAS = {
     "stats": "StatsResponse",
     "latency": "LatencySummary",
@@ -66,6 +68,7 @@ READERS: dict[str, dict[str, str]] = {
     "renderHistory": {"r": "history", "a": "history", "b": "history"},
     "renderOperations": {"o": "operation", "rt": "operation_run_time"},
     "renderQuarantine": {"q": "quarantine"},
+    "renderSticky": {"st": "sticky", "k": "sticky_pin"},
     "renderSeries": {"d": "series", "d.queue_wait": "series_latency", "d.run_time": "series_latency"},
 }
 
@@ -166,6 +169,15 @@ def fails(x: int) -> int:
     raise KeyError(x)
 
 
+_sticky_gate = threading.Event()
+
+
+@task_token_guard(operation_type="contract.sticky", tags={"weight": "light", "sticky_key": "account", "ordered": True})
+def sticky_wait(account: str, amount: int) -> int:
+    _sticky_gate.wait(10)  # bounded: the test sets it right after its reads
+    return amount
+
+
 def _objects(kind: str, answer: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The objects of *kind* inside a /events payload (or the same shapes from REST answers)."""
     stats = answer["stats"]
@@ -196,6 +208,10 @@ def _objects(kind: str, answer: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from (row["run_time"] for row in answer["operations"])
     elif kind == "quarantine":
         yield from answer["quarantine"]
+    elif kind == "sticky":
+        yield stats["policies"]["sticky"]
+    elif kind == "sticky_pin":
+        yield from stats["policies"]["sticky"]["listed"]
     elif kind == "series":
         yield answer["series"]
     elif kind == "series_latency":
@@ -227,6 +243,9 @@ async def test_real_answers_have_every_field_the_dashboard_reads(make_app: Calla
         app.state.tokengate.policy("quarantine").hold("contract.square")
         with pytest.raises(TokenQuarantined):
             await square(9)
+        # and an ordered call of one account running while the page's sources are read
+        _sticky_gate.clear()
+        in_flight = sticky_wait("acct-7", 1)
         # When: the page's two sources are read: the REST answers it renders, and one stream event
         rest = {"stats": (await client.get(f"{P}/stats", headers=auth)).json(),
                 "history": (await client.get(f"{P}/history", params={"limit": 20}, headers=auth)).json(),
@@ -235,6 +254,8 @@ async def test_real_answers_have_every_field_the_dashboard_reads(make_app: Calla
                                                 headers=auth)).json(),
                 "series": (await client.get(f"{P}/history/series", headers=auth)).json()}
         stream = (await client.get(f"{P}/events", params={"max_events": 1}, headers=auth)).text
+        _sticky_gate.set()
+        assert await in_flight == 1
     event = json.loads(next(line for line in stream.splitlines() if line.startswith("data: "))[len("data: "):])
     # Then: every declared field is in every object of its kind, in both
     for source, answer in (("REST", rest), ("/events", event)):
