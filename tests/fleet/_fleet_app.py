@@ -33,7 +33,11 @@ def slow(seconds: float) -> float:
 
 def _coordinator() -> OperationsCoordinator:
     return OperationsCoordinator(num_cores=1, workers_per_core=2, process_workers=0, name="fleetsrv",
-                                 policies=[QuarantinePolicy(os.environ["FLEET_TEST_QUARANTINE"])])
+                                 # Two server processes write one quarantine file: on a loaded CI host a
+                                 # write can take longer than the 2 s default, and the call would then be
+                                 # admitted (the documented fail-open), not quarantined as the test expects.
+                                 policies=[QuarantinePolicy(os.environ["FLEET_TEST_QUARANTINE"],
+                                                            write_timeout=30)])
 
 
 app = FastAPI(lifespan=tokengate_lifespan(coordinator_factory=_coordinator, drain_timeout=2))
