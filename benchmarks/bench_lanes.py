@@ -47,7 +47,7 @@ import os
 import re
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
 import psutil
 
@@ -244,6 +244,24 @@ async def _cpu(options: BenchOptions, coordinator: OperationsCoordinator, pool: 
 # -- trivial calls ------------------------------------------------------------------------------
 
 
+async def _timed_batches(trials: Mapping[str, Callable[[], Awaitable[Sequence[Any]]]], n: int, expected: int,
+                         repeats: int, advance: Callable[[int], None]) -> tuple[dict[str, list[float]], int]:
+    """Warm each trial once (a full batch: lazily grown structures reach their size), then time them
+    interleaved: calls per second of each repeat by trial, and how many batches summed wrong."""
+    for fn in trials.values():
+        await fn()
+    per_s: dict[str, list[float]] = {name: [] for name in trials}
+    wrong = 0
+    for _r, name in interleave(repeats, list(trials)):
+        await settle()
+        t0 = _perf()
+        values = await trials[name]()
+        per_s[name].append(n / (_perf() - t0))
+        wrong += int(sum(values) != expected)
+        advance(1)
+    return per_s, wrong
+
+
 async def _fan_out(options: BenchOptions, coordinator: OperationsCoordinator, pool: cf.ProcessPoolExecutor, n: int,
                    repeats: int, advance: Callable[[int], None]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
@@ -254,18 +272,8 @@ async def _fan_out(options: BenchOptions, coordinator: OperationsCoordinator, po
         "thread_lane": lambda: asyncio.gather(*[inc_t(i) for i in range(n)]),
     }
     expected = n * (n + 1) // 2
-    for fn in trials.values():  # warm (a full batch: lazily grown structures reach their size)
-        await fn()
-    per_s: dict[str, list[float]] = {name: [] for name in trials}
-    wrong = 0
     before = _executed(coordinator)
-    for _r, name in interleave(repeats, list(trials)):
-        await settle()
-        t0 = _perf()
-        values = await trials[name]()
-        per_s[name].append(n / (_perf() - t0))
-        wrong += int(sum(values) != expected)
-        advance(1)
+    per_s, wrong = await _timed_batches(trials, n, expected, repeats, advance)
     base = median(per_s["ppe_run_in_executor"])
     return {"calls": n, "wrong_batches": wrong, "process_calls_per_worker": _spread_since(coordinator, before),
             "per_contender": {name: {"median_per_s": median(v), "runs_per_s": v, "best_per_s": max(v),
@@ -414,18 +422,8 @@ async def _map(options: BenchOptions, coordinator: OperationsCoordinator | None,
 
     for c in MAP_CHUNKSIZES:
         trials[f"ppe_map_chunksize_{c}"] = lambda c=c: ppe_map(c)  # type: ignore[misc]
-    for fn in trials.values():  # warm
-        await fn()
-    per_s: dict[str, list[float]] = {name: [] for name in trials}
-    wrong = 0
     before = _executed(coordinator)
-    for _r, name in interleave(repeats, list(trials)):
-        await settle()
-        t0 = _perf()
-        values = await trials[name]()
-        per_s[name].append(n / (_perf() - t0))
-        wrong += int(sum(values) != expected)
-        advance(1)
+    per_s, wrong = await _timed_batches(trials, n, expected, repeats, advance)
     med = {name: median(v) for name, v in per_s.items()}
     best_ppe = max((k for k in med if k.startswith("ppe_map")), key=lambda k: med[k])
     return {
