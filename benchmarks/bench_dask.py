@@ -27,21 +27,11 @@ import statistics
 import time
 from typing import Any, Awaitable, Callable
 
+from ._lane_functions import inc as trivial, spin
 from ._common import BenchOptions, Target, finish, interleave, new_result, ratio, write_result
 from ._report import TableData, render, targets_table
 
 NAME = "dask"
-
-
-def trivial(x: int) -> int:
-    return x + 1
-
-
-def spin(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
 
 
 def _calibrate(ms: float) -> int:
