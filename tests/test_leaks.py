@@ -75,7 +75,9 @@ def test_settled_tokens_are_garbage_collected(run: Any) -> None:
             gc.collect()
             alive = [r for r in refs if r() is not None]
             assert alive == []
-            assert not [o for o in gc.get_objects() if isinstance(o, TaskToken)]
+            # This coordinator's tokens only: an earlier test's leftovers (say, held by
+            # a captured log record) are that test's business, not this one's.
+            assert not [o for o in gc.get_objects() if isinstance(o, TaskToken) and o.coordinator is c]
             assert len(c.history(10)) == 10  # the history is bounded
 
     run(main())

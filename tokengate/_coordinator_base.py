@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .policy import Policy
     from .routing import Router
     from .token import TaskToken
+    from .worker import Worker
 
 __all__ = ["CoordinatorBase"]
 
@@ -46,6 +47,8 @@ class CoordinatorBase:
     _plans: dict[int, tuple[_Plan, _Plan | None]]
     _live: dict[int, TaskToken[Any]]
     _done: Deque[TaskToken[Any]]
+    _done_paced: Deque[tuple[TaskToken[Any], Worker]]
+    _pace_after: float
     _drain_scheduled: bool
     _accepted: int
     _settled: int
@@ -86,3 +89,4 @@ class CoordinatorBase:
     def _drain_done(self) -> None: ...
     def _settle_done(self, limit: int) -> bool:
         raise NotImplementedError
+    def _settle_all(self) -> None: ...

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._coordinator_base import CoordinatorBase
 from ._plan import _Plan
@@ -27,6 +27,9 @@ from .errors import (
 )
 from .states import TERMINAL_STATES, TokenState
 from .token import TaskToken
+
+if TYPE_CHECKING:
+    from .worker import Worker
 
 logger = logging.getLogger("tokengate.coordinator")
 
@@ -46,6 +49,10 @@ _NOT_STARTED = frozenset({_S.CREATED, _S.WAITING, _S.ADMITTED})
 # other callbacks wait at most about a millisecond; large enough that the extra
 # callback per chunk costs nothing measurable.
 DRAIN_CHUNK = 256
+# Long calls' completions settled per loop pass (see _settle_paced), and how
+# long a worker waits at most for its long call to be settled (_complete_paced).
+PACED_CHUNK = 4
+PACE_TIMEOUT = 0.1
 
 
 class SettlementMixin(CoordinatorBase):
@@ -111,6 +118,31 @@ class SettlementMixin(CoordinatorBase):
             except RuntimeError:  # loop closed: the coordinator is gone; nobody can await
                 self._drain_scheduled = False
 
+    def _complete_paced(self, token: TaskToken[Any], worker: Worker) -> None:
+        """Hand a long call's *token* to the loop and wait (bounded) until it is settled. Thread: *worker*'s own.
+
+        Why: a worker that starts its next queued call the moment a long one
+        ends, with no loop round trip, keeps identical calls phase-locked, so
+        their completions come back in waves the loop must answer in one
+        stretch while everything else on it waits (the flood benchmark's tail).
+        Waiting for the loop to settle the call first couples the next start
+        to the loop's own pace, as a thread pool fed by the loop is, which
+        spreads the completions; it costs the next call one loop round trip,
+        small beside a call of ``pace_after`` or more. Bounded by
+        ``PACE_TIMEOUT``: a loop that lags longer does not hold workers back.
+        """
+        settled = worker.settled
+        settled.clear()
+        self._done_paced.append((token, worker))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain_done)  # type: ignore[union-attr]
+            except RuntimeError:  # loop closed: nobody settles it; do not wait
+                self._drain_scheduled = False
+                return
+        settled.wait(PACE_TIMEOUT)
+
     def _post_settle(self, token: TaskToken[Any]) -> None:
         """Finalize a token that some thread just moved to a terminal state."""
         if threading.get_ident() == self._loop_thread_id:
@@ -131,9 +163,41 @@ class SettlementMixin(CoordinatorBase):
         # Reset the flag before popping: a worker that appends after our last
         # pop sees False and schedules another drain (see _complete).
         self._drain_scheduled = False
-        if self._settle_done(DRAIN_CHUNK) and not self._drain_scheduled:
+        more = self._settle_done(DRAIN_CHUNK)
+        if self._done_paced and self._settle_paced(PACED_CHUNK):
+            more = True
+        if more and not self._drain_scheduled:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain_done)  # type: ignore[union-attr]
+
+    def _settle_paced(self, limit: int) -> bool:
+        """Settle up to *limit* long calls' tokens (0: all), releasing their workers; True if more wait. Thread: loop.
+
+        A few per loop pass: a wave of long calls ending together is answered
+        a few at a time, with the loop's sockets read between the slices, so a
+        request that arrives meanwhile waits for a slice, not for the wave.
+        """
+        pop = self._done_paced.popleft
+        budget = limit or -1
+        n = 0
+        while budget:
+            budget -= 1
+            try:
+                token, worker = pop()
+            except IndexError:
+                break
+            try:
+                n += self._settle_token(token)
+            finally:
+                worker.settled.set()
+        if n:
+            self._rate.add(n)
+        return not budget and bool(self._done_paced)
+
+    def _settle_all(self) -> None:
+        """Settle every completion waiting for the loop (at stop). Thread: loop."""
+        self._settle_done(0)
+        self._settle_paced(0)
 
     def _settle_done(self, limit: int) -> bool:
         """Settle up to *limit* completed tokens (0: all of them); return True if more are waiting. Thread: loop.
@@ -143,6 +207,7 @@ class SettlementMixin(CoordinatorBase):
         :class:`~tokengate.errors.SettlementFailed` and moves on.
         """
         pop = self._done.popleft
+        settle = self._settle_token
         n = 0
         budget = limit or -1  # counts down to 0; -1 never reaches it
         while budget:
@@ -151,34 +216,42 @@ class SettlementMixin(CoordinatorBase):
                 token = pop()
             except IndexError:
                 break
-            try:
-                is_error = token._run_error
-                if token._finalized:
-                    if is_error is not None:
-                        self._abandoned += 1  # a late completion after a timeout or stop
-                        token._run_outcome = token._run_error = None
-                    continue
-                if token._tstate is _EXECUTING and is_error is not None:
-                    token._outcome = outcome = token._run_outcome
-                    token._is_error = is_error
-                    token._run_outcome = token._run_error = None
-                    plan = token._plan
-                    # after_run hooks (retries) judge the function's own exception...
-                    if plan.after_run and self._retry_wanted(token, plan):
-                        continue
-                    # ...awaiters and on_settle hooks get one a Future can carry.
-                    if is_error and isinstance(outcome, _UNDELIVERABLE):
-                        token._outcome = deliverable_exception(outcome)
-                    # Once EXECUTING, a token's state is changed only on this (the
-                    # loop) thread, so no lock is needed for this last move.
-                    token._tstate = _FAILED if token._is_error else _COMPLETED
-                n += 1
-                self._finalize(token)
-            except BaseException as exc:  # noqa: BLE001 - settlement must not abandon the chunk
-                self._settle_failed(token, exc)
+            n += settle(token)
         if n:
             self._rate.add(n)
         return not budget and bool(self._done)
+
+    def _settle_token(self, token: TaskToken[Any]) -> int:
+        """Settle one completed token; 1 if it settled now, 0 if not (late, or retried). Thread: loop.
+
+        Never raises: a failure settles the token with a SettlementFailed.
+        """
+        try:
+            is_error = token._run_error
+            if token._finalized:
+                if is_error is not None:
+                    self._abandoned += 1  # a late completion after a timeout or stop
+                    token._run_outcome = token._run_error = None
+                return 0
+            if token._tstate is _EXECUTING and is_error is not None:
+                token._outcome = outcome = token._run_outcome
+                token._is_error = is_error
+                token._run_outcome = token._run_error = None
+                plan = token._plan
+                # after_run hooks (retries) judge the function's own exception...
+                if plan.after_run and self._retry_wanted(token, plan):
+                    return 0
+                # ...awaiters and on_settle hooks get one a Future can carry.
+                if is_error and isinstance(outcome, _UNDELIVERABLE):
+                    token._outcome = deliverable_exception(outcome)
+                # Once EXECUTING, a token's state is changed only on this (the
+                # loop) thread, so no lock is needed for this last move.
+                token._tstate = _FAILED if token._is_error else _COMPLETED
+            self._finalize(token)
+            return 1
+        except BaseException as exc:  # noqa: BLE001 - settlement must not abandon the chunk
+            self._settle_failed(token, exc)
+            return 1
 
     def _retry_wanted(self, token: TaskToken[Any], plan: _Plan) -> bool:
         """Ask the after_run hooks; schedule a retry and return True if one asks for it. Thread: loop."""

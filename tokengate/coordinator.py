@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -115,6 +116,14 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         history_size: Settled calls kept in the execution history (default 1000).
         reservoir_size: Recent samples kept for latency percentiles (default 4096).
         name: Used in thread names and logs.
+        pace_after: Seconds (default 0.02). A thread worker whose call ran at
+            least this long waits for the loop to settle it before taking its
+            next call: one loop round trip per long call, so that identical
+            long calls queued under a flood do not stay phase-locked and come
+            back in waves the loop must answer in one stretch (which is what
+            makes every other request on the loop wait). Bounded: a loop that
+            lags more than 0.1 s does not hold the worker. ``None``: never
+            wait (each worker chains its queued calls back to back).
         process_workers: Worker processes of the process lane (functions
             tagged ``lane: "process"``), spread evenly over the domains
             (rounded up to a multiple of ``num_cores``). Default: two per
@@ -171,6 +180,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         history_size: int = 1000,
         reservoir_size: int = 4096,
         name: str = "tokengate",
+        pace_after: float | None = 0.02,
         process_workers: int | None = None,
         warm_processes: bool = False,
         max_calls_per_process: int | None = None,
@@ -195,6 +205,12 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             raise ConfigurationError(f"stop_timeout must be a number of seconds >= 0, got {stop_timeout!r}")
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty string, got {name!r}")
+        if pace_after is not None and (isinstance(pace_after, bool) or not isinstance(pace_after, (int, float))
+                                       or not 0 < pace_after < math.inf):
+            raise ConfigurationError(
+                f"pace_after must be a number of seconds > 0, or None to never pace, got {pace_after!r}")
+        # A call that ran this long is settled before its worker takes the next (see _complete_paced).
+        self._pace_after = math.inf if pace_after is None else float(pace_after)
         if policies is None:
             from .policies import default_policies
 
@@ -262,6 +278,8 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         # Completed tokens on their way back to the loop, and whether a drain is scheduled.
         # (token, outcome, is_error); is_error None means "already settled elsewhere".
         self._done: Deque[TaskToken[Any]] = collections.deque()
+        # Long calls' completions, each with the worker waiting for it to settle (see _complete_paced).
+        self._done_paced: Deque[tuple[TaskToken[Any], Worker]] = collections.deque()
         self._drain_scheduled = False
         self._accepted = 0  # written under the routing lock
         self._settled = 0  # written on the loop thread only
@@ -594,7 +612,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                     f"coordinator {self.name!r} stopped before token {token.token_id} settled",
                     token_id=token.token_id, reason="coordinator stopped"), any_state=True) and running:
                 self._interrupt(token, "coordinator stopped")
-        self._settle_done(0)
+        self._settle_all()
         workers = self._workers()
         for worker in workers:
             worker.stopping = True
@@ -610,7 +628,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             logger.warning("coordinator %s: workers still running user code at stop: %s", self.name, stuck)
         if self._dask is not None:  # after its workers: closes the client and any embedded cluster
             await self._dask.aclose()
-        self._settle_done(0)
+        self._settle_all()
         for p in reversed(self.policies):
             try:
                 p.on_stop(self)

@@ -109,7 +109,10 @@ def run_token(token: TaskToken[Any], worker: Worker, claimable: frozenset[TokenS
     token._run_outcome = outcome
     token._run_error = is_error
     coordinator = token._coordinator
-    coordinator._complete(token)
+    if finished - started < coordinator._pace_after or outer_current is not None:
+        coordinator._complete(token)
+    else:  # a long call, on the worker's own thread: settled before the next starts (see _complete_paced)
+        coordinator._complete_paced(token, worker)
     # A failing function's frame keeps its caller's frame (this one) alive via
     # f_back, with the locals it had on exit: drop them so a traceback never
     # pins the token or the outcome.
@@ -149,6 +152,7 @@ class Worker:
         "_park",
         "thread",
         "router",
+        "settled",
     )
 
     def __init__(self, coordinator: OperationsCoordinator, core_id: int, index: int) -> None:
@@ -171,6 +175,8 @@ class Worker:
         self._park.acquire()
         self.thread: threading.Thread | None = None
         self.router: Router = None  # type: ignore[assignment]  # set by the Router that owns this worker
+        # Set by the loop when this worker's last long call is settled (see _complete_paced).
+        self.settled = threading.Event()
 
     def start(self, name_prefix: str) -> None:
         self.thread = threading.Thread(target=self._main, name=f"{name_prefix}-{self.worker_id}", daemon=True)
