@@ -275,6 +275,7 @@ class ProcessWorker(LaneWorker):
                 with self.current_lock:
                     self._where.pop(token, None)
                 self._settle(claimed, error, True)
+        self._flush()
         self._go_idle()
 
     def _pump(self) -> None:
@@ -417,6 +418,7 @@ class ProcessWorker(LaneWorker):
         with self.current_lock:
             self._where.pop(call.token, None)
         self._settle(call, error, True)
+        self._flush()
 
     def _settle(self, call: _Call, value: Any, is_error: bool) -> None:
         token = call.token
@@ -425,7 +427,14 @@ class ProcessWorker(LaneWorker):
         self.finished += 1
         token._run_outcome = value
         token._run_error = is_error
-        self.coordinator._complete(token)
+        # On the loop already: queue it for settling, and _flush() settles the burst in this
+        # callback (no call_soon_threadsafe, no self-pipe wake-up, no extra loop iteration).
+        self.coordinator._done.append(token)
+
+    def _flush(self) -> None:
+        coordinator = self.coordinator
+        if coordinator._done:
+            coordinator._drain_done()
 
     def _on_frames(self, frames: list[bytes], pump: bool = True) -> None:
         """Replies arrived: settle their calls, count them, send more (with *pump*). Thread: loop."""
@@ -468,6 +477,8 @@ class ProcessWorker(LaneWorker):
         self._last_reply = last
         for call, value, is_error in done:
             self._settle(call, value, is_error)
+        if done:
+            self._flush()
         link = self._link
         for call in resend_one:
             if link is not None:
@@ -545,6 +556,7 @@ class ProcessWorker(LaneWorker):
         self._draining = None
         for call in failed:
             self._settle(call, _copy_death(error), True)
+        self._flush()
         self._set_current()
         if not self.stopping:
             self._starting = True
