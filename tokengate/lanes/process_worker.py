@@ -222,9 +222,17 @@ class ProcessWorker(LaneWorker):
         return True
 
     def wake(self) -> None:
-        """Tokens arrived (or the worker is stopping): pump on the loop. Thread: any (the router's)."""
+        """Tokens arrived (or the worker is stopping): pump on the loop. Thread: any (the router's).
+
+        On the loop thread, with nothing in flight, the first token is sent at
+        once (a lone call then costs no extra loop iteration); the rest of a
+        burst waits for the pump, one loop iteration later, and goes in batches.
+        """
         if self.stopping:
             Worker.wake(self)
+        elif (not self._calls and self._link is not None and self._draining is None and not self._resend
+              and threading.get_ident() == self.coordinator._loop_thread_id):
+            self._send_first()
         if not self._pump_scheduled:
             self._pump_scheduled = True
             if not self._on_loop(self._pump):
@@ -341,6 +349,34 @@ class ProcessWorker(LaneWorker):
                 self.idle = False
                 continue
             break
+        self._set_current()
+
+    def _send_first(self) -> None:
+        # The caller (the router) holds the routing lock: nothing here settles a token
+        # (settling runs hooks that may route). A call whose arguments do not pickle
+        # waits for the pump, which fails it outside the lock.
+        link = self._link
+        assert link is not None
+        try:
+            token = self.mailbox.popleft()
+        except IndexError:
+            return
+        call = self._claim(token)
+        if call is None:
+            return
+        with self.current_lock:
+            self._assign(call, link)
+        try:
+            payload = _dumps([call.request], PROTOCOL)
+        except Exception:  # noqa: BLE001 - the pump sends it again and fails it there
+            with self.current_lock:
+                del self._calls[call.slot]
+                self._free.append(call.slot)
+                call.link = None
+                self._resend.appendleft(call)
+            return
+        call.sent_at = _perf()
+        link.send(_dumps((BATCH, [call.slot], payload), PROTOCOL))
         self._set_current()
 
     def _claim(self, token: TaskToken[Any]) -> _Call | None:
