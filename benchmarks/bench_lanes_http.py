@@ -24,7 +24,8 @@ the next phase.
 Targets (issue 13): under the flood, the process-lane server's light p99 ≤ 3×
 its idle light p99, and its ``/cpu`` requests/s ≥ 1.7× the thread-lane server's.
 Needs wrk (``apt-get install wrk``; ``make bench`` installs it): without it
-the benchmark says so and measures nothing.
+the benchmark says so and measures nothing. ``TOKENGATE_BENCH_CORE=<checkout>``
+makes the servers import that checkout's ``tokengate`` (a before/after run).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -134,8 +136,10 @@ class _LaneServer(Server):
         cmd = [sys.executable, "-m", "benchmarks.bench_lanes_http", "--serve", "--lane", self.lane,
                "--port", str(self.port), "--arg", str(self.cfg["arg"]),
                "--process-workers", str(self.cfg["process_workers"])]
-        self.proc = subprocess.Popen(cmd, cwd=_REPO, env=_child_env(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        # TOKENGATE_BENCH_CORE: a checkout whose `tokengate` the servers import instead (a before/after run).
+        core = os.environ.get("TOKENGATE_BENCH_CORE") or None
+        self.proc = subprocess.Popen(cmd, cwd=_REPO, env=_child_env(core), stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         import psutil
 
         self._ps = psutil.Process(self.proc.pid)

@@ -344,3 +344,11 @@ def test_kills_racing_the_process_never_run_a_call_twice_and_every_call_settles_
             assert runs.get(i) == [outcome]
         else:
             assert i % 2 == 0 and t.state is TokenState.KILLED
+
+
+def test_a_crash_during_a_map_chunk_fails_the_map_with_worker_crashed_and_the_lane_serves_on(pipelined: Any) -> None:
+    # Given a map whose only chunk ends its process, When it is awaited, Then the map raises WorkerCrashed
+    with pytest.raises(WorkerCrashed):
+        lf.die.map(["exit"]).get(timeout=30)
+    # and the replacement serves the next map
+    assert lf.type_name.map([1, "a"]).get(timeout=30) == ["int", "str"]

@@ -591,7 +591,11 @@ class ProcessWorker(LaneWorker):
         self._free = list(range(SLOTS - 1, -1, -1))
         self._draining = None
         for call in failed:
-            self._settle(call, _copy_death(error), True)
+            if call.request[0] == CALL:
+                self._settle(call, _copy_death(error), True)
+            else:  # a map chunk: each of its items gets the death (as ChildProcess.call_batch gives them)
+                size = len(call.request[3]) + (len(call.dropped[0]) if call.dropped is not None else 0)
+                self._settle(call, Batch([None] * size, {i: _copy_death(error) for i in range(size)}), False)
         self._flush()
         self._set_current()
         if not self.stopping:
