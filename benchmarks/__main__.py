@@ -35,7 +35,7 @@ BENCHMARKS: dict[str, str] = {
     "lanes_http": "benchmarks.bench_lanes_http",
     "dask": "benchmarks.bench_dask",
 }
-STANDARD = ("dispatch", "waves", "memory", "features", "http", "lanes")
+STANDARD = ("dispatch", "waves", "memory", "features", "http", "lanes", "lanes_http")
 
 
 def _ints(text: str) -> list[int]:
