@@ -352,3 +352,23 @@ def test_a_crash_during_a_map_chunk_fails_the_map_with_worker_crashed_and_the_la
         lf.die.map(["exit"]).get(timeout=30)
     # and the replacement serves the next map
     assert lf.type_name.map([1, "a"]).get(timeout=30) == ["int", "str"]
+
+
+def test_max_calls_per_process_recycles_between_calls_and_no_call_is_lost() -> None:
+    # Given a lane whose processes are replaced every 3 calls
+    coordinator = OperationsCoordinator(policies=[], process_workers=2, warm_processes=True, max_calls_per_process=3,
+                                        name="lanerecycle")
+    coordinator.start()
+    try:
+        # When 10 light calls run one after the other, and then 30 at once
+        pids = [lf.worker_pid().get(timeout=30) for _ in range(10)]
+        burst = [lf.worker_pid() for _ in range(30)]
+        # Then no process ran more than 3 calls, sent one by one or together, and every call completed,
+        assert all(pids.count(pid) <= 3 for pid in set(pids)) and len(set(pids)) >= 4
+        burst_pids = [t.get(timeout=60) for t in burst]
+        assert all(burst_pids.count(pid) <= 3 for pid in set(burst_pids)) and len(set(burst_pids)) >= 10
+        # and the recycles are counted
+        rows = [w for core in coordinator.stats()["lanes"]["process"]["cores"] for w in core["workers"]]
+        assert sum(w["process"]["recycles"] for w in rows) >= 3
+    finally:
+        coordinator.stop()

@@ -551,6 +551,10 @@ class ChildProcess:
         self._check_recycle()
         return self._recycle_due
 
+    def calls_left(self) -> int | None:
+        """Calls the current process may still take before ``max_calls`` recycles it (None: no limit)."""
+        return None if self._max_calls is None else self._max_calls - self._calls_since_start
+
     def signal_end(self, reason: str, *, kill: bool = False) -> bool:
         """Send the current process SIGTERM (SIGKILL with *kill*), recording *reason*; never blocks. Thread: any.
 

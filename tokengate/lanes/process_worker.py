@@ -181,7 +181,8 @@ class ProcessWorker(LaneWorker):
         except Exception as exc:  # noqa: BLE001 - the calls waiting for it get the error
             logger.warning("%s: worker process failed to start: %s", self.worker_id, exc)
             error = exc
-        self._on_loop(self._attach, error)
+        if not self._on_loop(self._attach, error):
+            self._starting = False  # no loop (yet): the next pump asks again
 
     def start_process(self) -> None:
         """Start this worker's process now if it is not running (on the worker's thread)."""
@@ -230,8 +231,8 @@ class ProcessWorker(LaneWorker):
         """
         if self.stopping:
             Worker.wake(self)
-        elif (not self._calls and self._link is not None and self._draining is None and not self._resend
-              and threading.get_ident() == self.coordinator._loop_thread_id):
+        elif (threading.get_ident() == self.coordinator._loop_thread_id and not self._calls
+              and self._link is not None and self._draining is None and not self._resend):
             self._send_first()
         if not self._pump_scheduled:
             self._pump_scheduled = True
@@ -302,8 +303,11 @@ class ProcessWorker(LaneWorker):
         mailbox = self.mailbox
         refill = self.coordinator._refill
         group: list[_Call] = []
+        left = self.child.calls_left()  # max_calls_per_process: never send a process more than it may run
         while True:
             room = (SLOW_DEPTH if self._slow > SLOW_SECONDS else FAST_DEPTH) - len(calls)
+            if left is not None:
+                room = min(room, left - len(calls))
             while room > 0 and self._resend:
                 with self.current_lock:
                     call = self._resend.popleft()
