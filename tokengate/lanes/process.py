@@ -26,6 +26,12 @@ brings its outcome back, and it survives everything a process can do to it.
 * **Recycling**: ``max_calls`` and ``max_rss`` (resident bytes, read with
   psutil between calls) retire a process before its next call.
 * **Batching**: :meth:`ChildProcess.call_many` ships one message per chunk.
+* **Pipelining** (the coordinator's process lane): :meth:`ChildProcess.endpoints`
+  hands the pipe, the sentinel and the shared slot states to a user that does
+  its own non-blocking I/O (see :mod:`tokengate.lanes._child` for the protocol
+  and :mod:`tokengate.lanes.process_worker` for the user);
+  :meth:`~ChildProcess.signal_end` never blocks, and :meth:`~ChildProcess.reap`
+  classifies a death once the sentinel fired.
 
 **Context variables do not cross.** Nothing of the caller's
 :mod:`contextvars` context reaches the child (a context does not pickle), and
