@@ -68,7 +68,7 @@ def _make_app(lane: str, arg: int, process_workers: int) -> Any:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        async with OperationsCoordinator(process_workers=process_workers, warm_processes=True,
+        async with OperationsCoordinator(process_workers=process_workers or None, warm_processes=True,
                                          name=f"http-{lane}") as coordinator:
             state["coordinator"] = coordinator
             yield
@@ -241,7 +241,9 @@ def _config(options: BenchOptions) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "clients": int(options.size("clients", 100, 100)),
         "cpu_ms": cpu_ms, "arg": arg, "inline_ms": inline_ms,
-        "process_workers": int(options.size("process_workers", _usable_cpus(), _usable_cpus())),
+        # 0 = the coordinator's default (process_workers=None: 2 per domain, or more to cover the CPUs),
+        # what a FastAPI app gets from tokengate_lifespan.
+        "process_workers": int(options.size("process_workers", 0, 0)),
         "num_cores": _usable_cpus(), "workers_per_core": 4, "heavy_ms": 0,
         "flood_seconds": float(options.size("flood_seconds", 10.0, 3.0)),
         "max_flood_seconds": float(options.size("max_flood_seconds", 30.0, 6.0)),

@@ -12,7 +12,8 @@ not on the worker's thread: when tokens reach the mailbox the loop claims them
 (→ EXECUTING), pickles them by reference (module and qualified name) in batches
 of up to :data:`GROUP` per message and writes them to the process's pipe
 without waiting for earlier replies (up to :data:`FAST_DEPTH` calls in flight
-while calls are quick, :data:`SLOW_DEPTH` once they take milliseconds, so slow
+while a function's calls are known to be quick, :data:`SLOW_DEPTH` while they
+are slow or not yet measured, so slow
 calls do not queue behind each other in one process while a sibling idles).
 The child answers each call on its own as soon as it is done, and the loop,
 reading the pipe when it is readable (:class:`~tokengate.lanes._link.Link`),
@@ -39,6 +40,7 @@ claimed: they are sent to the replacement first, and run exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import pickle
@@ -55,8 +57,6 @@ from .base import LaneWorker
 from .process import Batch, _decode, _pickling_failed
 
 if TYPE_CHECKING:
-    import asyncio
-
     from ..coordinator import OperationsCoordinator
     from ..token import TaskToken
     from .process import ChildProcess
@@ -68,12 +68,12 @@ logger = logging.getLogger("tokengate.lanes")
 
 #: Calls per message to a process.
 GROUP = 64
-#: Calls in flight to one process while its calls are quick (well under SLOW_SECONDS each).
+#: Calls in flight to one process while the next call's function is known to be quick.
 FAST_DEPTH = 512
 #: Calls in flight to one process once its calls are slow: the next one is there when the current ends,
 #: and the rest stay in the mailbox, where an idle sibling may still take them.
 SLOW_DEPTH = 2
-#: A process whose calls take longer than this (moving average of the time each reply took) is "slow".
+#: A function whose calls take longer than this (moving average of the time each reply took) is "slow".
 SLOW_SECONDS = 0.001
 
 _EXECUTING = TokenState.EXECUTING
@@ -86,11 +86,12 @@ _loads = pickle.loads
 class _Call:
     """One claimed call on its way to a process (or waiting to be re-sent to the next one)."""
 
-    __slots__ = ("token", "ref", "request", "slot", "link", "sent_at", "cancelled", "dropped")
+    __slots__ = ("token", "ref", "key", "request", "slot", "link", "sent_at", "cancelled", "dropped")
 
-    def __init__(self, token: TaskToken[Any], ref: FunctionRef, request: tuple[Any, ...]) -> None:
+    def __init__(self, token: TaskToken[Any], ref: FunctionRef, key: Any, request: tuple[Any, ...]) -> None:
         self.token = token
         self.ref = ref
+        self.key = key  # what its service time is averaged under (see ProcessWorker._took)
         self.request = request
         self.slot = -1
         self.link: Link | None = None   # the process it was sent to; None while it waits to be re-sent
@@ -112,7 +113,7 @@ class ProcessWorker(LaneWorker):
     """A routed worker whose calls run in the worker process it owns (see the module docstring)."""
 
     __slots__ = ("child", "options", "warm", "started", "_link", "_calls", "_where", "_resend", "_free",
-                 "_pump_scheduled", "_ask", "_starting", "_draining", "_slow", "_last_reply")
+                 "_pump_scheduled", "_ask", "_starting", "_draining", "_took", "_last_reply", "_timer")
 
     kind = "p"
 
@@ -136,7 +137,10 @@ class ProcessWorker(LaneWorker):
         self._ask: str | None = None      # for the worker's thread: "start" or "restart"; under current_lock
         self._starting = False            # a start was asked for and has not attached yet
         self._draining: str | None = None  # due for recycling: send nothing more, replace once empty
-        self._slow = 0.0                  # moving average of the seconds each reply took
+        # Per function (its GuardedFunction: a map's chunks have their own), how long its replies
+        # take (see _on_frames); a function not yet measured counts as slow.
+        self._took: dict[Any, float] = {}
+        self._timer: asyncio.TimerHandle | None = None  # a pump planned to steal from a stuck sibling
         self._last_reply = 0.0
 
     # ------------------------------------------------------------ thread side
@@ -304,8 +308,9 @@ class ProcessWorker(LaneWorker):
         refill = self.coordinator._refill
         group: list[_Call] = []
         left = self.child.calls_left()  # max_calls_per_process: never send a process more than it may run
+        took = self._took
         while True:
-            room = (SLOW_DEPTH if self._slow > SLOW_SECONDS else FAST_DEPTH) - len(calls)
+            room = FAST_DEPTH - len(calls)
             if left is not None:
                 room = min(room, left - len(calls))
             while room > 0 and self._resend:
@@ -324,6 +329,13 @@ class ProcessWorker(LaneWorker):
                 except IndexError:
                     if refill(self):
                         continue
+                    break
+                estimate = took.get(token._guarded, 1.0)
+                if estimate > SLOW_SECONDS and len(calls) >= SLOW_DEPTH:
+                    # Slow (or not yet measured): it waits in the mailbox, where an idle
+                    # sibling may still take it, until this process is nearly free.
+                    mailbox.appendleft(token)
+                    room = 0
                     break
                 claimed = self._claim(token)
                 if claimed is None:
@@ -352,8 +364,22 @@ class ProcessWorker(LaneWorker):
             if mailbox or self._resend or self.router.has_work_for(self):
                 self.idle = False
                 continue
+            self._plan_steal()
             break
         self._set_current()
+
+    def _plan_steal(self) -> None:
+        # The thread lane's parked worker wakes when a sibling's call would count as
+        # stuck, to take the calls queued behind it; here a timer pumps then instead.
+        wait = self.coordinator._steal_wait(self)
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+        if wait is not None:
+            loop = self.coordinator._loop
+            assert loop is not None
+            self._timer = loop.call_later(wait, self._pump)
 
     def _send_first(self) -> None:
         # The caller (the router) holds the routing lock: nothing here settles a token
@@ -394,7 +420,7 @@ class ProcessWorker(LaneWorker):
             request: tuple[Any, ...] = (MANY_ARGS, ref.module, ref.qualname, args[0])
         else:
             request = (CALL, ref.module, ref.qualname, args, dict(kwargs) if kwargs else None)
-        call = _Call(token, ref, request)
+        call = _Call(token, ref, guarded, request)
         with self.current_lock:
             if not token._transition(_EXECUTING, _ADMITTED):
                 self.finished += 1
@@ -483,7 +509,7 @@ class ProcessWorker(LaneWorker):
         done: list[tuple[_Call, Any, bool]] = []
         resend_one: list[_Call] = []
         now = _perf()
-        slow = self._slow
+        took_by = self._took
         last = self._last_reply
         with self.current_lock:
             for data in frames:
@@ -498,7 +524,10 @@ class ProcessWorker(LaneWorker):
                 self._where.pop(call.token, None)
                 took = now - (call.sent_at if call.sent_at > last else last)
                 last = now
-                slow += (took - slow) * 0.2
+                # Down at once (a first call that imported modules must not mark a quick
+                # function slow for long), up gradually (one slow call is not a slow function).
+                average = took_by.get(call.key)
+                took_by[call.key] = took if average is None or took < average else average + (took - average) * 0.2
                 self.busy_time += took
                 try:
                     item = _loads(memoryview(data)[4:])
@@ -513,7 +542,6 @@ class ProcessWorker(LaneWorker):
                 else:
                     outcome = _decode(call.ref, item)
                     done.append((call, outcome.value, False) if outcome.ok else (call, outcome.error, True))
-        self._slow = slow
         self._last_reply = last
         for call, value, is_error in done:
             self._settle(call, value, is_error)
