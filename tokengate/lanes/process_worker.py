@@ -201,6 +201,8 @@ class ProcessWorker(LaneWorker):
         done = threading.Event()
 
         def detach() -> None:
+            if self._timer is not None:
+                self._timer.cancel()
             link, self._link = self._link, None
             if link is not None:
                 link.detach()
