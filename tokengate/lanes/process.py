@@ -577,7 +577,7 @@ class ChildProcess:
             return True
 
     def reap(self, during: str) -> BaseException:
-        """The process died (its sentinel fired): reap it, count it, return its ``WorkerCrashed`` / ``WorkerTerminated``."""
+        """The process died (its sentinel fired): reap it, count it, return its ``WorkerCrashed``/``WorkerTerminated``."""
         with self._call_lock:
             return self._died(during)
 
