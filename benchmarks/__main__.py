@@ -32,9 +32,10 @@ BENCHMARKS: dict[str, str] = {
     "features": "benchmarks.bench_features",
     "http": "benchmarks.bench_http",
     "lanes": "benchmarks.bench_lanes",
+    "lanes_http": "benchmarks.bench_lanes_http",
     "dask": "benchmarks.bench_dask",
 }
-STANDARD = ("dispatch", "waves", "memory", "features", "http", "lanes")
+STANDARD = ("dispatch", "waves", "memory", "features", "http", "lanes", "lanes_http")
 
 
 def _ints(text: str) -> list[int]:

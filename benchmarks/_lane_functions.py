@@ -190,3 +190,9 @@ CPU_WORKLOADS: dict[str, tuple[Callable[[int], Any], Callable[[int], tuple[Any, 
     "data_sort": (data_sort, data_sort_m, data_sort_p, data_sort_t, 20_000),
     "hash_chain": (hash_chain, hash_chain_m, hash_chain_p, hash_chain_t, 40_000),
 }
+
+
+@task_token_guard(operation_type="lanes.probe_t", tags={"weight": "light"})
+def probe_t() -> int:
+    """The HTTP part's light endpoint: a trivial call on the thread lane."""
+    return sum(range(100))

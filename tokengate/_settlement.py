@@ -98,7 +98,8 @@ class SettlementMixin(CoordinatorBase):
         if router.lane == "thread":
             return False
         for worker in router.workers:
-            if worker.current is token:
+            # Lanes other than threads have LaneWorkers, which may carry several calls at once.
+            if worker.carries(token):
                 return bool(worker.interrupt(token, reason))
         return False
 

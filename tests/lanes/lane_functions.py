@@ -56,3 +56,34 @@ def spin(n: int) -> int:
 @task_token_guard(operation_type="lane.spin_thread", tags={"weight": "heavy"})
 def spin_thread(n: int) -> int:
     return spin.__wrapped__(n)  # type: ignore[no-any-return]
+
+
+@task_token_guard(operation_type="lane.hold", tags={"lane": "process", "weight": "light"})
+def hold(marker: str, go: str, seconds: float = 30.0) -> int:
+    """Write this process's pid to *marker*, then wait (at most *seconds*) until the file *go* exists."""
+    with open(marker, "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.getpid()
+
+
+@task_token_guard(operation_type="lane.record", tags={"lane": "process", "weight": "light"})
+def record(log: str, i: int, die: bool = False) -> int:
+    """Append ``"<i> <pid>"`` to *log* (every run leaves a line), then return the pid, or end the process."""
+    with open(log, "a") as f:
+        f.write(f"{i} {os.getpid()}\n")
+    if die:
+        os._exit(3)
+    return os.getpid()
+
+
+@task_token_guard(operation_type="lane.record_timeout", tags={"lane": "process", "weight": "light", "timeout": 0.5})
+def record_with_timeout(log: str, i: int) -> int:
+    return record.__wrapped__(log, i)  # type: ignore[no-any-return]
+
+
+@task_token_guard(operation_type="lane.type_name", tags={"lane": "process", "weight": "light"})
+def type_name(value: object) -> str:
+    return type(value).__name__

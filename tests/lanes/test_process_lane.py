@@ -26,6 +26,19 @@ def _wait_for_file(path: Path, timeout: float = 20.0) -> int:
     raise AssertionError(f"{path} was not written within {timeout}s")
 
 
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once *pid* has exited (or is a zombie), within *timeout* seconds (bounded poll)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
@@ -72,8 +85,7 @@ def test_kill_of_a_running_call_ends_its_process(lane_coordinator: Any, tmp_path
     with pytest.raises(TokenKilled):
         token.get(timeout=30)
     assert token.state is TokenState.KILLED and token.started_at is not None
-    psutil.wait_procs([psutil.Process(pid)] if psutil.pid_exists(pid) else [], timeout=10)
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert _gone(pid)
     assert lf.square(3).get(timeout=30) == 9  # the lane keeps serving
 
 
@@ -84,8 +96,7 @@ def test_a_timeout_ends_the_running_process(lane_coordinator: Any, tmp_path: Pat
     with pytest.raises(TokenTimeout) as info:
         token.get(timeout=30)
     assert info.value.started
-    psutil.wait_procs([psutil.Process(pid)] if psutil.pid_exists(pid) else [], timeout=10)
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert _gone(pid)
 
 
 def test_stop_past_its_grace_ends_running_processes_and_leaves_none(tmp_path: Path) -> None:
@@ -160,3 +171,219 @@ def test_ready_without_warm_processes_and_warm_without_a_process_lane() -> None:
         assert none.ready and "process" not in none.stats()["lanes"]
     finally:
         none.stop()
+
+
+# -- pipelining: several calls in flight to one process -------------------------------------------------------
+
+
+@pytest.fixture()
+def pipelined() -> Any:
+    # Light calls on 2 domains run on domain 2's one process: every call below meets the same process.
+    coordinator = OperationsCoordinator(policies=[], process_workers=2, warm_processes=True, stop_timeout=5,
+                                        name="lanepipe")
+    coordinator.start()
+    deadline = time.monotonic() + 60
+    while not coordinator.ready and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The lane sends a process many calls at once only of functions it has seen to be quick.
+    for _ in range(3):
+        lf.record(os.devnull, -1).get(timeout=30)
+        lf.type_name(0).get(timeout=30)
+    yield coordinator
+    coordinator.stop()
+
+
+def _shipped(coordinator: Any, tokens: list[Any], timeout: float = 20.0) -> None:
+    """Wait until every token is claimed by its process worker (sent to its process, EXECUTING)."""
+    workers = [w for core in coordinator._routers["process"].cores.values() for w in core.workers]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(t.state is TokenState.EXECUTING and any(w.carries(t) for w in workers) for t in tokens):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"not all of {tokens} were sent to a process within {timeout}s")
+
+
+def _runs(log: Path) -> dict[int, list[int]]:
+    runs: dict[int, list[int]] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            i, pid = line.split()
+            runs.setdefault(int(i), []).append(int(pid))
+    return runs
+
+
+def test_a_crash_in_a_burst_fails_only_its_call_and_the_unstarted_ones_run_once_on_the_replacement(
+        pipelined: Any, tmp_path: Path) -> None:
+    # Given a process held busy, and ten calls sent to it behind the holder, the sixth of which ends the process
+    marker, go, log = tmp_path / "pid", tmp_path / "go", tmp_path / "log"
+    holder = lf.hold(str(marker), str(go))
+    first_pid = _wait_for_file(marker)
+    calls = [lf.record(str(log), i, die=(i == 5)) for i in range(10)]
+    _shipped(pipelined, calls)
+    # When the process is let go
+    go.write_text("go")
+    # Then the calls before the crash settle with their results from that process, the crashing one fails,
+    assert holder.get(timeout=30) == first_pid
+    for i in range(5):
+        assert calls[i].get(timeout=30) == first_pid
+    with pytest.raises(WorkerCrashed):
+        calls[5].get(timeout=30)
+    # and the ones it never started ran exactly once, on the replacement
+    later = {calls[i].get(timeout=30) for i in range(6, 10)}
+    assert len(later) == 1 and first_pid not in later
+    runs = _runs(log)
+    assert sorted(runs) == list(range(10)) and all(len(pids) == 1 for pids in runs.values())
+
+
+def test_killing_a_sent_call_the_process_has_not_started_settles_it_at_once_and_it_never_runs(
+        pipelined: Any, tmp_path: Path) -> None:
+    # Given two calls sent to a process that is busy with a third
+    marker, go, log = tmp_path / "pid", tmp_path / "go", tmp_path / "log"
+    holder = lf.hold(str(marker), str(go))
+    pid = _wait_for_file(marker)
+    doomed, kept = lf.record(str(log), 1), lf.record(str(log), 2)
+    _shipped(pipelined, [doomed, kept])
+    # When the first of them is killed
+    result = pipelined.kill(doomed.token_id)
+    # Then it settles KILLED at once, without ending the process
+    assert result.killed
+    with pytest.raises(TokenKilled):
+        doomed.get(timeout=5)
+    go.write_text("go")
+    assert holder.get(timeout=30) == pid and kept.get(timeout=30) == pid
+    # and the process skipped it: it never ran
+    assert _runs(tmp_path / "log") == {2: [pid]}
+
+
+def test_a_timeout_of_a_sent_call_not_started_settles_it_and_it_never_runs(pipelined: Any, tmp_path: Path) -> None:
+    # Given a call with a 0.5 s timeout sent to a process that stays busy longer than that
+    marker, go, log = tmp_path / "pid", tmp_path / "go", tmp_path / "log"
+    holder = lf.hold(str(marker), str(go))
+    pid = _wait_for_file(marker)
+    late = lf.record_with_timeout(str(log), 7)
+    # When its timeout passes, Then it settles TIMEOUT
+    with pytest.raises(TokenTimeout):
+        late.get(timeout=30)
+    go.write_text("go")
+    assert holder.get(timeout=30) == pid
+    # and, once the process is free again, it was never run (a later call on the same process proves it got there)
+    assert lf.record(str(log), 8).get(timeout=30) == pid
+    assert _runs(log) == {8: [pid]}
+
+
+def test_killing_a_running_call_ends_its_process_and_the_calls_behind_it_run_once_elsewhere(
+        pipelined: Any, tmp_path: Path) -> None:
+    # Given three calls sent behind a running one
+    marker, go, log = tmp_path / "pid", tmp_path / "go", tmp_path / "log"
+    holder = lf.hold(str(marker), str(go), 60.0)
+    pid = _wait_for_file(marker)
+    behind = [lf.record(str(log), i) for i in range(3)]
+    _shipped(pipelined, behind)
+    # When the running call is killed
+    assert pipelined.kill(holder.token_id).killed
+    # Then its process ends, and the calls behind it run exactly once, on the replacement
+    with pytest.raises(TokenKilled):
+        holder.get(timeout=5)
+    pids = {t.get(timeout=30) for t in behind}
+    assert len(pids) == 1 and pid not in pids
+    assert {i: len(p) for i, p in _runs(log).items()} == {0: 1, 1: 1, 2: 1}
+
+
+def test_a_crashed_process_is_replaced_in_the_background(pipelined: Any) -> None:
+    # Given a process that crashed under a call
+    with pytest.raises(WorkerCrashed):
+        lf.die("exit").get(timeout=30)
+    # When nothing else is called, Then its replacement starts anyway (off the next call's path)
+    worker = next(w for core in pipelined.stats()["lanes"]["process"]["cores"] for w in core["workers"]
+                  if w["process"]["crashes"])
+    deadline = time.monotonic() + 30
+    row = worker
+    while time.monotonic() < deadline:
+        row = next(w for core in pipelined.stats()["lanes"]["process"]["cores"] for w in core["workers"]
+                   if w["worker_id"] == worker["worker_id"])
+        if row["process"]["state"] == "idle" and row["process"]["restarts"] >= 1:
+            break
+        time.sleep(0.01)
+    assert row["process"]["state"] == "idle" and row["process"]["restarts"] >= 1 and row["process"]["pid"]
+
+
+def test_arguments_that_do_not_load_in_the_child_fail_only_their_call_in_a_burst(pipelined: Any) -> None:
+    from .child_functions import BadOnLoad
+
+    # Given a burst in which one call's argument pickles here but does not unpickle in the process
+    async def burst() -> list[Any]:
+        tokens = [lf.type_name(i) for i in range(5)] + [lf.type_name(BadOnLoad())] + [lf.type_name("x")]
+        return list(await asyncio.gather(*[t.as_future() for t in tokens], return_exceptions=True))
+    outcomes = asyncio.run(burst())
+    # Then that call fails with PicklingFailed, and every other one runs
+    from tokengate.errors import PicklingFailed
+    assert outcomes[:5] == ["int"] * 5 and outcomes[6] == "str"
+    assert isinstance(outcomes[5], PicklingFailed) and outcomes[5].direction == "arguments"
+
+
+def test_map_on_the_process_lane_fails_only_the_items_that_do_not_pickle(pipelined: Any) -> None:
+    import threading
+
+    from tokengate.errors import PicklingFailed
+
+    items: list[Any] = [1, threading.Lock(), "a", 2.5]
+    token = lf.type_name.map(items)
+    with pytest.raises(PicklingFailed):
+        token.get(timeout=30)  # the first failing item's error, as Executor.map
+    assert lf.type_name.map([1, "a", 2.5]).get(timeout=30) == ["int", "str", "float"]
+
+
+def test_kills_racing_the_process_never_run_a_call_twice_and_every_call_settles_once(
+        pipelined: Any, tmp_path: Path) -> None:
+    import threading
+
+    # Given 60 calls sent to one process in bursts, and a thread killing every other one while they run
+    log = tmp_path / "log"
+    tokens = [lf.record(str(log), i) for i in range(60)]
+    killer = threading.Thread(target=lambda: [pipelined.kill(t.token_id) for t in tokens[::2]])
+    killer.start()
+    killer.join(timeout=60)
+    assert not killer.is_alive()
+    outcomes: list[Any] = []
+    for t in tokens:
+        try:
+            outcomes.append(t.get(timeout=60))
+        except (TokenKilled, WorkerCrashed) as exc:
+            outcomes.append(exc)
+    # Then no call ran twice, every completed call ran exactly once, and only killed calls are missing
+    runs = _runs(log)
+    assert all(len(pids) == 1 for pids in runs.values())
+    for i, (t, outcome) in enumerate(zip(tokens, outcomes)):
+        if t.state is TokenState.COMPLETED:
+            assert runs.get(i) == [outcome]
+        else:
+            assert i % 2 == 0 and t.state is TokenState.KILLED
+
+
+def test_a_crash_during_a_map_chunk_fails_the_map_with_worker_crashed_and_the_lane_serves_on(pipelined: Any) -> None:
+    # Given a map whose only chunk ends its process, When it is awaited, Then the map raises WorkerCrashed
+    with pytest.raises(WorkerCrashed):
+        lf.die.map(["exit"]).get(timeout=30)
+    # and the replacement serves the next map
+    assert lf.type_name.map([1, "a"]).get(timeout=30) == ["int", "str"]
+
+
+def test_max_calls_per_process_recycles_between_calls_and_no_call_is_lost() -> None:
+    # Given a lane whose processes are replaced every 3 calls
+    coordinator = OperationsCoordinator(policies=[], process_workers=2, warm_processes=True, max_calls_per_process=3,
+                                        name="lanerecycle")
+    coordinator.start()
+    try:
+        # When 10 light calls run one after the other, and then 30 at once
+        pids = [lf.worker_pid().get(timeout=30) for _ in range(10)]
+        burst = [lf.worker_pid() for _ in range(30)]
+        # Then no process ran more than 3 calls, sent one by one or together, and every call completed,
+        assert all(pids.count(pid) <= 3 for pid in set(pids)) and len(set(pids)) >= 4
+        burst_pids = [t.get(timeout=60) for t in burst]
+        assert all(burst_pids.count(pid) <= 3 for pid in set(burst_pids)) and len(set(burst_pids)) >= 10
+        # and the recycles are counted
+        rows = [w for core in coordinator.stats()["lanes"]["process"]["cores"] for w in core["workers"]]
+        assert sum(w["process"]["recycles"] for w in rows) >= 3
+    finally:
+        coordinator.stop()

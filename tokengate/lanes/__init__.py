@@ -2,7 +2,10 @@
 
 * :class:`ChildProcess` — one worker process: start (forkserver/spawn, timed),
   blocking ``call``/``call_many``, ``terminate`` from any thread, recycling,
-  crash containment, statistics.
+  crash containment, statistics; and, for a user that does its own I/O on the
+  pipe (the coordinator's process lane, :mod:`tokengate.lanes.process_worker`,
+  which pipelines calls from the event loop through :mod:`tokengate.lanes._link`),
+  ``endpoints``/``count_calls``/``signal_end``/``reap``.
 * :class:`ProcessPoolLane` — N warm handles started together off the request
   path, handed out by index or with ``acquire``/``release``; ``stop()`` leaves
   no process behind.

@@ -74,6 +74,14 @@ class LaneWorker(Worker):
         self.executed += 1
         return finished
 
+    def carries(self, token: TaskToken[Any]) -> bool:
+        """True while this worker has *token*'s call in hand (what :meth:`interrupt` can reach). Thread: any.
+
+        Here: while it is ``current``. A worker with several calls in flight
+        (the process lane's pipelining) answers for each of them.
+        """
+        return self.current is token
+
     def interrupt(self, token: TaskToken[Any], reason: str) -> bool:
         """Stop *token*'s call if this worker is running it; False otherwise. Thread: any."""
         raise NotImplementedError

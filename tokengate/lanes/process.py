@@ -26,6 +26,12 @@ brings its outcome back, and it survives everything a process can do to it.
 * **Recycling**: ``max_calls`` and ``max_rss`` (resident bytes, read with
   psutil between calls) retire a process before its next call.
 * **Batching**: :meth:`ChildProcess.call_many` ships one message per chunk.
+* **Pipelining** (the coordinator's process lane): :meth:`ChildProcess.endpoints`
+  hands the pipe, the sentinel and the shared slot states to a user that does
+  its own non-blocking I/O (see :mod:`tokengate.lanes._child` for the protocol
+  and :mod:`tokengate.lanes.process_worker` for the user);
+  :meth:`~ChildProcess.signal_end` never blocks, and :meth:`~ChildProcess.reap`
+  classifies a death once the sentinel fired.
 
 **Context variables do not cross.** Nothing of the caller's
 :mod:`contextvars` context reaches the child (a context does not pickle), and
@@ -359,6 +365,7 @@ class ChildProcess:
         self._wake_w.setblocking(False)
         self._finalizer = weakref.finalize(self, _close_sockets, self._wake_r, self._wake_w)
 
+        self._shared: tuple[Any, Any] | None = None  # the current process's slot states and their lock
         self._pid: int | None = None
         self._startup: float | None = None
         self._calls = 0
@@ -519,6 +526,60 @@ class ChildProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------ pipelined use (the process lane's event loop)
+
+    def endpoints(self) -> tuple[int, int, Any, Any, int]:
+        """The running process's pipe fd, sentinel fd, shared slot states, their lock and its pid.
+
+        For a caller that does its own I/O on the pipe (pipelined batches, see
+        :mod:`tokengate.lanes._child`); it then owns the pipe until the process
+        dies (:meth:`reap`) or it hands the handle back to :meth:`restart` or
+        :meth:`close`, and must not use :meth:`call` meanwhile.
+
+        Raises:
+            WorkerStartFailed: no process is running and ready.
+        """
+        with self._lock:
+            process, conn, shared = self._process, self._conn, self._shared
+            if not self._alive or self._startup is None or process is None or conn is None or shared is None:
+                raise WorkerStartFailed(f"{self.name}: no worker process is running")
+            self._state = ProcessState.IDLE
+            return conn.fileno(), process.sentinel, shared[0], shared[1], process.pid or 0
+
+    def count_calls(self, calls: int, busy: bool) -> str | None:
+        """Count *calls* finished by a pipelined user; return why the process is now due for recycling, or None."""
+        self._calls += calls
+        self._calls_since_start += calls
+        with self._lock:
+            if self._state in (ProcessState.IDLE, ProcessState.BUSY):
+                self._state = ProcessState.BUSY if busy else ProcessState.IDLE
+        self._check_recycle()
+        return self._recycle_due
+
+    def calls_left(self) -> int | None:
+        """Calls the current process may still take before ``max_calls`` recycles it (None: no limit)."""
+        return None if self._max_calls is None else self._max_calls - self._calls_since_start
+
+    def signal_end(self, reason: str, *, kill: bool = False) -> bool:
+        """Send the current process SIGTERM (SIGKILL with *kill*), recording *reason*; never blocks. Thread: any.
+
+        For a pipelined user: the process's death then shows on its sentinel,
+        and :meth:`reap` reports it as ``WorkerTerminated`` with *reason*.
+        False when no process is alive.
+        """
+        with self._lock:
+            if not self._alive:
+                return False
+            if self._terminate_reason is None:
+                self._terminate_reason = reason
+            self._signal(signal.SIGKILL if kill else signal.SIGTERM)
+            return True
+
+    def reap(self, during: str) -> BaseException:
+        """The process died (its sentinel fired): reap it, count it, return its ``WorkerCrashed``/``WorkerTerminated``."""
+        with self._call_lock:
+            return self._died(during)
 
     # ----------------------------------------------------------------- calls
 
@@ -850,7 +911,10 @@ class ChildProcess:
 
     def _launch(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=_child.child_main, args=(child_conn, self._preload), name=self.name)
+        # Fresh per process: a process killed while holding the lock must not leave it held for its replacement.
+        shared = (self._ctx.RawArray("b", _child.SLOTS), self._ctx.Lock())
+        process = self._ctx.Process(target=_child.child_main, args=(child_conn, self._preload, shared),
+                                    name=self.name)
         started = time.perf_counter()
         try:
             process.start()
@@ -861,6 +925,7 @@ class ChildProcess:
         child_conn.close()  # so that the child's death closes the pipe for us (EOF, not a hang)
         self._poller = None  # registered with the previous process's fds
         with self._lock:
+            self._shared = shared
             self._process, self._conn, self._alive = process, parent_conn, True
             self._pid = process.pid
             self._state = ProcessState.STARTING
