@@ -705,6 +705,15 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         return self._phase == "running" and all(
             getattr(w, "ready", True) for router in self._routers.values() for w in router.workers)
 
+    def cluster(self) -> dict[str, Any] | None:
+        """The Dask lane's cluster and connection (as ``stats()["lanes"]["dask"]["cluster"]``); None without one.
+
+        Thread: any (a snapshot: state, scheduler address, workers with their
+        resources, calls in flight by class, counts).
+        """
+        lane = self._dask
+        return None if lane is None else lane.describe()
+
     @property
     def paused(self) -> bool:
         """True while global admission is paused."""
