@@ -209,6 +209,7 @@ class DaskLane:
         self._background: set[asyncio.Task[Any]] = set()
         self._last_attempt = 0.0
         self._workers: dict[str, dict[str, Any]] = {}
+        self._placements: dict[str, tuple[list[str], str | None]] = {}  # per weight class (loop only)
         self.counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "cancelled": 0,
                        "refused_unavailable": 0, "refused_at_submit": 0, "lost": 0, "connects": 0, "reconnects": 0}
 
@@ -331,6 +332,7 @@ class DaskLane:
     async def _refresh_workers(self) -> None:
         info = await self.client.scheduler.identity(n_workers=-1)
         workers = info.get("workers", {})
+        self._placements = {}  # the worker list changed: recompute each class's placement
         self._workers = {
             address: {"name": str(w.get("name", "")), "nthreads": w.get("nthreads"),
                       "resources": dict(w.get("resources") or {}), "memory_limit": w.get("memory_limit")}
@@ -544,11 +546,17 @@ class DaskLane:
             self._submit(client, calls, resource, pinned)
 
     def _placement(self, weight: str) -> tuple[list[str], str | None]:
-        """Workers a class may use, and the resource to ask for (None when no worker declares it)."""
+        """Workers a class may use, and the resource to ask for (None when no worker declares it).
+
+        Computed once per worker-list refresh, not per call. Thread: loop.
+        """
+        cached = self._placements.get(weight)
+        if cached is not None:
+            return cached
         declaring = [a for a, w in self._workers.items() if w["resources"].get(weight, 0) > 0]
-        if declaring:
-            return sorted(declaring), weight
-        return sorted(self._workers), None
+        placement = (sorted(declaring), weight) if declaring else (sorted(self._workers), None)
+        self._placements[weight] = placement
+        return placement
 
     def _submit(self, client: Any, calls: list[DaskCall], resource: str | None, pinned: str | None) -> None:
         options: dict[str, Any] = {"pure": False}
