@@ -95,3 +95,27 @@ def test_scheduler_lost_mid_run_refuses_at_submit_then_reconnects(host: Schedule
         assert _cluster(coordinator)["reconnects"] >= 1
     finally:
         coordinator.stop()
+
+
+def test_calls_queued_before_the_loss_all_settle_unavailable(host: SchedulerHost) -> None:
+    # Given 3,000 accepted calls held by an operation pause, on a lane with one slot per domain
+    coordinator = OperationsCoordinator(num_cores=2, policies=[], stop_timeout=10.0, dask_address=host.address,
+                                        warm_dask=True, dask_inflight=1)
+    coordinator.start()
+    try:
+        assert df.square(2).get(timeout=WAIT) == 4
+        coordinator.pause("dask.square")
+        held = [df.square(i) for i in range(3000)]
+        # When the scheduler is lost, and then the pause is lifted
+        host.stop_scheduler()
+        host.stop_worker()
+        _until(lambda: _cluster(coordinator)["state"] == "unavailable", "the lane to see the scheduler gone")
+        coordinator.resume("dask.square")
+        # Then each of them settles with ClusterUnavailable, one after another through the one slot
+        # (each failure frees the slot for the next call without nesting: no RecursionError)
+        for token in held:
+            with pytest.raises(ClusterUnavailable):
+                token.get(timeout=WAIT)
+        assert _cluster(coordinator)["refused_unavailable"] >= 3000
+    finally:
+        coordinator.stop()

@@ -218,7 +218,10 @@ class DaskWorker(LaneWorker):
         self.leave_call(started if started is not None else time.perf_counter(), forget)
         self.finished += 1
         if not self.stopping:
-            self._pump()
+            # The next token in a loop callback of its own, never nested: a call that fails at
+            # once (no connection) is finished inside the pump that sent it, and calling the pump
+            # again from here would nest one frame pair per queued call (RecursionError).
+            self.wake()
 
     def interrupt(self, token: TaskToken[Any], reason: str) -> bool:
         """Cancel the Dask task running *token*; False if it is not running here. Thread: any."""
