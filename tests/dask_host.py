@@ -45,8 +45,11 @@ class SchedulerHost:
 
     def start(self) -> None:
         async def start() -> None:
-            self.scheduler = await distributed.Scheduler(host="127.0.0.1", port=self.port, dashboard=False)
+            # Their HTTP servers (always started) on loopback, on a free port each: never 8787 or all interfaces.
+            self.scheduler = await distributed.Scheduler(host="127.0.0.1", port=self.port, dashboard=False,
+                                                         dashboard_address="127.0.0.1:0")
             self.worker = await distributed.Worker(self.address, nthreads=1, host="127.0.0.1", dashboard=False,
+                                                   dashboard_address="127.0.0.1:0",
                                                    resources=dict(dask_lane.LOCAL_RESOURCES))
         self._run(start())
 
