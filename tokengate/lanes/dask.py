@@ -610,7 +610,10 @@ class DaskLane:
             return
         # cancelled: by a lost connection, or by someone else
         reason = _cancel_reason(future)
-        if "connection" in reason:
+        client = self.client
+        # Lost with the connection: Dask says so in the reason, or its client is no longer running
+        # (a scheduler closing may cancel futures with another reason before the client notices).
+        if "connection" in reason or client is None or client.status != "running":
             self.counts["lost"] += 1
             outcome: BaseException = ClusterUnavailable(
                 f"the connection to the Dask scheduler was lost while task {call.key} was on the cluster "

@@ -138,7 +138,7 @@ class DaskRouter(Router):
 class DaskWorker(LaneWorker):
     """A routed slot whose calls run on the Dask cluster, driven by the loop (see the module docstring)."""
 
-    __slots__ = ("lane", "call", "_pump_scheduled")
+    __slots__ = ("lane", "call", "_pump_scheduled", "_pumping")
 
     run = staticmethod(run_on_dask)
     kind = "d"
@@ -148,6 +148,7 @@ class DaskWorker(LaneWorker):
         self.lane = lane
         self.call: DaskCall | None = None  # guarded with `current` by current_lock (see LaneWorker)
         self._pump_scheduled = False
+        self._pumping = False  # inside _pump (loop only): see call_done
 
     def start(self, name_prefix: str) -> None:
         """Start serving: connect the lane (once) and take what is already queued. No thread is started."""
@@ -181,6 +182,13 @@ class DaskWorker(LaneWorker):
         self._pump_scheduled = False
         if self.call is not None or self.stopping:
             return
+        self._pumping = True
+        try:
+            self._take_next()
+        finally:
+            self._pumping = False
+
+    def _take_next(self) -> None:
         mailbox = self.mailbox
         while True:
             try:
@@ -217,11 +225,15 @@ class DaskWorker(LaneWorker):
 
         self.leave_call(started if started is not None else time.perf_counter(), forget)
         self.finished += 1
-        if not self.stopping:
-            # The next token in a loop callback of its own, never nested: a call that fails at
-            # once (no connection) is finished inside the pump that sent it, and calling the pump
-            # again from here would nest one frame pair per queued call (RecursionError).
+        if self.stopping:
+            return
+        if self._pumping:
+            # Finished inside the pump that sent it (it failed at once: no connection): take the
+            # next token in a loop callback of its own. Pumping again from here would nest one
+            # frame pair per queued call (RecursionError).
             self.wake()
+        else:
+            self._pump()
 
     def interrupt(self, token: TaskToken[Any], reason: str) -> bool:
         """Cancel the Dask task running *token*; False if it is not running here. Thread: any."""
