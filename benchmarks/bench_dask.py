@@ -13,7 +13,9 @@ scheduler and workers. Contenders run interleaved, round by round (medians):
   ``client.map``, the lane's ``gather(*[f(i)])`` (submissions batched per
   burst) and the lane's ``f.map(xs)`` (chunks: one Dask task per chunk);
 * **CPU-bound**: 64 pure-Python calls of ~``--cpu-ms`` ms each: serial in this
-  process, raw ``client.map``, the lane (gather of calls).
+  process, raw ``client.map`` + one ``client.gather`` (every result fetched at
+  the end), raw per-call ``submit`` awaited one by one (each result fetched
+  when its task ends, as the lane must), the lane (gather of calls).
 
 Targets (the issue's): round trip ≤ 1.1× raw submit; fan-out ≥ raw
 ``client.map``; CPU-bound throughput ≥ raw Dask's. Reported, never asserted.
@@ -119,6 +121,10 @@ async def _measure(options: BenchOptions, rt_calls: int, fan_out: int, cpu_calls
         async def cpu_raw() -> None:
             await client.gather(client.map(spin, [cpu_n] * cpu_calls, pure=False))
 
+        async def cpu_raw_each() -> None:
+            # Each result fetched as its task ends, as the lane must (every token settles on its own).
+            await asyncio.gather(*[client.submit(spin, cpu_n, pure=False) for _ in range(cpu_calls)])
+
         async def cpu_lane() -> None:
             await asyncio.gather(*[lane_spin(cpu_n) for _ in range(cpu_calls)])
 
@@ -126,7 +132,8 @@ async def _measure(options: BenchOptions, rt_calls: int, fan_out: int, cpu_calls
             "round_trip": {"raw client.submit": raw_rt, "lane await f(x)": lane_rt},
             "fan_out": {"raw client.submit": raw_submit, "raw client.map": raw_map,
                         "lane gather(*[f(i)])": lane_gather, "lane f.map(xs)": lane_map},
-            "cpu": {"serial (this process)": cpu_serial, "raw client.map": cpu_raw, "lane gather(*[f(i)])": cpu_lane},
+            "cpu": {"serial (this process)": cpu_serial, "raw client.map": cpu_raw,
+                    "raw gather(*[await submit])": cpu_raw_each, "lane gather(*[f(i)])": cpu_lane},
         }
         times: dict[str, dict[str, list[float]]] = {s: {n: [] for n in c} for s, c in sections.items()}
         for section, contenders in sections.items():

@@ -144,7 +144,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         dask_inflight: Calls in flight on the cluster per domain (the lane's
             workers per domain), so each weight class has a bounded number of
             calls on the cluster and the rest wait in TokenGate's queues.
-            Default 8 when ``distributed`` is installed (``tokengate[dask]``),
+            Default 64 when ``distributed`` is installed (``tokengate[dask]``),
             else no Dask lane. ``0``: no Dask lane.
         warm_dask: Connect (and start the embedded cluster) with the
             coordinator; the start fails with ``ClusterUnavailable`` if the
@@ -484,12 +484,12 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                 if dask_lane.distributed_available():
                     self._dask_lazy = (optional, mailbox_size, max_pending, bulkhead_reserve)
                 return None
-            inflight = 8
+            inflight = dask_lane.DEFAULT_INFLIGHT
         _check_int("dask_inflight", inflight, 0, 4096)
         if inflight == 0:
             return None
         dask_lane.require_distributed("the Dask lane (dask_inflight > 0)")
-        from .lanes.dask_worker import DaskWorker
+        from .lanes.dask_worker import DaskRouter, DaskWorker
 
         lane = dask_lane.DaskLane(name=self.name, address=resolved, optional=optional, warm=warm,
                                   local_workers=local_workers or self.topology.usable_cpus)
@@ -498,8 +498,10 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
             return DaskWorker(coordinator, core_id, index, lane)
 
         table = routing_table(self.num_cores, inflight, min(bulkhead_reserve, inflight - 1))
-        self._routers["dask"] = Router(self, table, mailbox_size, max_pending, lane="dask",
-                                       lock=self._router.lock, make_worker=make_dask_worker)
+        router = DaskRouter(self, table, mailbox_size, max_pending, lane="dask",
+                            lock=self._router.lock, make_worker=make_dask_worker)
+        router.dask = lane  # refuses new calls at submit while the scheduler is lost
+        self._routers["dask"] = router
         return lane
 
     def _add_lazy_dask_lane(self) -> Router | None:
@@ -510,7 +512,9 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                 routers = dict(self._routers)  # copy-on-write: other threads may be iterating the old dict
                 current_routers, self._routers = self._routers, routers
                 try:
-                    self._dask = self._make_dask_lane(None, 8, False, optional, None, mailbox_size, max_pending,
+                    from .lanes.dask import DEFAULT_INFLIGHT
+
+                    self._dask = self._make_dask_lane(None, DEFAULT_INFLIGHT, False, optional, None, mailbox_size, max_pending,
                                                       bulkhead_reserve)
                 except BaseException:
                     self._routers = current_routers
@@ -718,6 +722,15 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         """True when running and every lane's workers are up (warm worker processes started)."""
         return self._phase == "running" and all(
             getattr(w, "ready", True) for router in self._routers.values() for w in router.workers)
+
+    def cluster(self) -> dict[str, Any] | None:
+        """The Dask lane's cluster and connection (as ``stats()["lanes"]["dask"]["cluster"]``); None without one.
+
+        Thread: any (a snapshot: state, scheduler address, workers with their
+        resources, calls in flight by class, counts).
+        """
+        lane = self._dask
+        return None if lane is None else lane.describe()
 
     @property
     def paused(self) -> bool:

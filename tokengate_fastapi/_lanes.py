@@ -14,11 +14,12 @@ from typing import Any, Iterator, Mapping
 
 from tokengate import OperationsCoordinator
 
-__all__ = ["THREAD_LANE", "PROCESS_LANE", "LIVE_PROCESS_STATES", "label_thread_workers", "lane_workers",
+__all__ = ["THREAD_LANE", "PROCESS_LANE", "DASK_LANE", "LIVE_PROCESS_STATES", "label_thread_workers", "lane_workers",
            "worker_lanes", "process_counts", "with_lanes", "operation_lanes"]
 
 THREAD_LANE = "thread"
 PROCESS_LANE = "process"
+DASK_LANE = "dask"
 #: States of a worker process that is up and can take a call.
 LIVE_PROCESS_STATES = frozenset({"idle", "busy"})
 

@@ -477,14 +477,16 @@ def add_live_routes(
     @router.get("/ready", response_model=Ready, name=name("ready"), dependencies=list(health_deps),
                 responses={**(error_responses(401) if health_deps else {}),
                            503: {"model": Ready, "description": (
-                               "Worker processes still starting (`starting`), draining, paused or stopped "
+                               "Worker processes still starting (`starting`), a required Dask lane without "
+                               "its scheduler (`cluster_unavailable`), draining, paused or stopped "
                                "(`Retry-After`)."),
                                "headers": {"Retry-After": {
                                    "description": "Whole seconds to wait before asking again.",
                                    "schema": {"type": "string", "pattern": "^[0-9]+$"}}}}},
                 summary="Readiness")
     async def ready(coordinator: CoordinatorDep) -> Any:
-        """200 while running, every worker process up, and neither draining nor paused; else 503.
+        """200 while running, every worker process up, a required Dask lane connected, and neither draining nor
+        paused; else 503.
 
         Always this process's own readiness, also in a fleet (an orchestrator
         asks each process about itself); ``member`` names it.
@@ -494,12 +496,14 @@ def add_live_routes(
         ``processes``) and carries ``Retry-After`` (1 s while starting, 5 s
         otherwise).
         """
-        status: Literal["stopped", "starting", "draining", "paused"]
+        status: Literal["stopped", "starting", "cluster_unavailable", "draining", "paused"]
         # Readiness first, the counts after: processes only come up, so a "ready"
         # answer never shows fewer processes up than it has.
         processes_up = coordinator.ready
         counts = process_counts(coordinator.stats()) if _has_process_lane(coordinator) else None
         total, up = counts if counts is not None else (None, None)
+        cluster = coordinator.cluster()
+        cluster_state = None if cluster is None else str(cluster["state"])
         retry_after = NOT_READY_RETRY_AFTER
         if not coordinator.running:
             status = "stopped"
@@ -508,12 +512,16 @@ def add_live_routes(
         elif coordinator.paused:
             status = "paused"
         elif not processes_up:
-            status, retry_after = "starting", STARTING_RETRY_AFTER
+            # A required Dask lane without its scheduler (lost, or still connecting) is what holds it back.
+            if cluster is not None and cluster["required"] and cluster_state not in ("connected", "new"):
+                status = "cluster_unavailable"
+            else:
+                status, retry_after = "starting", STARTING_RETRY_AFTER
         else:
             return Ready(status="ready", ready=True, pid=os.getpid(), processes=total, processes_ready=up,
-                         member=_member(coordinator))
+                         cluster=cluster_state, member=_member(coordinator))
         body = Ready(status=status, ready=False, pid=os.getpid(), processes=total, processes_ready=up,
-                     member=_member(coordinator))
+                     cluster=cluster_state, member=_member(coordinator))
         return JSONResponse(body.model_dump(), status_code=503,
                             headers={"Retry-After": retry_after_header(retry_after)})
 

@@ -16,6 +16,8 @@ Routes, relative to the prefix ([auth] = needs ``Authorization: Bearer <token>``
   ``POST /quarantine/{id}/release`` · ``DELETE /quarantine/{id}``
 * [auth] ``POST /drain`` · ``POST /pause`` · ``POST /resume``
 * [auth] ``GET /fleet``: the fleet's members and standing state (fleet mode)
+* [auth] ``GET /cluster``: the Dask lane's cluster (connection, scheduler, workers and resources,
+  calls in flight per class, the Dask dashboard link)
 * ``GET /health`` and ``GET /ready``: open unless ``public_health=False``
 * [auth] ``GET /metrics``: unless ``public_metrics=True``
 * [auth] ``GET /events``: Server-Sent Events (one snapshot per tick shared by every stream; at most
@@ -45,6 +47,7 @@ from tokengate.errors import ConfigurationError
 from .auth import AdminAuth
 from .errors import AdminRoute
 from .fleet import member_header
+from ._routes_cluster import add_cluster_routes
 from ._routes_fleet import add_fleet_routes
 from ._routes_live import add_live_routes
 from ._routes_operations import add_operation_routes
@@ -140,6 +143,7 @@ def admin_router(
     add_pool_routes(router, name=name, protected=protected)
     add_operation_routes(router, name=name, protected=protected)
     add_fleet_routes(router, name=name, protected=protected)
+    add_cluster_routes(router, name=name, protected=protected)
     add_series_routes(router, name=name, protected=protected, recorders=series)
     add_live_routes(
         router,

@@ -218,6 +218,8 @@ def _rejected_code(exc: Rejected) -> ErrorCode:
         return ErrorCode.GATE_CLOSED
     if isinstance(exc, OperationBlocked):
         return ErrorCode.OPERATION_BLOCKED
+    if isinstance(exc, LaneClosed):  # the Dask lane's ClusterDown: refused at submit while its scheduler is lost
+        return ErrorCode.LANE_CLOSED
     return ErrorCode.REJECTED
 
 

@@ -35,7 +35,7 @@ from prometheus_client.samples import Sample
 from tokengate import OperationsCoordinator, TERMINAL_STATES
 from tokengate.fleet import MONOTONIC_COUNTS, FleetView
 
-from ._lanes import LIVE_PROCESS_STATES, PROCESS_LANE
+from ._lanes import DASK_LANE, LIVE_PROCESS_STATES, PROCESS_LANE
 
 __all__ = ["TokengateCollector", "FixedCollector", "fleet_families"]
 
@@ -67,7 +67,13 @@ class TokengateCollector:
       counters ``_process_restarts_total``, ``_process_crashes_total``,
       ``_process_terminations_total``, ``_process_recycles_total`` (summed
       over the lane's workers; each worker keeps its figures for its whole
-      life, over its replacements, so the sums only grow).
+      life, over its replacements, so the sums only grow);
+    * the Dask lane (families without samples without one): gauges
+      ``tokengate_dask_connected`` (1/0), ``_dask_workers``,
+      ``_dask_inflight{weight}``; counters ``_dask_submitted_total``,
+      ``_dask_lost_total``, ``_dask_crashed_total``,
+      ``_dask_refused_at_submit_total``, ``_dask_refused_unavailable_total``,
+      ``_dask_reconnects_total``.
 
     Holds the coordinator weakly: a collector left in a global registry
     never keeps a stopped coordinator alive (it then reports nothing).
@@ -168,6 +174,42 @@ class TokengateCollector:
                 routed.add_metric([name, str(core["core_id"]), weight], float(value))
         yield routed
         yield from self._process_families(stats, name)
+        yield from self._dask_families(stats, name)
+
+    def _dask_families(self, stats: Mapping[str, Any] | None, name: str) -> Iterator[Metric]:
+        """The Dask lane's cluster: families without samples when the coordinator has no Dask lane."""
+        ns = self.namespace
+        lane: Mapping[str, Any] | None = None if stats is None else stats.get("lanes", {}).get(DASK_LANE)
+        cluster: Mapping[str, Any] | None = None if lane is None else lane.get("cluster")
+        connected = GaugeMetricFamily(f"{ns}_dask_connected",
+                                      "1 while the Dask lane is connected to its scheduler, else 0.",
+                                      labels=["coordinator"])
+        workers = GaugeMetricFamily(f"{ns}_dask_workers", "Workers of the Dask lane's cluster.",
+                                    labels=["coordinator"])
+        inflight = GaugeMetricFamily(f"{ns}_dask_inflight", "Dask-lane calls on the cluster now, by weight class.",
+                                     labels=["coordinator", "weight"])
+        if cluster is not None:
+            connected.add_metric([name], 1.0 if cluster.get("state") == "connected" else 0.0)
+            workers.add_metric([name], float(len(cluster.get("workers") or ())))
+            for weight, value in sorted((cluster.get("inflight_by_class") or {}).items()):
+                inflight.add_metric([name, str(weight)], float(value))
+        yield connected
+        yield workers
+        yield inflight
+        for metric, key, doc in (
+            ("dask_submitted", "submitted", "Dask-lane calls submitted to the cluster."),
+            ("dask_lost", "lost", "Dask-lane calls on the cluster when the connection to the scheduler was lost."),
+            ("dask_crashed", "crashed", "Dask-lane calls whose Dask worker died (KilledWorker, after Dask's retries)."),
+            ("dask_refused_at_submit", "refused_at_submit",
+             "Dask-lane calls refused at submit (ClusterDown) while the scheduler was lost."),
+            ("dask_refused_unavailable", "refused_unavailable",
+             "Accepted Dask-lane calls settled ClusterUnavailable because there was no connection."),
+            ("dask_reconnects", "reconnects", "Times the Dask lane reconnected to its scheduler."),
+        ):
+            family = CounterMetricFamily(f"{ns}_{metric}", doc, labels=["coordinator"])
+            if cluster is not None:
+                family.add_metric([name], float(cluster.get(key) or 0))
+            yield family
 
     def _process_families(self, stats: Mapping[str, Any] | None, name: str) -> Iterator[Metric]:
         ns = self.namespace

@@ -17,6 +17,9 @@ from .errors import ErrorCode
 
 __all__ = [
     "AffinityResponse",
+    "ClusterInfo",
+    "ClusterResponse",
+    "ClusterWorker",
     "CoreAffinity",
     "CoreInfo",
     "DrainReport",
@@ -70,8 +73,8 @@ class _Open(BaseModel):
 
 
 #: Fields that only fleet mode fills: left out of an answer while they are null, so a server without
-#: a fleet answers exactly as before.
-_FLEET_FIELDS = ("member", "fleet", "members", "age")
+#: a fleet answers exactly as before. ``cluster`` (of /ready) likewise: only a Dask lane fills it.
+_FLEET_FIELDS = ("member", "fleet", "members", "age", "cluster")
 
 
 class _FleetAware(BaseModel):
@@ -296,6 +299,52 @@ class CoreInfo(_Open):
     workers: list[WorkerInfo]
 
 
+class ClusterWorker(_Open):
+    """One worker of the Dask lane's cluster, as its scheduler lists it."""
+
+    address: str = Field(description="the Dask worker's address, e.g. tcp://10.0.0.7:40123")
+    name: str
+    nthreads: int | None = None
+    resources: dict[str, float] = Field(description="Dask resources it declares (heavy, medium, light: which "
+                                                    "weight classes it serves; none: every class)")
+    memory_limit: int | None = Field(default=None, description="bytes; null: no limit")
+
+
+class ClusterInfo(_Open):
+    """The Dask lane's cluster and its connection (``stats()["lanes"]["dask"]["cluster"]``)."""
+
+    state: Literal["new", "connecting", "connected", "unavailable", "closed"] = Field(
+        description="the connection: new (not used yet), connecting, connected, unavailable (lost or "
+                    "unreachable: new Dask-lane calls are refused at submit until it reconnects), closed")
+    required: bool = Field(description="a required lane holds /ready back while it is not connected")
+    embedded: bool = Field(description="an embedded LocalCluster started by the coordinator")
+    scheduler_address: str | None = None
+    dashboard_link: str | None = Field(default=None, description="the Dask dashboard, if the scheduler serves one")
+    error: str | None = Field(default=None, description="why it is not connected")
+    workers: list[ClusterWorker]
+    inflight: int = Field(description="calls on the cluster now")
+    inflight_by_class: dict[str, int] = Field(description="calls on the cluster now, by weight class")
+    submitted: int
+    completed: int
+    failed: int
+    crashed: int = Field(description="calls whose Dask worker died (KilledWorker, after Dask's retries)")
+    cancelled: int
+    refused_unavailable: int = Field(description="accepted calls settled ClusterUnavailable without a connection")
+    refused_at_submit: int = Field(description="calls refused at submit (ClusterDown) while the scheduler was lost")
+    lost: int = Field(description="calls on the cluster when the connection was lost")
+    connects: int
+    reconnects: int
+
+
+class ClusterResponse(BaseModel):
+    """``GET /cluster``: this process's Dask-lane cluster (each server process has its own client)."""
+
+    pid: int
+    enabled: bool = Field(description="this coordinator has a Dask lane (false: cluster is null)")
+    cluster: ClusterInfo | None = None
+    member: str | None = Field(default=None, description="fleet mode: the member that answered")
+
+
 class LaneInfo(_Open):
     """A lane other than threads (``stats()["lanes"][name]``): its own domains, queues and workers."""
 
@@ -311,6 +360,7 @@ class LaneInfo(_Open):
     mailbox_size: int
     max_pending: int
     routing: dict[str, Any]
+    cluster: ClusterInfo | None = Field(default=None, description="the Dask lane only: its cluster")
 
 
 class StatsResponse(_OpenFleetAware):
@@ -570,12 +620,15 @@ class Ready(_FleetAware):
 
     ``starting``: the coordinator runs but some worker processes are not up
     yet (``processes_ready`` of ``processes``); they start with the server,
-    in parallel, off the request path.
+    in parallel, off the request path. ``cluster_unavailable``: the Dask lane
+    is required and has no connection to its scheduler (``cluster``).
     """
 
-    status: Literal["ready", "starting", "draining", "paused", "stopped"]
+    status: Literal["ready", "starting", "cluster_unavailable", "draining", "paused", "stopped"]
     ready: bool
     pid: int
+    cluster: str | None = Field(default=None, description="the Dask lane's connection state (absent: no Dask lane); "
+                                                          "a required lane not connected answers cluster_unavailable")
     processes: int | None = Field(default=None, description="worker processes of the process lane (null: no "
                                                             "process lane)")
     processes_ready: int | None = Field(default=None, description="of those, the ones up")

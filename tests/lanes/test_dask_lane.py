@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -98,6 +99,43 @@ def test_results_keywords_closures_and_map(make: Callable[..., OperationsCoordin
     assert cluster_info["inflight"] == 0 and set(cluster_info["inflight_by_class"]) == {"heavy", "medium", "light"}
     rows = [w for core in stats["lanes"]["dask"]["cores"] for w in core["workers"]]
     assert rows and all(w["lane"] == "dask" for w in rows)
+
+
+def test_calls_and_kills_from_many_threads_settle_each_token_once(make: Callable[..., OperationsCoordinator]) -> None:
+    # Given a lane with few slots (calls queue behind them) and threads that submit and kill at once:
+    # the slots are driven by the loop, so every wake-up and every kill here crosses threads.
+    coordinator = make(dask_inflight=3)
+    tokens: list[tuple[int, Any]] = []
+    lock = threading.Lock()
+
+    def submit(offset: int) -> None:
+        mine = [(offset + i, df.square(offset + i)) for i in range(40)]
+        for _, token in mine[::4]:  # kill every fourth: queued, or already on the cluster
+            coordinator.kill(token.token_id)
+        with lock:
+            tokens.extend(mine)
+
+    threads = [threading.Thread(target=submit, args=(1000 * n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    # Then every token settles exactly once: its value, or TokenKilled; none is lost or settled twice
+    assert len(tokens) == 160
+    outcomes = {"value": 0, "killed": 0}
+    for x, token in tokens:
+        try:
+            value = token.get(timeout=WAIT)
+        except TokenKilled:
+            outcomes["killed"] += 1
+        else:
+            assert value == x * x
+            outcomes["value"] += 1
+    assert outcomes["value"] + outcomes["killed"] == 160 and outcomes["killed"] >= 1
+    counts = coordinator.stats()["counts"]
+    assert counts["accepted"] == counts["settled"] == 160 and counts["inflight"] == 0
+    _until(lambda: coordinator.stats()["lanes"]["dask"]["cluster"]["inflight"] == 0, "the slots to be free")
+    assert df.square(9).get(timeout=WAIT) == 81  # and the slots still serve
 
 
 def test_exception_arrives_unchanged_with_the_remote_traceback(make: Callable[..., OperationsCoordinator]) -> None:

@@ -6,14 +6,17 @@ the ``TOKENGATE_DASK_ADDRESS`` environment variable, or else an embedded
 lane's routed worker threads (:mod:`tokengate.lanes.dask_worker`) and the
 cluster:
 
-* A worker thread hands a claimed call to :meth:`DaskLane.run` and blocks until
-  its outcome is back, so the lane's worker count per domain *is* the bound on
-  calls in flight on the cluster per weight class; everything else waits in
-  TokenGate's pending queues, where kill, pause and drain reach it.
+* Each routed :class:`~tokengate.lanes.dask_worker.DaskWorker` is a slot of one
+  call in flight on the cluster, driven by the coordinator's loop (no thread):
+  it claims a token, hands the call to :meth:`DaskLane.send` and takes its next
+  token when the outcome is back. So the lane's slots per domain *are* the
+  bound on calls in flight on the cluster per weight class; everything else
+  waits in TokenGate's pending queues, where kill, pause and drain reach it.
 * Calls are submitted on the coordinator's loop, **batched per burst**: the
   first call of a burst schedules one flush, which submits everything queued
   by then with one ``client.map`` per (resource, pinned worker) group; results
-  that finish together are fetched with one ``client.gather``.
+  that finish together are fetched with one ``client.gather``; the awaiter is
+  settled from the loop, where the result arrives (no thread hop either way).
 * ``pure=False`` always (every call runs, side effects included); each task's
   key is ``<operation_type>-<token id>-<random>``, so it is readable on the Dask
   dashboard and unique across coordinators sharing a cluster.
@@ -75,12 +78,16 @@ logger = logging.getLogger("tokengate.lanes")
 ADDRESS_ENV = "TOKENGATE_DASK_ADDRESS"
 #: How to install the lane's dependency.
 EXTRA_HINT = "pip install 'tokengate[dask]'"
+#: Calls in flight on the cluster per domain when ``dask_inflight`` is not given (slots are cheap: no thread).
+DEFAULT_INFLIGHT = 64
 #: Resources the embedded cluster declares on every worker (one task of each class per worker thread).
 LOCAL_RESOURCES = {"heavy": 1, "medium": 1, "light": 1}
 # Seconds between refreshes of the worker list (resources, pins) and connection checks.
 _MONITOR_INTERVAL = 2.0
 # Seconds between two attempts to reconnect after the client gave up.
 _RECONNECT_INTERVAL = 2.0
+# Seconds a settled call's Dask future is kept, at most, for its release to follow the next submission.
+_RELEASE_DELAY = 0.005
 # Seconds aclose() gives the client and the embedded cluster to close.
 _CLOSE_TIMEOUT = 15.0
 
@@ -132,20 +139,22 @@ def _invoke(payload: _Payload) -> Any:
 class DaskCall:
     """One call on its way to the cluster and back; the outcome is set exactly once (see DaskLane._finish)."""
 
-    __slots__ = ("payload", "weight", "affinity", "key", "future", "done", "value", "is_error", "cancelled",
-                 "submitted_at", "token")
+    __slots__ = ("payload", "weight", "affinity", "key", "future", "settled", "value", "is_error", "cancelled",
+                 "submitted_at", "token", "slot")
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None,
-                 weight: str, affinity: Hashable | None, key: str, token: Any = None) -> None:
+                 weight: str, affinity: Hashable | None, key: str, token: Any = None, slot: Any = None) -> None:
         self.payload: _Payload | None = _Payload(func, args, kwargs)
         # The token this call settles: its outcome goes to the coordinator from
-        # where it arrives (the loop), not via the worker thread (one hop less).
+        # where it arrives (the loop).
         self.token: Any = token
+        # What is told when the outcome is set (``slot.call_done(call)``, on the loop): the DaskWorker.
+        self.slot: Any = slot
         self.weight = weight
         self.affinity = affinity
         self.key = key
         self.future: Any = None  # the distributed.Future, set on the loop
-        self.done = threading.Event()
+        self.settled = False  # the outcome is set; guarded by DaskLane._lock
         self.value: Any = None
         self.is_error = False
         self.cancelled = False
@@ -191,16 +200,18 @@ class DaskLane:
         self._outbox: Deque[DaskCall] = collections.deque()
         self._flush_scheduled = False
         self._inflight: set[DaskCall] = set()  # submitted, outcome not back; guarded by _lock
+        self._spent: list[Any] = []  # Dask futures of settled calls, not released yet; guarded by _lock
+        self._release_scheduled = False  # guarded by _lock
         self._to_gather: list[DaskCall] = []  # finished on the cluster, result not fetched yet (loop only)
         self._gather_scheduled = False
-        self._attempt_done = threading.Event()  # set when a connection attempt has ended (either way)
         self._connect_task: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._last_attempt = 0.0
         self._workers: dict[str, dict[str, Any]] = {}
+        self._placements: dict[str, tuple[list[str], str | None]] = {}  # per weight class (loop only)
         self.counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "cancelled": 0,
-                       "refused_unavailable": 0, "lost": 0, "connects": 0, "reconnects": 0}
+                       "refused_unavailable": 0, "refused_at_submit": 0, "lost": 0, "connects": 0, "reconnects": 0}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -220,7 +231,6 @@ class DaskLane:
         """Thread: loop."""
         if self.state in ("closed", "connected") or (self._connect_task is not None and not self._connect_task.done()):
             return
-        self._attempt_done.clear()
         self._last_attempt = time.monotonic()
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
 
@@ -277,7 +287,8 @@ class DaskLane:
                 self.state = "unavailable"
             logger.error("coordinator %s: Dask lane cannot reach %s: %s", self.name, self._where(), self.error)
         finally:
-            self._attempt_done.set()
+            if self._outbox:  # calls sent while connecting: submit them now, or fail them
+                self._schedule_flush()
 
     def _where(self) -> str:
         if self.configured_address is None:
@@ -321,6 +332,7 @@ class DaskLane:
     async def _refresh_workers(self) -> None:
         info = await self.client.scheduler.identity(n_workers=-1)
         workers = info.get("workers", {})
+        self._placements = {}  # the worker list changed: recompute each class's placement
         self._workers = {
             address: {"name": str(w.get("name", "")), "nthreads": w.get("nthreads"),
                       "resources": dict(w.get("resources") or {}), "memory_limit": w.get("memory_limit")}
@@ -340,7 +352,6 @@ class DaskLane:
             return
         was = self.state
         self.state = "closed"
-        self._attempt_done.set()
         if self._monitor_task is not None:
             self._monitor_task.cancel()
         if self._connect_task is not None and not self._connect_task.done():
@@ -380,38 +391,39 @@ class DaskLane:
 
     # -- calls ---------------------------------------------------------------
 
-    def run(self, call: DaskCall, wait_connect: float | None = None) -> None:
-        """Send *call* to the cluster and block until its outcome is set. Thread: a worker thread.
+    def send(self, call: DaskCall) -> None:
+        """Queue *call* for the cluster; its outcome comes back through ``_finish``. Thread: loop.
 
-        A first connection still under way is waited for (*wait_connect*
-        seconds, None: as long as it takes); without a connection the call
-        fails at once with ClusterUnavailable (and a reconnect is scheduled).
+        While the first connection is under way the call waits for it (in the
+        outbox); without a connection it fails at once with ClusterUnavailable
+        (and a reconnect is scheduled when due).
         """
-        if self.state == "connecting":
-            self._attempt_done.wait(wait_connect)
-        loop = self._loop
-        if self.state != "connected" or loop is None:
+        state = self.state
+        if state != "connected" and state not in ("connecting", "new"):
             self.counts["refused_unavailable"] += 1
-            if loop is not None and self.state == "unavailable":
-                loop.call_soon_threadsafe(self.check_connection)
+            if state == "unavailable":
+                self.check_connection()
             self._finish(call, self._unavailable(), True)
             return
-        with self._lock:
-            self._outbox.append(call)
-            schedule = not self._flush_scheduled
-            self._flush_scheduled = True
-        if schedule:
-            try:
-                loop.call_soon_threadsafe(self._flush)
-            except RuntimeError:  # the loop is closed: nothing will ever submit it
-                self._finish(call, self._unavailable(), True)
-        call.done.wait()
+        self._outbox.append(call)
+        if not self._flush_scheduled:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Thread: loop (the outbox and this flag are the loop's)."""
+        self._flush_scheduled = True
+        loop = self._loop
+        if loop is None:
+            return
+        loop.call_soon(self._flush)
+
+    def unavailable_reason(self) -> str:
+        """Why the lane cannot take calls now, in words. Thread: any."""
+        return (f"the Dask lane of coordinator {self.name!r} has no connection to {self._where()}"
+                + (f": {self.error}" if self.error else f" ({self.state})"))
 
     def _unavailable(self) -> ClusterUnavailable:
-        return ClusterUnavailable(
-            f"the Dask lane of coordinator {self.name!r} has no connection to {self._where()}"
-            + (f": {self.error}" if self.error else f" ({self.state})"),
-            address=self.address, reason=self.state)
+        return ClusterUnavailable(self.unavailable_reason(), address=self.address, reason=self.state)
 
     def cancel(self, call: DaskCall, reason: str, outcome: BaseException) -> bool:
         """Stop waiting for *call* and cancel its task on the cluster; False if its outcome was already set.
@@ -421,57 +433,97 @@ class DaskLane:
         returns, and its result is dropped (Dask cannot interrupt a thread).
         """
         with self._lock:
-            if call.done.is_set():
+            if call.settled:
                 return False
             call.cancelled = True
+            future = call.future  # _finish drops it; None: not submitted yet (_submit then cancels it)
         if not self._finish(call, outcome, True):
             return False
         loop = self._loop
-        if loop is not None:
+        if loop is not None and future is not None:
             try:
-                loop.call_soon_threadsafe(self._cancel_on_cluster, call, reason)
+                loop.call_soon_threadsafe(self._cancel_on_cluster, future, reason)
             except RuntimeError:  # loop closed: the client is gone with it
                 pass
         return True
 
-    def _cancel_on_cluster(self, call: DaskCall, reason: str) -> None:
+    def _cancel_on_cluster(self, future: Any, reason: str) -> None:
         """Thread: loop."""
-        future, call.future = call.future, None
-        if future is not None and self.client is not None and self.state != "closed":
+        if self.client is not None and self.state != "closed":
             self.counts["cancelled"] += 1
             self._spawn(_cancel_quietly(self.client, future, reason))
 
     def _finish(self, call: DaskCall, value: Any, is_error: bool) -> bool:
-        """Set *call*'s outcome once, hand its token to the coordinator, wake its worker thread.
+        """Set *call*'s outcome once, hand its token to the coordinator, free its slot.
 
-        False if the outcome was already set. Thread: any (mostly the loop:
-        then the token is settled without a hop through the worker thread,
-        which only frees its slot).
+        False if the outcome was already set. Thread: any (mostly the loop; the
+        slot is always told on the loop).
         """
         with self._lock:
-            if call.done.is_set():
+            if call.settled:
                 return False
+            call.settled = True
             call.value = value
             call.is_error = is_error
             call.payload = None
+            # The Dask future is released with the next submission (see _release_spent).
+            future, call.future = call.future, None
+            release_soon = False
+            if future is not None:
+                self._spent.append(future)
+                release_soon = not self._release_scheduled
+                self._release_scheduled = True
             self._inflight.discard(call)
             token, call.token = call.token, None
-            if token is None:
-                call.done.set()
+        del future
+        loop = self._loop
+        on_loop = loop is not None and _on_loop(loop)
+        if release_soon and loop is not None:
+            try:
+                if on_loop:
+                    loop.call_later(_RELEASE_DELAY, self._release_spent)
+                else:
+                    loop.call_soon_threadsafe(loop.call_later, _RELEASE_DELAY, self._release_spent)
+            except RuntimeError:  # loop closed: the client went with it
+                pass
         if token is not None:
             token.finished_at = time.perf_counter()
             token._run_outcome = value
             token._run_error = is_error
             token._coordinator._complete(token)
-            call.done.set()
+        slot = call.slot
+        if slot is not None:
+            if on_loop or loop is None:
+                slot.call_done(call)
+            else:
+                try:
+                    loop.call_soon_threadsafe(slot.call_done, call)
+                except RuntimeError:  # loop closed: nothing runs on this lane any more
+                    pass
         return True
+
+    def _release_spent(self) -> None:
+        """Drop the Dask futures of settled calls, so the client releases their keys. Thread: loop.
+
+        Why not at once: Dask batches what a client sends (10 ms) and what the
+        scheduler sends a worker (5 ms), and a message sent while the stream is
+        idle goes at once but opens a window the next one must wait out. A
+        release sent alone just before the awaiter's next call made that call
+        wait a window (round trips 1.4-1.6x raw ``client.submit``). Dropped
+        by the next submission (see _flush), the release travels with it.
+        """
+        with self._lock:
+            spent, self._spent = self._spent, []
+            self._release_scheduled = False
+        del spent  # each Future's __del__ schedules its key's release on the loop
 
     def _flush(self) -> None:
         """Submit every queued call: one ``client.map`` per (resource, pinned worker) group. Thread: loop."""
-        with self._lock:
-            batch = list(self._outbox)
-            self._outbox.clear()
-            self._flush_scheduled = False
+        self._flush_scheduled = False
+        if self.state in ("connecting", "new"):
+            return  # the connection attempt's end flushes them (see _connect)
+        batch = list(self._outbox)
+        self._outbox.clear()
         client = self.client
         if self.state != "connected" or client is None or client.status != "running":
             self.check_connection()
@@ -486,15 +538,25 @@ class DaskLane:
             candidates, resource = self._placement(call.weight)
             pinned = None if call.affinity is None or not candidates else rendezvous(call.affinity, candidates)
             groups.setdefault((resource, pinned), []).append(call)
+        if self._spent:
+            # Before the submission: each release is a loop callback (Future.__del__), so it runs
+            # after client.map has put the new tasks in the client's buffer: one message.
+            self._release_spent()
         for (resource, pinned), calls in groups.items():
             self._submit(client, calls, resource, pinned)
 
     def _placement(self, weight: str) -> tuple[list[str], str | None]:
-        """Workers a class may use, and the resource to ask for (None when no worker declares it)."""
+        """Workers a class may use, and the resource to ask for (None when no worker declares it).
+
+        Computed once per worker-list refresh, not per call. Thread: loop.
+        """
+        cached = self._placements.get(weight)
+        if cached is not None:
+            return cached
         declaring = [a for a, w in self._workers.items() if w["resources"].get(weight, 0) > 0]
-        if declaring:
-            return sorted(declaring), weight
-        return sorted(self._workers), None
+        placement = (sorted(declaring), weight) if declaring else (sorted(self._workers), None)
+        self._placements[weight] = placement
+        return placement
 
     def _submit(self, client: Any, calls: list[DaskCall], resource: str | None, pinned: str | None) -> None:
         options: dict[str, Any] = {"pure": False}
@@ -518,7 +580,7 @@ class DaskLane:
         for call, future in zip(calls, futures):
             call.submitted_at = now
             with self._lock:
-                if call.done.is_set():  # cancelled meanwhile: cancel its task too
+                if call.settled:  # cancelled meanwhile: cancel its task too
                     self._spawn(_cancel_quietly(client, future, "cancelled"))
                     continue
                 call.future = future
@@ -532,7 +594,7 @@ class DaskLane:
             await future.exception()  # waits without fetching the result (public, in asynchronous mode)
         except BaseException:  # noqa: BLE001 - cancelled futures raise here on some versions
             pass
-        if call.done.is_set():
+        if call.settled:
             return
         status = future.status
         if status == "finished":
@@ -548,7 +610,10 @@ class DaskLane:
             return
         # cancelled: by a lost connection, or by someone else
         reason = _cancel_reason(future)
-        if "connection" in reason:
+        client = self.client
+        # Lost with the connection: Dask says so in the reason, or its client is no longer running
+        # (a scheduler closing may cancel futures with another reason before the client notices).
+        if "connection" in reason or client is None or client.status != "running":
             self.counts["lost"] += 1
             outcome: BaseException = ClusterUnavailable(
                 f"the connection to the Dask scheduler was lost while task {call.key} was on the cluster "
@@ -580,7 +645,7 @@ class DaskLane:
     def _start_gather(self) -> None:
         self._gather_scheduled = False
         batch, self._to_gather = self._to_gather, []
-        batch = [c for c in batch if not c.done.is_set() and c.future is not None]
+        batch = [c for c in batch if not c.settled and c.future is not None]
         if batch:
             asyncio.get_running_loop().create_task(self._gather(batch))
 
@@ -606,7 +671,7 @@ class DaskLane:
 
     async def _gather_one(self, call: DaskCall) -> None:
         future = call.future
-        if future is None or call.done.is_set():
+        if future is None or call.settled:
             return
         try:
             value = await future

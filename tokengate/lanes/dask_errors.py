@@ -9,9 +9,9 @@ timeout or stop settles with the coordinator's own ``TokenKilled`` /
 
 from __future__ import annotations
 
-from ..errors import LaneClosed, WorkerTerminated
+from ..errors import LaneClosed, Rejected, WorkerTerminated
 
-__all__ = ["ClusterUnavailable", "TaskCancelledOnCluster"]
+__all__ = ["ClusterDown", "ClusterUnavailable", "TaskCancelledOnCluster"]
 
 
 class ClusterUnavailable(LaneClosed):
@@ -31,6 +31,27 @@ class ClusterUnavailable(LaneClosed):
         super().__init__(message)
         self.address = address
         self.reason = reason
+
+
+class ClusterDown(ClusterUnavailable, Rejected):
+    """A Dask-lane call refused at submit: the lane has lost its scheduler (or could not reach it).
+
+    Raised by the decorated call itself (the token never exists for the
+    caller), while the lane is ``unavailable``: after the connection was lost
+    and until the coordinator has reconnected, or while an optional lane has
+    not connected yet. It is both a :class:`ClusterUnavailable` (the FastAPI
+    integration answers 503 ``lane_closed`` with ``Retry-After``) and a
+    :class:`~tokengate.errors.Rejected`, counted as refused like every other
+    refusal at submit. Calls already accepted (queued behind the lane's
+    slots) settle with :class:`ClusterUnavailable` instead.
+    """
+
+    def __init__(self, message: str, *, address: str | None = None, reason: str = "",
+                 operation_type: str | None = None) -> None:
+        ClusterUnavailable.__init__(self, message, address=address, reason=reason)
+        self.operation_type = operation_type
+        #: Seconds after which a retry may find the lane reconnected (its reconnect interval).
+        self.retry_after = 2.0
 
 
 class TaskCancelledOnCluster(WorkerTerminated):
