@@ -196,8 +196,13 @@ def _fast_loop(func: Callable[..., Any], items: list[Any]) -> tuple[list[Any], d
 
 
 def _chunk_reply(values: list[Any], errors: dict[int, _Item]) -> bytes:
+    return _dump_values(values, errors, CHUNK)
+
+
+def _dump_values(values: list[Any], errors: dict[int, _Item], *head: Any) -> bytes:
+    """Pickle ``(*head, values, errors)``; a value that does not pickle becomes that item's error."""
     try:
-        return pickle.dumps((CHUNK, values, errors), PROTOCOL)
+        return pickle.dumps((*head, values, errors), PROTOCOL)
     except BaseException:  # noqa: BLE001 - find the values that do not pickle; the rest still travel
         for index, value in enumerate(values):
             if index in errors:
@@ -207,7 +212,7 @@ def _chunk_reply(values: list[Any], errors: dict[int, _Item]) -> bytes:
             except BaseException as exc:  # noqa: BLE001
                 values[index] = None
                 errors[index] = _unpicklable(exc)
-        return pickle.dumps((CHUNK, values, errors), PROTOCOL)
+        return pickle.dumps((*head, values, errors), PROTOCOL)
 
 
 def _answer(request: Any, functions: dict[tuple[str, str], Callable[..., Any]],
@@ -244,18 +249,7 @@ def _run(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 
 def _run_many(func: Callable[..., Any], items: list[Any], with_kwargs: bool) -> bytes:
     values, errors = contextvars.Context().run(_loop_kwargs if with_kwargs else _loop_args, func, items)
-    try:
-        return pickle.dumps((values, errors), PROTOCOL)
-    except BaseException:  # noqa: BLE001 - find the values that do not pickle; the rest still travel
-        for index, value in enumerate(values):
-            if index in errors:
-                continue
-            try:
-                pickle.dumps(value, PROTOCOL)
-            except BaseException as exc:  # noqa: BLE001
-                values[index] = None
-                errors[index] = _unpicklable(exc)
-        return pickle.dumps((values, errors), PROTOCOL)
+    return _dump_values(values, errors)
 
 
 def _loop_args(func: Callable[..., Any], items: list[Any]) -> tuple[list[Any], dict[int, _Item]]:
