@@ -233,14 +233,15 @@ def _after_kill(client: httpx.Client, base: str, pids: set[int], victim: dict[st
         return new[0] if new else None
 
     newcomer = wait_until(replacement, "uvicorn to start a replacement worker that joins", timeout=30)
-    def newcomer_paused() -> bool:
+    def newcomer_paused() -> dict[str, Any] | None:
+        # Any process may answer, and each reads the fleet's rows on its own
+        # schedule: judge one answer whole, never two answers against each other.
         rows = {m["member"]: m for m in client.get(base + P + "/stats", headers=AUTH).json()["fleet"]["members"]}
         row = rows.get(newcomer["member"])
-        return bool(row and row["paused"] is True)
+        return row if row and row["paused"] is True and "fleet.work" in (row["paused_operations"] or ()) else None
 
-    wait_until(newcomer_paused, "the replacement's published state")
-    rows = {m["member"]: m for m in client.get(base + P + "/stats", headers=AUTH).json()["fleet"]["members"]}
-    assert "fleet.work" in rows[newcomer["member"]]["paused_operations"]  # the operation pause too
+    # The process pause and the operation pause too.
+    wait_until(newcomer_paused, "the replacement's published state: paused, with fleet.work paused")
     ready = from_every_pid(client, f"{base}{P}/ready", {newcomer["pid"]})[newcomer["pid"]]
     assert ready.status_code == 503 and ready.json()["status"] == "paused"
     resumed = client.post(base + P + "/resume", headers=AUTH).json()
