@@ -660,6 +660,7 @@ class ProcessWorker(LaneWorker):
             if link is None:  # waiting to be re-sent: it never will be
                 call.cancelled = True
                 return True
+            signalled = False
             if not link.lock.acquire(timeout=0.2):
                 state = RUNNING  # a process that died holding the lock: treat the call as running
             else:
@@ -667,6 +668,12 @@ class ProcessWorker(LaneWorker):
                     state = link.states[call.slot]
                     if state == QUEUED:
                         link.states[call.slot] = SKIP
+                    elif state == RUNNING:
+                        # Signalled while we hold the lock the child needs to start its
+                        # next call: the signal is pending before that call can begin,
+                        # and a fatal signal also ends a child blocked on the lock. Sent
+                        # after the release, it could end the next (innocent) call.
+                        signalled = self.child.signal_end(reason)
                 finally:
                     link.lock.release()
             if state == QUEUED:
@@ -674,7 +681,8 @@ class ProcessWorker(LaneWorker):
             if state != RUNNING:
                 return False
             pid = link.pid
-        self.child.signal_end(reason)
+        if not signalled:
+            self.child.signal_end(reason)
         self._on_loop(self._escalate_later, pid, reason)
         return True
 
