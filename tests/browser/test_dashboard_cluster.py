@@ -54,7 +54,10 @@ def test_cluster_panel_shows_the_connection_workers_and_a_lost_scheduler(
         context = browser.new_context()
         page = context.new_page()
         errors: list[str] = []
-        page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
+        scheduler_gone = False
+        page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") and not (
+            # With the scheduler gone, /ready answers 503 cluster_unavailable: documented, expected.
+            scheduler_gone and "status of 503" in m.text) else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         try:
             # Given a signed-in dashboard of an app with a connected Dask lane
@@ -71,6 +74,7 @@ def test_cluster_panel_shows_the_connection_workers_and_a_lost_scheduler(
             expect(rows.first).to_contain_text("heavy=1, medium=1, light=1")
             page.screenshot(path=str(tmp_path / "cluster-connected.png"), full_page=True)
             # When the scheduler goes away
+            scheduler_gone = True
             host.stop_scheduler()
             host.stop_worker()
             # Then the panel says the lane is unavailable

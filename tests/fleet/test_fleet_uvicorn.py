@@ -176,7 +176,9 @@ def test_a_killed_process_leaves_the_view_and_its_replacement_joins_paused(
         return {m["pid"]: m["held_total"] or 0 for m in rows}
 
     with ThreadPoolExecutor(max_workers=12) as pool, httpx.Client(
-            timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as waiting_client:
+            # Held calls wait through the kill and the survivor's checks; a client that gave
+            # up sooner (a loaded CI host) would cancel its call and empty the survivor's held count.
+            timeout=90, limits=httpx.Limits(max_keepalive_connections=0)) as waiting_client:
         def held_call(x: int) -> int | None:
             try:
                 return waiting_client.get(f"{base}/work/{x}").status_code
