@@ -100,8 +100,13 @@ def make_app(fleet_dir: Path, *, quarantine: bool = False) -> FastAPI:
         policies = [QuarantinePolicy(":memory:")] if quarantine else []
         coordinator = OperationsCoordinator(num_cores=1, workers_per_core=2, policies=policies, name="fleetapp",
                                             process_workers=0, fleet_dir=fleet_dir)
-        # Faster beats than the default 1 s, so the tests wait less; same code paths.
-        coordinator.fleet = Fleet(fleet_dir, heartbeat_interval=0.2, poll_interval=0.05)
+        # Faster beats than the default 1 s, so the tests wait less; same code paths. No test here
+        # is about deadlines: a member is judged gone after 4 s of silence (not 0.6 s) and a
+        # command waits up to 20 s for acknowledgements, so a loaded CI host's stall of the
+        # shared loop cannot drop a member from a broadcast (the Python 3.13 CI run saw a
+        # fleet kill acknowledged by one member of two).
+        coordinator.fleet = Fleet(fleet_dir, heartbeat_interval=0.2, poll_interval=0.05, missed_heartbeats=20,
+                                  ack_timeout=20)
         return coordinator
 
     app = FastAPI(lifespan=tokengate_lifespan(coordinator_factory=factory, drain_timeout=2))
