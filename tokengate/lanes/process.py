@@ -51,7 +51,9 @@ are logged on ``tokengate.lanes``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import enum
+import gc
 import logging
 import math
 import multiprocessing
@@ -65,7 +67,7 @@ import weakref
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any, Generic, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import psutil
 
@@ -258,6 +260,35 @@ class ProcessStats:
 # a function may start processes of its own.
 _live: "weakref.WeakSet[ChildProcess]" = weakref.WeakSet()
 _live_lock = threading.Lock()
+
+_no_collection_lock = threading.Lock()
+_no_collection_depth = 0
+_collection_was_enabled = True
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """No automatic garbage collection starts in this block (an explicit ``gc.collect()`` still would).
+
+    Making a lock and starting a process call into multiprocessing's resource
+    tracker. A collection starting inside those calls may free an earlier
+    process's lock (kept by a reference cycle), whose finalizer calls the
+    tracker again: unsupported (CPython gh-109629), the semaphore's name may
+    leak and Python warns. The block is short: the collection runs after it.
+    """
+    global _no_collection_depth, _collection_was_enabled
+    with _no_collection_lock:  # several processes may start at once: the last one out re-enables
+        if _no_collection_depth == 0:
+            _collection_was_enabled = gc.isenabled()
+            gc.disable()
+        _no_collection_depth += 1
+    try:
+        yield
+    finally:
+        with _no_collection_lock:
+            _no_collection_depth -= 1
+            if _no_collection_depth == 0 and _collection_was_enabled:
+                gc.enable()
 
 
 def _close_all_at_exit() -> None:
@@ -911,17 +942,18 @@ class ChildProcess:
 
     def _launch(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        # Fresh per process: a process killed while holding the lock must not leave it held for its replacement.
-        shared = (self._ctx.RawArray("b", _child.SLOTS), self._ctx.Lock())
-        process = self._ctx.Process(target=_child.child_main, args=(child_conn, self._preload, shared),
-                                    name=self.name)
-        started = time.perf_counter()
-        try:
-            process.start()
-        except BaseException:
-            parent_conn.close()
-            child_conn.close()
-            raise
+        with _no_collection():
+            # Fresh per process: a process killed while holding the lock must not leave it held for its replacement.
+            shared = (self._ctx.RawArray("b", _child.SLOTS), self._ctx.Lock())
+            process = self._ctx.Process(target=_child.child_main, args=(child_conn, self._preload, shared),
+                                        name=self.name)
+            started = time.perf_counter()
+            try:
+                process.start()
+            except BaseException:
+                parent_conn.close()
+                child_conn.close()
+                raise
         child_conn.close()  # so that the child's death closes the pipe for us (EOF, not a hang)
         self._poller = None  # registered with the previous process's fds
         with self._lock:
