@@ -227,3 +227,18 @@ def test_token_queued_while_every_worker_parks_is_still_run(run: Any) -> None:
             assert await asyncio.wait_for(token, 5)
 
     run(main())
+
+
+def test_a_worker_parking_beside_a_queue_between_two_calls_looks_again() -> None:
+    # Given a sibling with a call queued in its mailbox but between two calls (none running):
+    # it is about to start the next one, which may block, and then nothing would wake a
+    # worker that parked without a deadline (the sticky test's ordered call waited behind
+    # a blocked call for good while its sibling slept, ~1 run in 30 on a loaded host).
+    c = OperationsCoordinator(policies=[], num_cores=1, workers_per_core=2, bulkhead_reserve=0, process_workers=0)
+    sibling, parker = c._router.workers
+    token = type("Queued", (), {"weight": "light", "_where": 0})()  # what stuck_in reads of a queued call
+    sibling.mailbox.append(token)  # type: ignore[arg-type]
+    assert sibling.current is None and "light" in parker.classes
+    # When the other worker asks how long it may park, then it gets a deadline: it looks again.
+    wait = c._steal_wait(parker)
+    assert wait is not None and 0 < wait <= c._steal_after

@@ -274,8 +274,10 @@ class Router:
         a bulkhead-reserved worker beside queues of another class sleeps until
         woken instead of polling every ``stuck_after`` seconds.
         ``<= 0`` when one already does; None when no sibling has such a queue
-        (or *worker* is inactive: inactive workers do not steal). A lock-free
-        look: callers re-check under the lock (see steal).
+        (or *worker* is inactive: inactive workers do not steal). A sibling with
+        a queue but between two calls counts as ``stuck_after`` away: its next
+        call may block. A lock-free look: callers re-check under the lock (see
+        steal).
         """
         core = self.cores[worker.core_id]
         if worker.index >= core.active:
@@ -297,8 +299,11 @@ class Router:
             running = sibling.current
             started = running.started_at if running is not None else None
             if started is None:
-                continue
-            left = stuck_after - (now - started)
+                # Between two calls: it is about to start its next one, which may turn out to
+                # be slow, and then nobody would wake us for what waits behind it. Look again.
+                left = stuck_after
+            else:
+                left = stuck_after - (now - started)
             if soonest is None or left < soonest:
                 soonest = left
         return soonest
