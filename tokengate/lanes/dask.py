@@ -91,6 +91,8 @@ _RELEASE_DELAY = 0.005
 # ... and while other calls of the lane are still on the cluster: their releases go out together
 # (a release sent per call is one more message batch to the scheduler and one to a busy worker).
 _RELEASE_BUSY_DELAY = 0.1
+# Seconds a finished call's result waits, at most, to be fetched with others while the cluster is saturated.
+_GATHER_WINDOW = 0.02
 # Seconds aclose() gives the client and the embedded cluster to close.
 _CLOSE_TIMEOUT = 15.0
 
@@ -206,7 +208,9 @@ class DaskLane:
         self._spent: list[Any] = []  # Dask futures of settled calls, not released yet; guarded by _lock
         self._release_due: float | None = None  # loop time of the next armed release; guarded by _lock
         self._to_gather: list[DaskCall] = []  # finished on the cluster, result not fetched yet (loop only)
-        self._gather_scheduled = False
+        self._gather_soon = False  # a _start_gather is scheduled with call_soon (loop only)
+        self._gather_later: asyncio.TimerHandle | None = None  # ... or waits for more results (loop only)
+        self._threads = 0  # worker threads in the cluster (refreshed with the worker list)
         self._connect_task: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -336,6 +340,7 @@ class DaskLane:
         info = await self.client.scheduler.identity(n_workers=-1)
         workers = info.get("workers", {})
         self._placements = {}  # the worker list changed: recompute each class's placement
+        self._threads = sum(int(w.get("nthreads") or 0) for w in workers.values())
         self._workers = {
             address: {"name": str(w.get("name", "")), "nthreads": w.get("nthreads"),
                       "resources": dict(w.get("resources") or {}), "memory_limit": w.get("memory_limit")}
@@ -610,10 +615,7 @@ class DaskLane:
             return
         status = future.status
         if status == "finished":
-            self._to_gather.append(call)
-            if not self._gather_scheduled:
-                self._gather_scheduled = True
-                asyncio.get_running_loop().call_soon(self._start_gather)
+            self._queue_gather(call)
             return
         if status == "error":
             exc = await future.exception()
@@ -654,8 +656,35 @@ class DaskLane:
                 pass
         return exc
 
+    def _queue_gather(self, call: DaskCall) -> None:
+        """Fetch *call*'s result now, or with the next ones while the cluster is saturated. Thread: loop.
+
+        Each ``client.gather`` is a request to the scheduler, which fetches from
+        the worker (that is busy with its next task) and answers: four messages
+        in this process whatever the number of keys. While at least one task per
+        worker thread is still out (the cluster is saturated: a finished call
+        was queued behind others anyway), results wait up to 20 ms or until one
+        per worker thread has finished, and go in one gather. Otherwise (an
+        idle cluster, a lone call) the result is fetched at once.
+        """
+        self._to_gather.append(call)
+        threads = self._threads
+        still_out = len(self._inflight) - len(self._to_gather)
+        if threads <= 0 or still_out < threads or len(self._to_gather) >= threads:
+            later, self._gather_later = self._gather_later, None
+            if later is not None:
+                later.cancel()
+            if not self._gather_soon:
+                self._gather_soon = True
+                asyncio.get_running_loop().call_soon(self._start_gather)
+        elif self._gather_later is None and not self._gather_soon:
+            self._gather_later = asyncio.get_running_loop().call_later(_GATHER_WINDOW, self._start_gather)
+
     def _start_gather(self) -> None:
-        self._gather_scheduled = False
+        self._gather_soon = False
+        later, self._gather_later = self._gather_later, None
+        if later is not None:
+            later.cancel()
         batch, self._to_gather = self._to_gather, []
         batch = [c for c in batch if not c.settled and c.future is not None]
         if batch:
