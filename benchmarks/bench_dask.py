@@ -81,6 +81,11 @@ async def _startup(repeats: int) -> dict[str, list[float]]:
     return out
 
 
+def _rotated(repeats: int, names: list[str]) -> list[tuple[int, str]]:
+    """Interleaved rounds, each starting one contender later: no contender always follows the same one."""
+    return [(r, names[(r + i) % len(names)]) for r in range(repeats) for i in range(len(names))]
+
+
 def _cluster_cpu(processes: list[psutil.Process]) -> float:
     """CPU seconds (user + system) used so far by the cluster's processes (workers and nannies)."""
     total = 0.0
@@ -167,7 +172,8 @@ async def _measure(options: BenchOptions, rt_calls: int, fan_out: int, cpu_calls
         cluster_processes = psutil.Process().children(recursive=True)
         for section, contenders in sections.items():
             rounds = cpu_repeats if section == "cpu" else repeats
-            for _, name in interleave(rounds, list(contenders)):
+            order = _rotated(rounds, list(contenders)) if section == "cpu" else interleave(rounds, list(contenders))
+            for _, name in order:
                 if section == "cpu":
                     await asyncio.sleep(0.3)  # the previous trial's releases and frees land outside the timing
                     await settle()
@@ -194,6 +200,10 @@ async def _measure(options: BenchOptions, rt_calls: int, fan_out: int, cpu_calls
         "cpu_own_ms_per_call": {n: statistics.median(1000 * own / cpu_calls for own, _ in use)
                                 for n, use in cpu_use.items()},
         "cpu_per_s_trials": {n: [cpu_calls / t for t in v] for n, v in times["cpu"].items()},
+        # Lane / raw client.map round by round (the two ran within seconds of each other): noise that
+        # drifts over the run cancels here, not in the ratio of the medians.
+        "cpu_paired_ratio": statistics.median(
+            raw / lane for lane, raw in zip(times["cpu"]["lane gather(*[f(i)])"], times["cpu"]["raw client.map"])),
         "raw_seconds": times,
         "lane_counts": {k: lane_stats[k] for k in ("submitted", "completed", "failed", "crashed")},
     }
@@ -251,5 +261,7 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
     for name, value in res["cpu_per_s"].items():
         t4.add(name, value, " ".join(f"{v:.1f}" for v in res["cpu_per_s_trials"][name]),
                res["cpu_parallelism"][name], res["cpu_own_ms_per_call"][name])
+    t4.caption = (f"lane / raw client.map round by round (median of the {len(res['cpu_per_s_trials']['raw client.map'])}"
+                  f" rounds' ratios): {res['cpu_paired_ratio']:.2f}x")
     tables = [t1, t2, t3, t4, targets_table("dask: targets", result["targets"])]
     render(tables, options.out, NAME, result["machine"], console=options.console)
