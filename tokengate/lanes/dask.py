@@ -216,6 +216,7 @@ class DaskLane:
         self._gather_soon = False  # a _start_gather is scheduled with call_soon (loop only)
         self._gather_later: asyncio.TimerHandle | None = None  # ... or waits for more results (loop only)
         self._threads = 0  # worker threads in the cluster (refreshed with the worker list)
+        self._fetching = 0  # calls in a client.gather under way (finished on the cluster; loop only)
         self._connect_task: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -684,7 +685,8 @@ class DaskLane:
         """
         self._to_gather.append(call)
         threads = self._threads
-        still_out = len(self._inflight) - len(self._to_gather)
+        # Calls still queued or running on the cluster: neither waiting for a fetch nor being fetched.
+        still_out = len(self._inflight) - len(self._to_gather) - self._fetching
         wait = 0.0
         if threads > 0 and still_out >= threads and len(self._to_gather) < _GATHER_BATCH:
             wait = min(_GATHER_WINDOW, _GATHER_SHARE * (time.perf_counter() - call.submitted_at))
@@ -706,10 +708,17 @@ class DaskLane:
         batch, self._to_gather = self._to_gather, []
         batch = [c for c in batch if not c.settled and c.future is not None]
         if batch:
+            self._fetching += len(batch)
             asyncio.get_running_loop().create_task(self._gather(batch))
 
     async def _gather(self, batch: list[DaskCall]) -> None:
         """One ``client.gather`` for results that finished together; one by one if that fails. Thread: loop."""
+        try:
+            await self._gather_batch(batch)
+        finally:
+            self._fetching -= len(batch)
+
+    async def _gather_batch(self, batch: list[DaskCall]) -> None:
         client = self.client
         if client is None:
             for call in batch:
