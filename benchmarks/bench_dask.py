@@ -12,10 +12,18 @@ scheduler and workers. Contenders run interleaved, round by round (medians):
 * **fan-out**: N trivial calls gathered: per-call ``client.submit``,
   ``client.map``, the lane's ``gather(*[f(i)])`` (submissions batched per
   burst) and the lane's ``f.map(xs)`` (chunks: one Dask task per chunk);
-* **CPU-bound**: 64 pure-Python calls of ~``--cpu-ms`` ms each: serial in this
-  process, raw ``client.map`` + one ``client.gather`` (every result fetched at
-  the end), raw per-call ``submit`` awaited one by one (each result fetched
-  when its task ends, as the lane must), the lane (gather of calls).
+* **CPU-bound**: 64 pure-Python calls of ~``--cpu-ms`` ms each (the same
+  ``spin`` function everywhere): serial in this process, raw ``client.map`` +
+  one ``client.gather`` (every result fetched at the end), the same with the
+  resource the lane asks for (``heavy=1``: such tasks are not queued on the
+  scheduler but sent to the workers at once), raw per-call ``submit`` awaited
+  one by one (each result fetched when its task ends, as the lane must), the
+  lane (gather of calls). Each trial also records the CPU time of this process
+  (client, coordinator and the in-process scheduler) and of the cluster's
+  processes: the CPU parallelism a contender got, and what it cost per call
+  outside the workers' compute. 5 interleaved rounds (``--repeats`` wins), a
+  pause between trials so one contender's releases land before the next
+  starts.
 
 Targets (the issue's): round trip ≤ 1.1× raw submit; fan-out ≥ raw
 ``client.map``; CPU-bound throughput ≥ raw Dask's. Reported, never asserted.
@@ -29,8 +37,10 @@ import statistics
 import time
 from typing import Any, Awaitable, Callable
 
+import psutil
+
 from ._lane_functions import inc as trivial, spin
-from ._common import BenchOptions, Target, finish, interleave, new_result, ratio, write_result
+from ._common import BenchOptions, Target, finish, interleave, new_result, ratio, settle, write_result
 from ._report import TableData, render, targets_table
 
 NAME = "dask"
@@ -71,8 +81,25 @@ async def _startup(repeats: int) -> dict[str, list[float]]:
     return out
 
 
+def _rotated(repeats: int, names: list[str]) -> list[tuple[int, str]]:
+    """Interleaved rounds, each starting one contender later: no contender always follows the same one."""
+    return [(r, names[(r + i) % len(names)]) for r in range(repeats) for i in range(len(names))]
+
+
+def _cluster_cpu(processes: list[psutil.Process]) -> float:
+    """CPU seconds (user + system) used so far by the cluster's processes (workers and nannies)."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # gone: its CPU is no longer counted (the cluster is stable during the trials)
+            continue
+        total += times.user + times.system
+    return total
+
+
 async def _measure(options: BenchOptions, rt_calls: int, fan_out: int, cpu_calls: int, cpu_n: int,
-                   repeats: int) -> dict[str, Any]:
+                   repeats: int, cpu_repeats: int) -> dict[str, Any]:
     from distributed import Client, LocalCluster
 
     from tokengate import OperationsCoordinator, task_token_guard
@@ -121,6 +148,9 @@ async def _measure(options: BenchOptions, rt_calls: int, fan_out: int, cpu_calls
         async def cpu_raw() -> None:
             await client.gather(client.map(spin, [cpu_n] * cpu_calls, pure=False))
 
+        async def cpu_raw_resources() -> None:
+            await client.gather(client.map(spin, [cpu_n] * cpu_calls, pure=False, resources={"heavy": 1}))
+
         async def cpu_raw_each() -> None:
             # Each result fetched as its task ends, as the lane must (every token settles on its own).
             await asyncio.gather(*[client.submit(spin, cpu_n, pure=False) for _ in range(cpu_calls)])
@@ -133,14 +163,26 @@ async def _measure(options: BenchOptions, rt_calls: int, fan_out: int, cpu_calls
             "fan_out": {"raw client.submit": raw_submit, "raw client.map": raw_map,
                         "lane gather(*[f(i)])": lane_gather, "lane f.map(xs)": lane_map},
             "cpu": {"serial (this process)": cpu_serial, "raw client.map": cpu_raw,
+                    "raw client.map, resources={'heavy': 1}": cpu_raw_resources,
                     "raw gather(*[await submit])": cpu_raw_each, "lane gather(*[f(i)])": cpu_lane},
         }
         times: dict[str, dict[str, list[float]]] = {s: {n: [] for n in c} for s, c in sections.items()}
+        # CPU-bound trials: CPU seconds of this process and of the cluster's processes, per trial.
+        cpu_use: dict[str, list[tuple[float, float]]] = {n: [] for n in sections["cpu"]}
+        cluster_processes = psutil.Process().children(recursive=True)
         for section, contenders in sections.items():
-            for _, name in interleave(repeats, list(contenders)):
+            rounds = cpu_repeats if section == "cpu" else repeats
+            order = _rotated(rounds, list(contenders)) if section == "cpu" else interleave(rounds, list(contenders))
+            for _, name in order:
+                if section == "cpu":
+                    await asyncio.sleep(0.3)  # the previous trial's releases and frees land outside the timing
+                    await settle()
+                own0, cluster0 = time.process_time(), _cluster_cpu(cluster_processes)
                 t0 = time.perf_counter()
                 await contenders[name]()
                 times[section][name].append(time.perf_counter() - t0)
+                if section == "cpu":
+                    cpu_use[name].append((time.process_time() - own0, _cluster_cpu(cluster_processes) - cluster0))
         lane_stats = coordinator.stats()["lanes"]["dask"]["cluster"]
     finally:
         await coordinator.aclose()
@@ -151,6 +193,17 @@ async def _measure(options: BenchOptions, rt_calls: int, fan_out: int, cpu_calls
         "round_trip_ms": {n: 1000 * t / rt_calls for n, t in med["round_trip"].items()},
         "fan_out_per_s": {n: fan_out / t for n, t in med["fan_out"].items()},
         "cpu_per_s": {n: cpu_calls / t for n, t in med["cpu"].items()},
+        # Cores busy on average during a trial: (this process's CPU + the cluster's) / wall, median of trials.
+        "cpu_parallelism": {n: statistics.median((own + cl) / wall for (own, cl), wall in zip(use, times["cpu"][n]))
+                            for n, use in cpu_use.items()},
+        # This process's CPU per call (client, coordinator, in-process scheduler; the serial contender's calls).
+        "cpu_own_ms_per_call": {n: statistics.median(1000 * own / cpu_calls for own, _ in use)
+                                for n, use in cpu_use.items()},
+        "cpu_per_s_trials": {n: [cpu_calls / t for t in v] for n, v in times["cpu"].items()},
+        # Lane / raw client.map round by round (the two ran within seconds of each other): noise that
+        # drifts over the run cancels here, not in the ratio of the medians.
+        "cpu_paired_ratio": statistics.median(
+            raw / lane for lane, raw in zip(times["cpu"]["lane gather(*[f(i)])"], times["cpu"]["raw client.map"])),
         "raw_seconds": times,
         "lane_counts": {k: lane_stats[k] for k in ("submitted", "completed", "failed", "crashed")},
     }
@@ -163,13 +216,15 @@ def run(options: BenchOptions) -> dict[str, Any]:
     cpu_calls = int(options.size("cpu_calls", 64, 8))
     cpu_ms = float(options.size("cpu_ms", 50.0, 5.0))
     repeats = options.reps(3, 1)
+    cpu_repeats = options.reps(5, 1)
     startup_repeats = int(options.size("startup_repeats", 2, 1))
     cpu_n = _calibrate(cpu_ms)
     result = new_result(NAME, options, {"round_trip_calls": rt_calls, "fan_out": fan_out, "cpu_calls": cpu_calls,
                                         "cpu_ms": cpu_ms, "cpu_loop": cpu_n, "repeats": repeats,
+                                        "cpu_repeats": cpu_repeats,
                                         "cluster": "LocalCluster, 2 worker processes x 1 thread, 127.0.0.1"})
     startup = asyncio.run(_startup(startup_repeats))
-    measured = asyncio.run(_measure(options, rt_calls, fan_out, cpu_calls, cpu_n, repeats))
+    measured = asyncio.run(_measure(options, rt_calls, fan_out, cpu_calls, cpu_n, repeats, cpu_repeats))
     result["results"] = {"startup_s": {n: statistics.median(v) for n, v in startup.items()}, **measured}
     rt = measured["round_trip_ms"]
     fo = measured["fan_out_per_s"]
@@ -200,8 +255,13 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
     t3 = TableData(f"dask: fan-out of {cfg['fan_out']:,} trivial calls", ["contender", "calls/s"])
     for name, value in res["fan_out_per_s"].items():
         t3.add(name, value)
-    t4 = TableData(f"dask: {cfg['cpu_calls']} CPU-bound calls of ~{cfg['cpu_ms']} ms", ["contender", "calls/s"])
+    t4 = TableData(f"dask: {cfg['cpu_calls']} CPU-bound calls of ~{cfg['cpu_ms']} ms "
+                   f"({cfg.get('cpu_repeats', cfg['repeats'])} rounds)",
+                   ["contender", "calls/s (median)", "each round", "CPU parallelism", "this process's CPU ms/call"])
     for name, value in res["cpu_per_s"].items():
-        t4.add(name, value)
+        t4.add(name, value, " ".join(f"{v:.1f}" for v in res["cpu_per_s_trials"][name]),
+               res["cpu_parallelism"][name], res["cpu_own_ms_per_call"][name])
+    t4.caption = (f"lane / raw client.map round by round (median of the {len(res['cpu_per_s_trials']['raw client.map'])}"
+                  f" rounds' ratios): {res['cpu_paired_ratio']:.2f}x")
     tables = [t1, t2, t3, t4, targets_table("dask: targets", result["targets"])]
     render(tables, options.out, NAME, result["machine"], console=options.console)

@@ -1,7 +1,8 @@
 """A real Dask scheduler and worker in this process, on a fixed loopback port, to stop and start again.
 
 Used by the Dask-lane tests that lose the scheduler mid-run
-(``tests/lanes/test_dask_scheduler_loss.py``, ``tests/fastapi/test_fastapi_dask_cluster.py``).
+(``tests/lanes/test_dask_scheduler_loss.py``, ``tests/fastapi/test_fastapi_dask_cluster.py``,
+``tests/browser/test_dashboard_cluster.py``), through :func:`started_host`.
 The servers run on a helper thread's own event loop; every wait is bounded.
 """
 
@@ -10,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from typing import Any, Coroutine
+from contextlib import contextmanager
+from typing import Any, Coroutine, Iterator
 
 import distributed
 
 from tokengate.lanes import dask as dask_lane
 
-__all__ = ["SchedulerHost", "free_port", "WAIT"]
+__all__ = ["SchedulerHost", "free_port", "started_host", "WAIT"]
 
 WAIT = 60.0  # upper bound of every wait (never reached when things work)
 
@@ -79,3 +81,14 @@ class SchedulerHost:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(WAIT)
             self.loop.close()
+
+
+@contextmanager
+def started_host() -> Iterator[SchedulerHost]:
+    """A started :class:`SchedulerHost` on a free loopback port, closed (servers and thread) on exit."""
+    host = SchedulerHost(free_port())
+    host.start()
+    try:
+        yield host
+    finally:
+        host.close()

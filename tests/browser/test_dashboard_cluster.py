@@ -19,7 +19,7 @@ pytest.importorskip("distributed")
 
 from playwright.sync_api import Browser, expect  # noqa: E402
 
-from dask_host import SchedulerHost, free_port as free_dask_port  # noqa: E402
+from dask_host import SchedulerHost, started_host  # noqa: E402
 from server_process import free_port, server_process  # noqa: E402
 
 from .conftest import ADMIN_TOKEN, CHROMIUM_ARGS, HERE, PREFIX, REPO, STARTUP_TIMEOUT, STOP_TIMEOUT  # noqa: E402
@@ -30,12 +30,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def host() -> Iterator[SchedulerHost]:
-    h = SchedulerHost(free_dask_port())
-    h.start()
-    try:
+    with started_host() as h:
         yield h
-    finally:
-        h.close()
 
 
 def test_cluster_panel_shows_the_connection_workers_and_a_lost_scheduler(

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 distributed = pytest.importorskip("distributed")
 
-from dask_host import WAIT, SchedulerHost, free_port  # noqa: E402
+from dask_host import WAIT, SchedulerHost, started_host  # noqa: E402
 from test_fastapi_dashboard_contract import declared_fields  # noqa: E402
 
 from tokengate import task_token_guard  # noqa: E402
@@ -37,12 +37,8 @@ def double(x: int) -> int:
 
 @pytest.fixture
 def host() -> Iterator[SchedulerHost]:
-    h = SchedulerHost(free_port())
-    h.start()
-    try:
+    with started_host() as h:
         yield h
-    finally:
-        h.close()
 
 
 async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:

@@ -341,3 +341,43 @@ def test_embedded_cluster_starts_and_leaves_no_process_behind() -> None:
     finally:
         coordinator.stop()
     _until(lambda: not (_descendants() - before - _helpers()), "the embedded cluster's processes to end", limit=20)
+
+
+def test_a_finished_result_waits_for_others_only_while_the_cluster_is_saturated() -> None:
+    # Given a lane that knows of 2 worker threads (no connection needed to decide when to fetch)
+    async def scenario() -> tuple[bool, bool, bool]:
+        lane = dask_lane.DaskLane(name="rule", address="tcp://127.0.0.1:1", local_workers=2, optional=True,
+                                  warm=False)
+        lane._threads = 2
+
+        def call(i: int) -> dask_lane.DaskCall:
+            c = dask_lane.DaskCall(df.square, (i,), None, "heavy", None, f"k{i}")
+            c.submitted_at = time.perf_counter() - 1.0  # on the cluster for a second: a 100 ms wait at most
+            lane._inflight.add(c)
+            return c
+
+        calls = [call(i) for i in range(5)]
+        # When one of 5 calls finishes while the other 4 are still out
+        lane._queue_gather(calls[0])
+        saturated_waits = lane._gather_later is not None and not lane._gather_soon
+        lane._start_gather()  # (its batch is fetched; the test's calls have no futures: nothing is sent)
+        # When a call finishes while 2 others are being fetched and 1 is still out (the cluster has room)
+        lane._to_gather.clear()
+        lane._fetching = 2
+        lane._inflight = set(calls[1:])
+        lane._queue_gather(calls[1])
+        room_fetches_now = lane._gather_soon and lane._gather_later is None
+        # When a lone call finishes
+        lane._start_gather()
+        lane._fetching = 0
+        lane._inflight = {calls[4]}
+        lane._queue_gather(calls[4])
+        lone_fetches_now = lane._gather_soon and lane._gather_later is None
+        lane._start_gather()
+        return saturated_waits, room_fetches_now, lone_fetches_now
+
+    saturated_waits, room_fetches_now, lone_fetches_now = asyncio.run(scenario())
+    # Then only the saturated cluster's result waits for others; the calls being fetched do not count as out
+    assert saturated_waits
+    assert room_fetches_now
+    assert lone_fetches_now

@@ -16,7 +16,7 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from dask_host import SchedulerHost, free_port  # noqa: E402
+from dask_host import SchedulerHost, started_host  # noqa: E402
 
 from tokengate import OperationsCoordinator  # noqa: E402
 from tokengate.errors import Rejected  # noqa: E402
@@ -39,12 +39,8 @@ def _until(check: Callable[[], bool], what: str, limit: float = WAIT) -> None:
 
 @pytest.fixture
 def host() -> Iterator[SchedulerHost]:
-    h = SchedulerHost(free_port())
-    h.start()
-    try:
+    with started_host() as h:
         yield h
-    finally:
-        h.close()
 
 
 def _cluster(coordinator: OperationsCoordinator) -> dict[str, Any]:
