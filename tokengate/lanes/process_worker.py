@@ -113,7 +113,7 @@ class ProcessWorker(LaneWorker):
     """A routed worker whose calls run in the worker process it owns (see the module docstring)."""
 
     __slots__ = ("child", "options", "warm", "started", "_link", "_calls", "_where", "_resend", "_free",
-                 "_pump_scheduled", "_ask", "_starting", "_draining", "_took", "_last_reply", "_timer")
+                 "_pump_scheduled", "_ask", "_starting", "_draining", "_took", "_last_reply", "_timer", "stolen")
 
     kind = "p"
 
@@ -142,6 +142,7 @@ class ProcessWorker(LaneWorker):
         self._took: dict[Any, float] = {}
         self._timer: asyncio.TimerHandle | None = None  # a pump planned to steal from a stuck sibling
         self._last_reply = 0.0
+        self.stolen = 0  # calls taken from another domain's mailbox (see _steal_across)
 
     # ------------------------------------------------------------ thread side
 
@@ -329,7 +330,10 @@ class ProcessWorker(LaneWorker):
                 try:
                     token = mailbox.popleft()
                 except IndexError:
-                    if refill(self):
+                    # Nothing of its own: the pending queues (and a stuck sibling of its
+                    # domain), then, while this process is nearly free, another domain's
+                    # mailbox: calls are pulled by whichever process frees a slot first.
+                    if refill(self) or (len(calls) < SLOW_DEPTH and self._steal_across()):
                         continue
                     break
                 estimate = took.get(token._guarded, 1.0)
@@ -369,6 +373,17 @@ class ProcessWorker(LaneWorker):
             self._plan_steal()
             break
         self._set_current()
+
+    def _steal_across(self) -> bool:
+        """Take one call waiting in another domain's mailbox (see Router.steal_across). Thread: loop."""
+        router = self.router
+        if not router.queued_elsewhere(self):  # the common case, without the lock
+            return False
+        with router.lock:
+            if router.steal_across(self) is None:
+                return False
+        self.stolen += 1
+        return True
 
     def _plan_steal(self) -> None:
         # The thread lane's parked worker wakes when a sibling's call would count as
@@ -705,4 +720,5 @@ class ProcessWorker(LaneWorker):
 
     def describe(self) -> dict[str, Any]:
         child = self.child
-        return {"lane": "process", "process": None if child is None else child.stats().as_dict()}
+        return {"lane": "process", "stolen": self.stolen,
+                "process": None if child is None else child.stats().as_dict()}
