@@ -169,15 +169,18 @@ async def _startups(repeats: int, workers: int, advance: Callable[[int], None]) 
 
 @contextlib.contextmanager
 def _without_pull() -> Iterator[None]:
-    """The process lane as it was before the pull across domains: each call runs on the process it was routed to."""
+    """The process lane as it was before the pull: each call runs on the process it was routed to when submitted.
+
+    No pull across domains, and a slow call is sent ahead behind a running one even when it is the last waiting.
+    """
     from tokengate.lanes.process_worker import ProcessWorker
 
-    pull = ProcessWorker._steal_across
-    ProcessWorker._steal_across = lambda self: False  # type: ignore[method-assign]
+    pull, last = ProcessWorker._steal_across, ProcessWorker._last_waiting
+    ProcessWorker._steal_across = ProcessWorker._last_waiting = lambda self: False  # type: ignore[method-assign]
     try:
         yield
     finally:
-        ProcessWorker._steal_across = pull  # type: ignore[method-assign]
+        ProcessWorker._steal_across, ProcessWorker._last_waiting = pull, last  # type: ignore[method-assign]
 
 
 def _calibrate(fn: Callable[[int], Any], guess: int, target_ms: float) -> tuple[int, float]:

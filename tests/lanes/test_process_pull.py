@@ -7,9 +7,10 @@ sticky key stays on its pinned domain).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -48,6 +49,16 @@ def _wait_carried(worker: Any, tokens: list[Any], count: int) -> list[Any]:
     raise AssertionError(f"{worker.worker_id} did not claim {count} of the calls within {WAIT}s")
 
 
+def _on_loop(coordinator: OperationsCoordinator, submit: Callable[[], list[Any]]) -> list[Any]:
+    """Submit calls in one callback on the coordinator's loop: the workers look at their mailboxes once all are in."""
+    async def run() -> list[Any]:
+        return submit()
+
+    loop = coordinator._loop
+    assert loop is not None
+    return asyncio.run_coroutine_threadsafe(run(), loop).result(WAIT)
+
+
 @pytest.fixture()
 def two_domains() -> Iterator[OperationsCoordinator]:
     # One process per domain; heavy calls may use both.
@@ -66,7 +77,7 @@ def test_an_idle_process_pulls_the_calls_waiting_in_another_domains_mailbox(
     holder_b = lf.hold_heavy(str(tmp_path / "b"), str(go_b), 60.0)
     pid_b = _wait_for_file(tmp_path / "b")
     assert pid_a != pid_b
-    calls = [lf.pid_heavy(i) for i in range(6)]
+    calls = _on_loop(two_domains, lambda: [lf.pid_heavy(i) for i in range(6)])
     assert [t.core_id for t in calls] == [1, 2] * 3
     # (a slow or unmeasured function: each process is sent one call behind its running one)
     behind_a = _wait_carried(workers[(1, 0)], calls, 1)
@@ -97,7 +108,7 @@ def test_a_sticky_call_is_never_pulled_away_from_its_pinned_domain(tmp_path: Pat
         pid_a = _wait_for_file(tmp_path / "a")
         holder_b = lf.hold_heavy(str(tmp_path / "b"), str(go_b), 60.0)
         pid_b = _wait_for_file(tmp_path / "b")
-        keyed = [lf.sticky_pid(7, i) for i in range(4)]
+        keyed = _on_loop(coordinator, lambda: [lf.sticky_pid(7, i) for i in range(4)])
         assert {t.core_id for t in keyed} == {1}
         _wait_carried(workers[(1, 0)], keyed, 1)
         # When domain 2's process is let go and runs another call (each reply has it look for work)
@@ -127,7 +138,7 @@ def test_a_process_the_bulkhead_reserves_for_light_calls_never_pulls_a_heavy_cal
         for i, go in enumerate(gos):
             holders.append(lf.hold_heavy(str(tmp_path / f"m{i}"), str(go), 60.0))
             _wait_for_file(tmp_path / f"m{i}")
-        heavy = [lf.pid_heavy(i) for i in range(9)]
+        heavy = _on_loop(coordinator, lambda: [lf.pid_heavy(i) for i in range(9)])
         for key in ((1, 0), (1, 1), (2, 1)):
             _wait_carried(workers[key], heavy, 1)
         # When light calls run one after another on the reserved process (each reply has it look for work)
@@ -141,3 +152,26 @@ def test_a_process_the_bulkhead_reserves_for_light_calls_never_pulls_a_heavy_cal
         assert not heavy_pids & light_pids
     finally:
         coordinator.stop()
+
+
+def test_the_last_call_waiting_is_not_sent_ahead_to_a_busy_process(
+        two_domains: OperationsCoordinator, tmp_path: Path) -> None:
+    # Given both processes held busy, and one more call, placed on domain 1 when it was submitted
+    workers = _workers(two_domains)
+    go_a, go_b = tmp_path / "go_a", tmp_path / "go_b"
+    holder_a = lf.hold_heavy(str(tmp_path / "a"), str(go_a), 60.0)
+    pid_a = _wait_for_file(tmp_path / "a")
+    holder_b = lf.hold_heavy(str(tmp_path / "b"), str(go_b), 60.0)
+    pid_b = _wait_for_file(tmp_path / "b")
+    [last] = _on_loop(two_domains, lambda: [lf.pid_heavy(0)])
+    assert last.core_id == 1
+    _on_loop(two_domains, list)  # a loop round later: domain 1's worker has looked at its mailbox
+    # Then domain 1 keeps it in its mailbox rather than send it behind its running call,
+    assert not workers[(1, 0)].carries(last) and last.state is TokenState.ADMITTED
+    # and when domain 2's process frees first, it takes it
+    go_b.write_text("go")
+    assert holder_b.get(timeout=WAIT) == pid_b
+    assert last.get(timeout=WAIT) == pid_b
+    assert holder_a.state is TokenState.EXECUTING
+    go_a.write_text("go")
+    assert holder_a.get(timeout=WAIT) == pid_a

@@ -337,9 +337,11 @@ class ProcessWorker(LaneWorker):
                         continue
                     break
                 estimate = took.get(token._guarded, 1.0)
-                if estimate > SLOW_SECONDS and len(calls) >= SLOW_DEPTH:
+                if estimate > SLOW_SECONDS and calls and (len(calls) >= SLOW_DEPTH or self._last_waiting()):
                     # Slow (or not yet measured): it waits in the mailbox, where an idle
-                    # sibling may still take it, until this process is nearly free.
+                    # process may still take it, until this process is nearly free; and
+                    # the last call waiting is not sent ahead at all: whichever process
+                    # frees first takes it, so a process the host slows is not the last to end.
                     mailbox.appendleft(token)
                     room = 0
                     break
@@ -373,6 +375,11 @@ class ProcessWorker(LaneWorker):
             self._plan_steal()
             break
         self._set_current()
+
+    def _last_waiting(self) -> bool:
+        """Just popped from the mailbox, is that call the last one waiting in this lane? Thread: loop."""
+        router = self.router
+        return not (self.mailbox or router.pending_total or router.queued_elsewhere(self))
 
     def _steal_across(self) -> bool:
         """Take one call waiting in another domain's mailbox (see Router.steal_across). Thread: loop."""
