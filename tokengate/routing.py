@@ -18,6 +18,11 @@ Placement for a token of class *w* (see :mod:`tokengate.topology`):
 
 Cost per token is a handful of integer comparisons per usable worker,
 independent of how many tokens are queued.
+
+Placed tokens move only under the lock: an idle worker takes one from a
+sibling stuck on a long call (``steal``, same domain), and the process lane
+pulls one from another domain's mailbox (``steal_across``: a class the taker
+may run, never a token a policy routes).
 """
 
 from __future__ import annotations

@@ -15,6 +15,12 @@ without waiting for earlier replies (up to :data:`FAST_DEPTH` calls in flight
 while a function's calls are known to be quick, :data:`SLOW_DEPTH` while they
 are slow or not yet measured, so slow
 calls do not queue behind each other in one process while a sibling idles).
+**Slow calls are pulled**: the last call waiting is not sent ahead behind a
+running one, and a process with fewer than :data:`SLOW_DEPTH` calls in flight
+and nothing of its own takes the newest call waiting in another domain's
+mailbox (:meth:`~tokengate.routing.Router.steal_across`: only a class it may
+run, never a call a policy routes), so whichever process frees a slot first
+takes the next call, as a shared queue would give it.
 The child answers each call on its own as soon as it is done, and the loop,
 reading the pipe when it is readable (:class:`~tokengate.lanes._link.Link`),
 settles them in bursts. One call costs two hand-offs (loop → process → loop),
