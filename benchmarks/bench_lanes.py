@@ -18,7 +18,9 @@ Sections:
   limit is 2.0×) and vs ``run_in_executor`` on ``ProcessPoolExecutor``
   (forkserver) (target ≥ 1×). Each call returns its own CPU time, so the
   cores each contender really used (Σ call CPU ÷ wall) are reported: on a busy
-  host they show that a ratio measured nothing.
+  host they show that a ratio measured nothing. A fourth contender, the same
+  lane with its pull across domains switched off (each call runs on the
+  process it was routed to when submitted), shows what the pull is worth.
 * **trivial fan-out**: 20,000 ``x + 1`` calls gathered: process lane vs
   ``run_in_executor`` on ``ProcessPoolExecutor`` (target ≥ 5×); the thread
   lane is shown for scale.
@@ -165,6 +167,22 @@ async def _startups(repeats: int, workers: int, advance: Callable[[int], None]) 
 # -- CPU-bound ----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _without_pull() -> Iterator[None]:
+    """The process lane as it was before the pull: each call runs on the process it was routed to when submitted.
+
+    No pull across domains, and a slow call is sent ahead behind a running one even when it is the last waiting.
+    """
+    from tokengate.lanes.process_worker import ProcessWorker
+
+    pull, last = ProcessWorker._steal_across, ProcessWorker._last_waiting
+    ProcessWorker._steal_across = ProcessWorker._last_waiting = lambda self: False  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ProcessWorker._steal_across, ProcessWorker._last_waiting = pull, last  # type: ignore[method-assign]
+
+
 def _calibrate(fn: Callable[[int], Any], guess: int, target_ms: float) -> tuple[int, float]:
     """An argument for which one inline call of *fn* takes about *target_ms* (best of 3), and that time."""
     arg = max(1, guess)
@@ -198,35 +216,43 @@ async def _cpu(options: BenchOptions, coordinator: OperationsCoordinator, pool: 
         def make(name: str) -> Callable[[int], Awaitable[list[tuple[Any, float]]]]:
             if name == "process_lane":
                 return lambda k: asyncio.gather(*[on_process(arg) for _ in range(k)])
+            if name == "process_lane_no_pull":
+                async def no_pull(k: int) -> list[tuple[Any, float]]:
+                    with _without_pull():
+                        return list(await asyncio.gather(*[on_process(arg) for _ in range(k)]))
+                return no_pull
             if name == "thread_lane":
                 return lambda k: asyncio.gather(*[on_thread(arg) for _ in range(k)])
             return lambda k: asyncio.gather(*[loop.run_in_executor(pool, plain_measured, arg) for _ in range(k)])
 
-        names = ["process_lane", "thread_lane", "ppe_run_in_executor"]
+        names = ["process_lane", "thread_lane", "ppe_run_in_executor", "process_lane_no_pull"]
         trials = {n: make(n) for n in names}
         for n in names:  # warm: every worker process has imported and run this function
             await trials[n](8)
         wall: dict[str, list[float]] = {n: [] for n in names}
         cpu_par: dict[str, list[float]] = {n: [] for n in names}
         wrong = 0
-        executed_before = _executed(coordinator)
+        spread: dict[str, dict[str, int]] = {n: {} for n in names if n.startswith("process_lane")}
         for _r, n in interleave(repeats, names):
             await settle()
+            executed_before = _executed(coordinator)
             t0 = _perf()
             results = await trials[n](calls)
             elapsed = _perf() - t0
+            if n in spread:  # how the lane spread the calls over its worker processes (all trials)
+                for wid, count in _spread_since(coordinator, executed_before).items():
+                    spread[n][wid] = spread[n].get(wid, 0) + count
             wall[n].append(elapsed)
             # Σ CPU the calls used on their own threads ÷ wall: the cores this contender really used.
             cpu_par[n].append(sum(cpu for _v, cpu in results) / elapsed)
             wrong += sum(1 for v, _cpu in results if v != expected)
             advance(1)
-        # How the process lane spread the calls over its worker processes (all trials of this workload).
-        spread = _spread_since(coordinator, executed_before)
         med = {n: median(v) for n, v in wall.items()}
         serial = calls * inline_ms / 1e3
         out[wl] = {
             "arg": arg, "inline_ms": inline_ms, "calls": calls, "wrong_results": wrong,
-            "process_calls_per_worker": spread,
+            "process_calls_per_worker": spread["process_lane"],
+            "no_pull_calls_per_worker": spread["process_lane_no_pull"],
             "wall_s": {n: {"median": med[n], "runs": v} for n, v in wall.items()},
             # > 1 only with real parallelism: the serial time of the work over the wall time.
             "speedup_vs_serial": {n: ratio(serial, med[n]) for n in names},
@@ -234,6 +260,8 @@ async def _cpu(options: BenchOptions, coordinator: OperationsCoordinator, pool: 
             "cpu_parallelism_runs": cpu_par,
             "process_vs_thread": ratio(med["thread_lane"], med["process_lane"]),
             "process_vs_ppe": ratio(med["ppe_run_in_executor"], med["process_lane"]),
+            "process_vs_no_pull": ratio(med["process_lane_no_pull"], med["process_lane"]),
+            "no_pull_vs_ppe": ratio(med["ppe_run_in_executor"], med["process_lane_no_pull"]),
             # timeit's rule (interference only slows a trial): the best trial of each, beside the median.
             "best_process_vs_thread": ratio(min(wall["thread_lane"]), min(wall["process_lane"])),
             "best_process_vs_ppe": ratio(min(wall["ppe_run_in_executor"]), min(wall["process_lane"])),
@@ -498,7 +526,7 @@ async def _measure(options: BenchOptions, cfg: dict[str, Any], result: dict[str,
     workers = cfg["process_workers"]
     repeats = cfg["repeats"]
     workloads = cfg["cpu_workloads"]
-    steps = (cfg["startup_repeats"] + len(workloads) * 3 * repeats + 3 * repeats + 3 * repeats
+    steps = (cfg["startup_repeats"] + len(workloads) * 4 * repeats + 3 * repeats + 3 * repeats
              + 2 * repeats + (3 + len(MAP_CHUNKSIZES)) * repeats)
     res = result["results"]
     with progress(options.progress, steps, "lanes") as advance:
@@ -646,18 +674,22 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
     t = TableData(f"lanes: CPU-bound, {cfg['cpu_calls']} calls gathered (wall s, median)",
                   ["workload", "arg", "inline ms", "process lane", "thread lane", "PPE", "× thread lane", "× PPE",
                    "best: × thread", "best: × PPE", "CPU par.: process / thread / PPE", "calls per process",
-                   "wrong"])
+                   "no pull: wall", "no pull: × PPE", "× no pull", "no pull: calls per process", "wrong"])
     for wl, r in res["cpu"].items():
         w = r["wall_s"]
         t.add(wl, r["arg"], r["inline_ms"], w["process_lane"]["median"], w["thread_lane"]["median"],
               w["ppe_run_in_executor"]["median"], r["process_vs_thread"], r["process_vs_ppe"],
               r["best_process_vs_thread"], r["best_process_vs_ppe"],
               " / ".join(fmt(r["cpu_parallelism"][n]) for n in ("process_lane", "thread_lane", "ppe_run_in_executor")),
-              " / ".join(str(v) for v in r["process_calls_per_worker"].values()), r["wrong_results"])
+              " / ".join(str(v) for v in r["process_calls_per_worker"].values()),
+              w["process_lane_no_pull"]["median"], r["no_pull_vs_ppe"], r["process_vs_no_pull"],
+              " / ".join(str(v) for v in r["no_pull_calls_per_worker"].values()), r["wrong_results"])
     t.caption = ("× = the other's wall time ÷ the process lane's (median; 'best' = best trial of each); PPE = "
                  "run_in_executor on ProcessPoolExecutor(forkserver); CPU par. = Σ CPU time of the calls (each on its own "
                  "thread, time.thread_time) ÷ wall: the cores each contender really used (≤ 2.0 on 2 CPUs; PPE's shows "
-                 "what the machine gave this run)")
+                 "what the machine gave this run); no pull = the same lane with the pull across domains switched off "
+                 "(each call runs on the process it was routed to when submitted: the lane before the pull), "
+                 "interleaved with the others")
     tables.append(t)
 
     fo = res["fan_out"]

@@ -214,6 +214,9 @@ def test_lanes_smoke(tmp_path: Path) -> None:
         assert r["wrong_results"] == 0 and r["arg"] >= 1
         assert all(_positive(r["wall_s"][n]["median"]) for n in ("process_lane", "thread_lane", "ppe_run_in_executor"))
         assert _positive(r["process_vs_thread"]) and _positive(r["process_vs_ppe"])
+        # the lane with its pull across domains switched off ran the same calls, on the lane's processes
+        assert _positive(r["process_vs_no_pull"]) and sum(r["no_pull_calls_per_worker"].values()) == 4
+        assert sum(r["process_calls_per_worker"].values()) == 4
         # the calls report their own CPU time: a contender cannot use more than the usable CPUs
         assert all(0 < r["cpu_parallelism"][n] <= result["machine"]["usable_cpus"] * 1.05 for n in r["wall_s"])
     assert res["fan_out"]["wrong_batches"] == 0

@@ -18,6 +18,11 @@ Placement for a token of class *w* (see :mod:`tokengate.topology`):
 
 Cost per token is a handful of integer comparisons per usable worker,
 independent of how many tokens are queued.
+
+Placed tokens move only under the lock: an idle worker takes one from a
+sibling stuck on a long call (``steal``, same domain), and the process lane
+pulls one from another domain's mailbox (``steal_across``: a class the taker
+may run, never a token a policy routes).
 """
 
 from __future__ import annotations
@@ -56,6 +61,14 @@ def _queued(worker: Worker) -> int:
     the worker pops and skips it; it must not be counted as queued meanwhile.
     """
     return sum(1 for token in list(worker.mailbox) if token._tstate is _ADMITTED)
+
+
+def _movable(token: TaskToken[Any]) -> bool:
+    """May *token* run on another domain than the one it was placed on? Not if a policy routes it."""
+    plan = token._plan
+    if plan is None or plan.pick_core or plan.on_routed:
+        return False
+    return token.policy_data is None or not plan.marked_routes
 
 
 def _wake_first_idle(workers: list[Worker]) -> bool:
@@ -459,6 +472,59 @@ class Router:
             worker.mailbox.append(token)
             return token
         return None
+
+    def queued_elsewhere(self, worker: Worker) -> bool:
+        """Does a worker of another domain have tokens in its mailbox? A lock-free look (see steal_across)."""
+        own = worker.core_id
+        for core in self.cores.values():
+            if core.core_id != own:
+                for sibling in core.workers:
+                    if sibling.mailbox:
+                        return True
+        return False
+
+    def steal_across(self, worker: Worker) -> TaskToken[Any] | None:
+        """Move one token from another domain's mailbox into *worker*'s; None if none may move. Caller holds the lock.
+
+        The process lane's pull: a call is placed in a mailbox when it is
+        submitted, and a worker process the host slows down would finish its
+        share last while a sibling in another domain idles. Only what the
+        placement could have done instead moves: a token of a class *worker*
+        may run (its ``classes``, which already leave out the classes a
+        bulkhead keeps off it), never one a policy routes (a sticky or ordered
+        key, a conductor chain: ``pick_core`` / ``on_routed`` apply to it, so it
+        stays on the domain they pinned). From the fullest mailbox, its newest
+        token (from the right: the owner's next call is untouched).
+        """
+        home = self.cores[worker.core_id]
+        if self.paused or worker.index >= home.active:
+            return None
+        classes = worker.classes
+        victim: Worker | None = None
+        most = 0
+        for core in self.cores.values():
+            if core is home:
+                continue
+            for sibling in core.workers:
+                size = len(sibling.mailbox)
+                if size <= most:
+                    continue
+                try:
+                    last = sibling.mailbox[-1]
+                except IndexError:
+                    continue
+                if last.weight in classes and last._tstate is _ADMITTED and _movable(last):
+                    victim, most = sibling, size
+        if victim is None:
+            return None
+        token = victim.mailbox.pop()  # all moves of a placed token happen under this lock
+        victim.routed -= 1
+        self.cores[victim.core_id].routed[token.weight] -= 1
+        worker.routed += 1
+        home.routed[token.weight] += 1
+        token.core_id = worker.core_id
+        worker.mailbox.append(token)
+        return token
 
     def release_held(self, operation_type: str) -> list[TaskToken[Any]]:
         """Take the tokens held for a paused operation. Caller holds the lock."""

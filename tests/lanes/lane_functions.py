@@ -87,3 +87,19 @@ def record_with_timeout(log: str, i: int) -> int:
 @task_token_guard(operation_type="lane.type_name", tags={"lane": "process", "weight": "light"})
 def type_name(value: object) -> str:
     return type(value).__name__
+
+
+# Heavy twins for the pull across domains: on two domains heavy calls may use both domains' processes.
+@task_token_guard(operation_type="lane.hold_heavy", tags={"lane": "process", "weight": "heavy"})
+def hold_heavy(marker: str, go: str, seconds: float = 30.0) -> int:
+    return hold.__wrapped__(marker, go, seconds)  # type: ignore[no-any-return]
+
+
+@task_token_guard(operation_type="lane.pid_heavy", tags={"lane": "process", "weight": "heavy"})
+def pid_heavy(i: int) -> int:
+    return os.getpid()
+
+
+@task_token_guard(operation_type="lane.sticky_pid", tags={"lane": "process", "weight": "heavy", "sticky_key": "user"})
+def sticky_pid(user: int, i: int) -> int:
+    return os.getpid()

@@ -15,6 +15,12 @@ without waiting for earlier replies (up to :data:`FAST_DEPTH` calls in flight
 while a function's calls are known to be quick, :data:`SLOW_DEPTH` while they
 are slow or not yet measured, so slow
 calls do not queue behind each other in one process while a sibling idles).
+**Slow calls are pulled**: the last call waiting is not sent ahead behind a
+running one, and a process with fewer than :data:`SLOW_DEPTH` calls in flight
+and nothing of its own takes the newest call waiting in another domain's
+mailbox (:meth:`~tokengate.routing.Router.steal_across`: only a class it may
+run, never a call a policy routes), so whichever process frees a slot first
+takes the next call, as a shared queue would give it.
 The child answers each call on its own as soon as it is done, and the loop,
 reading the pipe when it is readable (:class:`~tokengate.lanes._link.Link`),
 settles them in bursts. One call costs two hand-offs (loop → process → loop),
@@ -113,7 +119,7 @@ class ProcessWorker(LaneWorker):
     """A routed worker whose calls run in the worker process it owns (see the module docstring)."""
 
     __slots__ = ("child", "options", "warm", "started", "_link", "_calls", "_where", "_resend", "_free",
-                 "_pump_scheduled", "_ask", "_starting", "_draining", "_took", "_last_reply", "_timer")
+                 "_pump_scheduled", "_ask", "_starting", "_draining", "_took", "_last_reply", "_timer", "stolen")
 
     kind = "p"
 
@@ -142,6 +148,7 @@ class ProcessWorker(LaneWorker):
         self._took: dict[Any, float] = {}
         self._timer: asyncio.TimerHandle | None = None  # a pump planned to steal from a stuck sibling
         self._last_reply = 0.0
+        self.stolen = 0  # calls taken from another domain's mailbox (see _steal_across)
 
     # ------------------------------------------------------------ thread side
 
@@ -329,13 +336,18 @@ class ProcessWorker(LaneWorker):
                 try:
                     token = mailbox.popleft()
                 except IndexError:
-                    if refill(self):
+                    # Nothing of its own: the pending queues (and a stuck sibling of its
+                    # domain), then, while this process is nearly free, another domain's
+                    # mailbox: calls are pulled by whichever process frees a slot first.
+                    if refill(self) or (len(calls) < SLOW_DEPTH and self._steal_across()):
                         continue
                     break
                 estimate = took.get(token._guarded, 1.0)
-                if estimate > SLOW_SECONDS and len(calls) >= SLOW_DEPTH:
+                if estimate > SLOW_SECONDS and calls and (len(calls) >= SLOW_DEPTH or self._last_waiting()):
                     # Slow (or not yet measured): it waits in the mailbox, where an idle
-                    # sibling may still take it, until this process is nearly free.
+                    # process may still take it, until this process is nearly free; and
+                    # the last call waiting is not sent ahead at all: whichever process
+                    # frees first takes it, so a process the host slows is not the last to end.
                     mailbox.appendleft(token)
                     room = 0
                     break
@@ -369,6 +381,22 @@ class ProcessWorker(LaneWorker):
             self._plan_steal()
             break
         self._set_current()
+
+    def _last_waiting(self) -> bool:
+        """Just popped from the mailbox, is that call the last one waiting in this lane? Thread: loop."""
+        router = self.router
+        return not (self.mailbox or router.pending_total or router.queued_elsewhere(self))
+
+    def _steal_across(self) -> bool:
+        """Take one call waiting in another domain's mailbox (see Router.steal_across). Thread: loop."""
+        router = self.router
+        if not router.queued_elsewhere(self):  # the common case, without the lock
+            return False
+        with router.lock:
+            if router.steal_across(self) is None:
+                return False
+        self.stolen += 1
+        return True
 
     def _plan_steal(self) -> None:
         # The thread lane's parked worker wakes when a sibling's call would count as
@@ -705,4 +733,5 @@ class ProcessWorker(LaneWorker):
 
     def describe(self) -> dict[str, Any]:
         child = self.child
-        return {"lane": "process", "process": None if child is None else child.stats().as_dict()}
+        return {"lane": "process", "stolen": self.stolen,
+                "process": None if child is None else child.stats().as_dict()}
