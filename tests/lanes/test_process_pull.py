@@ -59,6 +59,16 @@ def _on_loop(coordinator: OperationsCoordinator, submit: Callable[[], list[Any]]
     return asyncio.run_coroutine_threadsafe(run(), loop).result(WAIT)
 
 
+def _hold_both(tmp_path: Path) -> tuple[Path, Path, Any, int, Any, int]:
+    """Hold both processes busy, each until its go-file is written: (go_a, go_b, holder_a, pid_a, holder_b, pid_b)."""
+    go_a, go_b = tmp_path / "go_a", tmp_path / "go_b"
+    holder_a = lf.hold_heavy(str(tmp_path / "a"), str(go_a), 60.0)
+    pid_a = _wait_for_file(tmp_path / "a")
+    holder_b = lf.hold_heavy(str(tmp_path / "b"), str(go_b), 60.0)
+    pid_b = _wait_for_file(tmp_path / "b")
+    return go_a, go_b, holder_a, pid_a, holder_b, pid_b
+
+
 @pytest.fixture()
 def two_domains() -> Iterator[OperationsCoordinator]:
     # One process per domain; heavy calls may use both.
@@ -71,11 +81,7 @@ def test_an_idle_process_pulls_the_calls_waiting_in_another_domains_mailbox(
         two_domains: OperationsCoordinator, tmp_path: Path) -> None:
     # Given both processes held busy, and six calls placed three per domain when they were submitted
     workers = _workers(two_domains)
-    go_a, go_b = tmp_path / "go_a", tmp_path / "go_b"
-    holder_a = lf.hold_heavy(str(tmp_path / "a"), str(go_a), 60.0)
-    pid_a = _wait_for_file(tmp_path / "a")
-    holder_b = lf.hold_heavy(str(tmp_path / "b"), str(go_b), 60.0)
-    pid_b = _wait_for_file(tmp_path / "b")
+    go_a, go_b, holder_a, pid_a, holder_b, pid_b = _hold_both(tmp_path)
     assert pid_a != pid_b
     calls = _on_loop(two_domains, lambda: [lf.pid_heavy(i) for i in range(6)])
     assert [t.core_id for t in calls] == [1, 2] * 3
@@ -158,11 +164,7 @@ def test_the_last_call_waiting_is_not_sent_ahead_to_a_busy_process(
         two_domains: OperationsCoordinator, tmp_path: Path) -> None:
     # Given both processes held busy, and one more call, placed on domain 1 when it was submitted
     workers = _workers(two_domains)
-    go_a, go_b = tmp_path / "go_a", tmp_path / "go_b"
-    holder_a = lf.hold_heavy(str(tmp_path / "a"), str(go_a), 60.0)
-    pid_a = _wait_for_file(tmp_path / "a")
-    holder_b = lf.hold_heavy(str(tmp_path / "b"), str(go_b), 60.0)
-    pid_b = _wait_for_file(tmp_path / "b")
+    go_a, go_b, holder_a, pid_a, holder_b, pid_b = _hold_both(tmp_path)
     [last] = _on_loop(two_domains, lambda: [lf.pid_heavy(0)])
     assert last.core_id == 1
     _on_loop(two_domains, list)  # a loop round later: domain 1's worker has looked at its mailbox
