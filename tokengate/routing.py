@@ -466,10 +466,7 @@ class Router:
             if token.weight not in worker.classes and token._where != IN_CORE_PENDING:
                 sibling.mailbox.append(token)  # not ours to run (bulkhead): put it back
                 continue
-            # Move the token's accounting from the sibling to this worker.
-            sibling.routed -= 1
-            worker.routed += 1
-            worker.mailbox.append(token)
+            self._move(token, sibling, worker)
             return token
         return None
 
@@ -518,13 +515,18 @@ class Router:
         if victim is None:
             return None
         token = victim.mailbox.pop()  # all moves of a placed token happen under this lock
-        victim.routed -= 1
-        self.cores[victim.core_id].routed[token.weight] -= 1
-        worker.routed += 1
-        home.routed[token.weight] += 1
-        token.core_id = worker.core_id
-        worker.mailbox.append(token)
+        self._move(token, victim, worker)
         return token
+
+    def _move(self, token: TaskToken[Any], source: Worker, worker: Worker) -> None:
+        """Put *token*, just popped from *source*'s mailbox, in *worker*'s, with its accounting. Lock held."""
+        source.routed -= 1
+        worker.routed += 1
+        if source.core_id != worker.core_id:  # another domain: the token now counts as routed there
+            self.cores[source.core_id].routed[token.weight] -= 1
+            self.cores[worker.core_id].routed[token.weight] += 1
+            token.core_id = worker.core_id
+        worker.mailbox.append(token)
 
     def release_held(self, operation_type: str) -> list[TaskToken[Any]]:
         """Take the tokens held for a paused operation. Caller holds the lock."""
