@@ -279,10 +279,17 @@ async def test_operation_actions_list_who_applied_them(start: Callable[..., Awai
     killed = (await b.post("/operations/fleet.work/kill")).json()
     assert killed["killed"] == 0 and len(killed["fleet"]["applied"]) == 2
     await b.post("/operations/fleet.work/resume")
+    resumed_at = b.fleet.clock()
     await wait_for(lambda: "fleet.work" not in a.coordinator.stats()["paused_operations"], "resume on a")
-    await wait_for(lambda: any(r["operation_type"] == "fleet.work" and r["paused"]
-                               for r in [*a.fleet.view.snapshots.get(b.id, (0, {}))[1].get("operations", [])])
-                   is False, "b's published operations")
+
+    def b_published_resumed() -> bool:
+        # A snapshot b published after its resume. Not just "no paused row in a's view": a's view
+        # may still hold b's snapshot from before the pause, and one built while paused may land later.
+        at, snap = a.fleet.view.snapshots.get(b.id, (0.0, {}))
+        return at > resumed_at and not any(r["operation_type"] == "fleet.work" and r["paused"]
+                                           for r in snap.get("operations", []))
+
+    await wait_for(b_published_resumed, "b's published operations after its resume")
     rows = (await a.get("/operations")).json()
     assert all(not r["paused"] for r in rows)
 
