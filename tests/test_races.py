@@ -291,3 +291,44 @@ def test_timeout_and_completion_in_each_order_settle_once(order: str) -> None:
         blocker_gate.set()
     assert set(recorder.settled.values()) == {1}
     assert len(recorder.settled) == (1 if order == "completion_first" else 2)
+
+
+def test_a_kill_from_another_thread_settles_before_what_that_thread_schedules_next() -> None:
+    # A worker that finished a call sets _drain_scheduled and is then switched out before it
+    # schedules the drain (the GIL may switch between the two lines). A kill made by another
+    # thread in that window must not wait for that drain: whatever the killer puts on the loop
+    # after kill() returns (here a check) must see the killed token settled. The hypothesis
+    # state machine saw "terminal but never settled" once in about forty long runs this way.
+    recorder = SettleRecorder()
+    gate = threading.Event()
+
+    @task_token_guard(operation_type="race.hold", tags={"weight": "light"})
+    def hold() -> None:
+        gate.wait(10)
+
+    c = OperationsCoordinator(policies=[recorder], num_cores=1, workers_per_core=1, stop_timeout=5).start()
+    try:
+        assert c.loop is not None
+        busy = hold()
+        queued = mark(1)  # behind the held call on the only worker
+        c._drain_scheduled = True  # the worker's half-done hand-off, made to last
+        assert c.kill(queued.token_id).killed
+
+        seen: list[int] = []
+        checked = threading.Event()
+
+        def check() -> None:
+            with recorder.lock:
+                seen.append(recorder.settled[queued.token_id])
+            checked.set()
+
+        c.loop.call_soon_threadsafe(check)
+        assert checked.wait(10)
+        assert seen == [1], "the killed token was not settled before the killer's next loop callback"
+        with pytest.raises(TokenKilled):
+            queued.get(10)
+        gate.set()
+        busy.get(10)
+    finally:
+        gate.set()
+        c.stop()

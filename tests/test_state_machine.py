@@ -1009,7 +1009,9 @@ class CoordinatorMachine(RuleBasedStateMachine):
             live = [e for e in self.live if not self.recorder.settled(e.token.token_id)]
             unresolved = [e for e in self.live if self.recorder.settled(e.token.token_id)
                           and not e.foreign and not e.token.done()]
-            # A worker never moves a token to a terminal state; the loop does, and settles it at once.
+            # A worker never moves a token to a terminal state; the loop does, and settles it at once,
+            # or a kill on another thread does and queues its settling before kill() returns (so
+            # before this snapshot: see test_races' kill-from-another-thread test).
             terminal_unsettled = [e for e in live if e.token.state in TERMINAL]
             return stats, seen, live, unresolved, terminal_unsettled, exact
 

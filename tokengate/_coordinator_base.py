@@ -50,6 +50,8 @@ class CoordinatorBase:
     _done_paced: Deque[tuple[TaskToken[Any], Worker]]
     _pace_after: float
     _drain_scheduled: bool
+    _posted_lock: threading.Lock
+    _posted_queued: bool
     _accepted: int
     _settled: int
     _refused: dict[TokenState, int]

@@ -145,11 +145,36 @@ class SettlementMixin(CoordinatorBase):
         settled.wait(PACE_TIMEOUT)
 
     def _post_settle(self, token: TaskToken[Any]) -> None:
-        """Finalize a token that some thread just moved to a terminal state."""
+        """Finalize a token that some thread just moved to a terminal state.
+
+        From another thread (a kill, a stop, an awaiter gone on a foreign
+        loop) the token goes to the loop with a drain queued before this
+        returns, not through ``_complete``'s flag: a worker may have set
+        ``_drain_scheduled`` and not yet queued its drain (the GIL can switch
+        between the two lines), and then whatever the killer puts on the loop
+        next (a stats read, a check) would run first and see a KILLED token
+        not yet settled. A lock makes "queued" mean queued; one drain serves
+        a whole ``kill_operation`` burst. Not a hot path.
+        """
         if threading.get_ident() == self._loop_thread_id:
             self._finalize(token)
-        else:
-            self._complete(token)
+            return
+        with self._posted_lock:
+            self._done.append(token)
+            if self._posted_queued:
+                return  # a drain queued before this append will take it
+            try:
+                self._loop.call_soon_threadsafe(self._drain_posted)  # type: ignore[union-attr]
+            except RuntimeError:  # loop closed: the coordinator is gone; nobody can await
+                return
+            self._posted_queued = True
+
+    def _drain_posted(self) -> None:
+        """The drain ``_post_settle`` queued. Thread: loop."""
+        with self._posted_lock:
+            # Reset before draining: a settle posted after this queues a drain of its own.
+            self._posted_queued = False
+        self._drain_done()
 
     def _drain_done(self) -> None:
         """Settle up to ``DRAIN_CHUNK`` completed tokens, then yield the loop if more wait. Thread: loop.

@@ -281,6 +281,10 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
         # Long calls' completions, each with the worker waiting for it to settle (see _complete_paced).
         self._done_paced: Deque[tuple[TaskToken[Any], Worker]] = collections.deque()
         self._drain_scheduled = False
+        # Settles handed over by kills and stops on other threads (see _post_settle): whether their
+        # drain is queued on the loop, read and written under the lock so "True" means queued.
+        self._posted_lock = threading.Lock()
+        self._posted_queued = False
         self._accepted = 0  # written under the routing lock
         self._settled = 0  # written on the loop thread only
         # Calls refused before acceptance, by terminal state; written under the routing lock.
