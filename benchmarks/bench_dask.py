@@ -205,7 +205,7 @@ async def _measure(options: BenchOptions, rt_calls: int, fan_out: int, cpu_calls
         "cpu_paired_ratio": statistics.median(
             raw / lane for lane, raw in zip(times["cpu"]["lane gather(*[f(i)])"], times["cpu"]["raw client.map"])),
         "raw_seconds": times,
-        "lane_counts": {k: lane_stats[k] for k in ("submitted", "completed", "failed", "crashed")},
+        "lane_counts": {k: lane_stats[k] for k in ("submitted", "completed", "pushed", "failed", "crashed")},
     }
 
 
