@@ -405,6 +405,13 @@ class DaskLane:
         if client is not None and client.status == "running":  # Dask's own reconnect succeeded
             self.state = "connected"
             self.error = None
+            if self._topic is not None:
+                # The scheduler may be a new one, which knows no subscription (Dask's client does
+                # not send them again): without it every result would be fetched with a gather.
+                try:
+                    client.subscribe_topic(self._topic, self._on_pushed)
+                except Exception as exc:  # noqa: BLE001 - results are then fetched; never a lost call
+                    logger.debug("Dask lane %s: subscribing to results failed: %s", self.name, exc)
             self.counts["reconnects"] += 1
             logger.warning("coordinator %s: Dask lane reconnected to %s", self.name, self._where())
             return
