@@ -14,10 +14,11 @@ cluster:
   waits in TokenGate's pending queues, where kill, pause and drain reach it.
 * Calls are submitted on the coordinator's loop, **batched per burst**: the
   first call of a burst schedules one flush, which submits everything queued
-  by then with one ``client.map`` per (resource, pinned worker) group; results
-  that finish together are fetched with one ``client.gather`` (on a saturated
-  cluster, results wait briefly for each other: see ``_queue_gather``); the
-  awaiter is settled from the loop, where the result arrives (no thread hop
+  by then with one ``client.map`` per (resource, pinned worker) group. A small
+  result comes back as a Dask event with its task's end (see ``_push_result``);
+  others, finishing together, are fetched with one ``client.gather`` (on a
+  saturated cluster, they wait briefly for each other: see ``_queue_gather``);
+  the awaiter is settled from the loop, where the result arrives (no thread hop
   either way). Settled calls' futures are released in batches (``_release_spent``).
 * ``pure=False`` always (every call runs, side effects included); each task's
   key is ``<operation_type>-<token id>-<random>``, so it is readable on the Dask
