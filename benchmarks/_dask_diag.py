@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import os
 import statistics
 import sys
 import time
@@ -95,7 +96,8 @@ async def main() -> None:
 
     from tokengate import OperationsCoordinator, task_token_guard
     patch_batched()
-    cpu_n = _calibrate(MS)
+    # DASK_DIAG_LOOP fixes spin's loop count (runs on a loaded host then compare: calibration drifts).
+    cpu_n = int(os.environ.get("DASK_DIAG_LOOP") or 0) or _calibrate(MS)
     lane_spin = task_token_guard(operation_type="bench.dask.spin", tags={"lane": "dask", "weight": "heavy"})(spin)
     cluster = await LocalCluster(n_workers=2, threads_per_worker=1, processes=True, asynchronous=True,
                                  host="127.0.0.1", dashboard_address="127.0.0.1:0",
@@ -144,21 +146,30 @@ async def main() -> None:
 
     def variant(rel: float, win: float, rounds: int = 64, share: float = 0.1) -> Any:
         async def run() -> None:
+            saved = (dl._GATHER_SHARE, dl._RELEASE_BUSY_DELAY, dl._GATHER_WINDOW, dl._GATHER_BATCH)
             dl._GATHER_SHARE = share
             dl._RELEASE_BUSY_DELAY = rel
             dl._GATHER_WINDOW = win
             dl._GATHER_BATCH = rounds
             try:
                 await lane()
-            finally:
-                dl._RELEASE_BUSY_DELAY = 0.1
-                dl._GATHER_WINDOW = 0.1
-                dl._GATHER_BATCH = 64
-                dl._GATHER_SHARE = 0.1
+            finally:  # back to the lane's own settings
+                dl._GATHER_SHARE, dl._RELEASE_BUSY_DELAY, dl._GATHER_WINDOW, dl._GATHER_BATCH = saved
         return run
 
-    contenders = {"lane_before": variant(0.005, 0.0), "lane_old": variant(0.005, 0.0), "lane_rel": variant(0.1, 0.0), "lane_w50": variant(0.1, 0.05), "lane_nogather": variant(10.0, 10.0, 1000),
-                  "lane_norel": variant(10.0, 0.02), "lane_rel1s": variant(1.0, 0.02), "lane_gatherend": variant(0.1, 10.0, 1000), "lane_w0": variant(0.1, 0.0), "lane_rel05": variant(0.5, 0.1),
+    async def lane_nopush() -> None:
+        # No topic in the payloads: no result is pushed, every one is fetched with a gather (as before 998f5a3).
+        lane_ = coordinator._dask
+        assert lane_ is not None
+        saved = lane_._topic
+        lane_._topic = None
+        try:
+            await lane()
+        finally:
+            lane_._topic = saved
+
+    contenders = {"lane_nopush": lane_nopush, "lane_before": variant(0.005, 0.0), "lane_old": variant(0.005, 0.0), "lane_rel": variant(0.1, 0.0), "lane_w50": variant(0.1, 0.05), "lane_nogather": variant(10.0, 10.0, 1000, 100.0),
+                  "lane_norel": variant(10.0, 0.02), "lane_rel1s": variant(1.0, 0.02), "lane_gatherend": variant(0.5, 10.0, 1000, 100.0), "lane_relend": variant(10.0, 0.1), "lane_w0": variant(0.1, 0.0), "lane_rel05": variant(0.5, 0.1),
                   "lane_share25": variant(0.1, 0.25, 64, 0.25), "lane_now": variant(0.1, 0.1),
                   "raw_res_each": raw_res_each, "raw_invoke": raw_invoke,
                   "raw_map": raw_map, "raw_map_res": raw_map_res, "raw_each": raw_each,
@@ -227,9 +238,30 @@ async def main() -> None:
             st = pstats.Stats(ps[0])
             for p in ps[1:]:
                 st.add(p)
+            if os.environ.get("DASK_DIAG_PROF_DIR"):  # for pstats / snakeviz later
+                st.dump_stats(os.path.join(os.environ["DASK_DIAG_PROF_DIR"], f"{name}.prof"))
             print("######", name)
             st.sort_stats("tottime").print_stats(25)
             st.sort_stats("cumtime").print_stats(40)
+        # Python calls per Dask call, by function, first contender against the others: unlike wall
+        # time on a shared host, call counts barely move from run to run.
+        tables = {}
+        for name, ps in profs.items():
+            st = pstats.Stats(ps[0])
+            for p in ps[1:]:
+                st.add(p)
+            tables[name] = {f"{fn[0].split('site-packages/')[-1]}:{fn[2]}": (v[1], v[2])
+                            for fn, v in st.stats.items()}  # type: ignore[attr-defined]
+        names = list(tables)
+        per = CALLS * ROUNDS
+        for other in names[1:]:
+            a, b = tables[names[0]], tables[other]
+            print(f"###### calls per Dask call: {names[0]} {sum(v[0] for v in a.values()) / per:.0f}, "
+                  f"{other} {sum(v[0] for v in b.values()) / per:.0f}; largest differences:")
+            diff = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, (0, 0))[0] - b.get(k, (0, 0))[0]))
+            for k in diff[:60]:
+                print(f"   {a.get(k, (0, 0))[0] / per:8.2f} {b.get(k, (0, 0))[0] / per:8.2f}  "
+                      f"{1e3 * a.get(k, (0, 0))[1] / per:7.3f} {1e3 * b.get(k, (0, 0))[1] / per:7.3f} ms  {k}")
     await coordinator.aclose()
     await client.close()
     await cluster.close()

@@ -77,3 +77,15 @@ def make_closure(offset: int) -> Callable[[int], int]:
         return x + offset
 
     return add
+
+
+@task_token_guard(operation_type="dask.payload", tags={"lane": "dask", "weight": "light"})
+def payload(size: int) -> bytes:
+    """A result of *size* bytes (over the lane's push limit: fetched with a gather)."""
+    return b"x" * size
+
+
+@task_token_guard(operation_type="dask.adder", tags={"lane": "dask", "weight": "light"})
+def adder(offset: int) -> Callable[[int], int]:
+    """A result only cloudpickle can send (a closure): never pushed, always gathered."""
+    return make_closure(offset)

@@ -101,6 +101,65 @@ def test_results_keywords_closures_and_map(make: Callable[..., OperationsCoordin
     assert rows and all(w["lane"] == "dask" for w in rows)
 
 
+def test_small_results_come_back_with_the_task_and_others_are_fetched(
+        make: Callable[..., OperationsCoordinator]) -> None:
+    # Given a lane connected to the cluster
+    coordinator = make()
+
+    def counts() -> dict[str, Any]:
+        info = coordinator.cluster()
+        assert info is not None
+        return info
+
+    before = counts()
+    # When calls return small results, a result over the push limit, and one only cloudpickle sends
+    assert [df.square(i).get(timeout=WAIT) for i in range(4)] == [0, 1, 4, 9]
+    pushed = counts()
+    big = df.payload(dask_lane._PUSH_LIMIT * 3).get(timeout=WAIT)
+    add2 = df.adder(2).get(timeout=WAIT)
+    after = counts()
+    # Then the small ones were pushed (no gather), the others were fetched, and every value is intact
+    assert pushed["pushed"] - before["pushed"] == 4
+    assert big == b"x" * (dask_lane._PUSH_LIMIT * 3) and add2(1) == 3
+    assert after["pushed"] == pushed["pushed"]
+    assert after["completed"] - before["completed"] == 6
+    # And events of other shapes on the topic (the scheduler's own about this client) are ignored
+    lane = coordinator._dask
+    assert lane is not None and coordinator.loop is not None
+    for event in [(0.0, {"action": "add-client"}), (0.0, ["no-such-key", b"junk"]), "junk", None]:
+        coordinator.loop.call_soon_threadsafe(lane._on_pushed, event)
+    assert df.square(5).get(timeout=WAIT) == 25
+
+
+def test_a_pushed_result_waits_in_the_workers_stream_for_the_tasks_end() -> None:
+    # Given a worker whose stream to the scheduler is open, and one whose stream has another shape
+    class Comm:
+        def closed(self) -> bool:
+            return False
+
+    class Stream:
+        def __init__(self) -> None:
+            self.buffer: list[Any] = []
+            self.comm = Comm()
+
+    class Worker:
+        def __init__(self, stream: Any) -> None:
+            self.batched_stream = stream
+            self.logged: list[tuple[str, Any]] = []
+
+        def log_event(self, topic: str, msg: Any) -> None:
+            self.logged.append((topic, msg))
+
+    usual, other = Worker(Stream()), Worker(object())
+    msg = {"op": "log-event", "topic": "t", "msg": ["k", b"v"]}
+    # When each queues a result event
+    dask_lane._queue_event(usual, dict(msg))
+    dask_lane._queue_event(other, dict(msg))
+    # Then the first waits in the buffer (the task's task-finished wakes the stream); the other is logged
+    assert usual.batched_stream.buffer == [msg] and usual.logged == []
+    assert other.logged == [("t", ["k", b"v"])]
+
+
 def test_calls_and_kills_from_many_threads_settle_each_token_once(make: Callable[..., OperationsCoordinator]) -> None:
     # Given a lane with few slots (calls queue behind them) and threads that submit and kill at once:
     # the slots are driven by the loop, so every wake-up and every kill here crosses threads.

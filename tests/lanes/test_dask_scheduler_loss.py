@@ -87,8 +87,11 @@ def test_scheduler_lost_mid_run_refuses_at_submit_then_reconnects(host: Schedule
         _until(lambda: _cluster(coordinator)["state"] == "connected", "the lane to reconnect")
         assert coordinator.ready
         _until(lambda: len(_cluster(coordinator)["workers"]) >= 1, "the new worker in the lane's list")
+        pushed = _cluster(coordinator)["pushed"]
         assert df.square(5).get(timeout=WAIT) == 25
         assert _cluster(coordinator)["reconnects"] >= 1
+        # and small results still come back with their task's end (subscribed on the new scheduler)
+        assert _cluster(coordinator)["pushed"] == pushed + 1
     finally:
         coordinator.stop()
 

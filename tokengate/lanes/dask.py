@@ -14,10 +14,11 @@ cluster:
   waits in TokenGate's pending queues, where kill, pause and drain reach it.
 * Calls are submitted on the coordinator's loop, **batched per burst**: the
   first call of a burst schedules one flush, which submits everything queued
-  by then with one ``client.map`` per (resource, pinned worker) group; results
-  that finish together are fetched with one ``client.gather`` (on a saturated
-  cluster, results wait briefly for each other: see ``_queue_gather``); the
-  awaiter is settled from the loop, where the result arrives (no thread hop
+  by then with one ``client.map`` per (resource, pinned worker) group. A small
+  result comes back as a Dask event with its task's end (see ``_push_result``);
+  others, finishing together, are fetched with one ``client.gather`` (on a
+  saturated cluster, they wait briefly for each other: see ``_queue_gather``);
+  the awaiter is settled from the loop, where the result arrives (no thread hop
   either way). Settled calls' futures are released in batches (``_release_spent``).
 * ``pure=False`` always (every call runs, side effects included); each task's
   key is ``<operation_type>-<token id>-<random>``, so it is readable on the Dask
@@ -56,6 +57,7 @@ import collections
 import importlib.util
 import logging
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -100,6 +102,9 @@ _GATHER_SHARE = 0.1
 _GATHER_WINDOW = 0.1
 # ... or until this many results are in (the size of one gather).
 _GATHER_BATCH = 64
+# Results whose pickle is at most this many bytes come back with the task's end (see _push_result);
+# larger ones are fetched with client.gather.
+_PUSH_LIMIT = 4096
 # Seconds aclose() gives the client and the embedded cluster to close.
 _CLOSE_TIMEOUT = 15.0
 
@@ -125,27 +130,88 @@ def rendezvous(key: Hashable, candidates: list[str]) -> str:
 
 
 class _Payload:
-    """One call as it travels to a Dask worker: opaque to Dask's graph parser (no tuple is read as a task)."""
+    """One call as it travels to a Dask worker: opaque to Dask's graph parser (no tuple is read as a task).
 
-    __slots__ = ("func", "args", "kwargs")
+    ``topic`` and ``key``: where the worker publishes a small result (see
+    :func:`_push_result`); None when the lane takes every result with a gather.
+    """
 
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None) -> None:
+    __slots__ = ("func", "args", "kwargs", "topic", "key")
+
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None,
+                 key: str | None = None) -> None:
         self.func = func
         self.args = args
         self.kwargs = kwargs
+        self.topic: str | None = None  # set at submission: the topic of the client submitting it
+        self.key = key
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.func, self.args, self.kwargs)
+        return (self.func, self.args, self.kwargs, self.topic, self.key)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.func, self.args, self.kwargs = state
+        self.func, self.args, self.kwargs = state[:3]
+        self.topic, self.key = state[3:] if len(state) == 5 else (None, None)
 
 
 def _invoke(payload: _Payload) -> Any:
     """Run one call on a Dask worker (the task's function)."""
     if payload.kwargs:
-        return payload.func(*payload.args, **payload.kwargs)
-    return payload.func(*payload.args)
+        value = payload.func(*payload.args, **payload.kwargs)
+    else:
+        value = payload.func(*payload.args)
+    if payload.topic is not None:
+        _push_result(payload.topic, payload.key, value)
+    return value
+
+
+def _push_result(topic: str, key: str | None, value: Any) -> None:
+    """Publish a small result as a Dask event, so it reaches the lane with the task's end. Thread: a Dask task.
+
+    Why: a result fetched with ``client.gather`` is a request to the
+    scheduler, which asks the worker (busy with its next task on a saturated
+    cluster: its thread must hand the GIL to the worker's event loop to serve
+    it) and answers: 4-6 messages through the app's process per fetch. An
+    event rides on the streams Dask already keeps open: the worker's batched
+    stream to the scheduler, just ahead of this task's ``task-finished``, and
+    the scheduler's stream to the client, just ahead of ``key-in-memory``. The
+    value also stays the task's result on the worker, as always. A result
+    that does not pickle, or whose pickle is over ``_PUSH_LIMIT`` bytes, is
+    not published: the lane fetches it with a gather, as it does when no
+    event comes.
+    """
+    try:
+        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - e.g. a value only cloudpickle handles: the gather fetches it
+        return
+    if len(blob) > _PUSH_LIMIT:
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        worker.loop.add_callback(_queue_event, worker, {"op": "log-event", "topic": topic, "msg": [key, blob]})
+    except Exception:  # noqa: BLE001 - not on a Dask worker (or it is closing): the gather fetches it
+        return
+
+
+def _queue_event(worker: Any, msg: dict[str, Any]) -> None:
+    """Put a result event in the worker's stream to the scheduler, to leave with this task's end. Thread: its loop.
+
+    ``Worker.log_event`` would wake the stream, which sends at once when it is
+    idle: the event would leave alone and this task's ``task-finished`` a
+    window later, two batches through the scheduler and two to the client
+    per call. Appended to the stream's buffer, it leaves with the
+    ``task-finished`` that follows (which wakes the stream). A stream of
+    another shape (another ``distributed`` version) gets ``log_event``.
+    """
+    stream = getattr(worker, "batched_stream", None)
+    buffer = getattr(stream, "buffer", None)
+    comm = getattr(stream, "comm", None)
+    if isinstance(buffer, list) and comm is not None and not comm.closed():
+        buffer.append(msg)
+    else:
+        worker.log_event(msg["topic"], msg["msg"])
 
 
 class DaskCall:
@@ -156,7 +222,7 @@ class DaskCall:
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None,
                  weight: str, affinity: Hashable | None, key: str, token: Any = None, slot: Any = None) -> None:
-        self.payload: _Payload | None = _Payload(func, args, kwargs)
+        self.payload: _Payload | None = _Payload(func, args, kwargs, key)
         # The token this call settles: its outcome goes to the coordinator from
         # where it arrives (the loop).
         self.token: Any = token
@@ -212,6 +278,8 @@ class DaskLane:
         self._outbox: Deque[DaskCall] = collections.deque()
         self._flush_scheduled = False
         self._inflight: set[DaskCall] = set()  # submitted, outcome not back; guarded by _lock
+        self._by_key: dict[str, DaskCall] = {}  # the same calls by Dask key (pushed results); guarded by _lock
+        self._topic: str | None = None  # the event topic small results are pushed on (this client's id)
         self._spent: list[Any] = []  # Dask futures of settled calls, not released yet; guarded by _lock
         self._release_due: float | None = None  # loop time of the next armed release; guarded by _lock
         self._to_gather: list[DaskCall] = []  # finished on the cluster, result not fetched yet (loop only)
@@ -225,7 +293,7 @@ class DaskLane:
         self._last_attempt = 0.0
         self._workers: dict[str, dict[str, Any]] = {}
         self._placements: dict[str, tuple[list[str], str | None]] = {}  # per weight class (loop only)
-        self.counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "cancelled": 0,
+        self.counts = {"submitted": 0, "completed": 0, "pushed": 0, "failed": 0, "crashed": 0, "cancelled": 0,
                        "refused_unavailable": 0, "refused_at_submit": 0, "lost": 0, "connects": 0, "reconnects": 0}
 
     # -- lifecycle -----------------------------------------------------------
@@ -285,6 +353,11 @@ class DaskLane:
                 await client.close()
                 return
             self.client = client
+            # Small results come back as events on the topic named by this client's id (the
+            # scheduler drops that topic's log some time after the client leaves). Subscribed
+            # before any submission: both travel on the client's one stream to the scheduler.
+            self._topic = str(client.id)
+            client.subscribe_topic(self._topic, self._on_pushed)
             self.dashboard_link = _dashboard_link(client)
             self.error = None
             await self._refresh_workers()
@@ -333,6 +406,13 @@ class DaskLane:
         if client is not None and client.status == "running":  # Dask's own reconnect succeeded
             self.state = "connected"
             self.error = None
+            if self._topic is not None:
+                # The scheduler may be a new one, which knows no subscription (Dask's client does
+                # not send them again): without it every result would be fetched with a gather.
+                try:
+                    client.subscribe_topic(self._topic, self._on_pushed)
+                except Exception as exc:  # noqa: BLE001 - results are then fetched; never a lost call
+                    logger.debug("Dask lane %s: subscribing to results failed: %s", self.name, exc)
             self.counts["reconnects"] += 1
             logger.warning("coordinator %s: Dask lane reconnected to %s", self.name, self._where())
             return
@@ -485,6 +565,7 @@ class DaskLane:
             # The Dask future is released with the next submission (see _release_spent).
             future, call.future = call.future, None
             self._inflight.discard(call)
+            self._by_key.pop(call.key, None)
             loop = self._loop
             release_at = None
             if future is not None and loop is not None:
@@ -592,8 +673,15 @@ class DaskLane:
         if pinned is not None:
             options["workers"] = [pinned]
             options["allow_other_workers"] = True  # the documented fallback when the pinned worker left
+        topic = self._topic
+        payloads = []
+        for call in calls:
+            payload = call.payload
+            if payload is not None:
+                payload.topic = topic
+            payloads.append(payload)
         try:
-            futures = client.map(_invoke, [c.payload for c in calls], key=[c.key for c in calls], **options)
+            futures = client.map(_invoke, payloads, key=[c.key for c in calls], **options)
         except Exception as exc:  # noqa: BLE001 - typically a payload that does not pickle
             if len(calls) > 1:  # find the culprit: only its call fails
                 for call in calls:
@@ -612,6 +700,7 @@ class DaskLane:
                     continue
                 call.future = future
                 self._inflight.add(call)
+                self._by_key[call.key] = call
             self.counts["submitted"] += 1
             loop.create_task(self._watch(call, future))
 
@@ -736,8 +825,8 @@ class DaskLane:
                 await self._gather_one(call)
             return
         for call, value in zip(batch, values):
-            self.counts["completed"] += 1
-            self._finish(call, value, False)
+            if self._finish(call, value, False):  # False: its pushed result came first
+                self.counts["completed"] += 1
 
     async def _gather_one(self, call: DaskCall) -> None:
         future = call.future
@@ -751,8 +840,31 @@ class DaskLane:
             self._finish(call, self._translate(exc, exc.__traceback__) if future.status == "error"
                          else self._unavailable(), True)
             return
-        self.counts["completed"] += 1
-        self._finish(call, value, False)
+        if self._finish(call, value, False):
+            self.counts["completed"] += 1
+
+    def _on_pushed(self, event: Any) -> None:
+        """A result pushed by a worker (see _push_result): settle its call. Thread: loop.
+
+        Dask's client calls this while reading the scheduler's stream, before
+        the ``key-in-memory`` of the same task that follows it, so the call's
+        watcher finds it settled and fetches nothing. Anything else on the topic
+        (the scheduler logs its own events about this client there) is ignored.
+        """
+        try:
+            _, (key, blob) = event
+            call = self._by_key.get(key)
+        except (TypeError, ValueError):
+            return
+        if call is None or call.settled:
+            return
+        try:
+            value = pickle.loads(blob)
+        except Exception:  # noqa: BLE001 - the watcher fetches it with a gather
+            return
+        if self._finish(call, value, False):
+            self.counts["completed"] += 1
+            self.counts["pushed"] += 1
 
     # -- statistics ----------------------------------------------------------
 
@@ -807,6 +919,12 @@ async def _cancel_quietly(client: Any, future: Any, reason: str) -> None:
 
 
 async def _close_quietly(client: Any) -> None:
+    try:
+        # Leave the result topic first: the scheduler logs this client's departure on it and
+        # would try to send that event to the closed stream (a CRITICAL log line).
+        client.unsubscribe_topic(str(client.id))
+    except Exception:  # noqa: BLE001 - never subscribed (connect failed) or the stream is gone
+        pass
     try:
         await asyncio.wait_for(client.close(), _CLOSE_TIMEOUT)
     except Exception:  # noqa: BLE001 - logged; the stop goes on
