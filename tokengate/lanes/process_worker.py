@@ -263,13 +263,13 @@ class ProcessWorker(LaneWorker):
             return
         if self._link is None:
             try:
-                fd, sentinel, states, lock, pid = self.child.endpoints()
+                fd, wfd, sentinel, states, lock, pid = self.child.endpoints()
             except Exception as exc:  # noqa: BLE001 - closed or dead meanwhile: try again at the next call
                 self._fail_waiting(exc)
                 return
             loop = self.coordinator._loop
             assert loop is not None
-            self._link = Link(loop, fd, sentinel, states, lock, pid, self._on_frames, self._on_dead)
+            self._link = Link(loop, fd, wfd, sentinel, states, lock, pid, self._on_frames, self._on_dead)
             self._free = list(range(SLOTS - 1, -1, -1))
             self._draining = None
         self._pump()
