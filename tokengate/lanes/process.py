@@ -888,8 +888,8 @@ class ChildProcess:
         poller = self._poller
         if poller is None:
             if not _HAVE_POLL:
-                ready = wait([conn, process.sentinel, self._wake_r], timeout)
-                return _REPLY if conn in ready else _WAKE if self._wake_r in ready else \
+                ready = wait([conn.reader, process.sentinel, self._wake_r], timeout)
+                return _REPLY if conn.reader in ready else _WAKE if self._wake_r in ready else \
                     _DIED if process.sentinel in ready else _TIMEOUT
             poller = select.poll()
             for fd in (conn.fileno(), process.sentinel, self._wake_r.fileno()):
@@ -979,8 +979,8 @@ class ChildProcess:
         assert process is not None and conn is not None
         deadline = time.monotonic() + self._start_timeout
         while True:
-            ready = wait([conn, process.sentinel, self._wake_r], max(0.0, deadline - time.monotonic()))
-            if conn in ready:
+            ready = wait([conn.reader, process.sentinel, self._wake_r], max(0.0, deadline - time.monotonic()))
+            if conn.reader in ready:
                 try:
                     message = pickle.loads(conn.recv_bytes())
                 except (EOFError, OSError):
