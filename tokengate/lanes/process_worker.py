@@ -590,10 +590,6 @@ class ProcessWorker(LaneWorker):
                     outcome = _decode(call.ref, item)
                     done.append((call, outcome.value, False) if outcome.ok else (call, outcome.error, True))
         self._last_reply = last
-        for call, value, is_error in done:
-            self._settle(call, value, is_error)
-        if done:
-            self._flush()
         link = self._link
         for call in resend_one:
             if link is not None:
@@ -607,8 +603,25 @@ class ProcessWorker(LaneWorker):
             self._link = None
             self._starting = True
             self._ask_thread("restart")
-        if pump:
+        if pump and (self.mailbox or self._resend):
+            # More calls wait here: send them before settling, so the process works while the loop settles.
             self._pump()
+            pump = False
+        for call, value, is_error in done:
+            self._settle(call, value, is_error)
+        if done:
+            self._flush()
+        if pump:
+            # Nothing waits here: the settled calls' awaiters run first, and the next call of a
+            # sequence goes out at once from wake() (idle: the router wakes us); the pump
+            # (pending queues, the pull) follows them in this loop round.
+            if not calls:
+                self.idle = True
+            if not self._pump_scheduled:
+                self._pump_scheduled = True
+                loop = self.coordinator._loop
+                assert loop is not None
+                loop.call_soon(self._pump)
 
     def _unloadable(self, data: bytes, done: list[tuple[_Call, Any, bool]]) -> list[_Call]:
         """A batch the child could not unpickle (nothing of it ran). Under current_lock.
