@@ -171,21 +171,16 @@ async def _startups(repeats: int, workers: int, advance: Callable[[int], None]) 
 def _without_pull() -> Iterator[None]:
     """The process lane as it was before the pull: each call runs on the process it was routed to when submitted.
 
-    No pull across domains, a slow call is sent ahead behind a running one even when it is the last waiting,
-    and a long one too (two in flight per process, as for any slow call).
+    No pull across domains, and a slow call is sent ahead behind a running one even when it is the last waiting.
     """
-    from tokengate.lanes import process_worker
     from tokengate.lanes.process_worker import ProcessWorker
 
     pull, last = ProcessWorker._steal_across, ProcessWorker._last_waiting
-    long_seconds = process_worker.LONG_SECONDS
     ProcessWorker._steal_across = ProcessWorker._last_waiting = lambda self: False  # type: ignore[method-assign]
-    process_worker.LONG_SECONDS = float("inf")
     try:
         yield
     finally:
         ProcessWorker._steal_across, ProcessWorker._last_waiting = pull, last  # type: ignore[method-assign]
-        process_worker.LONG_SECONDS = long_seconds
 
 
 def _calibrate(fn: Callable[[int], Any], guess: int, target_ms: float) -> tuple[int, float]:

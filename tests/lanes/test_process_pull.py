@@ -16,8 +16,6 @@ import pytest
 
 from tokengate import OperationsCoordinator, TokenState
 
-from tokengate.lanes import process_worker as pw
-
 from . import lane_functions as lf
 from .test_process_lane import _wait_for_file
 
@@ -85,10 +83,9 @@ def test_an_idle_process_pulls_the_calls_waiting_in_another_domains_mailbox(
     workers = _workers(two_domains)
     go_a, go_b, holder_a, pid_a, holder_b, pid_b = _hold_both(tmp_path)
     assert pid_a != pid_b
-    for worker in workers.values():  # measured slow, but not long: each process gets one call behind its running one
-        worker._took[lf.pid_heavy] = (pw.SLOW_SECONDS + pw.LONG_SECONDS) / 2
     calls = _on_loop(two_domains, lambda: [lf.pid_heavy(i) for i in range(6)])
     assert [t.core_id for t in calls] == [1, 2] * 3
+    # (a slow or unmeasured function: each process is sent one call behind its running one)
     behind_a = _wait_carried(workers[(1, 0)], calls, 1)
     # When domain 2's process is let go
     go_b.write_text("go")
@@ -107,28 +104,6 @@ def test_an_idle_process_pulls_the_calls_waiting_in_another_domains_mailbox(
     assert behind_a[0].get(timeout=WAIT) == pid_a
 
 
-def test_a_long_or_unmeasured_call_is_never_sent_behind_a_running_one(
-        two_domains: OperationsCoordinator, tmp_path: Path) -> None:
-    # Given both processes held busy, and six calls of a function not yet measured (long until it is),
-    # placed three per domain when they were submitted
-    workers = _workers(two_domains)
-    go_a, go_b, holder_a, pid_a, holder_b, pid_b = _hold_both(tmp_path)
-    calls = _on_loop(two_domains, lambda: [lf.pid_heavy(i) for i in range(6)])
-    assert [t.core_id for t in calls] == [1, 2] * 3
-    _on_loop(two_domains, list)  # a loop round later: both workers have looked at their mailboxes
-    # Then neither process is sent one behind its running call: all wait where any process may take them,
-    assert not any(w.carries(t) for w in workers.values() for t in calls)
-    assert all(t.state is TokenState.ADMITTED for t in calls)
-    # so when domain 2's process frees first, it runs all six (three pulled from domain 1's mailbox)
-    go_b.write_text("go")
-    assert holder_b.get(timeout=WAIT) == pid_b
-    assert [t.get(timeout=WAIT) for t in calls] == [pid_b] * 6
-    assert workers[(2, 0)].stolen == 3
-    assert holder_a.state is TokenState.EXECUTING
-    go_a.write_text("go")
-    assert holder_a.get(timeout=WAIT) == pid_a
-
-
 def test_a_sticky_call_is_never_pulled_away_from_its_pinned_domain(tmp_path: Path) -> None:
     coordinator = _start(process_workers=2, name="lanepullsticky")  # default policies: sticky routes
     try:
@@ -141,7 +116,7 @@ def test_a_sticky_call_is_never_pulled_away_from_its_pinned_domain(tmp_path: Pat
         pid_b = _wait_for_file(tmp_path / "b")
         keyed = _on_loop(coordinator, lambda: [lf.sticky_pid(7, i) for i in range(4)])
         assert {t.core_id for t in keyed} == {1}
-        _on_loop(coordinator, list)  # a loop round later: domain 1's worker has looked at its mailbox
+        _wait_carried(workers[(1, 0)], keyed, 1)
         # When domain 2's process is let go and runs another call (each reply has it look for work)
         go_b.write_text("go")
         assert holder_b.get(timeout=WAIT) == pid_b
@@ -170,7 +145,8 @@ def test_a_process_the_bulkhead_reserves_for_light_calls_never_pulls_a_heavy_cal
             holders.append(lf.hold_heavy(str(tmp_path / f"m{i}"), str(go), 60.0))
             _wait_for_file(tmp_path / f"m{i}")
         heavy = _on_loop(coordinator, lambda: [lf.pid_heavy(i) for i in range(9)])
-        _on_loop(coordinator, list)  # a loop round later: the workers have looked at their mailboxes
+        for key in ((1, 0), (1, 1), (2, 1)):
+            _wait_carried(workers[key], heavy, 1)
         # When light calls run one after another on the reserved process (each reply has it look for work)
         light_pids = {lf.worker_pid().get(timeout=WAIT) for _ in range(5)}
         # Then it took none of the heavy calls, which wait for the processes that may run them

@@ -13,12 +13,11 @@ not on the worker's thread: when tokens reach the mailbox the loop claims them
 of up to :data:`GROUP` per message and writes them to the process's pipe
 without waiting for earlier replies (up to :data:`FAST_DEPTH` calls in flight
 while a function's calls are known to be quick, :data:`SLOW_DEPTH` while they
-are slow, and one, the running call, while they are long
-(:data:`LONG_SECONDS`) or not yet measured, so slow calls do not queue behind
-each other in one process while a sibling idles).
+are slow or not yet measured, so slow
+calls do not queue behind each other in one process while a sibling idles).
 **Slow calls are pulled**: the last call waiting is not sent ahead behind a
 running one, and a process with fewer than :data:`SLOW_DEPTH` calls in flight
-(none of them long) and nothing of its own takes the newest call waiting in another domain's
+and nothing of its own takes the newest call waiting in another domain's
 mailbox (:meth:`~tokengate.routing.Router.steal_across`: only a class it may
 run, never a call a policy routes), so whichever process frees a slot first
 takes the next call, as a shared queue would give it.
@@ -69,7 +68,7 @@ if TYPE_CHECKING:
     from .process import ChildProcess
     from .references import FunctionRef
 
-__all__ = ["ProcessWorker", "GROUP", "FAST_DEPTH", "SLOW_DEPTH", "SLOW_SECONDS", "LONG_SECONDS"]
+__all__ = ["ProcessWorker", "GROUP", "FAST_DEPTH", "SLOW_DEPTH"]
 
 logger = logging.getLogger("tokengate.lanes")
 
@@ -82,11 +81,6 @@ FAST_DEPTH = 512
 SLOW_DEPTH = 2
 #: A function whose calls take longer than this (moving average of the time each reply took) is "slow".
 SLOW_SECONDS = 0.001
-#: A function whose calls take longer than this (or not yet measured) is "long": its calls go only to a
-#: process with nothing in flight, so none waits in a pipe behind a running call, where no idle process
-#: could take it (a process the host slows would otherwise end the burst late). The idle gap this costs
-#: between two calls is one reply-and-send on the loop (tens of µs), under 1 % of such a call.
-LONG_SECONDS = 0.01
 
 _EXECUTING = TokenState.EXECUTING
 _ADMITTED = frozenset({TokenState.ADMITTED})
@@ -345,12 +339,11 @@ class ProcessWorker(LaneWorker):
                     # Nothing of its own: the pending queues (and a stuck sibling of its
                     # domain), then, while this process is nearly free, another domain's
                     # mailbox: calls are pulled by whichever process frees a slot first.
-                    if refill(self) or (self._may_pull() and self._steal_across()):
+                    if refill(self) or (len(calls) < SLOW_DEPTH and self._steal_across()):
                         continue
                     break
                 estimate = took.get(token._guarded, 1.0)
-                if estimate > SLOW_SECONDS and calls and (len(calls) >= SLOW_DEPTH or estimate > LONG_SECONDS
-                                                          or self._last_waiting()):
+                if estimate > SLOW_SECONDS and calls and (len(calls) >= SLOW_DEPTH or self._last_waiting()):
                     # Slow (or not yet measured): it waits in the mailbox, where an idle
                     # process may still take it, until this process is nearly free; and
                     # the last call waiting is not sent ahead at all: whichever process
@@ -388,16 +381,6 @@ class ProcessWorker(LaneWorker):
             self._plan_steal()
             break
         self._set_current()
-
-    def _may_pull(self) -> bool:
-        """Nearly free: fewer than SLOW_DEPTH calls in flight, none of them long. Thread: loop."""
-        calls = self._calls
-        if not calls:
-            return True
-        if len(calls) >= SLOW_DEPTH:
-            return False
-        took = self._took
-        return all(took.get(call.key, 1.0) <= LONG_SECONDS for call in calls.values())
 
     def _last_waiting(self) -> bool:
         """Just popped from the mailbox, is that call the last one waiting in this lane? Thread: loop."""
