@@ -1,4 +1,4 @@
-"""The code a process-lane worker runs: a request/reply loop over one pipe.
+"""The code a process-lane worker runs: a request/reply loop over its pipes (requests in, replies out).
 
 The parent (:class:`tokengate.lanes.process.ChildProcess`) sends one pickled
 request at a time and waits for its reply; nothing else travels on the pipe, so

@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 __all__ = ["Link"]
 
-# Replies are read into one buffer allocated per pipe: a fresh 256 KiB bytes object per
-# read (os.read) comes from mmap'ed memory and cost ~12 µs per read here, a tenth of a
-# trivial call's round trip; the large buffer keeps a burst's replies to few reads.
+# Replies are read (os.readv) into one buffer allocated per pipe: a fresh 256 KiB bytes
+# object per os.read cost 28.5 µs a read in a profile here against 11.5 µs (about a tenth
+# of a trivial call's round trip); the large buffer keeps a burst's replies to few reads.
 _READ_SIZE = 1 << 18
 _HEADER = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
