@@ -1,4 +1,4 @@
-"""The code a process-lane worker runs: a request/reply loop over one pipe.
+"""The code a process-lane worker runs: a request/reply loop over its pipes (requests in, replies out).
 
 The parent (:class:`tokengate.lanes.process.ChildProcess`) sends one pickled
 request at a time and waits for its reply; nothing else travels on the pipe, so
@@ -90,27 +90,30 @@ _SKIPPED_REPLY = pickle.dumps((SKIPPED,), PROTOCOL)
 _Item = tuple[Any, ...]
 
 
-def child_main(conn: Connection, preload: Sequence[str], shared: tuple[Any, Any] | None = None) -> None:
+def child_main(conn: Connection, preload: Sequence[str], shared: tuple[Any, Any] | None = None,
+               replies: Connection | None = None) -> None:
     """Entry point of a worker process: preload modules, report ready, serve requests until EOF.
 
     *shared* is ``(states, lock)``: the slot states of pipelined batches and the
     lock that orders the child's start of an item against the parent's skip.
+    *replies* is the pipe replies go to (None: *conn*, a duplex connection).
     """
+    out = conn if replies is None else replies
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _refuse_nested_calls()
     try:
         for name in preload:
             importlib.import_module(name)
     except BaseException:  # noqa: BLE001 - report any import failure to the parent, then exit
-        conn.send_bytes(pickle.dumps((START_FAILED, traceback.format_exc()), PROTOCOL))
+        out.send_bytes(pickle.dumps((START_FAILED, traceback.format_exc()), PROTOCOL))
         raise SystemExit(1) from None
-    conn.send_bytes(pickle.dumps((READY, os.getpid()), PROTOCOL))
-    _serve(conn, shared)
+    out.send_bytes(pickle.dumps((READY, os.getpid()), PROTOCOL))
+    _serve(conn, shared, out)
 
 
-def _serve(conn: Connection, shared: tuple[Any, Any] | None = None) -> None:
+def _serve(conn: Connection, shared: tuple[Any, Any] | None = None, out: Connection | None = None) -> None:
     recv = conn.recv_bytes
-    send = conn.send_bytes
+    send = (conn if out is None else out).send_bytes
     dumps = pickle.dumps
     loads = pickle.loads
     functions: dict[tuple[str, str], Callable[..., Any]] = {}

@@ -263,13 +263,13 @@ class ProcessWorker(LaneWorker):
             return
         if self._link is None:
             try:
-                fd, sentinel, states, lock, pid = self.child.endpoints()
+                fd, wfd, sentinel, states, lock, pid = self.child.endpoints()
             except Exception as exc:  # noqa: BLE001 - closed or dead meanwhile: try again at the next call
                 self._fail_waiting(exc)
                 return
             loop = self.coordinator._loop
             assert loop is not None
-            self._link = Link(loop, fd, sentinel, states, lock, pid, self._on_frames, self._on_dead)
+            self._link = Link(loop, fd, wfd, sentinel, states, lock, pid, self._on_frames, self._on_dead)
             self._free = list(range(SLOTS - 1, -1, -1))
             self._draining = None
         self._pump()
@@ -573,10 +573,6 @@ class ProcessWorker(LaneWorker):
                     outcome = _decode(call.ref, item)
                     done.append((call, outcome.value, False) if outcome.ok else (call, outcome.error, True))
         self._last_reply = last
-        for call, value, is_error in done:
-            self._settle(call, value, is_error)
-        if done:
-            self._flush()
         link = self._link
         for call in resend_one:
             if link is not None:
@@ -590,8 +586,25 @@ class ProcessWorker(LaneWorker):
             self._link = None
             self._starting = True
             self._ask_thread("restart")
-        if pump:
+        if pump and (self.mailbox or self._resend):
+            # More calls wait here: send them before settling, so the process works while the loop settles.
             self._pump()
+            pump = False
+        for call, value, is_error in done:
+            self._settle(call, value, is_error)
+        if done:
+            self._flush()
+        if pump:
+            # Nothing waits here: the settled calls' awaiters run first, and the next call of a
+            # sequence goes out at once from wake() (idle: the router wakes us); the pump
+            # (pending queues, the pull) follows them in this loop round.
+            if not calls:
+                self.idle = True
+            if not self._pump_scheduled:
+                self._pump_scheduled = True
+                loop = self.coordinator._loop
+                assert loop is not None
+                loop.call_soon(self._pump)
 
     def _unloadable(self, data: bytes, done: list[tuple[_Call, Any, bool]]) -> list[_Call]:
         """A batch the child could not unpickle (nothing of it ran). Under current_lock.
