@@ -122,9 +122,9 @@ async def main() -> None:
         await client.gather(client.map(spin, [cpu_n] * CALLS, pure=False, resources={"heavy": 1}))
 
     async def raw_invoke() -> None:
-        from tokengate.lanes import dask as dl2
-        payloads = [dl2._Payload(spin, (cpu_n,), None) for _ in range(CALLS)]
-        await client.gather(client.map(dl2._invoke, payloads, pure=False, resources={"heavy": 1}))
+        from tokengate.lanes import _dask_task
+        payloads = [_dask_task.Payload(spin, (cpu_n,), None) for _ in range(CALLS)]
+        await client.gather(client.map(_dask_task.invoke, payloads, pure=False, resources={"heavy": 1}))
 
     async def raw_res_each() -> None:
         from distributed import as_completed
@@ -202,7 +202,7 @@ async def main() -> None:
             kc1 = sum(sum(p.cpu_times()[:2]) for p in kids)
             await asyncio.sleep(0.05)
             msgs[name].update(counts)
-            recs = [rec for rec in plugin.collect(start_index=idx) if rec["key"] and ("spin" in str(rec["key"]) or "_invoke" in str(rec["key"]))]
+            recs = [rec for rec in plugin.collect(start_index=idx) if rec["key"] and ("spin" in str(rec["key"]) or "invoke" in str(rec["key"]))]
             per_worker: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
             for rec in recs:
                 for ss in rec["startstops"]:

@@ -26,6 +26,7 @@ import dask  # noqa: E402
 from tokengate import OperationsCoordinator, task_token_guard  # noqa: E402
 from tokengate.errors import ConfigurationError, TokenKilled, TokenTimeout, WorkerCrashed  # noqa: E402
 from tokengate.lanes import dask as dask_lane  # noqa: E402
+from tokengate.lanes import _dask_task as dask_task  # noqa: E402
 from tokengate.lanes.dask_errors import ClusterUnavailable  # noqa: E402
 from tokengate.policies import StickyPolicy  # noqa: E402
 
@@ -115,12 +116,12 @@ def test_small_results_come_back_with_the_task_and_others_are_fetched(
     # When calls return small results, a result over the push limit, and one only cloudpickle sends
     assert [df.square(i).get(timeout=WAIT) for i in range(4)] == [0, 1, 4, 9]
     pushed = counts()
-    big = df.payload(dask_lane._PUSH_LIMIT * 3).get(timeout=WAIT)
+    big = df.payload(dask_task.PUSH_LIMIT * 3).get(timeout=WAIT)
     add2 = df.adder(2).get(timeout=WAIT)
     after = counts()
     # Then the small ones were pushed (no gather), the others were fetched, and every value is intact
     assert pushed["pushed"] - before["pushed"] == 4
-    assert big == b"x" * (dask_lane._PUSH_LIMIT * 3) and add2(1) == 3
+    assert big == b"x" * (dask_task.PUSH_LIMIT * 3) and add2(1) == 3
     assert after["pushed"] == pushed["pushed"]
     assert after["completed"] - before["completed"] == 6
     # And events of other shapes on the topic (the scheduler's own about this client) are ignored
@@ -153,8 +154,8 @@ def test_a_pushed_result_waits_in_the_workers_stream_for_the_tasks_end() -> None
     usual, other = Worker(Stream()), Worker(object())
     msg = {"op": "log-event", "topic": "t", "msg": ["k", b"v"]}
     # When each queues a result event
-    dask_lane._queue_event(usual, dict(msg))
-    dask_lane._queue_event(other, dict(msg))
+    dask_task.queue_event(usual, dict(msg))
+    dask_task.queue_event(other, dict(msg))
     # Then the first waits in the buffer (the task's task-finished wakes the stream); the other is logged
     assert usual.batched_stream.buffer == [msg] and usual.logged == []
     assert other.logged == [("t", ["k", b"v"])]

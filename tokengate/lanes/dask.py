@@ -15,7 +15,7 @@ cluster:
 * Calls are submitted on the coordinator's loop, **batched per burst**: the
   first call of a burst schedules one flush, which submits everything queued
   by then with one ``client.map`` per (resource, pinned worker) group. A small
-  result comes back as a Dask event with its task's end (see ``_push_result``);
+  result comes back as a Dask event with its task's end (see :mod:`tokengate.lanes._dask_task`);
   others, finishing together, are fetched with one ``client.gather`` (on a
   saturated cluster, they wait briefly for each other: see ``_queue_gather``);
   the awaiter is settled from the loop, where the result arrives (no thread hop
@@ -64,6 +64,7 @@ import uuid
 from typing import Any, Callable, Deque, Hashable, Mapping
 
 from ..errors import ConfigurationError, WorkerCrashed, describe_exception
+from ._dask_task import Payload, invoke
 from .dask_errors import ClusterUnavailable, TaskCancelledOnCluster
 
 __all__ = [
@@ -102,9 +103,6 @@ _GATHER_SHARE = 0.1
 _GATHER_WINDOW = 0.1
 # ... or until this many results are in (the size of one gather).
 _GATHER_BATCH = 64
-# Results whose pickle is at most this many bytes come back with the task's end (see _push_result);
-# larger ones are fetched with client.gather.
-_PUSH_LIMIT = 4096
 # Seconds aclose() gives the client and the embedded cluster to close.
 _CLOSE_TIMEOUT = 15.0
 
@@ -129,91 +127,6 @@ def rendezvous(key: Hashable, candidates: list[str]) -> str:
     return max(candidates, key=lambda address: hash((key, address)))
 
 
-class _Payload:
-    """One call as it travels to a Dask worker: opaque to Dask's graph parser (no tuple is read as a task).
-
-    ``topic`` and ``key``: where the worker publishes a small result (see
-    :func:`_push_result`); None when the lane takes every result with a gather.
-    """
-
-    __slots__ = ("func", "args", "kwargs", "topic", "key")
-
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None,
-                 key: str | None = None) -> None:
-        self.func = func
-        self.args = args
-        self.kwargs = kwargs
-        self.topic: str | None = None  # set at submission: the topic of the client submitting it
-        self.key = key
-
-    def __getstate__(self) -> tuple[Any, ...]:
-        return (self.func, self.args, self.kwargs, self.topic, self.key)
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.func, self.args, self.kwargs = state[:3]
-        self.topic, self.key = state[3:] if len(state) == 5 else (None, None)
-
-
-def _invoke(payload: _Payload) -> Any:
-    """Run one call on a Dask worker (the task's function)."""
-    if payload.kwargs:
-        value = payload.func(*payload.args, **payload.kwargs)
-    else:
-        value = payload.func(*payload.args)
-    if payload.topic is not None:
-        _push_result(payload.topic, payload.key, value)
-    return value
-
-
-def _push_result(topic: str, key: str | None, value: Any) -> None:
-    """Publish a small result as a Dask event, so it reaches the lane with the task's end. Thread: a Dask task.
-
-    Why: a result fetched with ``client.gather`` is a request to the
-    scheduler, which asks the worker (busy with its next task on a saturated
-    cluster: its thread must hand the GIL to the worker's event loop to serve
-    it) and answers: 4-6 messages through the app's process per fetch. An
-    event rides on the streams Dask already keeps open: the worker's batched
-    stream to the scheduler, just ahead of this task's ``task-finished``, and
-    the scheduler's stream to the client, just ahead of ``key-in-memory``. The
-    value also stays the task's result on the worker, as always. A result
-    that does not pickle, or whose pickle is over ``_PUSH_LIMIT`` bytes, is
-    not published: the lane fetches it with a gather, as it does when no
-    event comes.
-    """
-    try:
-        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # noqa: BLE001 - e.g. a value only cloudpickle handles: the gather fetches it
-        return
-    if len(blob) > _PUSH_LIMIT:
-        return
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-        worker.loop.add_callback(_queue_event, worker, {"op": "log-event", "topic": topic, "msg": [key, blob]})
-    except Exception:  # noqa: BLE001 - not on a Dask worker (or it is closing): the gather fetches it
-        return
-
-
-def _queue_event(worker: Any, msg: dict[str, Any]) -> None:
-    """Put a result event in the worker's stream to the scheduler, to leave with this task's end. Thread: its loop.
-
-    ``Worker.log_event`` would wake the stream, which sends at once when it is
-    idle: the event would leave alone and this task's ``task-finished`` a
-    window later, two batches through the scheduler and two to the client
-    per call. Appended to the stream's buffer, it leaves with the
-    ``task-finished`` that follows (which wakes the stream). A stream of
-    another shape (another ``distributed`` version) gets ``log_event``.
-    """
-    stream = getattr(worker, "batched_stream", None)
-    buffer = getattr(stream, "buffer", None)
-    comm = getattr(stream, "comm", None)
-    if isinstance(buffer, list) and comm is not None and not comm.closed():
-        buffer.append(msg)
-    else:
-        worker.log_event(msg["topic"], msg["msg"])
-
-
 class DaskCall:
     """One call on its way to the cluster and back; the outcome is set exactly once (see DaskLane._finish)."""
 
@@ -222,7 +135,7 @@ class DaskCall:
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any] | None,
                  weight: str, affinity: Hashable | None, key: str, token: Any = None, slot: Any = None) -> None:
-        self.payload: _Payload | None = _Payload(func, args, kwargs, key)
+        self.payload: Payload | None = Payload(func, args, kwargs, key)
         # The token this call settles: its outcome goes to the coordinator from
         # where it arrives (the loop).
         self.token: Any = token
@@ -681,7 +594,7 @@ class DaskLane:
                 payload.topic = topic
             payloads.append(payload)
         try:
-            futures = client.map(_invoke, payloads, key=[c.key for c in calls], **options)
+            futures = client.map(invoke, payloads, key=[c.key for c in calls], **options)
         except Exception as exc:  # noqa: BLE001 - typically a payload that does not pickle
             if len(calls) > 1:  # find the culprit: only its call fails
                 for call in calls:
@@ -844,7 +757,7 @@ class DaskLane:
             self.counts["completed"] += 1
 
     def _on_pushed(self, event: Any) -> None:
-        """A result pushed by a worker (see _push_result): settle its call. Thread: loop.
+        """A result pushed by a worker (see _dask_task.push_result): settle its call. Thread: loop.
 
         Dask's client calls this while reading the scheduler's stream, before
         the ``key-in-memory`` of the same task that follows it, so the call's
