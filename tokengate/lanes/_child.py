@@ -90,30 +90,29 @@ _SKIPPED_REPLY = pickle.dumps((SKIPPED,), PROTOCOL)
 _Item = tuple[Any, ...]
 
 
-def child_main(conn: Connection, preload: Sequence[str], shared: tuple[Any, Any] | None = None,
-               replies: Connection | None = None) -> None:
+def child_main(conn: Connection, preload: Sequence[str], shared: tuple[Any, Any] | None,
+               replies: Connection) -> None:
     """Entry point of a worker process: preload modules, report ready, serve requests until EOF.
 
+    *conn* is the pipe requests arrive on, *replies* the one replies go to.
     *shared* is ``(states, lock)``: the slot states of pipelined batches and the
     lock that orders the child's start of an item against the parent's skip.
-    *replies* is the pipe replies go to (None: *conn*, a duplex connection).
     """
-    out = conn if replies is None else replies
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _refuse_nested_calls()
     try:
         for name in preload:
             importlib.import_module(name)
     except BaseException:  # noqa: BLE001 - report any import failure to the parent, then exit
-        out.send_bytes(pickle.dumps((START_FAILED, traceback.format_exc()), PROTOCOL))
+        replies.send_bytes(pickle.dumps((START_FAILED, traceback.format_exc()), PROTOCOL))
         raise SystemExit(1) from None
-    out.send_bytes(pickle.dumps((READY, os.getpid()), PROTOCOL))
-    _serve(conn, shared, out)
+    replies.send_bytes(pickle.dumps((READY, os.getpid()), PROTOCOL))
+    _serve(conn, shared, replies)
 
 
-def _serve(conn: Connection, shared: tuple[Any, Any] | None = None, out: Connection | None = None) -> None:
+def _serve(conn: Connection, shared: tuple[Any, Any] | None, out: Connection) -> None:
     recv = conn.recv_bytes
-    send = (conn if out is None else out).send_bytes
+    send = out.send_bytes
     dumps = pickle.dumps
     loads = pickle.loads
     functions: dict[tuple[str, str], Callable[..., Any]] = {}

@@ -39,8 +39,7 @@ class Payload:
         return (self.func, self.args, self.kwargs, self.topic, self.key)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.func, self.args, self.kwargs = state[:3]
-        self.topic, self.key = state[3:] if len(state) == 5 else (None, None)
+        self.func, self.args, self.kwargs, self.topic, self.key = state
 
 
 def invoke(payload: Payload) -> Any:

@@ -247,6 +247,10 @@ class ProcessWorker(LaneWorker):
         elif (threading.get_ident() == self.coordinator._loop_thread_id and not self._calls
               and self._link is not None and self._draining is None and not self._resend):
             self._send_first()
+        self._schedule_pump()
+
+    def _schedule_pump(self) -> None:
+        """Pump on the loop soon, unless a pump is already scheduled. Thread: any."""
         if not self._pump_scheduled:
             self._pump_scheduled = True
             if not self._on_loop(self._pump):
@@ -600,11 +604,7 @@ class ProcessWorker(LaneWorker):
             # (pending queues, the pull) follows them in this loop round.
             if not calls:
                 self.idle = True
-            if not self._pump_scheduled:
-                self._pump_scheduled = True
-                loop = self.coordinator._loop
-                assert loop is not None
-                loop.call_soon(self._pump)
+            self._schedule_pump()
 
     def _unloadable(self, data: bytes, done: list[tuple[_Call, Any, bool]]) -> list[_Call]:
         """A batch the child could not unpickle (nothing of it ran). Under current_lock.
