@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,39 @@ def test_ready_without_warm_processes_and_warm_without_a_process_lane() -> None:
         assert none.ready and "process" not in none.stats()["lanes"]
     finally:
         none.stop()
+
+
+def test_ready_means_every_warm_process_is_attached_to_the_loop_not_just_started() -> None:
+    # A process that is up but not yet attached cannot be sent a call: one routed to it waits,
+    # and an attached sibling may pull it (a call then runs in a domain its caller did not expect).
+    coordinator = OperationsCoordinator(policies=[], process_workers=2, warm_processes=True, stop_timeout=5,
+                                        name="laneattach")
+    loop_free = threading.Event()
+    coordinator.start()
+    try:
+        loop = coordinator._loop
+        assert loop is not None
+        # Given the loop held busy, so no started process can attach
+        loop.call_soon_threadsafe(loop_free.wait, 60)
+        workers = coordinator._routers["process"].workers
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+                w.started.is_set() and w.child.stats().startup_seconds is not None for w in workers):
+            time.sleep(0.01)
+        assert all(w.child.stats().startup_seconds is not None for w in workers), "the processes did not start"
+        # Then the coordinator is not ready while its processes are started but not attached
+        assert not coordinator.ready
+        assert all(w._link is None for w in workers)
+        # and once the loop attaches them it is, with every process's pipe on the loop
+        loop_free.set()
+        deadline = time.monotonic() + 30
+        while not coordinator.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert coordinator.ready
+        assert all(w._link is not None for w in workers)
+    finally:
+        loop_free.set()
+        coordinator.stop()
 
 
 # -- pipelining: several calls in flight to one process -------------------------------------------------------

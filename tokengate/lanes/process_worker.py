@@ -118,7 +118,7 @@ def _copy_death(error: BaseException) -> BaseException:
 class ProcessWorker(LaneWorker):
     """A routed worker whose calls run in the worker process it owns (see the module docstring)."""
 
-    __slots__ = ("child", "options", "warm", "started", "_link", "_calls", "_where", "_resend", "_free",
+    __slots__ = ("child", "options", "warm", "started", "attached", "_link", "_calls", "_where", "_resend", "_free",
                  "_pump_scheduled", "_ask", "_starting", "_draining", "_took", "_last_reply", "_timer", "stolen")
 
     kind = "p"
@@ -132,6 +132,9 @@ class ProcessWorker(LaneWorker):
         self.options = options
         self.warm = warm
         self.started = threading.Event()  # set once the handle exists (and, when warm, its process is up)
+        # Set once a process is attached to the loop: its calls can be sent at once. Until then a
+        # call routed here waits in the mailbox, where an attached sibling may pull it (see ready).
+        self.attached = threading.Event()
         # Loop thread only, except where noted.
         self._link: Link | None = None             # the attached process, None while (re)starting
         self._calls: dict[int, _Call] = {}          # in flight, by slot, in the order they were sent
@@ -276,6 +279,7 @@ class ProcessWorker(LaneWorker):
             self._link = Link(loop, fd, wfd, sentinel, states, lock, pid, self._on_frames, self._on_dead)
             self._free = list(range(SLOTS - 1, -1, -1))
             self._draining = None
+            self.attached.set()
         self._pump()
 
     def _fail_waiting(self, error: BaseException) -> None:
@@ -739,10 +743,15 @@ class ProcessWorker(LaneWorker):
 
     @property
     def ready(self) -> bool:
-        """True once this worker's process is up (always True when processes start on demand)."""
+        """True once this worker's process is up and attached to the loop (always True when processes start on demand).
+
+        Attached, not just started: the process's pipe is read by the loop, so a
+        call routed here now is sent at once (before that it would wait, and an
+        idle sibling in another domain could pull it).
+        """
         if not self.warm:
             return True
-        return self.started.is_set() and self.child.stats().startup_seconds is not None
+        return self.attached.is_set()
 
     def describe(self) -> dict[str, Any]:
         child = self.child
