@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -203,10 +204,49 @@ def ratio(a: float | None, b: float | None) -> float:
 
 
 def interleave(repeats: int, names: Sequence[str]) -> Iterator[tuple[int, str]]:
-    """``(repeat, name)`` in the order A B C D, A B C D, ... so machine noise hits everyone alike."""
+    """``(repeat, name)`` round by round, each round starting one contender later (A B C, B C A, C A B, ...).
+
+    Interleaving makes noise that drifts over a run hit every contender alike;
+    rotating keeps a contender from always running first in its round, or always
+    right after the same other one (whose leftovers, a warm cache or a busy
+    core, it would otherwise inherit every time).
+    """
+    n = len(names)
     for r in range(repeats):
-        for name in names:
-            yield r, name
+        for i in range(n):
+            yield r, names[(r + i) % n]
+
+
+def paired(base: Sequence[float], other: Sequence[float], *, resamples: int = 2000) -> dict[str, Any]:
+    """``base[i] / other[i]`` round by round (two trials that ran seconds apart), summarised.
+
+    For times, pass the anchor as *base* and the contender as *other*: a ratio
+    above 1 means the contender was faster in that round. Returns the median
+    paired ratio, a 95 % bootstrap interval of that median (percentile method,
+    fixed seed, so a result file is reproducible from its raw trials), the share
+    of rounds the contender won, and the ratios themselves. Noise that drifts
+    over the run cancels within a pair; it does not in a ratio of two medians.
+    """
+    ratios = [b / o for b, o in zip(base, other) if o > 0 and not (math.isnan(b) or math.isnan(o))]
+    if not ratios:
+        return {"median": math.nan, "ci95": [math.nan, math.nan], "won": math.nan, "rounds": 0, "ratios": []}
+    rng = random.Random(0)
+    n = len(ratios)
+    medians = sorted(median(rng.choices(ratios, k=n)) for _ in range(resamples))
+    return {
+        "median": median(ratios),
+        "ci95": [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]],
+        "won": sum(1 for r in ratios if r > 1.0) / n,
+        "rounds": n,
+        "ratios": ratios,
+    }
+
+
+def paired_note(p: dict[str, Any], who: str = "the lane") -> str:
+    """One line for a target's note: the :func:`paired` statistic of a comparison."""
+    lo, hi = p["ci95"]
+    return (f"round by round: median {p['median']:.3f}x, 95% CI {lo:.3f}-{hi:.3f}x, "
+            f"{who} faster in {round(p['won'] * p['rounds'])} of {p['rounds']} rounds")
 
 
 async def settle() -> None:

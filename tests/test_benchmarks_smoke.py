@@ -299,10 +299,30 @@ def test_parse_contenders_keeps_the_baselines_and_refuses_unknown_names() -> Non
 def test_helpers_percentile_interleave_and_target_verdicts() -> None:
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert math.isnan(percentile([], 99))
-    assert list(interleave(2, ["a", "b"])) == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+    # each round starts one contender later: none always runs first, or always after the same one
+    assert list(interleave(3, ["a", "b", "c"])) == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"),
+                                                   (2, "c"), (2, "a"), (2, "b")]
     assert Target("t", 5.1, 5.0, ">=").verdict == "PASS"
     assert Target("t", 1.2, 1.0, "<=").verdict == "FAIL"
     assert Target("t", None, 1.0, "<=").verdict == "n/a"
+
+
+def test_paired_compares_round_by_round_and_bounds_its_median() -> None:
+    from benchmarks._common import paired
+
+    # The host slows down over the run (every trial of round 3 takes 3x as long): the contender is
+    # 10 % faster in every round, which the round-by-round ratio shows exactly.
+    anchor = [1.0, 2.0, 3.0, 1.5, 1.1]
+    contender = [a / 1.1 for a in anchor]
+    p = paired(anchor, contender)
+    assert p["median"] == pytest.approx(1.1) and p["won"] == 1.0 and p["rounds"] == 5
+    assert p["ci95"][0] == pytest.approx(1.1) and p["ci95"][1] == pytest.approx(1.1)
+    # a tie in one round is not a win; the interval holds the median and comes from the ratios only
+    mixed = paired([1.0, 1.0, 1.0, 1.0], [0.9, 1.0, 1.2, 0.8])
+    assert mixed["won"] == 0.5
+    assert min(mixed["ratios"]) <= mixed["ci95"][0] <= mixed["median"] <= mixed["ci95"][1] <= max(mixed["ratios"])
+    assert paired([1.0, 2.0], [0.5, 4.0]) == paired([1.0, 2.0], [0.5, 4.0])  # a fixed seed: reproducible
+    assert math.isnan(paired([], [])["median"])
 
 
 _WRK_SUMMARY = """Running 14s test @ http://127.0.0.1:8000/heavy
