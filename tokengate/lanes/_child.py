@@ -43,7 +43,11 @@ slots)``: nothing of it ran.
 
 The first message the child sends is ``(READY, pid)`` or
 ``(START_FAILED, traceback_text)``. The child ends when the pipe closes (the
-parent went away or closed the handle).
+parent went away or closed the handle): between calls it reads EOF and exits
+normally; during a call a watchdog thread, which only polls the request pipe
+for a hang-up (it never reads it), ends the process :data:`ORPHAN_GRACE`
+seconds later, so a parent that dies (SIGKILL, OOM kill) leaves no worker
+process computing a result nobody will read.
 
 Each request (one call, or one chunk of a batch) runs in a fresh, empty
 :class:`contextvars.Context`: nothing of the parent's context crosses the
@@ -60,7 +64,10 @@ import importlib
 import itertools
 import os
 import pickle
+import select
 import signal
+import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Callable, NoReturn, Sequence
@@ -82,6 +89,10 @@ SKIPPED = 24
 QUEUED, RUNNING, DONE, SKIP = 0, 1, 2, 3
 #: Slots in a worker process's shared state array: the most calls in flight to one process.
 SLOTS = 1024
+
+#: Seconds between the request pipe's hang-up and the watchdog ending a child still running a call
+#: (an idle child has exited normally by then, on EOF).
+ORPHAN_GRACE = 0.5
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 _NO_SLOT = (-1).to_bytes(4, "big", signed=True)
@@ -106,8 +117,34 @@ def child_main(conn: Connection, preload: Sequence[str], shared: tuple[Any, Any]
     except BaseException:  # noqa: BLE001 - report any import failure to the parent, then exit
         replies.send_bytes(pickle.dumps((START_FAILED, traceback.format_exc()), PROTOCOL))
         raise SystemExit(1) from None
+    _watch_parent(conn.fileno())
     replies.send_bytes(pickle.dumps((READY, os.getpid()), PROTOCOL))
     _serve(conn, shared, replies)
+
+
+def _watch_parent(fd: int) -> None:
+    """End this process soon after the request pipe *fd* loses its writer (the parent died or closed it).
+
+    The parent is the only writer, so the pipe hangs up when the parent closes
+    its end or dies, whichever way (no parent-death signal is needed, and under
+    forkserver the process that forked us is not the parent anyway). Between
+    calls the main thread reads EOF and the process exits normally, and this
+    daemon thread never runs again; a call still running :data:`ORPHAN_GRACE`
+    seconds later is cut short with ``os._exit``, which also ends a call blocked
+    in C code. Nothing to do where ``select.poll`` is missing (Windows).
+    """
+    if not hasattr(select, "poll"):
+        return
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, 0)  # hang-up and errors are always reported; the reading stays with the main thread
+        while not any(event & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _fd, event in poller.poll()):
+            pass
+        time.sleep(ORPHAN_GRACE)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tokengate-parent-watch", daemon=True).start()
 
 
 def _serve(conn: Connection, shared: tuple[Any, Any] | None, out: Connection) -> None:
