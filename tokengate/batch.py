@@ -122,7 +122,7 @@ class MapCall(Generic[R]):
         return results
 
     def _extend(self, results: list[R], chunk: Any) -> None:
-        # A process-lane chunk comes back as a lanes.process.Batch: values, and errors by index.
+        # A process-lane chunk comes back as a lanes.Batch: values, and errors by index.
         results.extend(chunk.results() if self._process else chunk)
 
     def _kill_rest(self, start: int) -> None:

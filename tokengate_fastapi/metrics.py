@@ -41,7 +41,7 @@ __all__ = ["TokengateCollector", "FixedCollector", "fleet_families"]
 
 _QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.95", "p95"), ("0.99", "p99"))
 _STATES = sorted(s.value for s in TERMINAL_STATES)
-#: Every state a worker process handle can be in (tokengate.lanes.process.ProcessState), reported even at 0.
+#: Every state a worker process handle can be in (tokengate.lanes.ProcessState), reported even at 0.
 _PROCESS_STATES = ("new", "starting", "idle", "busy", "crashed", "terminated", "closed")
 
 

@@ -20,17 +20,11 @@ inline there). See :mod:`tokengate.lanes.process` for the details.
 
 from __future__ import annotations
 
+from ._outcomes import Batch, Outcome, RemoteTraceback
+from ._start import default_start_method, preload_in_forkserver
+from ._state import ProcessState, ProcessStats
 from .pool import ProcessPoolLane
-from .process import (
-    Batch,
-    ChildProcess,
-    Outcome,
-    ProcessState,
-    ProcessStats,
-    RemoteTraceback,
-    default_start_method,
-    preload_in_forkserver,
-)
+from .process import ChildProcess
 from .references import FunctionRef, check_importable, reference_to, resolve_reference
 
 __all__ = [

@@ -30,16 +30,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import psutil
 
 from ..errors import ConfigurationError, LaneClosed, ProcessLaneError, WorkerCrashed, WorkerTerminated
-from .process import (
-    DEFAULT_MAX_CHUNK,
-    Batch,
-    ChildProcess,
-    Outcome,
-    ProcessStats,
-    _chunk_payload,
-    _crashed_batch,
-    _terminated_batch,
-)
+from ._chunks import DEFAULT_MAX_CHUNK, chunk_payload, crashed_batch, terminated_batch
+from ._outcomes import Batch, Outcome
+from ._state import ProcessStats
+from .process import ChildProcess
 from .references import FunctionRef
 
 __all__ = ["ProcessPoolLane", "usable_cpus"]
@@ -263,7 +257,7 @@ class ProcessPoolLane:
         """Run many calls spread over the idle processes, a chunk per message; a :class:`Batch` in order.
 
         The default *chunksize* gives each process about four chunks (at most
-        :data:`~tokengate.lanes.process.DEFAULT_MAX_CHUNK` items), so a slow
+        :data:`~tokengate.lanes._chunks.DEFAULT_MAX_CHUNK` items), so a slow
         chunk does not leave the other processes idle. The calling thread
         drives every process it takes (waits for at least one, takes the others
         that are idle now), one chunk in flight per process: it pickles the
@@ -299,14 +293,14 @@ class ProcessPoolLane:
             nonlocal cursor, stopped
             while cursor < len(chunks) and stopped is None:
                 index, cursor = cursor, cursor + 1
-                payload = _chunk_payload(ref, chunks[index])
+                payload = chunk_payload(ref, chunks[index])
                 if payload is None:  # an item does not pickle: this chunk goes item by item
                     results[index] = handle._run_items_one_by_one(ref, chunks[index])
                     continue
                 try:
                     handle._send_request(payload)
                 except WorkerTerminated as exc:  # terminated while its replacement started
-                    results[index] = _terminated_batch(exc, len(chunks[index]))
+                    results[index] = terminated_batch(exc, len(chunks[index]))
                     stopped = exc
                     return
                 in_flight[handle] = index
@@ -323,9 +317,9 @@ class ProcessPoolLane:
                     try:
                         data = handle._receive_reply(None, size)
                     except WorkerCrashed as exc:
-                        results[index] = _crashed_batch(exc, size)
+                        results[index] = crashed_batch(exc, size)
                     except WorkerTerminated as exc:
-                        results[index] = _terminated_batch(exc, size)
+                        results[index] = terminated_batch(exc, size)
                         stopped = exc
                     else:
                         results[index] = handle._chunk_result(ref, chunks[index], data)
@@ -342,7 +336,7 @@ class ProcessPoolLane:
         for index, result in enumerate(results):
             if result is None:  # never sent: the batch was stopped by a termination
                 assert stopped is not None
-                result = _terminated_batch(stopped, len(chunks[index]))
+                result = terminated_batch(stopped, len(chunks[index]))
             batch.extend(result)
         return batch
 

@@ -1,16 +1,23 @@
-"""One worker process per handle (:class:`ChildProcess`) and a warm pool of them (:class:`ProcessPoolLane`).
+"""One worker process per handle: :class:`ChildProcess`.
 
 This is the engine room of the process lane: it runs a function, named by a
 :class:`~tokengate.lanes.references.FunctionRef`, in another Python process and
 brings its outcome back, and it survives everything a process can do to it.
+A warm pool of handles is :class:`~tokengate.lanes.pool.ProcessPoolLane`; the
+coordinator's process lane (:mod:`tokengate.lanes.process_worker`) gives each
+of its workers one handle for life. The handle is built from
+:mod:`~tokengate.lanes._start` (how a process starts),
+:mod:`~tokengate.lanes._pipes` (its two pipes), :mod:`~tokengate.lanes._state`
+(its state and statistics), :mod:`~tokengate.lanes._outcomes` (what a call
+returns) and :mod:`~tokengate.lanes._chunks` (batches in chunks).
 
 * **Start**: processes start by ``forkserver`` on POSIX and ``spawn`` elsewhere,
   never plain ``fork`` (forking a threaded parent can copy a lock held by
   another thread and deadlock the child). ``start()`` waits for the child to
   report ready and returns how long that took.
 * **Outcome**: the function's own exception arrives unchanged in type, its
-  ``__cause__`` a :class:`RemoteTraceback` holding the child's formatted
-  traceback (as :mod:`concurrent.futures` does). One that does not pickle
+  ``__cause__`` a :class:`~tokengate.lanes.RemoteTraceback` holding the
+  child's formatted traceback (as :mod:`concurrent.futures` does). One that does not pickle
   arrives as :class:`~tokengate.errors.RemoteError`. Arguments or a result that
   do not pickle give :class:`~tokengate.errors.PicklingFailed` for that call
   only; the process stays usable.
@@ -51,12 +58,8 @@ are logged on ``tokengate.lanes``.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import enum
-import gc
 import logging
 import math
-import multiprocessing
 import pickle
 import select
 import signal
@@ -64,194 +67,30 @@ import socket
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
-from typing import Any, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Iterable, Mapping, Sequence
 
 import psutil
 
-from ..errors import (
-    ConfigurationError,
-    LaneClosed,
-    PicklingFailed,
-    RemoteError,
-    WorkerCrashed,
-    WorkerStartFailed,
-    WorkerTerminated,
-)
+from ..errors import ConfigurationError, LaneClosed, WorkerCrashed, WorkerStartFailed, WorkerTerminated
 from . import _child
-from ._child import (
-    CALL,
-    ERROR,
-    MANY,
-    MANY_ARGS,
-    OK,
-    PROTOCOL,
-    READY,
-    START_FAILED,
-    UNLOADABLE_REQUEST,
-    UNPICKLABLE_RESULT,
-)
+from ._child import CALL, PROTOCOL, READY, START_FAILED, UNLOADABLE_REQUEST
+from ._chunks import DEFAULT_MAX_CHUNK, check_chunksize, chunk_payload, copy_terminated, crashed_batch
+from ._outcomes import Batch, Outcome, decode, failure, pickling_failed
+from ._pipes import PipePair
+from ._start import context, no_collection
+from ._state import ProcessState, ProcessStats
 from .references import FunctionRef
 
-__all__ = [
-    "Batch",
-    "ChildProcess",
-    "Outcome",
-    "ProcessPoolLane",
-    "ProcessState",
-    "ProcessStats",
-    "RemoteTraceback",
-    "default_start_method",
-    "preload_in_forkserver",
-]
+__all__ = ["ChildProcess"]
 
 logger = logging.getLogger("tokengate.lanes")
-
-R = TypeVar("R")
-
-#: The most items :meth:`ProcessPoolLane.call_many` puts in one message by default:
-#: large enough to amortise a round trip, small enough that a crash costs little.
-DEFAULT_MAX_CHUNK = 1024
 
 
 _HAVE_POLL = hasattr(select, "poll")
 # What a wait for a reply found.
 _REPLY, _WAKE, _DIED, _TIMEOUT = object(), object(), object(), object()
-
-
-def default_start_method() -> str:
-    """``"forkserver"`` where the platform has it (POSIX), else ``"spawn"``; never ``"fork"``."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-def preload_in_forkserver() -> bool:
-    """Have the forkserver import tokengate once, so each worker process starts without importing it.
-
-    Opt-in, because it sets multiprocessing's process-wide forkserver preload
-    list (to ``["__main__", "tokengate.lanes._child"]``, keeping the default
-    ``__main__``). It only takes effect if called before the forkserver starts,
-    i.e. before the first process of this program is started by forkserver.
-    Measured here: a worker's start-up drops from ~0.15 s (importing tokengate
-    in every child) to ~0.01 s, which is also how long a crashed worker's
-    replacement takes. Returns False (and does nothing) where the platform
-    has no forkserver.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return False
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__", "tokengate.lanes._child"])
-    return True
-
-
-class RemoteTraceback(Exception):
-    """The ``__cause__`` of an exception raised in a worker process: the child's formatted traceback."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
-
-
-class Outcome(Generic[R]):
-    """What one call produced: a value (``ok``) or an exception (``error``).
-
-    ``unwrap()`` returns the value or raises the exception.
-    """
-
-    __slots__ = ("ok", "value", "error")
-
-    def __init__(self, ok: bool, value: R | None, error: BaseException | None) -> None:
-        self.ok = ok
-        self.value = value
-        self.error = error
-
-    def unwrap(self) -> R:
-        """Return the value, or raise the call's exception."""
-        if self.error is not None:
-            raise self.error
-        return self.value  # type: ignore[return-value]
-
-    def __repr__(self) -> str:
-        return f"Outcome(value={self.value!r})" if self.ok else f"Outcome(error={self.error!r})"
-
-
-class Batch:
-    """The outcomes of a batch: ``values[i]`` for every item, ``errors[i]`` for the items that failed.
-
-    ``values[i]`` is None where ``errors`` has *i*. Built without an object per
-    item, so a batch of many small results stays cheap.
-    """
-
-    __slots__ = ("values", "errors")
-
-    def __init__(self, values: list[Any], errors: dict[int, BaseException]) -> None:
-        self.values = values
-        self.errors = errors
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def outcomes(self) -> list[Outcome[Any]]:
-        """One :class:`Outcome` per item, in order."""
-        errors = self.errors
-        if not errors:
-            return [Outcome(True, value, None) for value in self.values]
-        return [Outcome(False, None, errors[i]) if i in errors else Outcome(True, value, None)
-                for i, value in enumerate(self.values)]
-
-    def results(self) -> list[Any]:
-        """The values in order, or raise the error of the first item that failed (as ``Executor.map``)."""
-        if self.errors:
-            raise self.errors[min(self.errors)]
-        return self.values
-
-    def extend(self, other: Batch) -> None:
-        """Append *other*'s items after this batch's."""
-        offset = len(self.values)
-        self.values.extend(other.values)
-        for index, error in other.errors.items():
-            self.errors[offset + index] = error
-
-
-def _failure(error: BaseException) -> Outcome[Any]:
-    return Outcome(False, None, error)
-
-
-class ProcessState(str, enum.Enum):
-    """Where a :class:`ChildProcess` handle is."""
-
-    NEW = "new"                # never started
-    STARTING = "starting"
-    IDLE = "idle"              # running, waiting for a call
-    BUSY = "busy"              # a call is in flight
-    CRASHED = "crashed"        # died on its own; replaced before the next call
-    TERMINATED = "terminated"  # ended on purpose; replaced before the next call
-    CLOSED = "closed"          # closed for good
-
-
-@dataclass(frozen=True)
-class ProcessStats:
-    """A snapshot of one worker process handle (JSON-ready through :meth:`as_dict`)."""
-
-    name: str
-    pid: int | None
-    state: str
-    rss_bytes: int | None
-    calls: int                # calls run by this handle, over all its processes
-    calls_since_start: int    # calls run by the current process
-    restarts: int             # replacements of any cause
-    crashes: int
-    terminations: int
-    recycles: int
-    startup_seconds: float | None  # the current process's start-up
-    recycle_due: str | None   # why the current process will be replaced before the next call
-
-    def as_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict."""
-        return asdict(self)
 
 
 # Every handle with a live process, so that interpreter exit never waits for a
@@ -260,35 +99,6 @@ class ProcessStats:
 # a function may start processes of its own.
 _live: "weakref.WeakSet[ChildProcess]" = weakref.WeakSet()
 _live_lock = threading.Lock()
-
-_no_collection_lock = threading.Lock()
-_no_collection_depth = 0
-_collection_was_enabled = True
-
-
-@contextlib.contextmanager
-def _no_collection() -> Iterator[None]:
-    """No automatic garbage collection starts in this block (an explicit ``gc.collect()`` still would).
-
-    Making a lock and starting a process call into multiprocessing's resource
-    tracker. A collection starting inside those calls may free an earlier
-    process's lock (kept by a reference cycle), whose finalizer calls the
-    tracker again: unsupported (CPython gh-109629), the semaphore's name may
-    leak and Python warns. The block is short: the collection runs after it.
-    """
-    global _no_collection_depth, _collection_was_enabled
-    with _no_collection_lock:  # several processes may start at once: the last one out re-enables
-        if _no_collection_depth == 0:
-            _collection_was_enabled = gc.isenabled()
-            gc.disable()
-        _no_collection_depth += 1
-    try:
-        yield
-    finally:
-        with _no_collection_lock:
-            _no_collection_depth -= 1
-            if _no_collection_depth == 0 and _collection_was_enabled:
-                gc.enable()
 
 
 def _close_all_at_exit() -> None:
@@ -354,7 +164,7 @@ class ChildProcess:
         start_timeout: float = 60.0,
         terminate_grace: float = 0.5,
     ) -> None:
-        self._ctx = _context(start_method)
+        self._ctx = context(start_method)
         if max_calls is not None and (isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1):
             raise ConfigurationError(f"max_calls must be a positive int or None, got {max_calls!r}")
         if max_rss is not None and (isinstance(max_rss, bool) or not isinstance(max_rss, int) or max_rss < 1):
@@ -376,7 +186,7 @@ class ChildProcess:
         self._lock = threading.Lock()        # guards the fields below; held while reaping the process
         self._call_lock = threading.Lock()   # one caller at a time; whoever holds it owns the process's lifecycle
         self._process: BaseProcess | None = None
-        self._conn: _PipePair | None = None
+        self._conn: PipePair | None = None
         self._ps: psutil.Process | None = None
         self._alive = False                  # started and not yet reaped: signalling its pid is safe
         self._busy = False                   # a call (or its restart) is in progress
@@ -622,7 +432,7 @@ class ChildProcess:
         """Run ``ref(*args, **kwargs)`` in the process and return its :class:`Outcome`. Blocking.
 
         The outcome holds the function's value or its own exception (unchanged
-        in type, ``__cause__`` a :class:`RemoteTraceback`), a ``RemoteError``
+        in type, ``__cause__`` a :class:`~tokengate.lanes.RemoteTraceback`), a ``RemoteError``
         for an exception that could not be sent back, or ``PicklingFailed`` for
         arguments or a result that could not cross (the process stays usable).
 
@@ -640,13 +450,13 @@ class ChildProcess:
         try:
             payload = pickle.dumps((CALL, ref.module, ref.qualname, args, dict(kwargs) if kwargs else None), PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - whatever pickling raises is this call's outcome
-            return _failure(_pickling_failed(ref, "arguments", exc))
+            return failure(pickling_failed(ref, "arguments", exc))
         data = self._round_trip(payload, timeout, 1)
         try:
             item = pickle.loads(data)
         except Exception as exc:  # noqa: BLE001 - the reply does not unpickle here
-            return _failure(_pickling_failed(ref, "result", exc))
-        return _decode(ref, item)
+            return failure(pickling_failed(ref, "result", exc))
+        return decode(ref, item)
 
     def call_many(
         self, ref: FunctionRef, items: Iterable[tuple[tuple[Any, ...], Mapping[str, Any] | None]], *,
@@ -675,7 +485,7 @@ class ChildProcess:
     ) -> Batch:
         """As :meth:`call_many`, returning a :class:`Batch` (values, and errors by index)."""
         pending = items if isinstance(items, list) else list(items)
-        size = _check_chunksize(chunksize) if chunksize is not None else min(len(pending), DEFAULT_MAX_CHUNK) or 1
+        size = check_chunksize(chunksize) if chunksize is not None else min(len(pending), DEFAULT_MAX_CHUNK) or 1
         batch = Batch([], {})
         for start in range(0, len(pending), size):
             chunk = pending[start:start + size]
@@ -684,18 +494,18 @@ class ChildProcess:
             except WorkerTerminated as exc:
                 done = len(batch)
                 batch.extend(Batch([None] * (len(pending) - done),
-                                   {i: _copy_terminated(exc) for i in range(len(pending) - done)}))
+                                   {i: copy_terminated(exc) for i in range(len(pending) - done)}))
                 break
         return batch
 
     def _run_chunk(self, ref: FunctionRef, chunk: list[tuple[tuple[Any, ...], Mapping[str, Any] | None]]) -> Batch:
-        payload = _chunk_payload(ref, chunk)
+        payload = chunk_payload(ref, chunk)
         if payload is None:  # some item does not pickle: fail just those items
             return self._run_items_one_by_one(ref, chunk)
         try:
             data = self._round_trip(payload, None, len(chunk))
         except WorkerCrashed as exc:
-            return _crashed_batch(exc, len(chunk))
+            return crashed_batch(exc, len(chunk))
         return self._chunk_result(ref, chunk, data)
 
     def _chunk_result(self, ref: FunctionRef, chunk: list[tuple[tuple[Any, ...], Mapping[str, Any] | None]],
@@ -703,13 +513,13 @@ class ChildProcess:
         try:
             reply = pickle.loads(data)
         except Exception as exc:  # noqa: BLE001 - the results do not unpickle here
-            return Batch([None] * len(chunk), {i: _pickling_failed(ref, "result", exc) for i in range(len(chunk))})
+            return Batch([None] * len(chunk), {i: pickling_failed(ref, "result", exc) for i in range(len(chunk))})
         if isinstance(reply, tuple) and reply and reply[0] == UNLOADABLE_REQUEST:
             # The chunk did not load in the child, so nothing ran: find the culprits item by item.
             return self._run_items_one_by_one(ref, chunk)
         values, errors = reply
         if errors:
-            errors = {i: _decode(ref, item).error for i, item in errors.items()}
+            errors = {i: decode(ref, item).error for i, item in errors.items()}
         return Batch(values, errors)
 
     def _run_items_one_by_one(self, ref: FunctionRef,
@@ -719,7 +529,7 @@ class ChildProcess:
             try:
                 outcome = self.call(ref, args, kwargs)
             except WorkerCrashed as exc:
-                outcome = _failure(exc)
+                outcome = failure(exc)
             batch.values.append(outcome.value)
             if outcome.error is not None:
                 batch.errors[index] = outcome.error
@@ -881,7 +691,7 @@ class ChildProcess:
         self._restarts_pending_state(ProcessState.CRASHED)
         return False
 
-    def _wait_reply(self, conn: _PipePair, process: BaseProcess, timeout: float | None) -> object:
+    def _wait_reply(self, conn: PipePair, process: BaseProcess, timeout: float | None) -> object:
         # What multiprocessing.connection.wait([conn, sentinel, wake]) does, with
         # one poll object kept per process instead of a selector built and torn
         # down per call (about a third of a trivial call's round trip).
@@ -946,8 +756,8 @@ class ChildProcess:
         # less than a Unix socket's (~4 µs of a trivial call's round trip, measured here).
         requests_r, requests_w = self._ctx.Pipe(duplex=False)
         replies_r, replies_w = self._ctx.Pipe(duplex=False)
-        parent_conn = _PipePair(replies_r, requests_w)
-        with _no_collection():
+        parent_conn = PipePair(replies_r, requests_w)
+        with no_collection():
             # Fresh per process: a process killed while holding the lock must not leave it held for its replacement.
             shared = (self._ctx.RawArray("b", _child.SLOTS), self._ctx.Lock())
             process = self._ctx.Process(target=_child.child_main,
@@ -1075,139 +885,6 @@ class ChildProcess:
             pass
 
 
-class _PipePair:
-    """The parent's ends of a worker process's two pipes, used as one duplex ``Connection``.
-
-    Reads (and readiness: :meth:`fileno`) are on the reply pipe, writes on the
-    request pipe; the child's end of the reply pipe closes when it dies (EOF).
-    """
-
-    __slots__ = ("reader", "writer")
-
-    def __init__(self, reader: Connection, writer: Connection) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    def fileno(self) -> int:
-        """The reply pipe's fd (what a wait for a reply watches)."""
-        return self.reader.fileno()
-
-    def write_fileno(self) -> int:
-        """The request pipe's fd."""
-        return self.writer.fileno()
-
-    def send_bytes(self, payload: bytes) -> None:
-        """Send one framed request (blocking)."""
-        self.writer.send_bytes(payload)
-
-    def recv_bytes(self) -> bytes:
-        """Receive one framed reply (blocking)."""
-        return self.reader.recv_bytes()
-
-    def close(self) -> None:
-        """Close both ends (an idle child exits when its request pipe closes)."""
-        for end in (self.writer, self.reader):
-            try:
-                end.close()
-            except OSError:
-                pass
-
-
 def _close_sockets(*sockets: socket.socket) -> None:
     for sock in sockets:
         sock.close()
-
-
-def _context(start_method: str | None) -> Any:
-    # Any: typeshed gives the forkserver and spawn contexts no common type with Process.
-    method = start_method if start_method is not None else default_start_method()
-    if method == "fork":
-        raise ConfigurationError(
-            "start_method='fork' is refused: forking a parent that runs threads (the coordinator's) can copy a "
-            "lock another thread holds and hang the child; use 'forkserver' (POSIX) or 'spawn'")
-    if method not in ("forkserver", "spawn") or method not in multiprocessing.get_all_start_methods():
-        raise ConfigurationError(
-            f"start_method must be one of {[m for m in ('forkserver', 'spawn') if m in multiprocessing.get_all_start_methods()]}, got {method!r}")
-    return multiprocessing.get_context(method)
-
-
-def _check_chunksize(chunksize: int) -> int:
-    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-        raise ConfigurationError(f"chunksize must be a positive int, got {chunksize!r}")
-    return chunksize
-
-
-def _pickling_failed(ref: FunctionRef, direction: str, exc: BaseException) -> PicklingFailed:
-    what = "arguments" if direction == "arguments" else "result"
-    detail = _safe_str(exc)
-    error = PicklingFailed(
-        f"the {what} of {ref.key} could not be {'sent to' if direction == 'arguments' else 'brought back from'} "
-        f"the worker process: {type(exc).__name__}: {detail}", direction=direction, type_name=type(exc).__name__,
-        detail=detail)
-    error.__cause__ = exc
-    return error
-
-
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except BaseException:  # noqa: BLE001 - a user's __str__ may raise
-        return "<str() failed>"
-
-
-def _decode(ref: FunctionRef, item: tuple[Any, ...]) -> Outcome[Any]:
-    kind = item[0]
-    if kind == OK:
-        return Outcome(True, item[1], None)
-    if kind == ERROR:
-        _, blob, type_name, message, text = item
-        error: BaseException | None = None
-        if blob is not None:
-            try:
-                error = pickle.loads(blob)
-            except Exception:  # noqa: BLE001 - an exception that does not unpickle here
-                error = None
-        if not isinstance(error, BaseException):
-            error = RemoteError(f"{ref.key} raised {type_name}: {message} (the exception could not be sent back "
-                                "as it is)", type_name=type_name, remote_message=message, traceback=text)
-        error.__cause__ = RemoteTraceback(text)
-        return _failure(error)
-    if kind == UNPICKLABLE_RESULT:
-        return _failure(PicklingFailed(
-            f"the result of {ref.key} could not be brought back from the worker process: {item[1]}: {item[2]}",
-            direction="result", type_name=item[1], detail=item[2]))
-    if kind == UNLOADABLE_REQUEST:
-        return _failure(PicklingFailed(
-            f"the arguments of {ref.key} could not be unpickled in the worker process (nothing ran): "
-            f"{item[1]}: {item[2]}", direction="arguments", type_name=item[1], detail=item[2]))
-    raise AssertionError(f"unknown reply kind {kind!r}")
-
-
-def _chunk_payload(ref: FunctionRef, chunk: list[tuple[tuple[Any, ...], Mapping[str, Any] | None]]) -> bytes | None:
-    try:
-        # Most batches have no keywords: then only the argument tuples travel.
-        args_only = [args for args, kwargs in chunk if not kwargs]
-    except (TypeError, ValueError):  # an item is not an (args, kwargs) pair: the child reports it for that item
-        args_only = []
-    try:
-        if len(args_only) == len(chunk):
-            return pickle.dumps((MANY_ARGS, ref.module, ref.qualname, args_only), PROTOCOL)
-        return pickle.dumps((MANY, ref.module, ref.qualname, chunk), PROTOCOL)
-    except Exception:  # noqa: BLE001 - None: the caller sends the items one by one
-        return None
-
-
-def _crashed_batch(exc: WorkerCrashed, size: int) -> Batch:
-    return Batch([None] * size, {i: _copy_crashed(exc) for i in range(size)})
-
-
-def _terminated_batch(exc: WorkerTerminated, size: int) -> Batch:
-    return Batch([None] * size, {i: _copy_terminated(exc) for i in range(size)})
-
-
-def _copy_crashed(exc: WorkerCrashed) -> WorkerCrashed:
-    return WorkerCrashed(str(exc), pid=exc.pid, exitcode=exc.exitcode, signal_name=exc.signal_name)
-
-
-def _copy_terminated(exc: WorkerTerminated) -> WorkerTerminated:
-    return WorkerTerminated(str(exc), pid=exc.pid, reason=exc.reason)

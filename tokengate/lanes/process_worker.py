@@ -60,7 +60,7 @@ from ..worker import Worker
 from ._child import CALL, CHUNK, DONE, MANY_ARGS, PROTOCOL, QUEUED, RUNNING, SKIP, SKIPPED, SLOTS, BATCH
 from ._link import Link
 from .base import LaneWorker
-from .process import Batch, _decode, _pickling_failed
+from ._outcomes import Batch, decode, pickling_failed
 
 if TYPE_CHECKING:
     from ..coordinator import OperationsCoordinator
@@ -489,7 +489,7 @@ class ProcessWorker(LaneWorker):
                 return
             call = group[0]
             if call.request[0] == CALL or not self._drop_unpicklable(call):
-                self._unsent(call, _pickling_failed(call.ref, "arguments", exc))
+                self._unsent(call, pickling_failed(call.ref, "arguments", exc))
                 return
             payload = _dumps([call.request], PROTOCOL)
         now = _perf()
@@ -506,7 +506,7 @@ class ProcessWorker(LaneWorker):
             try:
                 _dumps(item, PROTOCOL)
             except Exception as exc:  # noqa: BLE001
-                dropped[index] = _pickling_failed(call.ref, "arguments", exc)
+                dropped[index] = pickling_failed(call.ref, "arguments", exc)
             else:
                 kept.append(index)
         if not kept:
@@ -570,7 +570,7 @@ class ProcessWorker(LaneWorker):
                 try:
                     item = _loads(memoryview(data)[4:])
                 except Exception as exc:  # noqa: BLE001 - the reply does not unpickle here
-                    done.append((call, _pickling_failed(call.ref, "result", exc), True))
+                    done.append((call, pickling_failed(call.ref, "result", exc), True))
                     continue
                 kind = item[0]
                 if kind == SKIPPED:
@@ -578,7 +578,7 @@ class ProcessWorker(LaneWorker):
                 elif kind == CHUNK:
                     done.append((call, self._batch(call, item[1], item[2]), False))
                 else:
-                    outcome = _decode(call.ref, item)
+                    outcome = decode(call.ref, item)
                     done.append((call, outcome.value, False) if outcome.ok else (call, outcome.error, True))
         self._last_reply = last
         link = self._link
@@ -623,12 +623,12 @@ class ProcessWorker(LaneWorker):
         if call is not None:
             self._free.append(call.slot)
             self._where.pop(call.token, None)
-            done.append((call, _decode(call.ref, item[:-1]).error, True))
+            done.append((call, decode(call.ref, item[:-1]).error, True))
         return []
 
     def _batch(self, call: _Call, values: list[Any], errors: dict[int, Any]) -> Batch:
         ref = call.ref
-        decoded = {i: _decode(ref, e).error for i, e in errors.items()} if errors else {}
+        decoded = {i: decode(ref, e).error for i, e in errors.items()} if errors else {}
         batch = Batch(values, decoded)  # type: ignore[arg-type]
         if call.dropped is not None:  # put the items that never travelled back in their places
             dropped, kept = call.dropped

@@ -60,7 +60,7 @@ def _unwrap_guarded(obj: Any) -> Any:
 def _child_start_method(start_method: str | None) -> str:
     if start_method is not None:
         return start_method
-    from .process import default_start_method
+    from ._start import default_start_method
 
     return default_start_method()
 
@@ -76,7 +76,7 @@ def check_importable(func: Callable[..., Any], *, start_method: str | None = Non
     Args:
         func: the function (or decorated function) to check.
         start_method: how worker processes start (``"forkserver"`` or
-            ``"spawn"``; default: :func:`tokengate.lanes.process.default_start_method`).
+            ``"spawn"``; default: :func:`tokengate.lanes.default_start_method`).
         resolve: also import the module and check that the name leads to
             *func*. False at decoration time, when the name is not bound yet.
 
