@@ -142,31 +142,32 @@ async def main() -> None:
     async def lane() -> None:
         await asyncio.gather(*[lane_spin(cpu_n) for _ in range(CALLS)])
 
-    from tokengate.lanes import dask as dl
+    from tokengate.lanes import dask_calls as dc
+    from tokengate.lanes import dask_results as dr
 
     def variant(rel: float, win: float, rounds: int = 64, share: float = 0.1) -> Any:
         async def run() -> None:
-            saved = (dl._GATHER_SHARE, dl._RELEASE_BUSY_DELAY, dl._GATHER_WINDOW, dl._GATHER_BATCH)
-            dl._GATHER_SHARE = share
-            dl._RELEASE_BUSY_DELAY = rel
-            dl._GATHER_WINDOW = win
-            dl._GATHER_BATCH = rounds
+            saved = (dr._GATHER_SHARE, dc._RELEASE_BUSY_DELAY, dr._GATHER_WINDOW, dr._GATHER_BATCH)
+            dr._GATHER_SHARE = share
+            dc._RELEASE_BUSY_DELAY = rel
+            dr._GATHER_WINDOW = win
+            dr._GATHER_BATCH = rounds
             try:
                 await lane()
             finally:  # back to the lane's own settings
-                dl._GATHER_SHARE, dl._RELEASE_BUSY_DELAY, dl._GATHER_WINDOW, dl._GATHER_BATCH = saved
+                dr._GATHER_SHARE, dc._RELEASE_BUSY_DELAY, dr._GATHER_WINDOW, dr._GATHER_BATCH = saved
         return run
 
     async def lane_nopush() -> None:
         # No topic in the payloads: no result is pushed, every one is fetched with a gather (as before 998f5a3).
         lane_ = coordinator._dask
         assert lane_ is not None
-        saved = lane_._topic
-        lane_._topic = None
+        saved = lane_.topic
+        lane_.topic = None
         try:
             await lane()
         finally:
-            lane_._topic = saved
+            lane_.topic = saved
 
     contenders = {"lane_nopush": lane_nopush, "lane_before": variant(0.005, 0.0), "lane_old": variant(0.005, 0.0), "lane_rel": variant(0.1, 0.0), "lane_w50": variant(0.1, 0.05), "lane_nogather": variant(10.0, 10.0, 1000, 100.0),
                   "lane_norel": variant(10.0, 0.02), "lane_rel1s": variant(1.0, 0.02), "lane_gatherend": variant(0.5, 10.0, 1000, 100.0), "lane_relend": variant(10.0, 0.1), "lane_w0": variant(0.1, 0.0), "lane_rel05": variant(0.5, 0.1),

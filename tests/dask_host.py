@@ -16,7 +16,7 @@ from typing import Any, Coroutine, Iterator
 
 import distributed
 
-from tokengate.lanes import dask as dask_lane
+from tokengate.lanes import dask_config
 
 __all__ = ["SchedulerHost", "free_port", "started_host", "WAIT"]
 
@@ -52,7 +52,7 @@ class SchedulerHost:
                                                          dashboard_address="127.0.0.1:0")
             self.worker = await distributed.Worker(self.address, nthreads=1, host="127.0.0.1", dashboard=False,
                                                    dashboard_address="127.0.0.1:0",
-                                                   resources=dict(dask_lane.LOCAL_RESOURCES))
+                                                   resources=dict(dask_config.LOCAL_RESOURCES))
         self._run(start())
 
     def stop_scheduler(self) -> None:

@@ -472,27 +472,28 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                         bulkhead_reserve: int) -> DaskLane | None:
         """Build the Dask lane's router and its DaskLane (None: no Dask lane). See the dask_* options."""
         from .lanes import dask as dask_lane
+        from .lanes import dask_config
 
         for label, flag in (("warm_dask", warm), ("dask_optional", optional)):
             if not isinstance(flag, bool):
                 raise ConfigurationError(f"{label} must be True or False, got {flag!r}")
         if local_workers is not None:
             _check_int("dask_local_workers", local_workers, 1, 1024)
-        resolved = dask_lane.address_from(address)
+        resolved = dask_config.address_from(address)
         self._dask_lazy: tuple[Any, ...] | None = None
         if inflight is None:
             asked = resolved is not None or warm or local_workers is not None
             if not asked:
                 # Not configured: the lane (router, workers) is made at the first Dask-lane call, if
                 # distributed is installed, so coordinators that never use it show no Dask workers.
-                if dask_lane.distributed_available():
+                if dask_config.distributed_available():
                     self._dask_lazy = (optional, mailbox_size, max_pending, bulkhead_reserve)
                 return None
-            inflight = dask_lane.DEFAULT_INFLIGHT
+            inflight = dask_config.DEFAULT_INFLIGHT
         _check_int("dask_inflight", inflight, 0, 4096)
         if inflight == 0:
             return None
-        dask_lane.require_distributed("the Dask lane (dask_inflight > 0)")
+        dask_config.require_distributed("the Dask lane (dask_inflight > 0)")
         from .lanes.dask_worker import DaskRouter, DaskWorker
 
         lane = dask_lane.DaskLane(name=self.name, address=resolved, optional=optional, warm=warm,
@@ -516,7 +517,7 @@ class OperationsCoordinator(AdmissionMixin, SettlementMixin):
                 routers = dict(self._routers)  # copy-on-write: other threads may be iterating the old dict
                 current_routers, self._routers = self._routers, routers
                 try:
-                    from .lanes.dask import DEFAULT_INFLIGHT
+                    from .lanes.dask_config import DEFAULT_INFLIGHT
 
                     self._dask = self._make_dask_lane(None, DEFAULT_INFLIGHT, False, optional, None, mailbox_size, max_pending,
                                                       bulkhead_reserve)

@@ -83,7 +83,7 @@ class GuardedFunction(Generic[P, R]):
             check_importable(func, resolve=False)
             self.reference = FunctionRef(func.__module__, func.__qualname__)
         elif self.lane == "dask":  # travels by cloudpickle (by value if need be): only the library is checked
-            from .lanes.dask import require_distributed
+            from .lanes.dask_config import require_distributed
 
             require_distributed(f"{operation_type!r} (tags lane='dask')")
         self.module: str = getattr(func, "__module__", None) or "__main__"

@@ -26,6 +26,7 @@ import dask  # noqa: E402
 from tokengate import OperationsCoordinator, task_token_guard  # noqa: E402
 from tokengate.errors import ConfigurationError, TokenKilled, TokenTimeout, WorkerCrashed  # noqa: E402
 from tokengate.lanes import dask as dask_lane  # noqa: E402
+from tokengate.lanes import dask_calls, dask_config  # noqa: E402
 from tokengate.lanes import _dask_task as dask_task  # noqa: E402
 from tokengate.lanes.dask_errors import ClusterUnavailable  # noqa: E402
 from tokengate.policies import StickyPolicy  # noqa: E402
@@ -49,7 +50,7 @@ def cluster() -> Iterator[Any]:
     # of Dask running it again on the other worker (which the crash test's function would kill too).
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                         dashboard_address="127.0.0.1:0", resources=dict(dask_lane.LOCAL_RESOURCES))
+                                         dashboard_address="127.0.0.1:0", resources=dict(dask_config.LOCAL_RESOURCES))
     try:
         yield local
     finally:
@@ -96,7 +97,7 @@ def test_results_keywords_closures_and_map(make: Callable[..., OperationsCoordin
     assert cluster_info["state"] == "connected" and cluster_info["required"] and not cluster_info["embedded"]
     assert cluster_info["scheduler_address"].startswith("tcp://127.0.0.1:")
     assert len(cluster_info["workers"]) == 2
-    assert all(w["resources"] == dask_lane.LOCAL_RESOURCES for w in cluster_info["workers"])
+    assert all(w["resources"] == dask_config.LOCAL_RESOURCES for w in cluster_info["workers"])
     assert cluster_info["inflight"] == 0 and set(cluster_info["inflight_by_class"]) == {"heavy", "medium", "light"}
     rows = [w for core in stats["lanes"]["dask"]["cores"] for w in core["workers"]]
     assert rows and all(w["lane"] == "dask" for w in rows)
@@ -128,7 +129,7 @@ def test_small_results_come_back_with_the_task_and_others_are_fetched(
     lane = coordinator._dask
     assert lane is not None and coordinator.loop is not None
     for event in [(0.0, {"action": "add-client"}), (0.0, ["no-such-key", b"junk"]), "junk", None]:
-        coordinator.loop.call_soon_threadsafe(lane._on_pushed, event)
+        coordinator.loop.call_soon_threadsafe(lane.results.on_pushed, event)
     assert df.square(5).get(timeout=WAIT) == 25
 
 
@@ -276,7 +277,7 @@ def test_an_unconfigured_lane_is_made_at_its_first_call(cluster: Any, monkeypatc
     coordinator.start()
     try:
         assert "dask" not in coordinator.stats()["lanes"]  # nothing of the lane until it is used
-        monkeypatch.setenv(dask_lane.ADDRESS_ENV, cluster.scheduler_address)  # read when the lane is made
+        monkeypatch.setenv(dask_config.ADDRESS_ENV, cluster.scheduler_address)  # read when the lane is made
         assert df.square(6).get(timeout=WAIT) == 36
         info = coordinator.stats()["lanes"]["dask"]["cluster"]
         assert info["scheduler_address"] == cluster.scheduler_address and not info["embedded"]
@@ -287,8 +288,8 @@ def test_an_unconfigured_lane_is_made_at_its_first_call(cluster: Any, monkeypatc
 def test_rendezvous_moves_only_the_keys_of_a_worker_that_left() -> None:
     workers = [f"tcp://10.0.0.{i}:1234" for i in range(5)]
     keys = [("sticky", k) for k in range(500)]
-    before = {k: dask_lane.rendezvous(k, workers) for k in keys}
-    after = {k: dask_lane.rendezvous(k, workers[1:]) for k in keys}
+    before = {k: dask_calls.rendezvous(k, workers) for k in keys}
+    after = {k: dask_calls.rendezvous(k, workers[1:]) for k in keys}
     moved = {k for k in keys if before[k] != after[k]}
     assert moved == {k for k in keys if before[k] == workers[0]}
 
@@ -361,7 +362,7 @@ def test_options_are_validated() -> None:
 
 
 def test_without_distributed_decorating_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dask_lane, "distributed_available", lambda: False)
+    monkeypatch.setattr(dask_config, "distributed_available", lambda: False)
     with pytest.raises(ConfigurationError, match=r"tokengate\[dask\]"):
         task_token_guard(operation_type="x", tags={"lane": "dask"})(df.square.__wrapped__)
     with pytest.raises(ConfigurationError, match=r"tokengate\[dask\]"):
@@ -408,32 +409,33 @@ def test_a_finished_result_waits_for_others_only_while_the_cluster_is_saturated(
     async def scenario() -> tuple[bool, bool, bool]:
         lane = dask_lane.DaskLane(name="rule", address="tcp://127.0.0.1:1", local_workers=2, optional=True,
                                   warm=False)
-        lane._threads = 2
+        lane.threads = 2
+        results = lane.results
 
-        def call(i: int) -> dask_lane.DaskCall:
-            c = dask_lane.DaskCall(df.square, (i,), None, "heavy", None, f"k{i}")
+        def call(i: int) -> dask_calls.DaskCall:
+            c = dask_calls.DaskCall(df.square, (i,), None, "heavy", None, f"k{i}")
             c.submitted_at = time.perf_counter() - 1.0  # on the cluster for a second: a 100 ms wait at most
-            lane._inflight.add(c)
+            lane.calls.inflight.add(c)
             return c
 
         calls = [call(i) for i in range(5)]
         # When one of 5 calls finishes while the other 4 are still out
-        lane._queue_gather(calls[0])
-        saturated_waits = lane._gather_later is not None and not lane._gather_soon
-        lane._start_gather()  # (its batch is fetched; the test's calls have no futures: nothing is sent)
+        results._queue_gather(calls[0])
+        saturated_waits = results._gather_later is not None and not results._gather_soon
+        results._start_gather()  # (its batch is fetched; the test's calls have no futures: nothing is sent)
         # When a call finishes while 2 others are being fetched and 1 is still out (the cluster has room)
-        lane._to_gather.clear()
-        lane._fetching = 2
-        lane._inflight = set(calls[1:])
-        lane._queue_gather(calls[1])
-        room_fetches_now = lane._gather_soon and lane._gather_later is None
+        results._to_gather.clear()
+        results._fetching = 2
+        lane.calls.inflight = set(calls[1:])
+        results._queue_gather(calls[1])
+        room_fetches_now = results._gather_soon and results._gather_later is None
         # When a lone call finishes
-        lane._start_gather()
-        lane._fetching = 0
-        lane._inflight = {calls[4]}
-        lane._queue_gather(calls[4])
-        lone_fetches_now = lane._gather_soon and lane._gather_later is None
-        lane._start_gather()
+        results._start_gather()
+        results._fetching = 0
+        lane.calls.inflight = {calls[4]}
+        results._queue_gather(calls[4])
+        lone_fetches_now = results._gather_soon and results._gather_later is None
+        results._start_gather()
         return saturated_waits, room_fetches_now, lone_fetches_now
 
     saturated_waits, room_fetches_now, lone_fetches_now = asyncio.run(scenario())

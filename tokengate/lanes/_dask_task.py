@@ -1,6 +1,6 @@
 """What a Dask worker runs for a Dask-lane call: the task's function and how a small result comes back.
 
-The lane (:mod:`tokengate.lanes.dask`) submits :func:`invoke` with one
+The lane (:mod:`tokengate.lanes.dask_calls`) submits :func:`invoke` with one
 :class:`Payload` per call; this module is all that is imported on the Dask
 worker for it (besides the call's own function), so it stays small and imports
 ``distributed`` only inside the task.

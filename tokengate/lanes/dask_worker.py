@@ -44,7 +44,8 @@ from ..routing import Router
 from ..states import TokenState
 from ..worker import Worker
 from .base import LaneWorker
-from .dask import DaskCall, DaskLane, task_key
+from .dask import DaskLane
+from .dask_calls import DaskCall, task_key
 from .dask_errors import ClusterDown, ClusterUnavailable
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def run_on_dask(token: TaskToken[Any], worker: Worker, claimable: frozenset[Toke
     try:
         worker.lane.send(call)
     except Exception as exc:  # noqa: BLE001 - an internal failure is this call's outcome, never a lost call
-        worker.lane._finish(call, exc, True)
+        worker.lane.calls.finish(call, exc, True)
     return True
 
 
