@@ -240,8 +240,12 @@ def test_lanes_smoke(tmp_path: Path) -> None:
         assert all(_positive(r["median_per_s"]) for r in res["map"]["per_contender"].values())
     for r in res["breakdown"].values():
         assert _positive(r["wall_us_per_call"]) and r["children"] >= 1
-    # 2 CPU workloads x 2 targets, fan-out, round trip, 2 crash storm, 2 map
-    assert len(result["targets"]) == 10
+    # the pooled CPU comparison holds every workload's pairs, each a round of one workload
+    pooled = res["cpu_pooled"]["process_vs_ppe"]
+    assert pooled["rounds"] == sum(len(r["wall_s"]["process_lane"]["runs"]) for r in res["cpu"].values()) == 2
+    assert _positive(pooled["median"]) and pooled["ci95"][0] <= pooled["median"] <= pooled["ci95"][1]
+    # 2 CPU workloads x 2 targets, the pooled CPU target, fan-out, round trip, 2 crash storm, 2 map
+    assert len(result["targets"]) == 11
     by_name = {t["name"]: t for t in result["targets"]}
     assert all(t["verdict"] == "PASS" for name, t in by_name.items() if name.startswith("crash storm"))
 
