@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +178,25 @@ def test_ready_without_warm_processes_and_warm_without_a_process_lane() -> None:
         assert none.ready and "process" not in none.stats()["lanes"]
     finally:
         none.stop()
+
+
+def test_stop_frees_every_worker_process_s_named_semaphore_at_once() -> None:
+    # Each worker process's slot lock is a named semaphore. Freed only at interpreter exit, a
+    # program that ends by a signal (uvicorn re-raises SIGTERM after its shutdown) left it to
+    # the resource tracker, which warned of "leaked semaphore objects" at every such exit.
+    coordinator = OperationsCoordinator(policies=[], process_workers=2, warm_processes=True, stop_timeout=5,
+                                        name="lanesem")
+    coordinator.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not coordinator.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert coordinator.ready
+        locks = [weakref.ref(w.child._shared[1]) for w in coordinator._routers["process"].workers]
+    finally:
+        coordinator.stop()
+    gc.collect()
+    assert locks and all(lock() is None for lock in locks)
 
 
 def test_ready_means_every_warm_process_is_attached_to_the_loop_not_just_started() -> None:

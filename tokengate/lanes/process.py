@@ -357,6 +357,13 @@ class ChildProcess:
             self._stop_process(graceful=True)
             with self._lock:
                 self._state = ProcessState.CLOSED
+                shared, self._shared = self._shared, None
+            # Its lock is a named semaphore: dropping the last reference unlinks it now. At
+            # interpreter exit multiprocessing would, but not when the program ends by a signal
+            # (uvicorn re-raises SIGTERM after its shutdown): the resource tracker then warns of
+            # "leaked semaphore objects". The unlink calls the tracker: no collection inside it.
+            with no_collection():
+                del shared
             self._finalizer()
         finally:
             self._call_lock.release()
