@@ -242,11 +242,11 @@ def paired(base: Sequence[float], other: Sequence[float], *, resamples: int = 20
     }
 
 
-def paired_note(p: dict[str, Any], who: str = "the lane") -> str:
+def paired_note(p: dict[str, Any]) -> str:
     """One line for a target's note: the :func:`paired` statistic of a comparison."""
     lo, hi = p["ci95"]
     return (f"round by round: median {p['median']:.3f}x, 95% CI {lo:.3f}-{hi:.3f}x, "
-            f"{who} faster in {round(p['won'] * p['rounds'])} of {p['rounds']} rounds")
+            f"the lane faster in {round(p['won'] * p['rounds'])} of {p['rounds']} rounds")
 
 
 async def settle() -> None:

@@ -266,8 +266,6 @@ def _report(result: dict[str, Any], options: BenchOptions) -> None:
     for name, value in res["cpu_per_s"].items():
         t4.add(name, value, " ".join(f"{v:.1f}" for v in res["cpu_per_s_trials"][name]),
                res["cpu_parallelism"][name], res["cpu_own_ms_per_call"][name])
-    p = res["cpu_paired"]
-    t4.caption = (f"lane / raw client.map round by round: median {p['median']:.3f}x, 95% CI {p['ci95'][0]:.3f}-"
-                  f"{p['ci95'][1]:.3f}x, the lane faster in {round(p['won'] * p['rounds'])} of {p['rounds']} rounds")
+    t4.caption = "lane / raw client.map " + paired_note(res["cpu_paired"])
     tables = [t1, t2, t3, t4, targets_table("dask: targets", result["targets"])]
     render(tables, options.out, NAME, result["machine"], console=options.console)

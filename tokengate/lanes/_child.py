@@ -138,9 +138,10 @@ def _watch_parent(fd: int) -> None:
 
     def watch() -> None:
         poller = select.poll()
-        poller.register(fd, 0)  # hang-up and errors are always reported; the reading stays with the main thread
-        while not any(event & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _fd, event in poller.poll()):
-            pass
+        # No events asked for: only a hang-up or an error is reported, so poll() returns only then (it
+        # retries an interrupted wait itself); the reading stays with the main thread.
+        poller.register(fd, 0)
+        poller.poll()
         time.sleep(ORPHAN_GRACE)
         os._exit(0)
 

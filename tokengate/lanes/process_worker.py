@@ -118,7 +118,7 @@ def _copy_death(error: BaseException) -> BaseException:
 class ProcessWorker(LaneWorker):
     """A routed worker whose calls run in the worker process it owns (see the module docstring)."""
 
-    __slots__ = ("child", "options", "warm", "started", "attached", "_link", "_calls", "_where", "_resend", "_free",
+    __slots__ = ("child", "options", "warm", "attached", "_link", "_calls", "_where", "_resend", "_free",
                  "_pump_scheduled", "_ask", "_starting", "_draining", "_took", "_last_reply", "_timer", "stolen")
 
     kind = "p"
@@ -131,7 +131,6 @@ class ProcessWorker(LaneWorker):
         self.child: ChildProcess = None  # type: ignore[assignment]
         self.options = options
         self.warm = warm
-        self.started = threading.Event()  # set once the handle exists (and, when warm, its process is up)
         # Set once a process is attached to the loop: its calls can be sent at once. Until then a
         # call routed here waits in the mailbox, where an attached sibling may pull it (see ready).
         self.attached = threading.Event()
@@ -167,7 +166,6 @@ class ProcessWorker(LaneWorker):
         else:
             self._go_idle()  # the first call routed here asks for the process...
             self.wake()      # ...or one routed before this thread ran
-        self.started.set()
 
     def _go_idle(self) -> None:
         self.idle = True
